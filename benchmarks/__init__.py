@@ -1,0 +1,1 @@
+"""Named benchmark suites (``spinestream bench <suite>``): they print and save figures."""

@@ -1,0 +1,1 @@
+"""Loaders, model, trainer, pseudo-labelling, evaluation and prediction (later issues)."""

@@ -1,0 +1,470 @@
+"""``spinestream shard``: DICOM studies -> windowed uint8 WebDataset shards + Zarr volumes, once.
+
+    spinestream shard --data /kaggle/input/rsna-2022-cervical-spine-fracture-detection --out shards-512
+    spinestream shard --data demo-data/raw --out demo-data/shards -c configs/demo.yaml --workers 2
+
+Two resumable phases:
+
+1. **per study** (parallel): read the DICOM series (sorted by z, head to feet), window it
+   to uint8 at the output size, write the Zarr volume, JPEG-encode every slice's 2.5D
+   image and compute the slice labels. Output goes to ``_work/studies/<uid>.tmp`` and is
+   committed by renaming the directory; the volume is moved into ``volumes.zarr`` just
+   before. A committed study is never redone.
+2. **per group** (cohort, fold): number the slices (``slice_id``: studies in UID order,
+   slices head to feet), shuffle each group's slices with a seeded RNG, cut them into
+   shards (temporary name, then rename, index included), commit the group; then write
+   the tables and, last, ``manifest.json``.
+
+A crash or kill at any point followed by a rerun gives byte-identical output to a clean
+run: every file is written under a temporary name and renamed, and everything that
+depends on order (slice ids, shuffles, tar bytes) depends only on the input and config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from shards import layout as L
+from shards.config import ConfigError, load_config, to_dict
+from shards.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parquet, replace_dir
+from shards.sample import encode_jpeg, neighbour_index, sample_image
+from shards.volumes import ensure_group, set_attrs, write_volume
+from shards.wds import ShardWriter
+
+from .config import ShardConfig
+from .dicom import DicomError, read_series
+from .labels import boxes_to_index, build_study_table, slice_labels
+from .segmentation import read_segmentation
+from .window import make_slice_fn
+
+TOOL = "spinestream 0.1.0"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Dataset:
+    """A dataset directory in the Kaggle layout."""
+
+    root: Path
+    train: pd.DataFrame
+    boxes: pd.DataFrame
+
+    @classmethod
+    def open(cls, root: Path) -> Dataset:
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root}: no such directory")
+        missing = [n for n in ("train.csv", "train_images") if not (root / n).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"--data {root}: missing {', '.join(missing)}; expected the Kaggle layout "
+                "(train.csv, train_bounding_boxes.csv, train_images/<StudyInstanceUID>/<n>.dcm, segmentations/)"
+            )
+        train = pd.read_csv(root / "train.csv")
+        bpath = root / "train_bounding_boxes.csv"
+        boxes = pd.read_csv(bpath) if bpath.exists() else pd.DataFrame(
+            columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+        return cls(root, train, boxes)
+
+
+# --------------------------------------------------------------------------- phase 1: one study
+
+
+@dataclass
+class StudyTask:
+    uid: str
+    cohort: str
+    fractured: list[int]
+    image_dir: str
+    seg_path: str | None
+    boxes: list[list[float]]  # rows of (slice_number, x, y, width, height)
+    out: str
+    cfg: dict
+
+
+def process_study(task: StudyTask) -> dict:
+    """Phase 1 for one study; returns a small summary (never raises for bad data)."""
+    cfg = ShardConfig(**{k: (tuple(v) if k == "windows" else v) for k, v in task.cfg.items()})
+    lay = L.Layout(Path(task.out))
+    tmp = lay.work / "studies" / f"{task.uid}.tmp"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
+        n = volume.shape[0]
+        labels = study_labels(task, meta, n, cfg)
+
+        nbr = neighbour_index(meta.z, cfg.offset_mm) if cfg.channels == "neighbours" else None
+        sizes = np.empty(n, dtype=np.int64)
+        with open(tmp / "samples.bin", "wb") as f:
+            for i in range(n):
+                data = encode_jpeg(sample_image(volume, i, nbr, cfg.channels), cfg.jpeg_quality)
+                sizes[i] = len(data)
+                f.write(data)
+        if labels is not None:
+            np.save(tmp / "labels.npy", labels)
+
+        info = {
+            "uid": task.uid,
+            "n_slices": int(n),
+            "sizes": sizes.tolist(),
+            "z": [float(v) for v in meta.z],
+            "slice_numbers": [int(v) for v in meta.slice_numbers],
+            "spacing": [float(v) for v in meta.spacing],
+            "z_reversed": bool(meta.z_reversed),
+            "rows_cols": [int(v) for v in meta.shape],
+            "transfer_syntaxes": list(meta.transfer_syntaxes),
+            "bad_files": [[str(a), str(b)] for a, b in meta.bad_files],
+            "has_segmentation": labels is not None and task.seg_path is not None,
+        }
+        attrs = {
+            "study": task.uid,
+            "z": info["z"],
+            "slice_numbers": info["slice_numbers"],
+            "spacing": info["spacing"],
+            "z_reversed": info["z_reversed"],
+            "channels": cfg.channels,
+            "windows": [list(w) for w in cfg.windows],
+            "offset_mm": cfg.offset_mm,
+        }
+        write_volume(lay.work / "tmp" / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
+                     chunk_depth=cfg.zarr_chunk_depth, cname=cfg.zarr_codec, clevel=cfg.zarr_clevel)
+        atomic_write_json(tmp / "study.json", info)
+        replace_dir(tmp, lay.work / "studies" / task.uid)  # the commit point
+        (lay.work / "failed" / f"{task.uid}.json").unlink(missing_ok=True)
+        return {"uid": task.uid, "n_slices": int(n), "bad_files": len(meta.bad_files)}
+    except (DicomError, ValueError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(lay.work / "failed" / f"{task.uid}.json", {"uid": task.uid, "reason": str(e)})
+        return {"uid": task.uid, "n_slices": 0, "error": str(e)}
+
+
+def study_labels(task: StudyTask, meta, n: int, cfg: ShardConfig) -> np.ndarray | None:
+    """Slice targets (n, 8) for boxed and negative studies; None for positive-unboxed."""
+    if task.cohort == "negative":
+        return np.zeros((n, len(L.TARGETS)), dtype=np.uint8)
+    if task.cohort != "boxed":
+        return None
+    rows = pd.DataFrame(task.boxes, columns=["slice_number", "x", "y", "width", "height"])
+    rows["StudyInstanceUID"] = task.uid
+    mapping = {int(s): i for i, s in enumerate(meta.slice_numbers)}
+    boxed_index, box_arr = boxes_to_index(rows, mapping, task.uid)
+    seg = None
+    if task.seg_path:
+        seg = read_segmentation(task.seg_path)
+        if seg.shape != (n, *meta.shape):
+            warnings.warn(f"{task.uid}: segmentation shape {seg.shape} does not match the series "
+                          f"{(n, *meta.shape)}; labelling without it", stacklevel=2)
+            seg = None
+    return slice_labels(n, boxed_index, task.fractured, seg=seg, boxes=box_arr, max_gap=cfg.label_max_gap)
+
+
+# --------------------------------------------------------------------------- phase 2: groups
+
+
+def _group_rng(seed: int, group: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(group.encode())])
+
+
+def plan_shards(ids: np.ndarray, sizes: np.ndarray, cfg: ShardConfig) -> list[np.ndarray]:
+    """Cut a shuffled group into shards by sample count and byte size (tar overhead included)."""
+    out, start, acc = [], 0, 0
+    member = ((sizes + 511) // 512) * 512 + 512 + 1024  # jpg data + header, .id member
+    for i in range(len(ids)):
+        if i > start and (i - start >= cfg.shard_max_samples or acc + member[i] > cfg.shard_max_bytes):
+            out.append(np.arange(start, i))
+            start, acc = i, 0
+        acc += int(member[i])
+    if len(ids) > start:
+        out.append(np.arange(start, len(ids)))
+    return out
+
+
+def write_group(args: tuple) -> list[dict]:
+    """Write (or find committed) the shards of one (cohort, fold) group."""
+    out, group, cohort, fold, rows, cfg_d = args
+    lay = L.Layout(Path(out))
+    done = lay.work / "groups" / f"{group}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cfg = ShardConfig(**{k: (tuple(v) if k == "windows" else v) for k, v in cfg_d.items()})
+    ids, uids, offs, sizes = rows
+    perm = _group_rng(cfg.seed, group).permutation(len(ids))
+    ids, uids, offs, sizes = ids[perm], uids[perm], offs[perm], sizes[perm]
+    handles: dict[str, object] = {}
+    entries = []
+    try:
+        for k, part in enumerate(plan_shards(ids, sizes, cfg)):
+            name = L.shard_name(cohort, fold, k)
+            with ShardWriter(lay.wds / f"{name}.tar", lay.wds / f"{name}.idx") as w:
+                for j in part:
+                    f = handles.get(uids[j])
+                    if f is None:
+                        f = handles[uids[j]] = open(lay.work / "studies" / uids[j] / "samples.bin", "rb")
+                    f.seek(int(offs[j]))
+                    w.add(int(ids[j]), f.read(int(sizes[j])))
+                info = w.close()
+            entries.append({
+                "name": name, "path": f"wds/{name}.tar", "index": f"wds/{name}.idx", "cohort": cohort,
+                "fold": int(fold), "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256,
+                "index_sha256": info.index_sha256, "slice_ids": [int(ids[j]) for j in part],
+            })
+    finally:
+        for f in handles.values():
+            f.close()
+    atomic_write_json(done, entries)
+    return entries
+
+
+def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, workers: int) -> dict:
+    """Phase 2: number slices, write shards per group, the tables and the manifest."""
+    lay = L.Layout(out)
+    infos, failed = {}, []
+    for uid in table.StudyInstanceUID:
+        sj = lay.work / "studies" / uid / "study.json"
+        if sj.exists():
+            infos[uid] = json.loads(sj.read_text())
+        else:
+            fj = lay.work / "failed" / f"{uid}.json"
+            reason = json.loads(fj.read_text())["reason"] if fj.exists() else "not processed"
+            failed.append({"study": uid, "reason": reason})
+    ok = table[table.StudyInstanceUID.isin(infos)].reset_index(drop=True)
+    if ok.empty:
+        raise RuntimeError(f"no study could be read; see {lay.work / 'failed'} for the reasons")
+
+    # slice ids: studies in UID order (the table is sorted), slices head to feet
+    counts = np.array([infos[u]["n_slices"] for u in ok.StudyInstanceUID], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ok["n_slices"] = counts
+    ok["slice_id_offset"] = first
+
+    slices = []
+    for row, f0 in zip(ok.itertuples(index=False), first):
+        info = infos[row.StudyInstanceUID]
+        n = info["n_slices"]
+        sizes = np.asarray(info["sizes"], dtype=np.int64)
+        slices.append(pd.DataFrame({
+            "slice_id": np.arange(f0, f0 + n, dtype=np.int64),
+            "StudyInstanceUID": row.StudyInstanceUID,
+            "slice_number": np.asarray(info["slice_numbers"], dtype=np.int64),
+            "index": np.arange(n, dtype=np.int32),
+            "z": np.asarray(info["z"], dtype=np.float64),
+            "cohort": row.cohort,
+            "fold": np.int8(row.fold),
+            "_offset": np.concatenate([[0], np.cumsum(sizes)[:-1]]),
+            "_size": sizes,
+        }))
+    slices = pd.concat(slices, ignore_index=True)
+
+    # phase 2a: shards per (cohort, fold) group
+    tasks = []
+    for (cohort, fold), g in slices.groupby(["cohort", "fold"], sort=True):
+        group = L.group_name(cohort, int(fold))
+        tasks.append((str(out), group, cohort, int(fold),
+                      (g.slice_id.to_numpy(), g.StudyInstanceUID.to_numpy(), g._offset.to_numpy(), g._size.to_numpy()),
+                      to_dict(cfg)))
+    shards = []
+    with _pool(workers) as pool, tqdm(total=len(tasks), desc="shards (groups)", unit="group") as bar:
+        for entries in (pool.imap(write_group, tasks) if pool else map(write_group, tasks)):
+            shards.extend(entries)
+            bar.update()
+    shard_of = np.empty(int(counts.sum()), dtype=object)
+    for s in shards:
+        shard_of[np.asarray(s.pop("slice_ids"), dtype=np.int64)] = s["name"]
+    slices["shard"] = shard_of[slices.slice_id.to_numpy()]
+    slices = slices.drop(columns=["_offset", "_size"])
+
+    # tables
+    ok["spacing_z"] = [infos[u]["spacing"][0] for u in ok.StudyInstanceUID]
+    ok["spacing_y"] = [infos[u]["spacing"][1] for u in ok.StudyInstanceUID]
+    ok["spacing_x"] = [infos[u]["spacing"][2] for u in ok.StudyInstanceUID]
+    ok["rows"] = [infos[u]["rows_cols"][0] for u in ok.StudyInstanceUID]
+    ok["cols"] = [infos[u]["rows_cols"][1] for u in ok.StudyInstanceUID]
+    ok["z_reversed"] = [infos[u]["z_reversed"] for u in ok.StudyInstanceUID]
+    ok["n_bad_files"] = [len(infos[u]["bad_files"]) for u in ok.StudyInstanceUID]
+    ok["transfer_syntax"] = [";".join(infos[u]["transfer_syntaxes"]) for u in ok.StudyInstanceUID]
+    ok["has_segmentation"] = [infos[u]["has_segmentation"] for u in ok.StudyInstanceUID]
+    truth = []
+    for row, f0 in zip(ok.itertuples(index=False), first):
+        lp = lay.work / "studies" / row.StudyInstanceUID / "labels.npy"
+        if lp.exists():
+            lab = np.load(lp)
+            df = pd.DataFrame(lab, columns=list(L.TARGETS))
+            df.insert(0, "slice_id", np.arange(f0, f0 + len(lab), dtype=np.int64))
+            truth.append(df)
+    truth = pd.concat(truth, ignore_index=True) if truth else pd.DataFrame(columns=["slice_id", *L.TARGETS])
+    atomic_write_parquet(lay.studies, ok)
+    atomic_write_parquet(lay.slices, slices)
+    atomic_write_parquet(lay.truth, truth)
+
+    # volumes learn their slice ids
+    ensure_group(lay.volumes)
+    for uid, f0 in zip(ok.StudyInstanceUID, first):
+        set_attrs(lay.volumes / uid, {"slice_id_offset": int(f0)})
+
+    bad = [{"study": u, "file": f, "reason": r} for u in ok.StudyInstanceUID for f, r in infos[u]["bad_files"]]
+    shards.sort(key=lambda s: s["name"])
+    manifest = {
+        "format": L.FORMAT,
+        "version": L.VERSION,
+        "created_by": TOOL,
+        "source": {"train_csv_rows": int(len(table))},
+        "config": to_dict(cfg),
+        "image": {
+            "size": cfg.image_size, "channels": cfg.channels, "windows": [list(w) for w in cfg.windows],
+            "offset_mm": cfg.offset_mm, "jpeg_quality": cfg.jpeg_quality, "subsampling": "4:4:4",
+            "channel_order": ["above", "slice", "below"] if cfg.channels == "neighbours" else "windows",
+        },
+        "counts": {
+            "studies": int(len(ok)),
+            "slices": int(counts.sum()),
+            "shards": len(shards),
+            "failed_studies": len(failed),
+            "bad_files": len(bad),
+            "by_cohort": {c: {"studies": int((ok.cohort == c).sum()),
+                              "slices": int(ok.n_slices[ok.cohort == c].sum())} for c in L.COHORTS},
+        },
+        "tables": {"studies": "studies.parquet", "slices": "slices.parquet", "truth": "labels/truth.parquet"},
+        "volumes": "volumes.zarr",
+        "shards": shards,
+        "failed_studies": failed,
+        "bad_files": bad,
+    }
+    atomic_write_json(lay.manifest, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class _NoPool:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _pool(workers: int):
+    # forkserver: no inherited locks or threads from the parent (zarr/blosc/torch use threads)
+    if workers <= 1:
+        return _NoPool()
+    return mp.get_context("forkserver").Pool(workers, maxtasksperchild=64)
+
+
+def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -> list[StudyTask]:
+    boxes = ds.boxes
+    by_study = {u: g for u, g in boxes.groupby("StudyInstanceUID")} if len(boxes) else {}
+    tasks = []
+    for row in table.itertuples(index=False):
+        uid = row.StudyInstanceUID
+        seg = ds.root / "segmentations" / f"{uid}.nii"
+        b = by_study.get(uid)
+        tasks.append(StudyTask(
+            uid=uid,
+            cohort=row.cohort,
+            fractured=[v for v in range(1, 8) if getattr(row, f"C{v}") == 1],
+            image_dir=str(ds.root / "train_images" / uid),
+            seg_path=str(seg) if seg.exists() else None,
+            boxes=b[["slice_number", "x", "y", "width", "height"]].to_numpy(float).tolist() if b is not None else [],
+            out=str(out),
+            cfg=to_dict(cfg),
+        ))
+    return tasks
+
+
+def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
+        limit: int | None = None) -> dict:
+    """The whole job; resumes from ``out/_work`` if an earlier run was interrupted."""
+    lay = L.Layout(out)
+    cfg_json = to_dict(cfg)
+    if lay.manifest.exists():
+        m = json.loads(lay.manifest.read_text())
+        if m.get("config") != cfg_json:
+            raise ValueError(f"{out} already holds shards made with another config; use another --out or delete it")
+        print(f"{out}: already complete ({m['counts']['slices']} slices in {m['counts']['shards']} shards)")
+        return m
+    saved = lay.work / "config.json"
+    if saved.exists() and json.loads(saved.read_text()) != cfg_json:
+        raise ValueError(f"{out} holds an interrupted job with another config; rerun with that config, "
+                         f"or delete {out} to start over")
+    atomic_write_json(saved, cfg_json)
+
+    ds = Dataset.open(data)
+    table = build_study_table(ds.train, ds.boxes, folds=cfg.folds, seed=cfg.seed, exclude=cfg.exclude_studies)
+    if limit:
+        table = table.iloc[:limit].reset_index(drop=True)
+    tasks = build_tasks(ds, table, out, cfg)
+    todo = [t for t in tasks if not (lay.work / "studies" / t.uid / "study.json").exists()]
+    if (lay.work / "tmp").exists():
+        shutil.rmtree(lay.work / "tmp")  # half-written volumes from a killed run
+    lay.volumes.mkdir(parents=True, exist_ok=True)
+    print(f"spinestream shard: {len(tasks)} studies ({len(tasks) - len(todo)} already done), "
+          f"{workers} worker(s), {cfg.image_size}px {cfg.channels} -> {out}", file=sys.stderr)
+
+    t0, n_slices, errors = time.perf_counter(), 0, []
+    with _pool(workers) as pool, tqdm(total=len(todo), desc="studies", unit="study") as bar:
+        for res in (pool.imap_unordered(process_study, todo) if pool else map(process_study, todo)):
+            n_slices += res["n_slices"]
+            if "error" in res:
+                errors.append(res)
+                tqdm.write(f"  failed {res['uid']}: {res['error']}", file=sys.stderr)
+            dt = time.perf_counter() - t0
+            bar.set_postfix(slices=n_slices, slices_s=f"{n_slices / dt:.0f}" if dt > 0 else "-")
+            bar.update()
+
+    manifest = finalize(out, table, cfg, workers)
+    if not keep_work:
+        shutil.rmtree(lay.work, ignore_errors=True)
+    c = manifest["counts"]
+    print(f"done: {c['studies']} studies, {c['slices']} slices, {c['shards']} shards, "
+          f"{c['failed_studies']} failed studies, {c['bad_files']} bad files -> {out}", file=sys.stderr)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spinestream shard",
+        description="Convert a dataset in the Kaggle RSNA 2022 layout into windowed uint8 WebDataset shards "
+                    "(2.5D JPEG, DALI .idx files) and Zarr volumes. Resumable: rerun the same command after "
+                    "a crash or kill and it finishes the job without redoing committed studies.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="dataset directory (train.csv, train_images/, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("-c", "--config", type=Path, default=None, help="YAML config (default: built-in = configs/shard.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    p.add_argument("--keep-work", action="store_true", help="keep OUT/_work (per-study staging) after success")
+    p.add_argument("--limit", type=int, default=None, help="only the first N studies (by UID), for a trial run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(ShardConfig, args.config, args.set)
+        run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"spinestream shard: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``spinestream verify OUT``: check a shard directory against its manifest.
+
+Checks, and exits non-zero naming the file on the first class of problem found:
+
+* every shard and index file listed exists, with the recorded sha256 and byte size;
+* every tar parses (regular members named ``<slice_id:09d>.jpg/.id`` only, nothing
+  truncated), holds the recorded number of samples, and each ``.id`` matches its name;
+* every index file describes its tar exactly (same members, offsets and sizes);
+* every slice_id of ``slices.parquet`` is in exactly one shard, the one the table names,
+  and no shard holds a slice_id the table lacks;
+* the label table covers only known slices; every study has its volume with as many
+  slices as the table says;
+* no stray ``.tar`` files lie in ``wds/`` (a leftover from another run).
+
+``--quick`` skips hashing and tar parsing (index files and tables only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .fsutil import sha256_file
+from .layout import Layout, load_manifest
+from .wds import ShardError, check_index, iter_samples, read_index
+
+
+class VerifyError(ValueError):
+    pass
+
+
+def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progress: bool = True) -> dict:
+    """Verify ``root``; returns counts, raises :class:`VerifyError` listing every problem found."""
+    root = Path(root)
+    lay = Layout(root)
+    m = load_manifest(root)
+    problems: list[str] = []
+    slices = pd.read_parquet(lay.slices)
+    n_total = len(slices)
+    seen = np.zeros(n_total, dtype=np.int32)
+    ids_table = slices.slice_id.to_numpy()
+    if not np.array_equal(ids_table, np.arange(n_total)):
+        problems.append(f"{lay.slices}: slice_id is not 0..{n_total - 1} in order")
+    shard_col = slices.shard.to_numpy()
+
+    listed = set()
+    for s in tqdm(m["shards"], desc="verify", unit="shard", disable=not progress):
+        tar, idx = root / s["path"], root / s["index"]
+        listed.add(tar.name)
+        try:
+            if not tar.is_file():
+                raise ShardError(f"{tar}: listed in the manifest but missing")
+            if tar.stat().st_size != s["bytes"]:
+                raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s['bytes']} (truncated or replaced?)")
+            if not quick:
+                if sha256_file(tar) != s["sha256"]:
+                    raise ShardError(f"{tar}: sha256 does not match the manifest (corrupt or replaced)")
+                if sha256_file(idx) != s["index_sha256"]:
+                    raise ShardError(f"{idx}: sha256 does not match the manifest")
+                n = check_index(tar, idx)
+                ids = []
+                for sid, data in iter_samples(tar):
+                    ids.append(sid)
+                    if decode:
+                        from .sample import decode_jpeg
+
+                        decode_jpeg(data)
+            else:
+                ids = [int(c[0][3].split(".")[0]) for c in read_index(idx)]
+                n = len(ids)
+            if n != s["samples"]:
+                raise ShardError(f"{tar}: {n} samples, manifest says {s['samples']}")
+            ids = np.asarray(ids, dtype=np.int64)
+            bad = ids[(ids < 0) | (ids >= n_total)]
+            if len(bad):
+                raise ShardError(f"{tar}: slice_ids {bad[:5].tolist()} are not in slices.parquet")
+            np.add.at(seen, ids, 1)
+            wrong = ids[shard_col[ids] != s["name"]]
+            if len(wrong):
+                problems.append(f"{tar}: holds slice_ids {wrong[:5].tolist()} that slices.parquet puts in another shard")
+        except ShardError as e:
+            problems.append(str(e))
+
+    missing = np.flatnonzero(seen == 0)
+    dup = np.flatnonzero(seen > 1)
+    if len(missing):
+        problems.append(f"{len(missing)} slice_ids are in no shard (first: {missing[:5].tolist()})")
+    if len(dup):
+        problems.append(f"{len(dup)} slice_ids are in more than one shard (first: {dup[:5].tolist()})")
+    stray = sorted(p.name for p in lay.wds.glob("*.tar") if p.name not in listed) if lay.wds.exists() else []
+    if stray:
+        problems.append(f"{lay.wds}: shards not in the manifest: {stray[:5]} (left from another run?)")
+    if len(m["shards"]) and sum(s["samples"] for s in m["shards"]) != m["counts"]["slices"]:
+        problems.append("manifest: shard sample counts do not add up to counts.slices")
+
+    truth = pd.read_parquet(lay.truth)
+    tid = truth.slice_id.to_numpy()
+    if len(tid) and (tid.min() < 0 or tid.max() >= n_total or len(np.unique(tid)) != len(tid)):
+        problems.append(f"{lay.truth}: slice_ids outside slices.parquet or duplicated")
+
+    studies = pd.read_parquet(lay.studies)
+    if not quick:
+        from .volumes import open_volume
+
+        for row in studies.itertuples(index=False):
+            try:
+                vol = open_volume(lay.volumes, row.StudyInstanceUID)
+            except FileNotFoundError as e:
+                problems.append(str(e))
+                continue
+            if vol.shape[0] != row.n_slices or vol.attrs.get("slice_id_offset") != row.slice_id_offset:
+                problems.append(f"{lay.volumes / row.StudyInstanceUID}: {vol.shape[0]} slices / offset "
+                                f"{vol.attrs.get('slice_id_offset')}, studies.parquet says {row.n_slices} / {row.slice_id_offset}")
+
+    if problems:
+        raise VerifyError("\n".join(problems))
+    return {"shards": len(m["shards"]), "slices": n_total, "studies": len(studies), "labelled": len(truth)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spinestream verify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="a directory written by `spinestream shard`")
+    p.add_argument("--quick", action="store_true", help="index files and tables only (no hashing, no tar parsing)")
+    p.add_argument("--decode", action="store_true", help="also decode every JPEG")
+    args = p.parse_args(argv)
+    try:
+        r = verify(args.out, quick=args.quick, decode=args.decode)
+    except (VerifyError, FileNotFoundError, ValueError) as e:
+        print(f"spinestream verify: FAILED for {args.out}\n{e}", file=sys.stderr)
+        return 1
+    print(f"spinestream verify: OK — {r['shards']} shards, {r['slices']} slices (each exactly once), "
+          f"{r['studies']} studies with volumes, {r['labelled']} labelled slices")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

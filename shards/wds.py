@@ -1,0 +1,255 @@
+"""WebDataset tar shards and their DALI ``.idx`` index files — writer and reader together.
+
+A sample is two members, ``<slice_id:09d>.jpg`` (the 2.5D image, JPEG 4:4:4) and
+``<slice_id:09d>.id`` (the slice_id as 8 little-endian bytes, so DALI's reader can return
+it with ``dtypes=INT64``). Keys are integers because WebDataset splits member names at
+the first dot and StudyInstanceUIDs are full of dots.
+
+Tars are written byte-reproducibly: USTAR headers with mtime 0, uid/gid 0, empty owner
+names, mode 0644, and the archive padded to tar's 10240-byte record like GNU tar and
+Python's tarfile. The writer knows every member's data offset as it writes, so the
+``.idx`` file (DALI's ``wds2idx`` format v1.2: a header line ``v1.2 <n_samples>`` then one
+line per sample, ``<ext> <data offset> <size> <member name>`` for each component) costs
+nothing and never needs a second pass over the tar.
+
+The reader parses headers itself and accepts only regular files named like the
+writer's members: no links, no directories, no paths (so nothing can point outside a
+target directory), and a truncated archive is an error, not a short epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar's default blocking factor
+IDX_VERSION = "v1.2"
+KEY_DIGITS = 9
+MEMBER_RE = re.compile(r"^(\d{9})\.(jpg|id)$")
+EXTS = ("jpg", "id")
+
+
+class ShardError(ValueError):
+    """A shard or index file is missing, truncated, corrupt, or not what the manifest says."""
+
+
+def key(slice_id: int) -> str:
+    return f"{slice_id:0{KEY_DIGITS}d}"
+
+
+def _header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+@dataclass
+class ShardInfo:
+    """What the writer produced; goes into the manifest."""
+
+    samples: int
+    bytes: int
+    sha256: str
+    index_sha256: str
+    first_id: int
+    last_id: int
+
+
+class ShardWriter:
+    """Write one tar + idx under temporary names; :meth:`close` renames both into place.
+
+    Use as a context manager; on an exception the temporary files are removed and
+    nothing appears under the final names.
+    """
+
+    def __init__(self, tar_path: str | Path, idx_path: str | Path | None = None):
+        self.tar_path = Path(tar_path)
+        self.idx_path = Path(idx_path) if idx_path else self.tar_path.with_suffix(".idx")
+        suffix = f".tmp-{os.getpid()}"
+        self._tmp_tar = self.tar_path.with_name(self.tar_path.name + suffix)
+        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + suffix)
+        self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self._tmp_tar, "wb")
+        self._sha = hashlib.sha256()
+        self._offset = 0
+        self._lines: list[str] = []
+        self._ids: list[int] = []
+
+    def _write(self, b: bytes) -> None:
+        self._f.write(b)
+        self._sha.update(b)
+        self._offset += len(b)
+
+    def _member(self, name: str, data: bytes) -> tuple[int, int]:
+        self._write(_header(name, len(data)))
+        off = self._offset
+        self._write(data)
+        pad = (-len(data)) % BLOCK
+        if pad:
+            self._write(b"\0" * pad)
+        return off, len(data)
+
+    def add(self, slice_id: int, jpeg: bytes) -> None:
+        k = key(slice_id)
+        parts = []
+        for ext, data in (("jpg", jpeg), ("id", struct.pack("<q", slice_id))):
+            off, size = self._member(f"{k}.{ext}", data)
+            parts.append(f"{ext} {off} {size} {k}.{ext}")
+        self._lines.append(" ".join(parts))
+        self._ids.append(slice_id)
+
+    def close(self) -> ShardInfo:
+        if not self._ids:
+            self.abort()
+            raise ShardError(f"{self.tar_path}: refusing to write an empty shard")
+        self._write(b"\0" * (2 * BLOCK))
+        pad = (-self._offset) % RECORD
+        if pad:
+            self._write(b"\0" * pad)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        idx = (f"{IDX_VERSION} {len(self._lines)}\n" + "\n".join(self._lines) + "\n").encode()
+        with open(self._tmp_idx, "wb") as f:
+            f.write(idx)
+            f.flush()
+            os.fsync(f.fileno())
+        # index first, then the tar: a tar under its final name always has its index
+        os.replace(self._tmp_idx, self.idx_path)
+        os.replace(self._tmp_tar, self.tar_path)
+        return ShardInfo(
+            samples=len(self._ids),
+            bytes=self._offset,
+            sha256=self._sha.hexdigest(),
+            index_sha256=hashlib.sha256(idx).hexdigest(),
+            first_id=self._ids[0],
+            last_id=self._ids[-1],
+        )
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        for p in (self._tmp_tar, self._tmp_idx):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int  # of the data, not the header
+    size: int
+
+
+def scan_tar(path: str | Path) -> list[Member]:
+    """List a shard's members (name, data offset, size), validating every header."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard file is missing")
+    total = path.stat().st_size
+    out: list[Member] = []
+    with open(path, "rb") as f:
+        pos = 0
+        while True:
+            hdr = f.read(BLOCK)
+            if len(hdr) < BLOCK:
+                raise ShardError(f"{path}: truncated at byte {pos} (no end-of-archive marker)")
+            if hdr == b"\0" * BLOCK:
+                break
+            try:
+                ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
+            except tarfile.HeaderError as e:
+                raise ShardError(f"{path}: corrupt tar header at byte {pos} ({e})") from e
+            if not ti.isreg():
+                raise ShardError(f"{path}: member {ti.name!r} at byte {pos} is not a regular file")
+            if not MEMBER_RE.match(ti.name):
+                raise ShardError(
+                    f"{path}: unexpected member name {ti.name!r} at byte {pos} "
+                    f"(expected <slice_id:09d>.jpg / .id; paths are never allowed)"
+                )
+            data_off = pos + BLOCK
+            end = data_off + ti.size
+            if end > total:
+                raise ShardError(f"{path}: truncated inside member {ti.name!r}")
+            out.append(Member(ti.name, data_off, ti.size))
+            pos = data_off + ti.size + ((-ti.size) % BLOCK)
+            f.seek(pos)
+    return out
+
+
+def iter_samples(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(slice_id, jpeg_bytes)`` for every sample of a shard, in file order."""
+    path = Path(path)
+    members = scan_tar(path)
+    if len(members) % 2:
+        raise ShardError(f"{path}: odd number of members ({len(members)}); a sample is incomplete")
+    with open(path, "rb") as f:
+        for jm, im in zip(members[0::2], members[1::2]):
+            kj, ej = MEMBER_RE.match(jm.name).groups()
+            ki, ei = MEMBER_RE.match(im.name).groups()
+            if (ej, ei) != EXTS or kj != ki:
+                raise ShardError(f"{path}: expected {kj}.jpg then {kj}.id, got {jm.name}, {im.name}")
+            f.seek(im.offset)
+            raw = f.read(im.size)
+            if im.size != 8:
+                raise ShardError(f"{path}: {im.name} holds {im.size} bytes, expected 8")
+            (sid,) = struct.unpack("<q", raw)
+            if key(sid) != kj:
+                raise ShardError(f"{path}: {im.name} holds slice_id {sid}, which does not match its name")
+            f.seek(jm.offset)
+            yield sid, f.read(jm.size)
+
+
+def read_index(path: str | Path) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI ``.idx`` file: one list of ``(ext, offset, size, name)`` per sample."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: index file is missing (rewrite the shards with `spinestream shard`)")
+    lines = path.read_text().splitlines()
+    if not lines:
+        raise ShardError(f"{path}: index file is empty")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit():
+        raise ShardError(f"{path}: bad index header {lines[0]!r} (expected '{IDX_VERSION} <n>')")
+    n = int(head[1])
+    if len(lines) - 1 != n:
+        raise ShardError(f"{path}: header says {n} samples, file has {len(lines) - 1}")
+    out = []
+    for i, line in enumerate(lines[1:], 1):
+        tok = line.split()
+        if len(tok) % 4:
+            raise ShardError(f"{path}: line {i + 1} is malformed")
+        out.append([(tok[j], int(tok[j + 1]), int(tok[j + 2]), tok[j + 3]) for j in range(0, len(tok), 4)])
+    return out
+
+
+def check_index(tar_path: str | Path, idx_path: str | Path) -> int:
+    """Check that an index describes its tar exactly; returns the number of samples."""
+    members = scan_tar(tar_path)
+    entries = [c for sample in read_index(idx_path) for c in sample]
+    got = [(name, off, size) for _, off, size, name in entries]
+    want = [(m.name, m.offset, m.size) for m in members]
+    if got != want:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ShardError(
+            f"{idx_path}: does not match {tar_path} (first difference at component {first}: "
+            f"index {got[first] if first < len(got) else None}, tar {want[first] if first < len(want) else None})"
+        )
+    return len(members) // 2
