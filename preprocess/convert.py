@@ -107,6 +107,10 @@ def process_study(task: StudyTask) -> dict:
         tmp.mkdir(parents=True)
         volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
         n = volume.shape[0]
+        if not np.all(np.isfinite(meta.z)):
+            # no ImagePositionPatient anywhere: read_series ordered by InstanceNumber/file number;
+            # stand in evenly spaced positions so neighbours in mm still work
+            meta.z = -np.arange(n, dtype=np.float64) * float(meta.spacing[0])
         labels = study_labels(task, meta, n, cfg)
 
         nbr = neighbour_index(meta.z, cfg.offset_mm) if cfg.channels == "neighbours" else None

@@ -54,6 +54,8 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
         try:
             if not tar.is_file():
                 raise ShardError(f"{tar}: listed in the manifest but missing")
+            if not idx.is_file():
+                raise ShardError(f"{idx}: index file is missing (DALI needs it; rerun `spinestream shard` into a new --out)")
             if tar.stat().st_size != s["bytes"]:
                 raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s['bytes']} (truncated or replaced?)")
             if not quick:
