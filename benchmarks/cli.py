@@ -1,0 +1,23 @@
+"""``spinestream bench <suite>``: named benchmark suites. Each prints its figures and saves
+them as JSON (and a PNG chart) under ``benchmarks/results/``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {
+    "shard": ("benchmarks.shard", "DICOM -> shards throughput vs the naive PNG way and the decode+encode floor"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: spinestream bench <suite> [options]\n\nsuites:")
+        for name, (_, desc) in SUITES.items():
+            print(f"  {name:8s} {desc}")
+        return 0
+    if argv[0] not in SUITES:
+        print(f"spinestream bench: unknown suite {argv[0]!r} (known: {', '.join(SUITES)})", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(SUITES[argv[0]][0]).main(argv[1:]) or 0)

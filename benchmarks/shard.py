@@ -1,0 +1,278 @@
+"""``spinestream bench shard``: how fast DICOM becomes shards, next to two references
+measured in the same run on the same cores.
+
+* **naive** — what most public notebooks did: one process reads each DICOM with pydicom,
+  windows it and writes one PNG per slice.
+* **floor** — the least any converter must do: decode each DICOM (spinestream's decoder,
+  the fastest plugin available), window it to uint8 and JPEG-encode its 2.5D image, in
+  memory, with the same number of worker processes. Nothing is written.
+* **spinestream** — the full ``spinestream shard`` job, end to end: volumes, shards, index
+  files, tables, manifest (phase 2 included).
+
+Per transfer syntax (a synthetic dataset each, 512×512 by default) it prints slices/s,
+the ratios, bytes per slice (shards, Zarr, DICOM input, naive PNG) and the peak memory of
+the whole process tree, then projects time and disk for 700k slices. A second run of the
+job on half the studies shows whether memory grows with the number of studies.
+Figures go to ``benchmarks/results/shard.json`` and ``shard.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SYNTAXES = ("explicit", "jpeg-lossless", "j2k", "rle")
+REAL_SLICES = 700_000
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its descendants (sampled from /proc)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def _tree_rss(root: int) -> int:
+        parents: dict[int, int] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        tree, frontier = {root}, [root]
+        while frontier:
+            p = frontier.pop()
+            kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+            tree.update(kids)
+            frontier.extend(kids)
+        total = 0
+        for pid in tree:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_rss(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        if os.path.isdir("/proc"):
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if hasattr(self, "_t"):
+            self._t.join()
+
+
+def _du(path: Path, pattern: str = "**/*") -> int:
+    return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
+
+
+def _studies(data: Path) -> list[Path]:
+    return sorted(p for p in (data / "train_images").iterdir() if p.is_dir())
+
+
+# --------------------------------------------------------------------------- the three ways
+
+
+def _floor_study(args: tuple[str, int, float]) -> int:
+    """Decode every slice (read once, windowed to uint8), build each 2.5D image, JPEG-encode it. Nothing else."""
+    from preprocess.dicom import read_series
+    from preprocess.window import make_slice_fn
+    from shards.sample import encode_jpeg, neighbour_index, sample_image
+
+    study, size, offset_mm = args
+    vol, meta = read_series(study, slice_fn=make_slice_fn([(400, 1800)], size))
+    nb = neighbour_index(meta.z, offset_mm)
+    for i in range(len(vol)):
+        encode_jpeg(sample_image(vol, i, nb, "neighbours"), 95)
+    return len(vol)
+
+
+def run_floor(data: Path, size: int, workers: int) -> dict:
+    tasks = [(str(s), size, 1.0) for s in _studies(data)]
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        if workers > 1:
+            with mp.get_context("forkserver").Pool(workers) as pool:
+                n = sum(pool.imap_unordered(_floor_study, tasks))
+        else:
+            n = sum(map(_floor_study, tasks))
+    dt = time.perf_counter() - t0
+    return {"slices": n, "seconds": dt, "slices_per_s": n / dt, "peak_rss_mb": mem.peak / 2**20}
+
+
+def run_naive(data: Path, max_slices: int, tmp: Path) -> dict:
+    """One process: pydicom per file, window, one PNG per slice (the public-notebook way)."""
+    import pydicom
+    from PIL import Image
+
+    files = [f for s in _studies(data) for f in sorted(s.glob("*.dcm"))][:max_slices]
+    out = tmp / "naive-png"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            img = (np.clip((hu - (400 - 900)) / 1800, 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(img).save(out / f"{k}.png")
+    dt = time.perf_counter() - t0
+    size = _du(out)
+    shutil.rmtree(out)
+    return {"slices": len(files), "seconds": dt, "slices_per_s": len(files) / dt,
+            "png_bytes_per_slice": size / max(1, len(files)), "peak_rss_mb": mem.peak / 2**20}
+
+
+def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int | None = None) -> dict:
+    import contextlib
+    import io
+
+    from preprocess.config import ShardConfig
+    from preprocess.convert import run
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = ShardConfig(image_size=size, folds=4)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem, contextlib.redirect_stderr(io.StringIO()):
+        m = run(data, out, cfg, workers=workers, limit=limit)
+    dt = time.perf_counter() - t0
+    n = m["counts"]["slices"]
+    return {"slices": n, "studies": m["counts"]["studies"], "seconds": dt, "slices_per_s": n / dt,
+            "shard_bytes_per_slice": _du(out / "wds", "*.tar") / n,
+            "zarr_bytes_per_slice": _du(out / "volumes.zarr") / n,
+            "peak_rss_mb": mem.peak / 2**20}
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def dataset(cache: Path, syntax: str, studies: int, slices: tuple[int, int], size: int) -> Path:
+    from preprocess.synth import make_dataset
+
+    d = cache / f"{syntax}-n{studies}-s{slices[0]}_{slices[1]}-{size}"
+    if not (d / "SYNTH_COMPLETE").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        print(f"  synthesizing {studies} {syntax} studies at {size}px -> {d}", flush=True)
+        make_dataset(d, studies=studies, seed=1, size=size, slices=slices, syntax=syntax, test_studies=0)
+    return d
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    syn = list(results["syntaxes"])
+    ways = [("naive", "naive (pydicom → PNG, 1 proc)"), ("floor", "floor (decode + JPEG only)"),
+            ("spinestream", "spinestream shard")]
+    x = np.arange(len(syn))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for k, (key, label) in enumerate(ways):
+        vals = [results["syntaxes"][s][key]["slices_per_s"] for s in syn]
+        bars = ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, syn)
+    ax.set_ylabel("slices / s")
+    ax.set_title(f"DICOM → shards, {results['size']}px, {results['workers']} workers — {results['machine']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spinestream bench shard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--studies", type=int, default=8, help="synthetic studies per transfer syntax")
+    p.add_argument("--slices", default="64:64", help="slices per study, MIN:MAX")
+    p.add_argument("--size", type=int, default=512, help="slice size (input and output)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--syntax", default=",".join(SYNTAXES), help=f"comma-separated subset of {SYNTAXES}")
+    p.add_argument("--naive-slices", type=int, default=160, help="slices timed for the naive way (it is slow)")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spinestream-bench",
+                   help="where the synthetic datasets are kept between runs")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    lo, hi = (int(v) for v in args.slices.split(":"))
+    syntaxes = [s.strip() for s in args.syntax.split(",") if s.strip()]
+    for s in syntaxes:
+        if s not in SYNTAXES:
+            p.error(f"unknown syntax {s!r} (known: {', '.join(SYNTAXES)})")
+
+    machine = f"{platform.node() or 'host'}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    results = {"suite": "shard", "machine": machine, "size": args.size, "workers": args.workers,
+               "studies": args.studies, "slices_per_study": [lo, hi], "syntaxes": {}}
+    work = Path(tempfile.mkdtemp(prefix="spinestream-bench-"))
+    try:
+        for syn in syntaxes:
+            data = dataset(args.cache, syn, args.studies, (lo, hi), args.size)
+            dicom_bytes = _du(data / "train_images", "**/*.dcm")
+            n_files = sum(1 for _ in (data / "train_images").glob("*/*.dcm"))
+            print(f"[{syn}] {n_files} slices, {dicom_bytes / n_files / 1024:.0f} KiB/slice DICOM", flush=True)
+            r = {"dicom_bytes_per_slice": dicom_bytes / n_files}
+            r["naive"] = run_naive(data, args.naive_slices, work)
+            r["floor"] = run_floor(data, args.size, args.workers)
+            r["spinestream"] = run_spinestream(data, work / f"out-{syn}", args.size, args.workers)
+            if syn == syntaxes[0] and args.studies >= 4:
+                half = run_spinestream(data, work / f"half-{syn}", args.size, args.workers, limit=args.studies // 2)
+                r["memory_scaling"] = {"studies": [half["studies"], r["spinestream"]["studies"]],
+                                       "peak_rss_mb": [half["peak_rss_mb"], r["spinestream"]["peak_rss_mb"]]}
+            shutil.rmtree(work / f"out-{syn}", ignore_errors=True)
+            s, f, nv = r["spinestream"], r["floor"], r["naive"]
+            r["vs_floor"] = s["slices_per_s"] / f["slices_per_s"]
+            r["vs_naive"] = s["slices_per_s"] / nv["slices_per_s"]
+            results["syntaxes"][syn] = r
+            print(f"  naive        {nv['slices_per_s']:8.1f} slices/s  ({nv['png_bytes_per_slice'] / 1024:.0f} KiB/slice PNG)")
+            print(f"  floor        {f['slices_per_s']:8.1f} slices/s  peak {f['peak_rss_mb']:.0f} MiB")
+            print(f"  spinestream  {s['slices_per_s']:8.1f} slices/s  peak {s['peak_rss_mb']:.0f} MiB  "
+                  f"= {r['vs_floor']:.0%} of floor, {r['vs_naive']:.1f}x naive", flush=True)
+            print(f"  bytes/slice: shards {s['shard_bytes_per_slice'] / 1024:.0f} KiB, zarr "
+                  f"{s['zarr_bytes_per_slice'] / 1024:.0f} KiB, DICOM {r['dicom_bytes_per_slice'] / 1024:.0f} KiB")
+            if "memory_scaling" in r:
+                ms = r["memory_scaling"]
+                print(f"  memory: {ms['studies'][0]} studies -> {ms['peak_rss_mb'][0]:.0f} MiB, "
+                      f"{ms['studies'][1]} studies -> {ms['peak_rss_mb'][1]:.0f} MiB (process tree peak)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rates = [r["spinestream"]["slices_per_s"] for r in results["syntaxes"].values()]
+    per_slice = np.mean([r["spinestream"]["shard_bytes_per_slice"] + r["spinestream"]["zarr_bytes_per_slice"]
+                         for r in results["syntaxes"].values()])
+    results["projection_700k"] = {
+        "hours_at_slowest_syntax": REAL_SLICES / min(rates) / 3600,
+        "hours_at_fastest_syntax": REAL_SLICES / max(rates) / 3600,
+        "disk_gb": REAL_SLICES * per_slice / 1e9,
+    }
+    pj = results["projection_700k"]
+    print(f"\nprojected for {REAL_SLICES:,} slices with {args.workers} workers: "
+          f"{pj['hours_at_fastest_syntax']:.1f}-{pj['hours_at_slowest_syntax']:.1f} h, "
+          f"{pj['disk_gb']:.0f} GB (shards + zarr) — synthetic phantoms compress better than real CT, "
+          f"see BENCHMARKS.md")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "shard.json").write_text(json.dumps(results, indent=1) + "\n")
+    chart(results, args.results / "shard.png")
+    print(f"saved {args.results / 'shard.json'} and {args.results / 'shard.png'}")
+    return 0
