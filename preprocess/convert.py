@@ -22,6 +22,7 @@ depends on order (slice ids, shuffles, tar bytes) depends only on the input and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -356,19 +357,22 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, workers: int) -> 
 # --------------------------------------------------------------------------- the job
 
 
-class _NoPool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
+@contextlib.contextmanager
 def _pool(workers: int):
-    # forkserver: no inherited locks or threads from the parent (zarr/blosc/torch use threads)
+    """A process pool (None for one worker) that is closed and joined, not terminated, on exit."""
     if workers <= 1:
-        return _NoPool()
-    return mp.get_context("forkserver").Pool(workers, maxtasksperchild=64)
+        yield None
+        return
+    # forkserver: no inherited locks or threads from the parent (zarr/blosc use threads)
+    pool = mp.get_context("forkserver").Pool(workers, maxtasksperchild=64)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -> list[StudyTask]:
