@@ -40,7 +40,9 @@ def read_segmentation(path: str | Path) -> np.ndarray:
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for broken files
         raise ValueError(f"{path}: cannot read segmentation NIfTI ({e})") from e
-    return seg_to_axial(np.rint(data).astype(np.int16))
+    if not np.issubdtype(data.dtype, np.integer):  # some writers store labels as float
+        data = np.rint(data)
+    return seg_to_axial(data)
 
 
 def write_segmentation(path: str | Path, axial: np.ndarray, spacing: tuple[float, float, float]) -> None:
