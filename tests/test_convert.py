@@ -25,7 +25,7 @@ from shards.volumes import open_volume
 from shards.wds import iter_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = dict(image_size=48, folds=2, shard_max_samples=40)
+from conftest import CFG
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -34,22 +34,6 @@ def tree_digest(root: Path) -> dict[str, str]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and "_work" not in p.relative_to(root).parts:
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-@pytest.fixture(scope="session")
-def raw(tmp_path_factory) -> Path:
-    from preprocess.synth import make_dataset
-
-    d = tmp_path_factory.mktemp("raw")
-    make_dataset(d, studies=10, seed=3, size=64, slices=(32, 40), test_studies=1)
-    return d
-
-
-@pytest.fixture(scope="session")
-def shards(raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "out"
-    run(raw, out, ShardConfig(**CFG), workers=2)
     return out
 
 

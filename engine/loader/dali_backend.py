@@ -1,0 +1,201 @@
+"""The DALI backend: ``fn.readers.webdataset`` over the selected shards and their ``.idx``
+files → ``fn.decoders.image`` (nvJPEG with ``device="mixed"`` on a GPU) → the reference
+augmentations as DALI operators, each applied per sample with its own probability (DALI
+conditionals) → normalised NCHW tensors in PyTorch via ``DALIGenericIterator``.
+
+The same pipeline runs on the CPU with ``device_id=None`` (DALI's CPU-only mode), which
+is how CI tests it. Targets are looked up on the device from the label table by the
+``slice_id`` each sample carries; mixup runs on the batch in torch.
+
+Epochs: the reader is split between ranks with ``shard_id``/``num_shards`` (each rank keeps
+its part, ``stick_to_shard``), shuffles within ``initial_fill`` samples (the shards are
+already globally shuffled at write time), pads with ``pad_last_batch`` and the iterator
+knows the epoch size through ``reader_name``; padding positions come out with
+``valid == False``. Each epoch is its own pipeline seeded by (seed, epoch, rank), so an
+epoch's order is reproducible on its own. Mid-epoch resume uses DALI checkpointing
+(reader positions and every random generator, stored in :meth:`state_dict`); DALI 2.4
+cannot checkpoint ``fn.clahe``, so with CLAHE on the resumed epoch's pipeline is rebuilt
+and replayed up to the saved position instead (same samples, same augmentations).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .augment import mixup
+from .base import Batch, Loader, per_rank, rank_part
+from .config import AugmentConfig, LoaderConfig
+from .data import LabelTable, Selection
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def checkpointable(aug: AugmentConfig) -> bool:
+    """DALI 2.4 cannot checkpoint ``fn.clahe``; without it the whole pipeline can be checkpointed."""
+    return aug.p_clahe == 0
+
+
+def _build_pipeline(sel: Selection, cfg: LoaderConfig, aug: AugmentConfig, *, device_id: int | None, rank: int,
+                    world: int, train: bool, epoch: int, checkpoint: str | None):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    gpu = device_id is not None
+    size = cfg.image_size
+    out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}[cfg.dtype]
+
+    def coin(p: float):
+        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+    # one pipeline per epoch, seeded by (seed, epoch, rank): each epoch's order is reproducible on its own
+    seed = (cfg.seed * 1_000_003 + epoch * 7919 + rank) % (2**31 - 1)
+
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=checkpointable(aug))
+    def pipe():
+        jpg, sid = fn.readers.webdataset(
+            paths=sel.tars, index_paths=sel.indexes, ext=["jpg", "id"], dtypes=[types.UINT8, types.INT64],
+            missing_component_behavior="error", random_shuffle=train, initial_fill=cfg.initial_fill,
+            seed=seed, shard_id=rank, num_shards=world, stick_to_shard=True, pad_last_batch=True,
+            name="Reader")
+        img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+        # geometry: random resized crop (a relative ROI of the resize), flips, rotation
+        if aug.p_crop > 0:
+            area = fn.random.uniform(range=list(aug.crop_scale))
+            ratio = dmath.exp(fn.random.uniform(range=[math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])]))
+            do = fn.cast(fn.random.coin_flip(probability=aug.p_crop), dtype=types.FLOAT)
+            w = do * dmath.min(dmath.sqrt(area * ratio), 1.0) + (1.0 - do)  # full image when not cropping
+            h = do * dmath.min(dmath.sqrt(area / ratio), 1.0) + (1.0 - do)
+            x0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
+            y0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
+            img = fn.resize(img, size=[size, size], roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + h, x0 + w),
+                            roi_relative=True, antialias=True)
+        elif sel.image_size != size:
+            img = fn.resize(img, size=[size, size], antialias=True)
+        if aug.p_hflip > 0 or aug.p_vflip > 0:
+            img = fn.flip(img, horizontal=fn.random.coin_flip(probability=aug.p_hflip),
+                          vertical=fn.random.coin_flip(probability=aug.p_vflip))
+        if aug.p_rotate > 0 and coin(aug.p_rotate):
+            img = fn.rotate(img, angle=fn.random.uniform(range=[-aug.max_angle, aug.max_angle]), keep_size=True,
+                            fill_value=0, interp_type=types.INTERP_LINEAR)
+        # intensity: CLAHE on luminance (what albumentations did, and DALI's GPU CLAHE supports)
+        if aug.p_clahe > 0 and coin(aug.p_clahe):
+            img = fn.clahe(img, tiles_x=aug.clahe_tiles, tiles_y=aug.clahe_tiles, clip_limit=aug.clahe_clip,
+                           luma_only=True)
+        x = fn.cast(img, dtype=types.FLOAT)
+        clamp = False
+        if aug.p_shift > 0 and coin(aug.p_shift):
+            x = x + fn.random.uniform(range=[-aug.shift_limit * 255, aug.shift_limit * 255], shape=[3])
+            clamp = True
+        if aug.p_brightness_contrast > 0 and coin(aug.p_brightness_contrast):
+            alpha = 1.0 + fn.random.uniform(range=[-aug.contrast_limit, aug.contrast_limit])
+            beta = fn.random.uniform(range=[-aug.brightness_limit * 255, aug.brightness_limit * 255])
+            x = x * alpha + beta
+            clamp = True
+        if clamp:
+            x = dmath.clamp(x, 0.0, 255.0)
+        x = fn.crop_mirror_normalize(x, dtype=out_dtype, output_layout="CHW",
+                                     mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+        return x, sid
+
+    kw = {"checkpoint": checkpoint} if checkpoint else {}
+    p = pipe(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads), device_id=device_id,
+             prefetch_queue_depth=cfg.prefetch, seed=seed, exec_dynamic=True, **kw)
+    p.build()
+    return p
+
+
+class DaliLoader(Loader):
+    backend = "dali"
+
+    def __init__(self, sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
+                 world: int = 1, train: bool = True, state: dict | None = None):
+        self.sel, self.cfg, self.device = sel, cfg, torch.device(device)
+        self.rank, self.world, self.train = rank, world, train
+        labels.check_covers(sel)
+        self.labels = labels.to(self.device)
+        self.n = sel.samples
+        start, end = rank_part(self.n, rank, world)
+        self.samples = end - start
+        self.positions = per_rank(self.n, world)
+        self.padded = self.positions - self.samples
+        self.aug = cfg.augment if train else cfg.augment.off()
+        self.epoch, self.position = 0, 0
+        self._it = None
+        self._checkpoint = None
+        if state:
+            self.load_state_dict(state)
+
+    def _iterator(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        p = _build_pipeline(self.sel, self.cfg, self.aug, device_id=device_id, rank=self.rank, world=self.world,
+                            train=self.train, epoch=self.epoch, checkpoint=self._checkpoint)
+        it = DALIGenericIterator([p], ["images", "slice_ids"], reader_name="Reader",
+                                 last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
+        if self.position and not self._checkpoint:
+            # no DALI checkpoint (CLAHE on): replay this epoch's pipeline up to the saved position
+            done = 0
+            while done < self.position:
+                done += len(next(it)[0]["slice_ids"])
+            if done != self.position:
+                raise RuntimeError(f"cannot resume at position {self.position}: it is not a batch boundary "
+                                   f"(batch_size {self.cfg.batch_size})")
+        self._checkpoint = None
+        return it
+
+    def __len__(self) -> int:
+        return -(-self.positions // self.cfg.batch_size)
+
+    def __iter__(self):
+        if self._it is None:
+            self._it = self._iterator()
+        cfg, dev = self.cfg, self.device
+        dtype = _DTYPES[cfg.dtype]
+        g = torch.Generator(device=dev)
+        while self.position < self.positions:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:
+                break
+            x = out["images"].to(dev, non_blocking=True)
+            ids = out["slice_ids"].reshape(-1).to(dev, non_blocking=True)
+            n = min(len(ids), self.positions - self.position)
+            x, ids = x[:n], ids[:n]
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = self.labels[ids]
+            if self.train and self.aug.p_mixup > 0:
+                g.manual_seed(cfg.seed * 1_000_003 + self.epoch * 100_003 + self.position)
+                x, y = mixup(x, y, self.aug, g)
+            valid = (self.position + torch.arange(n, device=dev)) < self.samples
+            self.position += n
+            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid)
+        if self.position < self.positions:
+            raise RuntimeError(f"DALI ended the epoch after {self.position} of {self.positions} positions")
+        self._it = None
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        cp = None
+        if checkpointable(self.aug):
+            cp = self._it.checkpoints()[0] if self._it is not None else self._checkpoint
+        return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
+                "n": self.n, "rank": self.rank, "world": self.world, "dali_checkpoint": cp}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") != "dali":
+            raise ValueError(f"loader state was written by the {state.get('backend')!r} backend; resume with it "
+                             f"(loader.backend={state.get('backend')})")
+        if (state.get("n"), state.get("world"), state.get("seed")) != (self.n, self.world, self.cfg.seed):
+            raise ValueError(f"loader state is for n={state.get('n')} world={state.get('world')} "
+                             f"seed={state.get('seed')}, this loader has n={self.n} world={self.world} "
+                             f"seed={self.cfg.seed}: resume with the same selection, ranks and seed")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._checkpoint = state.get("dali_checkpoint")
+        self._it = None

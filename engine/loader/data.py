@@ -1,0 +1,157 @@
+"""What a loader reads: a selection of shard files, and the label table it looks targets up in.
+
+Choosing a training set is choosing shard groups (cohort × fold) through the manifest —
+never filtering samples at read time. Labels are not in the shards: a label table maps
+``slice_id`` → the 8 targets (C1..C7, any), is loaded onto the device once (700k × 8
+floats) and indexed by the slice ids a batch carries, so round 2 swaps the table
+(truth ∪ pseudo-labels) without touching the shards.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shards.layout import COHORTS, TARGETS, Layout, load_manifest
+from shards.wds import ShardError, read_index
+
+
+@dataclass
+class Selection:
+    """A set of shards chosen by cohort and fold, with the slice ids they hold."""
+
+    root: Path
+    cohorts: tuple[str, ...]
+    folds: tuple[int, ...] | None
+    shards: list[dict]  # manifest entries
+    n_total: int  # slices in the whole shard set (the label table's length)
+    image_size: int  # side of the shard images
+
+    @property
+    def tars(self) -> list[str]:
+        return [str(self.root / s["path"]) for s in self.shards]
+
+    @property
+    def indexes(self) -> list[str]:
+        return [str(self.root / s["index"]) for s in self.shards]
+
+    @property
+    def samples(self) -> int:
+        return sum(int(s["samples"]) for s in self.shards)
+
+    def records(self) -> dict[str, np.ndarray]:
+        """Every sample's (shard number, jpg offset, jpg size, slice_id), from the ``.idx`` files."""
+        shard, off, size, sid = [], [], [], []
+        for k, (s, idx) in enumerate(zip(self.shards, self.indexes)):
+            entries = read_index(idx)
+            if len(entries) != s["samples"]:
+                raise ShardError(f"{idx}: {len(entries)} samples, manifest says {s['samples']}")
+            for comps in entries:
+                jpg = next((c for c in comps if c[0] == "jpg"), None)
+                if jpg is None:
+                    raise ShardError(f"{idx}: a sample has no .jpg component")
+                shard.append(k)
+                off.append(jpg[1])
+                size.append(jpg[2])
+                sid.append(int(jpg[3].split(".")[0]))
+        return {"shard": np.asarray(shard, np.int32), "offset": np.asarray(off, np.int64),
+                "size": np.asarray(size, np.int64), "slice_id": np.asarray(sid, np.int64)}
+
+    def slice_ids(self) -> np.ndarray:
+        return self.records()["slice_id"]
+
+
+def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequence[int] | None = None,
+           exclude_folds: Sequence[int] | None = None) -> Selection:
+    """Choose shard groups; every chosen tar and index must exist. Never returns an empty selection."""
+    root = Path(root)
+    m = load_manifest(root)
+    cohorts = tuple(cohorts) if cohorts else COHORTS
+    unknown = [c for c in cohorts if c not in COHORTS]
+    if unknown:
+        raise ValueError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
+    chosen = [
+        s for s in m["shards"]
+        if s["cohort"] in cohorts
+        and (folds is None or s["fold"] in folds)
+        and (exclude_folds is None or s["fold"] not in exclude_folds)
+    ]
+    what = f"cohorts {list(cohorts)}" + (f", folds {list(folds)}" if folds is not None else "") + (
+        f", excluding folds {list(exclude_folds)}" if exclude_folds else "")
+    if not chosen:
+        raise ValueError(f"{root}: no shards for {what} (the manifest has groups "
+                         f"{sorted({(s['cohort'], s['fold']) for s in m['shards']})})")
+    for s in chosen:
+        for key in ("path", "index"):
+            p = root / s[key]
+            if not p.is_file():
+                raise ShardError(f"{p}: listed in the manifest but missing (run `spinestream verify {root}`)")
+        size = (root / s["path"]).stat().st_size
+        if size != s["bytes"]:
+            raise ShardError(f"{root / s['path']}: {size} bytes, the manifest says {s['bytes']} "
+                             f"(truncated or replaced; run `spinestream verify {root}`)")
+    return Selection(root, cohorts, tuple(folds) if folds is not None else None, chosen,
+                     int(m["counts"]["slices"]), int(m["image"]["size"]))
+
+
+class LabelTable:
+    """slice_id → 8 targets as one ``(n_total, 8)`` float tensor; NaN where a slice has no label."""
+
+    def __init__(self, targets: torch.Tensor, sources: list[str]):
+        self.targets = targets
+        self.sources = sources
+
+    @classmethod
+    def load(cls, root: str | Path, tables: Sequence[str | Path] = ("labels/truth.parquet",),
+             n_total: int | None = None) -> LabelTable:
+        """Union of label tables (paths relative to ``root`` or absolute); earlier tables win.
+
+        Each table has ``slice_id`` and the columns C1..C7, any with values in [0, 1] (soft
+        pseudo-labels are allowed).
+        """
+        root = Path(root)
+        if n_total is None:
+            n_total = int(load_manifest(root)["counts"]["slices"])
+        out = torch.full((n_total, len(TARGETS)), float("nan"), dtype=torch.float32)
+        for t in tables:
+            path = Path(t) if Path(t).is_absolute() else root / t
+            if not path.is_file():
+                raise FileNotFoundError(f"label table {path} does not exist")
+            df = pd.read_parquet(path)
+            missing = [c for c in ("slice_id", *TARGETS) if c not in df.columns]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}")
+            ids = df.slice_id.to_numpy(np.int64)
+            if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
+                raise ValueError(f"{path}: slice_ids outside 0..{n_total - 1}; this table belongs to another shard set")
+            if len(np.unique(ids)) != len(ids):
+                raise ValueError(f"{path}: duplicated slice_ids")
+            vals = torch.from_numpy(df[list(TARGETS)].to_numpy(np.float32, copy=True))
+            if torch.isnan(vals).any() or (vals < 0).any() or (vals > 1).any():
+                raise ValueError(f"{path}: targets must be in [0, 1] without NaN")
+            idx = torch.from_numpy(ids.copy())
+            free = torch.isnan(out[idx, 0])
+            out[idx[free]] = vals[free]
+        return cls(out, [str(t) for t in tables])
+
+    def check_covers(self, sel: Selection) -> None:
+        """Every selected slice must have targets; otherwise name the cohorts lacking them."""
+        ids = torch.from_numpy(sel.slice_ids())
+        missing = torch.isnan(self.targets[ids, 0])
+        if missing.any():
+            slices = pd.read_parquet(Layout(sel.root).slices, columns=["slice_id", "cohort"]).set_index("slice_id")
+            bad_ids = ids[missing].numpy()
+            by = slices.loc[bad_ids, "cohort"].value_counts().to_dict()
+            raise ValueError(
+                f"the label table(s) {self.sources} do not cover {int(missing.sum())} selected slices "
+                f"(by cohort: {by}); positive-unboxed slices need pseudo-labels (round 2) or leave that cohort out")
+
+    def to(self, device) -> LabelTable:
+        return LabelTable(self.targets.to(device), self.sources)
+
+    def __getitem__(self, slice_ids: torch.Tensor) -> torch.Tensor:
+        return self.targets[slice_ids]
