@@ -1,6 +1,6 @@
 """``spinestream demo``: the main job on the embedded synthetic default.
 
-    synth (a small dataset in the Kaggle layout) -> shard -> verify
+    synth (a small dataset in the Kaggle layout) -> shard -> verify -> bench loader
 
 Each step is a ``spinestream`` verb run through the CLI table, so this file imports no
 job module; every step is resumable, so rerunning the demo finishes or skips work.
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ["-c", args.config] if Path(args.config).is_file() else []
     steps.append(("shard", ["shard", "--data", str(raw), "--out", str(out), "--workers", str(args.workers), *config]))
     steps.append(("verify", ["verify", str(out)]))
+    steps.append(("bench loader", ["bench", "loader", "--shards", str(out), "--dicom", str(raw), "--batches", "10",
+                                   "--warmup", "2", "--results", str(args.dir / "bench")]))
     for name, cmd in steps:
         t0 = time.perf_counter()
         print(f"\n== demo: spinestream {' '.join(cmd)}", flush=True)
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: step '{name}' failed (exit {rc})", file=sys.stderr)
             return rc
         print(f"== demo: {name} took {time.perf_counter() - t0:.1f}s", flush=True)
-    print(f"\ndemo complete: shards in {out} (manifest.json, wds/, volumes.zarr/, *.parquet)")
+    print(f"\ndemo complete: shards in {out} (manifest.json, wds/, volumes.zarr/, *.parquet), "
+          f"loader figures in {args.dir / 'bench'}")
     return 0
 
 

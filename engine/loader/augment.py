@@ -38,7 +38,8 @@ def geometry(images: torch.Tensor, cfg: AugmentConfig, size: int, g: torch.Gener
         x = images.float()
         if (h, w) == (size, size):
             return x
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        # no antialiasing: the DALI backend resizes the same way (512 -> 384 barely aliases)
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     # random resized crop in normalised coordinates: half-extent (sw, sh), centre (cx, cy)
     area = _uniform(cfg.crop_scale[0], cfg.crop_scale[1], b, g, dev)
     logr = _uniform(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), b, g, dev)
@@ -62,7 +63,7 @@ def geometry(images: torch.Tensor, cfg: AugmentConfig, size: int, g: torch.Gener
 
 
 def intensity(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """CLAHE, per-channel shift and brightness/contrast on float ``(B, C, H, W)`` in [0, 255]."""
+    """CLAHE, brightness/contrast and per-channel shift on float ``(B, C, H, W)`` in [0, 255]."""
     b, c = x.shape[:2]
     dev = x.device
     cl = _coin(cfg.p_clahe, b, g, dev)
@@ -71,19 +72,19 @@ def intensity(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.
         x = torch.where(cl[:, None, None, None],
                         clahe_where(u8, cl, clip_limit=cfg.clahe_clip, tiles=(cfg.clahe_tiles, cfg.clahe_tiles)).float(),
                         x)
-    sh = _coin(cfg.p_shift, b, g, dev)
-    if sh.any():
-        shift = _uniform(-cfg.shift_limit, cfg.shift_limit, (b, c), g, dev) * 255.0
-        x = x + torch.where(sh[:, None], shift, torch.zeros_like(shift))[:, :, None, None]
+    # brightness/contrast, saturated, then the per-channel shift (unclipped): the order and
+    # clipping of the DALI pipeline, which folds the shift into its normalisation
     bc = _coin(cfg.p_brightness_contrast, b, g, dev)
     if bc.any():
         alpha = 1.0 + _uniform(-cfg.contrast_limit, cfg.contrast_limit, b, g, dev)
         beta = _uniform(-cfg.brightness_limit, cfg.brightness_limit, b, g, dev) * 255.0
         alpha = torch.where(bc, alpha, torch.ones_like(alpha))
         beta = torch.where(bc, beta, torch.zeros_like(beta))
-        x = x * alpha[:, None, None, None] + beta[:, None, None, None]
-    if sh.any() or bc.any():
-        x = x.clamp(0.0, 255.0)
+        x = (x * alpha[:, None, None, None] + beta[:, None, None, None]).clamp(0.0, 255.0)
+    sh = _coin(cfg.p_shift, b, g, dev)
+    if sh.any():
+        shift = _uniform(-cfg.shift_limit, cfg.shift_limit, (b, c), g, dev) * 255.0
+        x = x + torch.where(sh[:, None], shift, torch.zeros_like(shift))[:, :, None, None]
     return x
 
 

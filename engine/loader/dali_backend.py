@@ -60,7 +60,7 @@ def _build_pipeline(sel: Selection, cfg: LoaderConfig, aug: AugmentConfig, *, de
             name="Reader")
         img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
-        # geometry: random resized crop (a relative ROI of the resize), flips, rotation
+        # geometry: random resized crop (a relative ROI of the one resize), flips, rotation
         if aug.p_crop > 0:
             area = fn.random.uniform(range=list(aug.crop_scale))
             ratio = dmath.exp(fn.random.uniform(range=[math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])]))
@@ -70,33 +70,35 @@ def _build_pipeline(sel: Selection, cfg: LoaderConfig, aug: AugmentConfig, *, de
             x0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
             y0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
             img = fn.resize(img, size=[size, size], roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + h, x0 + w),
-                            roi_relative=True, antialias=True)
+                            roi_relative=True, antialias=False)
         elif sel.image_size != size:
-            img = fn.resize(img, size=[size, size], antialias=True)
-        if aug.p_hflip > 0 or aug.p_vflip > 0:
-            img = fn.flip(img, horizontal=fn.random.coin_flip(probability=aug.p_hflip),
-                          vertical=fn.random.coin_flip(probability=aug.p_vflip))
+            img = fn.resize(img, size=[size, size], antialias=False)
+        if aug.p_vflip > 0:
+            img = fn.flip(img, horizontal=0, vertical=fn.random.coin_flip(probability=aug.p_vflip))
+        # the expensive operators run only on the samples drawn for them (DALI conditionals)
         if aug.p_rotate > 0 and coin(aug.p_rotate):
             img = fn.rotate(img, angle=fn.random.uniform(range=[-aug.max_angle, aug.max_angle]), keep_size=True,
                             fill_value=0, interp_type=types.INTERP_LINEAR)
-        # intensity: CLAHE on luminance (what albumentations did, and DALI's GPU CLAHE supports)
+        # CLAHE on luminance (what albumentations did; the only 3-channel mode of DALI's GPU CLAHE)
         if aug.p_clahe > 0 and coin(aug.p_clahe):
             img = fn.clahe(img, tiles_x=aug.clahe_tiles, tiles_y=aug.clahe_tiles, clip_limit=aug.clahe_clip,
                            luma_only=True)
-        x = fn.cast(img, dtype=types.FLOAT)
-        clamp = False
-        if aug.p_shift > 0 and coin(aug.p_shift):
-            x = x + fn.random.uniform(range=[-aug.shift_limit * 255, aug.shift_limit * 255], shape=[3])
-            clamp = True
-        if aug.p_brightness_contrast > 0 and coin(aug.p_brightness_contrast):
-            alpha = 1.0 + fn.random.uniform(range=[-aug.contrast_limit, aug.contrast_limit])
-            beta = fn.random.uniform(range=[-aug.brightness_limit * 255, aug.brightness_limit * 255])
-            x = x * alpha + beta
-            clamp = True
-        if clamp:
-            x = dmath.clamp(x, 0.0, 255.0)
-        x = fn.crop_mirror_normalize(x, dtype=out_dtype, output_layout="CHW",
-                                     mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+        # brightness/contrast on every sample, neutral where not drawn: out = in * contrast + shift * 255,
+        # saturated to uint8 (cheaper than a conditional for a per-pixel affine map)
+        if aug.p_brightness_contrast > 0:
+            do = fn.cast(fn.random.coin_flip(probability=aug.p_brightness_contrast), dtype=types.FLOAT)
+            img = fn.brightness_contrast(
+                img, contrast_center=0.0,
+                contrast=1.0 + do * fn.random.uniform(range=[-aug.contrast_limit, aug.contrast_limit]),
+                brightness_shift=do * fn.random.uniform(range=[-aug.brightness_limit, aug.brightness_limit]))
+        # per-channel shift, horizontal flip and normalisation in one pass: the shift moves the mean
+        mean = types.Constant([m * 255 for m in cfg.mean], dtype=types.FLOAT)
+        if aug.p_shift > 0:
+            do = fn.cast(fn.random.coin_flip(probability=aug.p_shift), dtype=types.FLOAT)
+            mean = mean - do * fn.random.uniform(range=[-aug.shift_limit * 255, aug.shift_limit * 255], shape=[3])
+        x = fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW", mean=mean,
+                                     std=[s * 255 for s in cfg.std],
+                                     mirror=fn.random.coin_flip(probability=aug.p_hflip) if aug.p_hflip > 0 else 0)
         return x, sid
 
     kw = {"checkpoint": checkpoint} if checkpoint else {}

@@ -1,0 +1,260 @@
+"""``spinestream bench loader``: images/s delivered to the training loop, and CPU used.
+
+Lines, all at the same output size (384 by default), batch size and augmentations, on
+the same cores, warm-up excluded:
+
+* ``dicom-<syntax>`` — the baseline the reference notebook used: a torch Dataset that
+  reads each slice's DICOM with pydicom, windows it (the slice repeated to 3 channels)
+  and augments on the CPU in 2 DataLoader workers. Once on uncompressed studies, once on
+  JPEG 2000 ones: decoding once is what the shards buy.
+* ``torch`` — the fallback backend (DataLoader workers decode, augmentation on the batch).
+* ``dali-cpu`` — the DALI backend in DALI's CPU-only mode; ``dali-gpu`` where CUDA exists.
+* ``decode-only`` — bare JPEG decoding of the same shards in as many processes as there
+  are workers: the CPU's physical limit for this format.
+
+``cores`` is CPU time of the whole process tree over wall time. Results go to
+``benchmarks/results/loader.json`` and a bar chart ``loader.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def cpu_seconds_tree(root: int | None = None) -> float:
+    """User+system CPU seconds of a process and all its living descendants (from /proc)."""
+    root = root or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = {root}, [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, (pp, _) in stats.items() if pp == p and c not in tree]
+        tree.update(kids)
+        todo.extend(kids)
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def timed(batches, warmup: int, n: int, count=len) -> dict:
+    """Consume ``warmup`` then ``n`` batches; images/s and cores used over the timed part."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    c0, t0, images = cpu_seconds_tree(), time.perf_counter(), 0
+    for _ in range(n):
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        images += count(b)
+    dt = time.perf_counter() - t0
+    cores = (cpu_seconds_tree() - c0) / dt
+    return {"images": images, "seconds": dt, "images_per_s": images / dt, "cores": cores}
+
+
+def _forever(make):
+    while True:
+        yield from make()
+
+
+# --------------------------------------------------------------------------- the dicom baseline
+
+
+class DicomSlices(torch.utils.data.Dataset):
+    """One DICOM file per sample: pydicom → HU → bone window → 3 channels → CPU augmentation."""
+
+    def __init__(self, files: list[str], cfg):
+        self.files, self.cfg = files, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from engine.loader.augment import augment, normalize
+        from preprocess.dicom import read_hu
+        from preprocess.window import window_u8
+
+        img = torch.from_numpy(window_u8(read_hu(self.files[i]), 400, 1800))[None].expand(3, -1, -1)[None]
+        g = torch.Generator().manual_seed(i)
+        x = augment(img.contiguous(), self.cfg.augment, self.cfg.image_size, g)
+        return normalize(x, self.cfg.mean, self.cfg.std, torch.float32, False)[0]
+
+
+def dicom_batches(data: Path, cfg, workers: int):
+    files = sorted(str(p) for p in (data / "train_images").glob("*/*.dcm"))
+    ds = DicomSlices(files, cfg)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=workers > 0,
+                                       prefetch_factor=2 if workers else None)
+
+
+# --------------------------------------------------------------------------- decode-only
+
+
+def _decode_worker(args) -> int:
+    from shards.sample import decode_jpeg
+
+    tars, recs, seconds = args
+    fds, n, t0 = {}, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for k, off, size in recs:
+            fd = fds.get(k) or fds.setdefault(k, os.open(tars[k], os.O_RDONLY))
+            decode_jpeg(os.pread(fd, size, off))
+            n += 1
+            if n % 64 == 0 and time.perf_counter() - t0 >= seconds:
+                break
+    return n
+
+
+def decode_only(sel, workers: int, seconds: float) -> dict:
+    rec = sel.records()
+    recs = list(zip(rec["shard"].tolist(), rec["offset"].tolist(), rec["size"].tolist()))
+    parts = [(sel.tars, recs[i::workers], seconds) for i in range(workers)]
+    c0, t0 = cpu_seconds_tree(), time.perf_counter()
+    with mp.get_context("fork").Pool(workers) as pool:
+        n = sum(pool.map(_decode_worker, parts))
+        dt = time.perf_counter() - t0
+        cores = (cpu_seconds_tree() - c0) / dt
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "cores": cores}
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path]:
+    """Synthetic DICOM (uncompressed and JPEG 2000) and the shards of the uncompressed set."""
+    from benchmarks.shard import dataset
+    from preprocess.config import ShardConfig
+    from preprocess.convert import run
+
+    raw = {s: dataset(cache, s, studies, (96, 96), size) for s in ("explicit", "j2k")}
+    out = cache / f"shards-explicit-n{studies}-{size}"
+    if not (out / "manifest.json").exists():
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            run(raw["explicit"], out, ShardConfig(image_size=size, folds=4), workers=os.cpu_count() or 1)
+    return raw, out
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["lines"])
+    vals = [results["lines"][k]["images_per_s"] for k in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(names, vals, color=["#999" if k.startswith("dicom") else "#4c72b0" if k != "decode-only"
+                                      else "#dd8452" for k in names])
+    ax.bar_label(bars, labels=[f"{v:.0f}\n{results['lines'][k]['cores']:.1f} cores" for k, v in zip(names, vals)],
+                 fontsize=7)
+    ax.set_ylabel("images / s")
+    ax.set_ylim(top=max(vals) * 1.18)
+    ax.set_title(f"loader, {results['image_size']}px batches of {results['batch_size']}, "
+                 f"reference augmentations — {results['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spinestream bench loader", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", type=Path, default=None, help="a shard directory (default: synthesize one)")
+    p.add_argument("--dicom", type=Path, action="append", default=None,
+                   help="dataset dir(s) for the dicom baseline (default: synthetic uncompressed + JPEG 2000)")
+    p.add_argument("--lines", default="dicom,torch,dali-cpu,dali-gpu,decode-only")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers / DALI threads")
+    p.add_argument("--batches", type=int, default=24, help="timed batches per line")
+    p.add_argument("--warmup", type=int, default=4, help="batches excluded from timing")
+    p.add_argument("--studies", type=int, default=16, help="synthetic studies when nothing is given")
+    p.add_argument("--size", type=int, default=512, help="synthetic slice size when nothing is given")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spinestream-bench")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+
+    from engine.loader import LabelTable, LoaderConfig, build_loader, dali_available, select
+
+    lines = [s.strip() for s in args.lines.split(",") if s.strip()]
+    if args.shards is None:
+        raw, shards = prepare(args.cache, args.size, args.studies)
+        dicoms = {f"dicom-{k}": v for k, v in raw.items()}
+    else:
+        shards = args.shards
+        dicoms = {f"dicom-{Path(d).name}": Path(d) for d in (args.dicom or [])}
+    sel = select(shards)  # every cohort: the loader speed does not depend on labels
+    n_total = sel.n_total
+    labels = LabelTable(torch.zeros(n_total, 8), ["zeros (benchmark)"])
+    cfg = LoaderConfig(batch_size=args.batch_size, image_size=args.image_size, num_threads=args.workers)
+    machine = f"{platform.node() or 'host'}: {os.cpu_count()} cores" + (
+        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+    results = {"suite": "loader", "machine": machine, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
+               "workers": args.workers, "shard_image_size": sel.image_size, "samples": sel.samples, "lines": {}}
+    n, w = args.batches, args.warmup
+
+    def report(name: str, r: dict) -> None:
+        results["lines"][name] = r
+        print(f"  {name:18s} {r['images_per_s']:8.1f} images/s  {r['cores']:4.2f} cores", flush=True)
+
+    print(f"bench loader: {sel.samples} samples of {sel.image_size}px -> {cfg.image_size}px, batch {cfg.batch_size}, "
+          f"{args.workers} workers/threads, {n} timed batches after {w} warm-up ({machine})", flush=True)
+    for name, data in dicoms.items():
+        if "dicom" in lines:
+            report(name, timed(dicom_batches(data, cfg, args.workers), w, n))
+    if "torch" in lines:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        loader = build_loader(sel, labels, LoaderConfig(**{**cfg.__dict__, "backend": "torch"}), device=dev)
+        report("torch" + ("-gpu" if dev == "cuda" else ""), timed(_forever(lambda: loader), w, n,
+                                                                   count=lambda b: int(b.valid.sum())))
+    if dali_available():
+        for name, dev in (("dali-cpu", "cpu"), ("dali-gpu", "cuda")):
+            if name not in lines or (dev == "cuda" and not torch.cuda.is_available()):
+                continue
+            loader = build_loader(sel, labels, LoaderConfig(**{**cfg.__dict__, "backend": "dali"}), device=dev)
+            report(name, timed(_forever(lambda: loader), w, n, count=lambda b: int(b.valid.sum())))
+    else:
+        print("  (nvidia-dali not installed: no dali lines)")
+    if "decode-only" in lines:
+        ref = max(r["seconds"] for r in results["lines"].values()) if results["lines"] else 5.0
+        report("decode-only", decode_only(sel, args.workers, min(ref, 10.0)))
+
+    L = results["lines"]
+    base = {k: v["images_per_s"] for k, v in L.items() if k.startswith("dicom")}
+    print()
+    for k, v in L.items():
+        if k.startswith("dicom"):
+            continue
+        ratios = ", ".join(f"{v['images_per_s'] / b:.1f}x {bk}" for bk, b in base.items())
+        print(f"  {k:18s} {ratios}")
+    if "dali-cpu" in L and "decode-only" in L:
+        results["dali_cpu_vs_decode_only"] = L["dali-cpu"]["images_per_s"] / L["decode-only"]["images_per_s"]
+        print(f"  dali-cpu delivers {results['dali_cpu_vs_decode_only']:.0%} of the decode-only rate")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "loader.json").write_text(json.dumps(results, indent=1) + "\n")
+    chart(results, args.results / "loader.png")
+    print(f"saved {args.results / 'loader.json'} and {args.results / 'loader.png'}")
+    return 0
+
+
