@@ -13,7 +13,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("preprocess.synth", "write a synthetic dataset in the Kaggle layout"),
     "shard": ("preprocess.convert", "DICOM studies -> WebDataset shards + Zarr volumes (resumable)"),
     "verify": ("shards.verify", "check every shard against the manifest"),
-    "bench": ("benchmarks.cli", "run a benchmark suite (shard, ...)"),
+    "train": ("engine.train", "train the slice classifier (round 1 / round 2), resumable"),
+    "evaluate": ("engine.evaluate", "study-level metric, per-vertebra report and heat maps of a run"),
+    "bench": ("benchmarks.cli", "run a benchmark suite (shard, loader, train)"),
     "demo": ("shards.demo", "the main job on the embedded synthetic default"),
 }
 

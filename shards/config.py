@@ -64,6 +64,11 @@ def _check(value: Any, tp: Any, path: str) -> Any:
         kt, vt = args or (Any, Any)
         return {_check(k, kt, path): _check(v, vt, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

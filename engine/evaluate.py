@@ -1,0 +1,127 @@
+"""``spinestream evaluate --run RUN_DIR [--fold k]``: the study-level competition metric and the
+per-vertebra report (accuracy, sensitivity, specificity, AUC) on a held-out fold, from the
+Zarr volumes, plus a PNG of per-study slice probabilities (slices × C1..C7 + any heat maps,
+as in the reference's figure).
+
+Writes RUN_DIR/eval-f<k>/: report.csv, slice_probs.parquet, submission.csv (Kaggle format),
+heatmaps.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shards.config import ConfigError, load_config
+from shards.layout import TARGETS, Layout
+
+from . import checkpoint as ck
+from .config import RunConfig
+from .metrics import study_probabilities, submission_frame
+from .model import build_model, check_state_dict, data_config, model_fingerprint
+
+
+def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
+    """(model with the checkpoint's EMA weights if it has them, config, checkpoint path)."""
+    ck.check_run_dir(run_dir)
+    path = Path(which) if which not in ("best", "last") else (
+        run_dir / "best.pt" if which == "best" else ck.latest(run_dir))
+    state = ck.load(path)
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
+    model = build_model(cfg.model)
+    if state.get("model_fingerprint") != model_fingerprint(model):
+        raise ck.RunError(f"{path} was written by a different model than {run_dir / 'config.yaml'} describes")
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    check_state_dict(model, weights, source=str(path))
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg, path
+
+
+def heatmaps(probs: dict[str, np.ndarray], studies: pd.DataFrame, path: Path, max_studies: int = 12) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = studies.set_index("StudyInstanceUID")
+    # positives first: that is where the picture says most
+    uids = sorted(probs, key=lambda u: (-int(table.loc[u, "patient_overall"]), u))[:max_studies]
+    cols = 4
+    rows = -(-len(uids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, u in zip(axes.flat, uids):
+        p = probs[u]
+        ax.axis("on")
+        ax.imshow(p.T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(TARGETS)), [t + (" *" if t != "any" and table.loc[u, t] == 1 else "")
+                                            for t in TARGETS], fontsize=7)
+        ax.set_xlabel("slice (head → feet)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_title(f"…{u[-10:]}  {table.loc[u, 'cohort']}  overall={int(table.loc[u, 'patient_overall'])}",
+                     fontsize=7)
+    fig.suptitle("slice probabilities per vertebra (* = fractured in train.csv)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spinestream evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a run directory (runs/<name>)")
+    p.add_argument("--fold", type=int, default=None, help="fold to evaluate (default: the run's validation fold)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--rule", default=None, help="slice -> study rule (default: the run's train.study_rule)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    from .trainer import pick_device, predict_studies, resolve_precision, score_studies
+
+    try:
+        dev = pick_device(args.device)
+        model, cfg, path = load_run_model(args.run, args.checkpoint, dev)
+        fold = cfg.data.val_fold if args.fold is None else args.fold
+        rule = args.rule or cfg.train.study_rule
+        studies = pd.read_parquet(Layout(Path(cfg.data.root)).studies)
+        chosen = studies[(studies.fold == fold) & studies.cohort.isin(cfg.data.val_cohorts)]
+        if chosen.empty:
+            raise ValueError(f"no studies in fold {fold} of {cfg.data.root}")
+        if fold != cfg.data.val_fold:
+            print(f"warning: fold {fold} is not the run's validation fold ({cfg.data.val_fold}): "
+                  f"the model may have trained on it", file=sys.stderr)
+        dc = data_config(model)
+        lcfg = dataclasses.replace(cfg.loader, batch_size=args.batch_size, mean=tuple(dc["mean"]),
+                                   std=tuple(dc["std"]))
+        probs = predict_studies(model, cfg, lcfg, chosen.StudyInstanceUID.tolist(), dev,
+                                resolve_precision(cfg.train.precision, dev))
+        result = score_studies(probs, studies, rule)
+    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"spinestream evaluate: error: {e}", file=sys.stderr)
+        return 2
+    out = args.run / f"eval-f{fold}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = pd.DataFrame(result["report"]).set_index("target")
+    report.to_csv(out / "report.csv")
+    rows = [pd.DataFrame({"StudyInstanceUID": u, "index": np.arange(len(v)), **{t: v[:, k] for k, t in
+                                                                                enumerate(TARGETS)}})
+            for u, v in probs.items()]
+    pd.concat(rows, ignore_index=True).to_parquet(out / "slice_probs.parquet", index=False)
+    submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()}).to_csv(out / "submission.csv",
+                                                                                        index=False)
+    heatmaps(probs, studies, out / "heatmaps.png")
+    with pd.option_context("display.width", 120, "display.precision", 3):
+        print(report[["accuracy", "sensitivity", "specificity", "auc", "n_pos", "n_neg"]])
+    print(f"\n{path.name}, fold {fold}, {result['studies']} studies, rule={rule}: "
+          f"competition loss {result['competition_loss']:.4f}, accuracy {result['accuracy']:.3f} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""``spinestream train``: round 1 or round 2 of the slice classifier.
+
+    spinestream train -c configs/round1.yaml --set data.root=shards-512
+    spinestream train --resume runs/round1 --set optim.lr=3e-4      # continue, with a new learning rate
+    spinestream train -c configs/demo-round1.yaml                    # the CPU demo
+
+Writes runs/<name>/: config.yaml, batch_size.json, metrics.jsonl, curves.png,
+ckpt-<step>.pt (last keep_last), best.pt; wandb offline files under wandb/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shards.config import ConfigError, load_config
+
+from . import checkpoint as ck
+from .config import RunConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinestream train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="YAML run config (configs/round1.yaml); with --resume, defaults to the run's config.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 --set data.root=shards-512")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue a run from its latest checkpoint (changed hyper-parameters are applied)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .trainer import Trainer, write_config
+
+    try:
+        if args.resume:
+            ck.check_run_dir(args.resume)
+            cfg = load_config(RunConfig, args.config or args.resume / "config.yaml", args.set)
+            run_dir, resume_from = args.resume, ck.latest(args.resume)
+        else:
+            cfg = load_config(RunConfig, args.config, args.set)
+            run_dir, resume_from = Path(cfg.out_dir) / cfg.name, None
+            if run_dir.exists() and any(ck.checkpoints(run_dir)):
+                raise ck.RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                                  f"or choose another name (--set name=...)")
+        ck.mark_run(run_dir)
+        write_config(run_dir, cfg)
+        trainer = Trainer(cfg, run_dir, resume_from=resume_from)
+        print(f"spinestream train: {cfg.model.name} on {trainer.device} ({trainer.precision}), "
+              f"{trainer.loader.backend} loader, batch {trainer.loader_cfg.batch_size}, "
+              f"{trainer.train_sel.samples} training slices in {len(trainer.train_sel.shards)} shards, "
+              f"{len(trainer.val_studies)} validation studies (fold {cfg.data.val_fold}), "
+              f"{trainer.total_steps} steps -> {run_dir}" + (f" (resuming at step {trainer.step})" if resume_from else ""),
+              file=sys.stderr)
+        best = trainer.fit()
+    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"spinestream train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: best validation competition loss {best['metric']:.4f} at step {best['step']} -> {run_dir / 'best.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
