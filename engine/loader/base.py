@@ -67,5 +67,15 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
+    def _check_state(self, state: dict) -> None:
+        """A saved position only means something for the same backend, selection, ranks and seed."""
+        if state.get("backend") != self.backend:
+            raise ValueError(f"loader state was written by the {state.get('backend')!r} backend; resume with it "
+                             f"(loader.backend={state.get('backend')})")
+        if (state.get("n"), state.get("world"), state.get("seed")) != (self.n, self.world, self.cfg.seed):
+            raise ValueError(f"loader state is for n={state.get('n')} world={state.get('world')} "
+                             f"seed={state.get('seed')}, this loader has n={self.n} world={self.world} "
+                             f"seed={self.cfg.seed}: resume with the same selection, ranks and seed")
+
     def close(self) -> None:
         pass

@@ -7,6 +7,13 @@ from typing import Literal
 BACKENDS = ("auto", "dali", "torch")
 
 
+def torch_dtype(name: str):
+    """LoaderConfig.dtype -> torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
 @dataclass(kw_only=True)
 class AugmentConfig:
     """The reference pipeline's augmentations, each with its own probability (0 = off).

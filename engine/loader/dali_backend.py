@@ -25,10 +25,9 @@ import torch
 
 from .augment import mixup
 from .base import Batch, Loader, per_rank, rank_part
-from .config import AugmentConfig, LoaderConfig
+from .config import AugmentConfig, LoaderConfig, torch_dtype
 from .data import LabelTable, Selection
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def checkpointable(aug: AugmentConfig) -> bool:
@@ -155,7 +154,7 @@ class DaliLoader(Loader):
         if self._it is None:
             self._it = self._iterator()
         cfg, dev = self.cfg, self.device
-        dtype = _DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         g = torch.Generator(device=dev)
         while self.position < self.positions:
             try:
@@ -191,13 +190,7 @@ class DaliLoader(Loader):
                 "n": self.n, "rank": self.rank, "world": self.world, "dali_checkpoint": cp}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("backend") != "dali":
-            raise ValueError(f"loader state was written by the {state.get('backend')!r} backend; resume with it "
-                             f"(loader.backend={state.get('backend')})")
-        if (state.get("n"), state.get("world"), state.get("seed")) != (self.n, self.world, self.cfg.seed):
-            raise ValueError(f"loader state is for n={state.get('n')} world={state.get('world')} "
-                             f"seed={state.get('seed')}, this loader has n={self.n} world={self.world} "
-                             f"seed={self.cfg.seed}: resume with the same selection, ranks and seed")
+        self._check_state(state)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._checkpoint = state.get("dali_checkpoint")
         self._it = None

@@ -21,9 +21,8 @@ from shards.sample import neighbour_index, sample_image
 from shards.volumes import open_volume
 
 from .augment import normalize
-from .config import LoaderConfig
+from .config import LoaderConfig, torch_dtype
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -80,6 +79,6 @@ class StudyReader:
                 if x.shape[-1] != cfg.image_size:
                     x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear",
                                       align_corners=False)  # as the training loaders resize
-                x = normalize(x, cfg.mean, cfg.std, _DTYPES[cfg.dtype], cfg.channels_last)
+                x = normalize(x, cfg.mean, cfg.std, torch_dtype(cfg.dtype), cfg.channels_last)
                 ids = torch.arange(offset + idx.start, offset + idx.stop, dtype=torch.int64, device=dev)
                 yield StudyBatch(uid, ids, x, first=s == 0, last=idx.stop == n)

@@ -19,10 +19,9 @@ from shards.sample import decode_jpeg
 
 from .augment import augment, mixup, normalize
 from .base import Batch, Loader, epoch_order, per_rank, rank_part
-from .config import LoaderConfig
+from .config import LoaderConfig, torch_dtype
 from .data import LabelTable, Selection
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _Records(Dataset):
@@ -133,7 +132,7 @@ class TorchLoader(Loader):
         dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(order, self.position, cfg.batch_size),
                         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                         prefetch_factor=cfg.prefetch if workers > 0 else None, persistent_workers=False)
-        dtype = _DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         for imgs, ids in dl:
             step = self.position // cfg.batch_size
             g = torch.Generator(device=dev)
@@ -160,8 +159,5 @@ class TorchLoader(Loader):
                 "n": self.n, "rank": self.rank, "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state.get("n"), state.get("world"), state.get("seed")) != (self.n, self.world, self.cfg.seed):
-            raise ValueError(f"loader state is for n={state.get('n')} world={state.get('world')} "
-                             f"seed={state.get('seed')}, this loader has n={self.n} world={self.world} "
-                             f"seed={self.cfg.seed}: resume with the same selection, ranks and seed")
+        self._check_state(state)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
