@@ -1,6 +1,7 @@
 """``spinestream demo``: the main job on the embedded synthetic default.
 
     synth (a small dataset in the Kaggle layout) -> shard -> verify -> bench loader
+    -> train round 1 (a tiny timm model on the CPU) -> evaluate
 
 Each step is a ``spinestream`` verb run through the CLI table, so this file imports no
 job module; every step is resumable, so rerunning the demo finishes or skips work.
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("-c", "--config", default="configs/demo.yaml", help="shard config")
+    p.add_argument("--train-config", default="configs/demo-round1.yaml", help="round-1 run config")
     args = p.parse_args(argv)
 
     raw, out = args.dir / "raw", args.dir / "shards"
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     steps.append(("verify", ["verify", str(out)]))
     steps.append(("bench loader", ["bench", "loader", "--shards", str(out), "--dicom", str(raw), "--batches", "10",
                                    "--warmup", "2", "--results", str(args.dir / "bench")]))
+    run_dir = args.dir / "runs" / "demo-round1"
+    if not (run_dir / "best.pt").exists():
+        steps.append(("train round 1", ["train", "-c", args.train_config, "--set", f"data.root={out}",
+                                        "--set", f"out_dir={args.dir / 'runs'}", "--set", "name=demo-round1"]))
+    steps.append(("evaluate", ["evaluate", "--run", str(run_dir)]))
     for name, cmd in steps:
         t0 = time.perf_counter()
         print(f"\n== demo: spinestream {' '.join(cmd)}", flush=True)
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         print(f"== demo: {name} took {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"\ndemo complete: shards in {out} (manifest.json, wds/, volumes.zarr/, *.parquet), "
-          f"loader figures in {args.dir / 'bench'}")
+          f"loader figures in {args.dir / 'bench'}, round 1 in {run_dir} (curves.png, eval-f0/heatmaps.png)")
     return 0
 
 
