@@ -137,10 +137,13 @@ class EMA:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # warm-up: early on the average follows the model closely; averaging trained weights with the
+        # random initialisation (decay**step of it) gives a network that predicts ~0.5 everywhere
+        decay = min(self.decay, (1 + step) / (10 + step))
         for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.lerp_(m, 1.0 - self.decay)
+                e.lerp_(m, 1.0 - decay)
             else:
                 e.copy_(m)
 
@@ -330,7 +333,7 @@ class Trainer:
                     self.opt.zero_grad(set_to_none=True)
                     self.sched.step()
                     if self.ema is not None:
-                        self.ema.update(self.model)
+                        self.ema.update(self.model, self.step)
                     self.step += 1
                     bar.update()
                     if self.step % cfg.log.every_steps == 0:

@@ -346,8 +346,8 @@ def _crack(vertebra: int, zr: tuple[int, int], scale: float, rng: np.random.Gene
         drift=(float(rng.uniform(-0.15, 0.15) * scale), float(rng.uniform(-0.15, 0.15) * scale)),
         angle=float(angle),
         half_length=float(half),
-        width=float(rng.uniform(0.55, 0.85)),
-        hu=float(rng.uniform(0, 50)),
+        width=float(rng.uniform(1.2, 2.0)),
+        hu=float(rng.uniform(-150, 0)),
     )
 
 
