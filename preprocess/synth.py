@@ -33,8 +33,8 @@ Intervertebral discs (~85 HU) fill the gaps; about half the studies show T1 belo
 The spine follows a lordotic curve and each vertebra is slightly shifted and rotated,
 so the bone outline changes from slice to slice.
 
-A fractured vertebra has a crack: a thin dark line (0-50 HU, 0.55-0.85 mm wide, i.e.
-2-3 px at 512 and thinner at smaller sizes, at least one pixel) cut through its bone
+A fractured vertebra has a crack: a thin dark line (-150-0 HU, 1.2-2.0 mm wide, i.e.
+3-9 px at 512, 1-2 px at 128, at least one pixel) cut through its bone
 over a contiguous run of its slices, through the body (or dens) or through the posterior
 arch, at a random angle, across the whole bone or part of it, and drifting slightly from
 slice to slice (an oblique fracture plane). In the bone window (WL 400 / WW 1800) it is
@@ -109,6 +109,7 @@ SYNTAXES: dict[str, str] = {
 #: most real files are uncompressed, a minority JPEG Lossless / JPEG 2000)
 MIXED_SHARES: dict[str, float] = {"explicit": 0.55, "jpeg-lossless": 0.20, "j2k": 0.15, "rle": 0.10}
 #: cohort shares of the real training set: 235 boxed / ~1,050 negative / ~730 unboxed positives
+CRACK_WIDTH_MM: tuple[float, float] = (1.2, 2.0)  # drawn uniformly per crack
 COHORT_SHARES: dict[str, float] = {"boxed": 0.12, "positive-unboxed": 0.36, "negative": 0.52}
 #: relative fracture prevalence C1..C7 in the real training labels (C2 and C7 most common)
 VERTEBRA_WEIGHTS = np.array([0.07, 0.14, 0.04, 0.05, 0.08, 0.13, 0.19])
@@ -256,12 +257,23 @@ def _quota(n: int, shares: dict[str, float], *, at_least_one: bool) -> list[str]
     return [k for k in keys for _ in range(counts[k])]
 
 
-def _cohorts(studies: int) -> list[str]:
+def cohort_shares(boxed_share: float | None = None) -> dict[str, float]:
+    """The cohort mix: the real training set's, or with ``boxed_share`` of the studies boxed and
+    the rest split between the other two cohorts in the real ratio (an enriched set, where a
+    small run should see more fractured slices per second of CPU)."""
+    if boxed_share is None:
+        return dict(COHORT_SHARES)
+    rest = 1.0 - COHORT_SHARES["boxed"]
+    return {"boxed": boxed_share, **{k: v / rest * (1.0 - boxed_share) for k, v in COHORT_SHARES.items()
+                                     if k != "boxed"}}
+
+
+def _cohorts(studies: int, boxed_share: float | None = None) -> list[str]:
     if studies == 1:
         return ["boxed"]  # the one study should exercise fractures and boxes
     if studies == 2:
         return ["boxed", "negative"]
-    return _quota(studies, COHORT_SHARES, at_least_one=True)
+    return _quota(studies, cohort_shares(boxed_share), at_least_one=True)
 
 
 def _flags(n: int, share: float, at_least_one_from: int) -> list[bool]:
@@ -304,7 +316,8 @@ def _layout(n: int, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
     return ranges
 
 
-def _crack(vertebra: int, zr: tuple[int, int], scale: float, rng: np.random.Generator) -> Crack:
+def _crack(vertebra: int, zr: tuple[int, int], scale: float, rng: np.random.Generator,
+           width_mm: tuple[float, float] = CRACK_WIDTH_MM) -> Crack:
     a, b = zr
     length = b - a
     # arch and C1 ring elements exist only in the middle of a vertebra's z range
@@ -346,7 +359,7 @@ def _crack(vertebra: int, zr: tuple[int, int], scale: float, rng: np.random.Gene
         drift=(float(rng.uniform(-0.15, 0.15) * scale), float(rng.uniform(-0.15, 0.15) * scale)),
         angle=float(angle),
         half_length=float(half),
-        width=float(rng.uniform(1.2, 2.0)),
+        width=float(rng.uniform(*width_mm)),
         hu=float(rng.uniform(-150, 0)),
     )
 
@@ -365,15 +378,19 @@ def study_specs(
     test_studies: int = 2,
     slices: tuple[int, int] = (48, 96),
     syntax: str = "mixed",
+    boxed_share: float | None = None,
+    crack_width: tuple[float, float] = CRACK_WIDTH_MM,
 ) -> list[StudySpec]:
     """The dataset's ground truth without rendering a pixel: train studies first (index
-    order = row order of train.csv), then test studies. Same arguments, same specs."""
-    _validate(studies, size, test_studies, slices, syntax)
+    order = row order of train.csv), then test studies. Same arguments, same specs.
+    ``boxed_share``: see :func:`cohort_shares` (None: the real mix). ``crack_width``: the (lo, hi)
+    range in mm each crack's width is drawn from (wider = easier to see at low resolution)."""
+    _validate(studies, size, test_studies, slices, syntax, boxed_share, crack_width)
     total = studies + test_studies
     assign = np.random.default_rng([seed, 0])  # dataset-level assignments
     pool = max(32_000, 4 * total)  # real study numbers run up to ~32k
     numbers = assign.choice(pool, size=total, replace=False) + 1_000
-    cohorts = list(assign.permutation(_cohorts(studies))) + ["test"] * test_studies
+    cohorts = list(assign.permutation(_cohorts(studies, boxed_share))) + ["test"] * test_studies
     reversed_ = list(assign.permutation(_flags(total, REVERSED_SHARE, at_least_one_from=3)))
     signed = list(assign.permutation(_flags(total, SIGNED_SHARE, at_least_one_from=2)))
     # drawn even when one syntax is forced, so the draws after it (and thus everything
@@ -408,7 +425,7 @@ def study_specs(
             fractured = _fractured(rng) if rng.random() < 0.5 else ()
         else:
             fractured = ()
-        cracks = tuple(_crack(k, vertebra_z[k - 1], anatomy.scale, rng) for k in fractured)
+        cracks = tuple(_crack(k, vertebra_z[k - 1], anatomy.scale, rng, crack_width) for k in fractured)
         windows = ((400, 1800),) if rng.random() < 0.6 else ((400, 1800), (40, 400))
         specs.append(
             StudySpec(
@@ -465,7 +482,8 @@ def _anatomy(fov: float, rng: np.random.Generator) -> Anatomy:
     )
 
 
-def _validate(studies: int, size: int, test_studies: int, slices: tuple[int, int], syntax: str) -> None:
+def _validate(studies: int, size: int, test_studies: int, slices: tuple[int, int], syntax: str,
+              boxed_share: float | None = None, crack_width: tuple[float, float] = CRACK_WIDTH_MM) -> None:
     if studies < 1:
         raise ValueError(f"studies must be >= 1, got {studies}")
     if test_studies < 0:
@@ -477,6 +495,11 @@ def _validate(studies: int, size: int, test_studies: int, slices: tuple[int, int
         raise ValueError(f"slices must be a range lo:hi with {MIN_SLICES} <= lo <= hi, got {lo}:{hi}")
     if syntax != "mixed" and syntax not in SYNTAXES:
         raise ValueError(f"syntax must be 'mixed' or one of {sorted(SYNTAXES)}, got {syntax!r}")
+    if boxed_share is not None and not 0.0 < boxed_share < 1.0:
+        raise ValueError(f"boxed_share must be in (0, 1), got {boxed_share}")
+    lo, hi = crack_width
+    if not 0.0 < lo <= hi <= 10.0:
+        raise ValueError(f"crack_width must be a range lo:hi in mm with 0 < lo <= hi <= 10, got {lo}:{hi}")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -934,6 +957,8 @@ def make_dataset(
     test_studies: int = 2,
     slices: tuple[int, int] = (48, 96),
     syntax: str = "mixed",
+    boxed_share: float | None = None,
+    crack_width: tuple[float, float] = CRACK_WIDTH_MM,
     workers: int = 1,
     force: bool = False,
     progress: bool = False,
@@ -948,7 +973,8 @@ def make_dataset(
     import pandas as pd
 
     t0 = time.perf_counter()
-    specs = study_specs(studies, seed, size=size, test_studies=test_studies, slices=slices, syntax=syntax)
+    specs = study_specs(studies, seed, size=size, test_studies=test_studies, slices=slices, syntax=syntax,
+                        boxed_share=boxed_share, crack_width=crack_width)
     out = Path(out)
     _prepare(out, force)
     (out / "train_images").mkdir()
@@ -1009,6 +1035,8 @@ def make_dataset(
             "test_studies": test_studies,
             "slices": list(slices),
             "syntax": syntax,
+            "boxed_share": boxed_share,
+            "crack_width": list(crack_width),
         },
         "cohorts": dict(sorted(Counter(s.cohort for s in train).items())),
         "test_studies": len(test),
@@ -1036,6 +1064,14 @@ def _slices_arg(text: str) -> tuple[int, int]:
         return int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO:HI slice counts (e.g. 48:96), got {text!r}") from None
+
+
+def _range_arg(text: str) -> tuple[float, float]:
+    try:
+        lo, _, hi = text.partition(":")
+        return float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a LO:HI range in mm (e.g. 1.2:2.0), got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1072,6 +1108,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="transfer syntax of every study, or a realistic mix (default: mixed)",
     )
     p.add_argument(
+        "--boxed-share",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of studies in the boxed cohort, the rest split between negative and positive-unboxed "
+        "in the real ratio (default: the real mix, 12%% boxed); the demo enriches it so a CPU run sees "
+        "enough fractured slices",
+    )
+    p.add_argument(
+        "--crack-width",
+        type=_range_arg,
+        default=CRACK_WIDTH_MM,
+        metavar="LO:HI",
+        help="crack widths in mm, drawn uniformly (default: 1.2:2.0, 3-9 px at 512 but 1-2 px at 128); the "
+        "demo widens them so a tiny network at 128 px learns them in minutes",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -1093,6 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
             test_studies=args.test_studies,
             slices=args.slices,
             syntax=args.syntax,
+            boxed_share=args.boxed_share,
+            crack_width=args.crack_width,
             workers=args.workers,
             force=args.force,
             progress=not args.quiet,

@@ -178,6 +178,23 @@ def test_cohort_shares_and_fracture_counts():
     assert [s.cohort for s in synth.study_specs(1, 0, test_studies=0)] == ["boxed"]
 
 
+def test_enriched_mix_and_wider_cracks_change_only_what_they_say():
+    real = synth.study_specs(100, 0, test_studies=0)
+    rich = synth.study_specs(100, 0, test_studies=0, boxed_share=0.5, crack_width=(3.0, 4.0))
+    assert Counter(s.cohort for s in rich) == {"boxed": 50, "positive-unboxed": 20, "negative": 30}
+    assert all(3.0 <= c.width <= 4.0 for s in rich for c in s.cracks)
+    assert all(1.2 <= c.width <= 2.0 for s in real for c in s.cracks)
+    # the same draws otherwise: geometry and syntax of each study do not move
+    assert [(s.uid, s.n_slices, s.syntax) for s in rich] == [(s.uid, s.n_slices, s.syntax) for s in real]
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="boxed_share"):
+            synth.study_specs(10, 0, boxed_share=bad)
+    with pytest.raises(ValueError, match="crack_width"):
+        synth.study_specs(10, 0, crack_width=(4.0, 3.0))
+    with pytest.raises(SystemExit):
+        synth.main(["--out", "x", "--crack-width", "wide"])
+
+
 def test_geometry_is_consistent():
     for s in synth.study_specs(20, 1, size=64, slices=(12, 96)):
         assert synth.MIN_SLICES <= s.n_slices <= 96
