@@ -21,8 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spinestream demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("demo-data"), help="where the demo writes everything")
-    p.add_argument("--studies", type=int, default=24, help="synthetic studies")
-    p.add_argument("--size", type=int, default=256, help="synthetic DICOM size (pixels)")
+    p.add_argument("--studies", type=int, default=256, help="synthetic studies")
+    p.add_argument("--size", type=int, default=128, help="synthetic DICOM size (pixels)")
+    p.add_argument("--slices", default="24:40", help="slices per study, LO:HI")
+    p.add_argument("--boxed-share", type=float, default=0.5,
+                   help="fraction of boxed studies: enriched from the real 12%% so the CPU run sees enough "
+                        "fractured slices")
+    p.add_argument("--crack-width", default="3:4",
+                   help="crack widths in mm: wider than the synth default (1.2:2.0) so a tiny network at 128 px "
+                        "sees them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("-c", "--config", default="configs/demo.yaml", help="shard config")
@@ -31,9 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 
     raw, out = args.dir / "raw", args.dir / "shards"
     steps = []
+    stale = _stale(raw / "SYNTH_COMPLETE", args)
+    if stale:
+        print(f"spinestream demo: error: {args.dir} holds a demo made with other settings ({stale}); "
+              f"remove it (rm -rf {args.dir}) or pass --dir NEW_DIR", file=sys.stderr)
+        return 2
     if not (raw / "SYNTH_COMPLETE").exists():
         steps.append(("synth", ["synth", "--out", str(raw), "--studies", str(args.studies), "--seed", str(args.seed),
-                                "--size", str(args.size), "--force"]))
+                                "--size", str(args.size), "--slices", args.slices,
+                                "--boxed-share", str(args.boxed_share), "--crack-width", args.crack_width,
+                                "--force"]))
     config = ["-c", args.config] if Path(args.config).is_file() else []
     steps.append(("shard", ["shard", "--data", str(raw), "--out", str(out), "--workers", str(args.workers), *config]))
     steps.append(("verify", ["verify", str(out)]))
@@ -55,6 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo complete: shards in {out} (manifest.json, wds/, volumes.zarr/, *.parquet), "
           f"loader figures in {args.dir / 'bench'}, round 1 in {run_dir} (curves.png, eval-f0/heatmaps.png)")
     return 0
+
+
+def _stale(marker: Path, args: argparse.Namespace) -> str:
+    """What differs between the finished synthetic dataset in ``marker``'s directory and the one asked for
+    ('' when it matches or there is none): the later steps resume, so they must not mix two datasets."""
+    if not marker.exists():
+        return ""
+    import json
+
+    try:
+        have = json.loads(marker.read_text())["params"]
+    except (ValueError, KeyError):
+        return "an unreadable SYNTH_COMPLETE"
+    lo, hi = (int(x) for x in args.slices.split(":"))
+    clo, chi = (float(x) for x in args.crack_width.split(":"))
+    want = {"studies": args.studies, "seed": args.seed, "size": args.size, "slices": [lo, hi],
+            "boxed_share": args.boxed_share, "crack_width": [clo, chi]}
+    diff = [f"{k} {have.get(k)} != {v}" for k, v in want.items() if have.get(k) != v]
+    return ", ".join(diff)
 
 
 if __name__ == "__main__":
