@@ -19,6 +19,10 @@ class DataConfig:
     negatives_per_positive: float = 1.0
     """Round 1's balance: negative shards are added until their samples reach this multiple of the other
     cohorts' samples (0 = all negative shards)."""
+    oversample_positives: int = 1
+    """Positive oversampling: training slices whose ``any`` target is >= 0.5 are read this many times per
+    epoch (1 = off). No image is copied (subset ``.idx`` files in the run directory); the loss-side
+    alternative is ``optim.pos_weight``."""
     val_fold: int = 0
     """Fold held out for validation (whole studies); its shards are never trained on."""
     val_cohorts: list[str] = field(default_factory=lambda: ["boxed", "negative", "positive-unboxed"])
@@ -29,6 +33,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.negatives_per_positive < 0:
             raise ValueError(f"negatives_per_positive must be >= 0, got {self.negatives_per_positive}")
+        if self.oversample_positives < 1:
+            raise ValueError(f"oversample_positives must be >= 1 (1 = off), got {self.oversample_positives}")
         if not self.train_cohorts:
             raise ValueError("train_cohorts must name at least one cohort")
 

@@ -49,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         ck.mark_run(run_dir)
         write_config(run_dir, cfg)
         trainer = Trainer(cfg, run_dir, resume_from=resume_from)
+        sel = trainer.train_sel
+        extra = sum(s["samples"] for s in sel.shards if "+pos" in s["name"])
+        n_shards = sum("+pos" not in s["name"] for s in sel.shards)
         print(f"spinestream train: {cfg.model.name} on {trainer.device} ({trainer.precision}), "
               f"{trainer.loader.backend} loader, batch {trainer.loader_cfg.batch_size}, "
-              f"{trainer.train_sel.samples} training slices in {len(trainer.train_sel.shards)} shards, "
+              f"{sel.samples - extra} training slices in {n_shards} shards"
+              + (f" (+{extra} oversampled reads of positives)" if extra else "") + ", "
               f"{len(trainer.val_studies)} validation studies (fold {cfg.data.val_fold}), "
               f"{trainer.total_steps} steps -> {run_dir}" + (f" (resuming at step {trainer.step})" if resume_from else ""),
               file=sys.stderr)

@@ -31,6 +31,7 @@ from shards.layout import Layout
 from . import checkpoint as ck
 from .config import RunConfig
 from .loader import LabelTable, build_loader, select
+from .loader.data import oversample_positives
 from .loader.studies import StudyReader
 from .metrics import classification_report, score_submission, solution_from_train, study_probabilities, \
     submission_frame, weighted_bce
@@ -197,6 +198,8 @@ class Trainer:
         self.train_sel = select_training_shards(cfg)
         self.labels = LabelTable.load(cfg.data.root, cfg.data.label_tables, n_total=self.train_sel.n_total)
         self.labels.check_covers(self.train_sel)  # before any step: a table that does not fit stops here
+        self.train_sel = oversample_positives(self.train_sel, self.labels, cfg.data.oversample_positives,
+                                              self.run_dir / "oversample")
         studies = pd.read_parquet(Layout(Path(cfg.data.root)).studies)
         self.val_studies = studies[(studies.fold == cfg.data.val_fold) & studies.cohort.isin(cfg.data.val_cohorts)]
         if self.val_studies.empty:

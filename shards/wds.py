@@ -240,6 +240,23 @@ def read_index(path: str | Path) -> list[list[tuple[str, int, int, str]]]:
     return out
 
 
+def write_subset_index(src: str | Path, dst: str | Path, keep) -> int:
+    """Write ``dst``: the ``.idx`` ``src`` restricted to the samples where ``keep`` (one bool per
+    sample, in index order) is true, lines copied verbatim. DALI's reader then reads only those
+    samples of the same tar (how positive oversampling adds extra reads of a shard's positives
+    without copying any image). Atomic; returns the number of samples kept."""
+    from .fsutil import atomic_write_bytes
+
+    lines = Path(src).read_text().splitlines()
+    read_index(src)  # validates the header and the line count
+    keep = list(keep)
+    if len(keep) != len(lines) - 1:
+        raise ValueError(f"{src}: {len(lines) - 1} samples, keep has {len(keep)}")
+    chosen = [line for line, k in zip(lines[1:], keep) if k]
+    atomic_write_bytes(dst, "\n".join([f"{IDX_VERSION} {len(chosen)}", *chosen, ""]).encode())
+    return len(chosen)
+
+
 def check_index(tar_path: str | Path, idx_path: str | Path) -> int:
     """Check that an index describes its tar exactly; returns the number of samples."""
     members = scan_tar(tar_path)

@@ -186,6 +186,30 @@ def test_bad_input_is_a_clear_error(backend, shards, tmp_path):
         LabelTable.load(shards, [str(other)])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positive_oversampling_reads_positives_k_times(backend, labelled, tmp_path):
+    from engine.loader.data import oversample_positives
+
+    _need(backend)
+    sel, labels = labelled
+    over = oversample_positives(sel, labels, 3, tmp_path)
+    ids = sel.slice_ids()
+    pos = labels[torch.from_numpy(ids)][:, -1].numpy() >= 0.5
+    assert 0 < pos.sum() < len(ids)
+    assert over.samples == len(ids) + 2 * int(pos.sum())
+    assert oversample_positives(sel, labels, 1, tmp_path) is sel
+    got, valid = _epoch(build_loader(over, labels, _cfg(backend, batch_size=8, num_threads=2)))
+    counts = pd.Series(got[valid]).value_counts()
+    assert set(counts.index) == set(ids.tolist())
+    assert (counts.loc[ids[pos]] == 3).all() and (counts.loc[ids[~pos]] == 1).all()
+    # the shard set is untouched: the extra reads come from subset indexes in tmp_path
+    views = [i for s, i in zip(over.shards, over.indexes) if "+pos" in s["name"]]
+    assert views and all(i.startswith(str(tmp_path.resolve())) for i in views)
+    assert [i for s, i in zip(over.shards, over.indexes) if "+pos" not in s["name"]] == sel.indexes
+    with pytest.raises(ValueError, match=">= 1"):
+        oversample_positives(sel, labels, 0, tmp_path)
+
+
 def test_state_from_another_selection_is_refused(labelled, shards):
     sel, labels = labelled
     a = build_loader(sel, labels, _cfg("torch"))

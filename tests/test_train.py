@@ -40,6 +40,8 @@ def test_bad_config_names_the_key_path(tmp_path):
         load_config(RunConfig, None, ["loader.augment.p_crop=often"])
     with pytest.raises(ConfigError, match=r"loader\.augment.*probability"):
         load_config(RunConfig, None, ["loader.augment.p_crop=2"])
+    with pytest.raises(ConfigError, match=r"data.*oversample_positives must be >= 1"):
+        load_config(RunConfig, None, ["data.oversample_positives=0"])
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  batch_size: huge\n")
     with pytest.raises(ConfigError, match=r"train\.batch_size"):

@@ -8,6 +8,7 @@ floats) and indexed by the slice ids a batch carries, so round 2 swaps the table
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 
 from shards.layout import COHORTS, TARGETS, Layout, load_manifest
-from shards.wds import ShardError, read_index
+from shards.wds import ShardError, read_index, write_subset_index
 
 
 @dataclass
@@ -96,6 +97,40 @@ def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequen
                              f"(truncated or replaced; run `spinestream verify {root}`)")
     return Selection(root, cohorts, tuple(folds) if folds is not None else None, chosen,
                      int(m["counts"]["slices"]), int(m["image"]["size"]))
+
+
+def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_dir: str | Path,
+                         threshold: float = 0.5) -> Selection:
+    """Positive oversampling: a selection in which every slice whose ``any`` target is >= ``threshold``
+    is read ``factor`` times per epoch, the others once.
+
+    Nothing is copied: for each shard holding positives a subset ``.idx`` listing only them is written
+    to ``out_dir`` (atomically, deterministic), and the selection lists that (tar, subset index) pair
+    ``factor - 1`` more times, right after the shard, so the reader's shuffle buffer mixes the extra
+    reads in. Both backends read the pair like any shard (DALI through ``index_paths``, the torch
+    backend through :meth:`Selection.records`), so the epoch, rank split and resume rules are the
+    usual ones over the longer list. ``factor == 1`` returns ``sel`` unchanged.
+    """
+    if factor < 1:
+        raise ValueError(f"oversampling factor must be >= 1, got {factor}")
+    if factor == 1:
+        return sel
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    for s, idx in zip(sel.shards, sel.indexes):
+        shards.append(s)
+        entries = read_index(idx)
+        ids = torch.tensor([int(next(c for c in comps if c[0] == "jpg")[3].split(".")[0]) for comps in entries])
+        pos = (labels[ids][:, -1] >= threshold).tolist()
+        if not any(pos):
+            continue
+        dst = out_dir / f"{s['name']}.pos.idx"
+        n = write_subset_index(idx, dst, pos)
+        view = {k: v for k, v in s.items() if k != "index_sha256"}  # the subset index is not the manifest's
+        shards += [{**view, "name": f"{s['name']}+pos{r}", "index": str(dst.resolve()), "samples": n}
+                   for r in range(1, factor)]
+    return dataclasses.replace(sel, shards=shards)
 
 
 class LabelTable:
