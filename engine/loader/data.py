@@ -117,13 +117,13 @@ def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_di
         return sel
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rec = sel.records()
+    positive = (labels[torch.from_numpy(rec["slice_id"])][:, -1] >= threshold).numpy()
     shards: list[dict] = []
-    for s, idx in zip(sel.shards, sel.indexes):
+    for k, (s, idx) in enumerate(zip(sel.shards, sel.indexes)):
         shards.append(s)
-        entries = read_index(idx)
-        ids = torch.tensor([int(next(c for c in comps if c[0] == "jpg")[3].split(".")[0]) for comps in entries])
-        pos = (labels[ids][:, -1] >= threshold).tolist()
-        if not any(pos):
+        pos = positive[rec["shard"] == k]  # this shard's samples, in index order
+        if not pos.any():
             continue
         dst = out_dir / f"{s['name']}.pos.idx"
         n = write_subset_index(idx, dst, pos)
