@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         write_config(run_dir, cfg)
         trainer = Trainer(cfg, run_dir, resume_from=resume_from)
         sel = trainer.train_sel
-        extra = sum(s["samples"] for s in sel.shards if "+pos" in s["name"])
-        n_shards = sum("+pos" not in s["name"] for s in sel.shards)
+        extra = sel.oversampled
+        n_shards = sum(not s.get("oversample_of") for s in sel.shards)
         print(f"spinestream train: {cfg.model.name} on {trainer.device} ({trainer.precision}), "
               f"{trainer.loader.backend} loader, batch {trainer.loader_cfg.batch_size}, "
               f"{sel.samples - extra} training slices in {n_shards} shards"

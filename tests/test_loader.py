@@ -203,9 +203,10 @@ def test_positive_oversampling_reads_positives_k_times(backend, labelled, tmp_pa
     assert set(counts.index) == set(ids.tolist())
     assert (counts.loc[ids[pos]] == 3).all() and (counts.loc[ids[~pos]] == 1).all()
     # the shard set is untouched: the extra reads come from subset indexes in tmp_path
-    views = [i for s, i in zip(over.shards, over.indexes) if "+pos" in s["name"]]
+    views = [i for s, i in zip(over.shards, over.indexes) if s.get("oversample_of")]
     assert views and all(i.startswith(str(tmp_path.resolve())) for i in views)
-    assert [i for s, i in zip(over.shards, over.indexes) if "+pos" not in s["name"]] == sel.indexes
+    assert [i for s, i in zip(over.shards, over.indexes) if not s.get("oversample_of")] == sel.indexes
+    assert over.oversampled == 2 * int(pos.sum()) and sel.oversampled == 0
     with pytest.raises(ValueError, match=">= 1"):
         oversample_positives(sel, labels, 0, tmp_path)
 

@@ -44,6 +44,11 @@ class Selection:
     def samples(self) -> int:
         return sum(int(s["samples"]) for s in self.shards)
 
+    @property
+    def oversampled(self) -> int:
+        """Extra reads per epoch added by :func:`oversample_positives` (0 without it)."""
+        return sum(int(s["samples"]) for s in self.shards if s.get("oversample_of"))
+
     def records(self) -> dict[str, np.ndarray]:
         """Every sample's (shard number, jpg offset, jpg size, slice_id), from the ``.idx`` files."""
         shard, off, size, sid = [], [], [], []
@@ -117,19 +122,19 @@ def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_di
         return sel
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rec = sel.records()
+    rec = sel.records()  # samples shard by shard, each in index order
     positive = (labels[torch.from_numpy(rec["slice_id"])][:, -1] >= threshold).numpy()
+    per_shard = np.split(positive, np.cumsum([int(s["samples"]) for s in sel.shards])[:-1])
     shards: list[dict] = []
-    for k, (s, idx) in enumerate(zip(sel.shards, sel.indexes)):
+    for s, idx, pos in zip(sel.shards, sel.indexes, per_shard):
         shards.append(s)
-        pos = positive[rec["shard"] == k]  # this shard's samples, in index order
         if not pos.any():
             continue
         dst = out_dir / f"{s['name']}.pos.idx"
         n = write_subset_index(idx, dst, pos)
         view = {k: v for k, v in s.items() if k != "index_sha256"}  # the subset index is not the manifest's
-        shards += [{**view, "name": f"{s['name']}+pos{r}", "index": str(dst.resolve()), "samples": n}
-                   for r in range(1, factor)]
+        shards += [{**view, "name": f"{s['name']}+pos{r}", "index": str(dst.resolve()), "samples": n,
+                    "oversample_of": s["name"]} for r in range(1, factor)]
     return dataclasses.replace(sel, shards=shards)
 
 
