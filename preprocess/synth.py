@@ -1058,20 +1058,21 @@ def make_dataset(
 # --------------------------------------------------------------------------- CLI
 
 
-def _slices_arg(text: str) -> tuple[int, int]:
-    try:
-        lo, _, hi = text.partition(":")
-        return int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO:HI slice counts (e.g. 48:96), got {text!r}") from None
+def _range_arg(cast: type, what: str):
+    """An argparse type for ``LO:HI`` (or a single ``N``, meaning N:N) of ``cast`` values."""
+
+    def parse(text: str) -> tuple:
+        try:
+            lo, _, hi = text.partition(":")
+            return cast(lo), cast(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
 
 
-def _range_arg(text: str) -> tuple[float, float]:
-    try:
-        lo, _, hi = text.partition(":")
-        return float(lo), float(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a LO:HI range in mm (e.g. 1.2:2.0), got {text!r}") from None
+_slices_arg = _range_arg(int, "LO:HI slice counts (e.g. 48:96)")
+_mm_range_arg = _range_arg(float, "a LO:HI range in mm (e.g. 1.2:2.0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1118,7 +1119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--crack-width",
-        type=_range_arg,
+        type=_mm_range_arg,
         default=CRACK_WIDTH_MM,
         metavar="LO:HI",
         help="crack widths in mm, drawn uniformly (default: 1.2:2.0, 3-9 px at 512 but 1-2 px at 128); the "
