@@ -27,7 +27,7 @@ import torch
 
 def _steps(model, opt, batches, n: int, warmup: int, precision: str, device) -> dict:
     from engine.metrics import weighted_bce
-    from engine.trainer import autocast
+    from engine.device import autocast
 
     it = iter(batches)
     model.train()
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import RunConfig
     from engine.loader import LabelTable, build_loader, select
     from engine.model import build_model, data_config
-    from engine.trainer import auto_batch_size, pick_device, resolve_precision
+    from engine.device import pick_device, resolve_precision
+    from engine.trainer import auto_batch_size
     from shards.config import load_config
 
     gpu = torch.cuda.is_available()

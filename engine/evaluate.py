@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    from .trainer import pick_device, predict_studies, resolve_precision, score_studies
+    from .device import pick_device, resolve_precision
+    from .trainer import predict_studies, score_studies
 
     try:
         dev = pick_device(args.device)

@@ -10,7 +10,6 @@ counted.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -30,6 +29,7 @@ from shards.layout import Layout
 
 from . import checkpoint as ck
 from .config import RunConfig
+from .device import autocast, pick_device, resolve_precision
 from .loader import LabelTable, build_loader, select
 from .loader.data import oversample_positives
 from .loader.studies import StudyReader
@@ -39,31 +39,6 @@ from .model import build_model, check_state_dict, data_config, model_fingerprint
 
 
 # --------------------------------------------------------------------------- setup helpers
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on sm80+ (A100, H100), fp16 with a GradScaler below (P100, T4, V100), fp32 on CPU."""
-    if device.type != "cuda":
-        return "fp32" if name == "auto" else name
-    if name == "auto":
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    if name == "bf16" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError("train.precision=bf16 but this GPU has no bf16 (use fp16 or auto)")
-    return name
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def select_training_shards(cfg: RunConfig):

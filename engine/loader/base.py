@@ -28,6 +28,7 @@ class Batch:
     targets: torch.Tensor  # (B, 8) float32: C1..C7, any (mixed if mixup ran)
     slice_ids: torch.Tensor  # (B,) int64
     valid: torch.Tensor  # (B,) bool: False for epoch padding
+    n_valid: int = -1  # valid.sum() known on the host from the loader's positions (no device sync to read it)
 
 
 def rank_part(n: int, rank: int, world: int) -> tuple[int, int]:

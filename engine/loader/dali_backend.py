@@ -174,8 +174,9 @@ class DaliLoader(Loader):
                 g.manual_seed(cfg.seed * 1_000_003 + self.epoch * 100_003 + self.position)
                 x, y = mixup(x, y, self.aug, g)
             valid = (self.position + torch.arange(n, device=dev)) < self.samples
+            n_valid = max(0, min(n, self.samples - self.position))
             self.position += n
-            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid)
+            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
         if self.position < self.positions:
             raise RuntimeError(f"DALI ended the epoch after {self.position} of {self.positions} positions")
         self._it = None

@@ -149,8 +149,9 @@ class TorchLoader(Loader):
                 x, y = mixup(x, y, self.aug, g)
             pos = self.position + torch.arange(len(ids), device=dev)
             valid = pos < self.samples
+            n_valid = max(0, min(len(ids), self.samples - self.position))
             self.position += len(ids)
-            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid)
+            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
         self.epoch += 1
         self.position = 0
 
