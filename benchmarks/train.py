@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import RunConfig
     from engine.loader import LabelTable, build_loader, select
     from engine.model import build_model, data_config
-    from engine.device import pick_device, resolve_precision
+    from engine.device import pick_device, resolve_precision, set_memory_cap
     from engine.trainer import auto_batch_size
     from shards.config import load_config
 
@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
+    set_memory_cap(device, cfg.train.max_memory_gb)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory / 1e9
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.max_memory_gb / total), device)
         torch.backends.cudnn.benchmark = True
     shards = args.shards or Path(cfg.data.root)
     if not (shards / "manifest.json").exists():

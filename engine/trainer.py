@@ -29,7 +29,7 @@ from shards.layout import Layout
 
 from . import checkpoint as ck
 from .config import RunConfig
-from .device import autocast, pick_device, resolve_precision
+from .device import autocast, pick_device, resolve_precision, set_memory_cap
 from .loader import LabelTable, build_loader, select
 from .loader.data import oversample_positives
 from .loader.studies import StudyReader
@@ -147,8 +147,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-            total = torch.cuda.get_device_properties(self.device).total_memory / 1e9
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.max_memory_gb / total), self.device)
+        set_memory_cap(self.device, cfg.train.max_memory_gb)
 
         state = ck.load(resume_from, map_location="cpu") if resume_from else None
         # on resume the checkpoint has the weights: never fetch pretrained ones just to overwrite them
