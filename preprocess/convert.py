@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -48,6 +49,7 @@ from shards.wds import ShardWriter
 
 from .config import ShardConfig
 from .dicom import DicomError, read_series
+from .errors import DataWarning, JobError, LabelError
 from .labels import boxes_to_index, build_study_table, slice_labels
 from .segmentation import read_segmentation
 from .window import make_slice_fn
@@ -98,67 +100,95 @@ class StudyTask:
     cfg: dict
 
 
+# Bad input: the study is reported as failed and the job goes on (preprocess/errors.py).
+BAD_INPUT = (DicomError, OSError, LabelError)
+# Never caught: the user or the OS asked the process to stop.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit)
+
+
+class StudyCrash(RuntimeError):
+    """A BaseException that is not an Exception escaped a study (e.g. a codec's panic outside
+    the decoder). Re-raised as an Exception so the process pool can hand it back: a worker
+    that dies of a BaseException never returns its task and the pool waits forever."""
+
+
 def process_study(task: StudyTask) -> dict:
-    """Phase 1 for one study; returns a small summary (never raises for bad data)."""
-    cfg = ShardConfig(**{k: (tuple(v) if k == "windows" else v) for k, v in task.cfg.items()})
+    """Phase 1 for one study; returns a small summary.
+
+    Bad input (:data:`BAD_INPUT`) is recorded under ``_work/failed`` and returned as
+    ``{"error": ...}``; any other exception is a bug and propagates (with a note naming the
+    study), which stops the job.
+    """
     lay = L.Layout(Path(task.out))
     tmp = lay.work / "studies" / f"{task.uid}.tmp"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
-        n = volume.shape[0]
-        if not np.all(np.isfinite(meta.z)):
-            # no ImagePositionPatient anywhere: read_series ordered by InstanceNumber/file number;
-            # stand in evenly spaced positions so neighbours in mm still work
-            meta.z = -np.arange(n, dtype=np.float64) * float(meta.spacing[0])
-        labels = study_labels(task, meta, n, cfg)
-
-        nbr = neighbour_index(meta.z, cfg.offset_mm) if cfg.channels == "neighbours" else None
-        sizes = np.empty(n, dtype=np.int64)
-        with open(tmp / "samples.bin", "wb") as f:
-            for i in range(n):
-                data = encode_jpeg(sample_image(volume, i, nbr, cfg.channels), cfg.jpeg_quality)
-                sizes[i] = len(data)
-                f.write(data)
-        if labels is not None:
-            np.save(tmp / "labels.npy", labels)
-
-        info = {
-            "uid": task.uid,
-            "n_slices": int(n),
-            "sizes": sizes.tolist(),
-            "z": [float(v) for v in meta.z],
-            "slice_numbers": [int(v) for v in meta.slice_numbers],
-            "spacing": [float(v) for v in meta.spacing],
-            "z_reversed": bool(meta.z_reversed),
-            "rows_cols": [int(v) for v in meta.shape],
-            "transfer_syntaxes": list(meta.transfer_syntaxes),
-            "bad_files": [[str(a), str(b)] for a, b in meta.bad_files],
-            "has_segmentation": labels is not None and task.seg_path is not None,
-        }
-        attrs = {
-            "study": task.uid,
-            "z": info["z"],
-            "slice_numbers": info["slice_numbers"],
-            "spacing": info["spacing"],
-            "z_reversed": info["z_reversed"],
-            "channels": cfg.channels,
-            "windows": [list(w) for w in cfg.windows],
-            "offset_mm": cfg.offset_mm,
-        }
-        write_volume(lay.work / "tmp" / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
-                     chunk_depth=cfg.zarr_chunk_depth, cname=cfg.zarr_codec, clevel=cfg.zarr_clevel,
-                     shuffle=cfg.zarr_shuffle)
-        atomic_write_json(tmp / "study.json", info)
-        replace_dir(tmp, lay.work / "studies" / task.uid)  # the commit point
-        (lay.work / "failed" / f"{task.uid}.json").unlink(missing_ok=True)
-        return {"uid": task.uid, "n_slices": int(n), "bad_files": len(meta.bad_files)}
-    except (DicomError, ValueError, OSError) as e:
+        return _process_study(task, lay, tmp)
+    except BAD_INPUT as e:
         shutil.rmtree(tmp, ignore_errors=True)
         atomic_write_json(lay.work / "failed" / f"{task.uid}.json", {"uid": task.uid, "reason": str(e)})
         return {"uid": task.uid, "n_slices": 0, "error": str(e)}
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:
+        e.add_note(f"spinestream shard: a bug, not bad input, while converting study {task.uid}")
+        raise
+    except BaseException as e:
+        raise StudyCrash(f"study {task.uid}: {type(e).__name__}: {e}") from e
+
+
+def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
+    cfg = ShardConfig(**{k: (tuple(v) if k == "windows" else v) for k, v in task.cfg.items()})
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
+    n = volume.shape[0]
+    if not np.all(np.isfinite(meta.z)):
+        # no ImagePositionPatient anywhere: read_series ordered by InstanceNumber/file number;
+        # stand in evenly spaced positions so neighbours in mm still work
+        meta.z = -np.arange(n, dtype=np.float64) * float(meta.spacing[0])
+    labels = study_labels(task, meta, n, cfg)
+
+    nbr = neighbour_index(meta.z, cfg.offset_mm) if cfg.channels == "neighbours" else None
+    sizes = np.empty(n, dtype=np.int64)
+    with open(tmp / "samples.bin", "wb") as f:
+        for i in range(n):
+            data = encode_jpeg(sample_image(volume, i, nbr, cfg.channels), cfg.jpeg_quality)
+            sizes[i] = len(data)
+            f.write(data)
+    if labels is not None:
+        np.save(tmp / "labels.npy", labels)
+
+    info = {
+        "uid": task.uid,
+        "n_slices": int(n),
+        "sizes": sizes.tolist(),
+        "z": [float(v) for v in meta.z],
+        "slice_numbers": [int(v) for v in meta.slice_numbers],
+        "spacing": [float(v) for v in meta.spacing],
+        "z_reversed": bool(meta.z_reversed),
+        "rows_cols": [int(v) for v in meta.shape],
+        "transfer_syntaxes": list(meta.transfer_syntaxes),
+        "bad_files": [[str(a), str(b)] for a, b in meta.bad_files],
+        "has_segmentation": labels is not None and task.seg_path is not None,
+    }
+    attrs = {
+        "study": task.uid,
+        "z": info["z"],
+        "slice_numbers": info["slice_numbers"],
+        "spacing": info["spacing"],
+        "z_reversed": info["z_reversed"],
+        "channels": cfg.channels,
+        "windows": [list(w) for w in cfg.windows],
+        "offset_mm": cfg.offset_mm,
+    }
+    write_volume(lay.work / "tmp" / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
+                 chunk_depth=cfg.zarr_chunk_depth, cname=cfg.zarr_codec, clevel=cfg.zarr_clevel,
+                 shuffle=cfg.zarr_shuffle)
+    atomic_write_json(tmp / "study.json", info)
+    replace_dir(tmp, lay.work / "studies" / task.uid)  # the commit point
+    (lay.work / "failed" / f"{task.uid}.json").unlink(missing_ok=True)
+    return {"uid": task.uid, "n_slices": int(n), "bad_files": len(meta.bad_files)}
 
 
 def study_labels(task: StudyTask, meta, n: int, cfg: ShardConfig) -> np.ndarray | None:
@@ -171,14 +201,32 @@ def study_labels(task: StudyTask, meta, n: int, cfg: ShardConfig) -> np.ndarray 
     rows["StudyInstanceUID"] = task.uid
     mapping = {int(s): i for i, s in enumerate(meta.slice_numbers)}
     boxed_index, box_arr = boxes_to_index(rows, mapping, task.uid)
-    seg = None
-    if task.seg_path:
-        seg = read_segmentation(task.seg_path)
-        if seg.shape != (n, *meta.shape):
-            warnings.warn(f"{task.uid}: segmentation shape {seg.shape} does not match the series "
-                          f"{(n, *meta.shape)}; labelling without it", stacklevel=2)
-            seg = None
+    seg = study_segmentation(task, (n, *meta.shape)) if task.seg_path else None
     return slice_labels(n, boxed_index, task.fractured, seg=seg, boxes=box_arr, max_gap=cfg.label_max_gap)
+
+
+def _seg_read_errors() -> tuple[type[BaseException], ...]:
+    import nibabel.filebasedimages
+    import nibabel.spatialimages
+
+    return (OSError, ValueError, nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError)
+
+
+def study_segmentation(task: StudyTask, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """The study's vertebra segmentation on its volume grid, or None (with a DataWarning) when it
+    cannot be read or does not fit: the study is then labelled without it, not failed."""
+    assert task.seg_path is not None
+    try:
+        seg = read_segmentation(task.seg_path)
+    except _seg_read_errors() as e:
+        warnings.warn(f"{task.uid}: segmentation {Path(task.seg_path).name} cannot be read "
+                      f"({type(e).__name__}: {e}); labelling without it", DataWarning, stacklevel=2)
+        return None
+    if seg.shape != shape:
+        warnings.warn(f"{task.uid}: segmentation shape {seg.shape} does not match the series "
+                      f"{shape}; labelling without it", DataWarning, stacklevel=2)
+        return None
+    return seg
 
 
 # --------------------------------------------------------------------------- phase 2: groups
@@ -238,9 +286,10 @@ def write_group(args: tuple) -> list[dict]:
     return entries
 
 
-def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None) -> dict:
+def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit: int | None = None) -> dict:
     """Phase 2: number slices, write shards per group, the tables and the manifest."""
     lay = L.Layout(out)
+    selection = study_selection(table, limit)
     infos, failed = {}, []
     for uid in table.StudyInstanceUID:
         sj = lay.work / "studies" / uid / "study.json"
@@ -252,7 +301,7 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None) -> dic
             failed.append({"study": uid, "reason": reason})
     ok = table[table.StudyInstanceUID.isin(infos)].reset_index(drop=True)
     if ok.empty:
-        raise RuntimeError(f"no study could be read; see {lay.work / 'failed'} for the reasons")
+        raise JobError(f"no study could be read; see {lay.work / 'failed'} for the reasons")
 
     # slice ids: studies in UID order (the table is sorted), slices head to feet
     counts = np.array([infos[u]["n_slices"] for u in ok.StudyInstanceUID], dtype=np.int64)
@@ -330,7 +379,7 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None) -> dic
         "format": L.FORMAT,
         "version": L.VERSION,
         "created_by": TOOL,
-        "source": {"train_csv_rows": int(len(table))},
+        "source": {"train_csv_rows": int(len(table)), "selection": selection},
         "config": to_dict(cfg),
         "image": {
             "size": cfg.image_size, "channels": cfg.channels, "windows": [list(w) for w in cfg.windows],
@@ -405,27 +454,70 @@ def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -
     return tasks
 
 
-def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
-        limit: int | None = None) -> dict:
-    """The whole job; resumes from ``out/_work`` if an earlier run was interrupted."""
-    lay = L.Layout(out)
-    cfg_json = to_dict(cfg)
+def study_selection(table: pd.DataFrame, limit: int | None) -> dict:
+    """Which studies a job converts: part of the job's identity, like its config.
+
+    A ``--limit`` run is a different job from the full one (another dataset), so the
+    manifest records the selection and a rerun with another one is refused.
+    """
+    uids = "\n".join(table.StudyInstanceUID)
+    return {"limit": limit, "studies": int(len(table)), "sha256": hashlib.sha256(uids.encode()).hexdigest()}
+
+
+def _describe(sel: dict) -> str:
+    return f"{sel['studies']} studies" + (f" (--limit {sel['limit']})" if sel.get("limit") else " (all)")
+
+
+def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> dict | None:
+    """The manifest if ``lay.root`` already holds this very job, complete; None to (re)start it.
+
+    Raises JobError when ``lay.root`` holds another job (another config or study
+    selection), complete or interrupted.
+    """
+    out = lay.root
     if lay.manifest.exists():
         m = json.loads(lay.manifest.read_text())
         if m.get("config") != cfg_json:
-            raise ValueError(f"{out} already holds shards made with another config; use another --out or delete it")
-        print(f"{out}: already complete ({m['counts']['slices']} slices in {m['counts']['shards']} shards)")
+            raise JobError(f"{out} already holds shards made with another config; use another --out or delete it")
+        held = m.get("source", {}).get("selection")
+        if held != selection:
+            raise JobError(
+                f"{out} holds a complete job over {_describe(held) if held else 'another set of studies'}; "
+                f"this command selects {_describe(selection)}. A limited run is another dataset and is not "
+                f"extended in place: use another --out (or delete {out}) for this one, or rerun with the "
+                f"same --limit to reuse it")
         return m
-    saved = lay.work / "config.json"
+    saved, saved_sel = lay.work / "config.json", lay.work / "selection.json"
     if saved.exists() and json.loads(saved.read_text()) != cfg_json:
-        raise ValueError(f"{out} holds an interrupted job with another config; rerun with that config, "
-                         f"or delete {out} to start over")
+        raise JobError(f"{out} holds an interrupted job with another config; rerun with that config, "
+                       f"or delete {out} to start over")
+    if saved_sel.exists() and (held := json.loads(saved_sel.read_text())) != selection:
+        raise JobError(f"{out} holds an interrupted job over {_describe(held)}; this command selects "
+                       f"{_describe(selection)}. Rerun with that --limit to finish it, or delete {out} to start over")
     atomic_write_json(saved, cfg_json)
+    atomic_write_json(saved_sel, selection)
+    return None
 
+
+def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
+        limit: int | None = None) -> dict:
+    """The whole job; resumes from ``out/_work`` if an earlier run was interrupted.
+
+    ``limit`` converts only the first N studies (by UID): another job, whose output is
+    refused as the output of the full one and vice versa (:func:`check_job`).
+    """
+    if limit is not None and limit < 1:
+        raise JobError(f"--limit must be >= 1, got {limit}")
+    lay = L.Layout(out)
+    cfg_json = to_dict(cfg)
     ds = Dataset.open(data)
     table = build_study_table(ds.train, ds.boxes, folds=cfg.folds, seed=cfg.seed, exclude=cfg.exclude_studies)
     if limit:
         table = table.iloc[:limit].reset_index(drop=True)
+    done = check_job(lay, cfg_json, study_selection(table, limit))
+    if done is not None:
+        print(f"{out}: already complete ({done['counts']['slices']} slices in {done['counts']['shards']} shards)")
+        return done
     tasks = build_tasks(ds, table, out, cfg)
     todo = [t for t in tasks if not (lay.work / "studies" / t.uid / "study.json").exists()]
     if (lay.work / "tmp").exists():
@@ -447,7 +539,7 @@ def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: boo
                 bar.set_postfix(slices=n_slices, slices_s=f"{n_slices / dt:.0f}" if dt > 0 else "-")
                 bar.update()
         t1 = time.perf_counter()
-        manifest = finalize(out, table, cfg, pool)
+        manifest = finalize(out, table, cfg, pool, limit)
     t2 = time.perf_counter()
     if not keep_work:
         shutil.rmtree(lay.work, ignore_errors=True)
@@ -481,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ShardConfig, args.config, args.set)
         run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, FileNotFoundError, JobError, LabelError) as e:
+        # what the user can fix; anything else is a bug and keeps its traceback
         print(f"spinestream shard: error: {e}", file=sys.stderr)
         return 2
     return 0

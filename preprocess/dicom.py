@@ -41,11 +41,23 @@ Traps handled (real CT files break naive code on each of these):
 - **Enhanced multi-frame CT** (one file, NumberOfFrames > 1): frames become slices, each
   with its own position/rescale from the functional groups. ``read_hu`` refuses such
   files (a file is not a slice there) and points to ``read_series``.
-- **Slice order.** By ImagePositionPatient z, descending (head first), never by file
-  name or InstanceNumber; ties keep file-number order (stable sort) and both slices are
-  kept. ``z_reversed`` records studies whose file numbers run feet to head.
-- **Ragged series.** Slices whose (rows, cols) differ from the majority, or that lack
-  ImagePositionPatient while others have it, are reported as bad files.
+- **Slice order.** By the position projected on the slice normal (the cross product of
+  ImageOrientationPatient's row and column cosines, as GDCM sorts), descending, never by
+  file name or InstanceNumber; ties keep file-number order (stable sort) and both slices
+  are kept. The normal is signed so that its largest component is positive: for axial
+  series (tilted or not) that is +z, so volumes run head to feet (descending z, C1 first)
+  and the projected position of a plain axial slice is exactly its ImagePositionPatient
+  z; a sagittal series runs along +x (patient left, LPS) downwards. Spacing is measured
+  along the normal too (a tilted series' z steps are shorter than its slice spacing).
+  ``z_reversed`` records studies whose file numbers run against the volume order.
+- **Mixed series.** A file whose SeriesInstanceUID or ImageOrientationPatient differs
+  from the series' (the majority; e.g. a localizer in the study directory) is a bad file.
+- **Ragged series.** Slices whose (rows, cols) differ from the majority are reported as
+  bad files, or with ``ragged="resize"`` resized to it (with a :class:`DataWarning`);
+  slices that lack ImagePositionPatient while others have it are bad files.
+- **Codecs that panic.** A decoder failure of any type -- pylibjpeg-rle raises pyo3's
+  ``PanicException``, a ``BaseException``, on a malformed RLE frame -- is a DicomError
+  naming the file (KeyboardInterrupt and SystemExit pass through).
 
 Files without the 128-byte preamble + ``DICM`` prefix are rejected as not DICOM (the
 competition's files all have it; accepting them would let random bytes "parse").
@@ -70,6 +82,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
+
+from .errors import DataWarning
 
 __all__ = ["DicomError", "SeriesMeta", "read_hu", "read_series", "AIR_HU"]
 
@@ -122,6 +136,9 @@ _FG_SEQUENCE = {
 }
 
 _DEFAULT_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+_ORIENTATION_TOLERANCE = 1e-3  # max |difference| of direction cosines still "the same orientation"
+# Never turned into a DicomError: the user (or the OS) asked the process to stop.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit)
 
 
 class DicomError(ValueError):
@@ -146,15 +163,21 @@ class SeriesMeta:
     """What ``read_series`` learnt about a study besides its pixels.
 
     Attributes:
-        z: float64 (Z,), ImagePositionPatient z of each slice in volume order
-            (descending: head -> feet); NaN when the series had no positions at all.
+        z: float64 (Z,), each slice's ImagePositionPatient projected on ``normal``, in
+            volume order (descending: head -> feet for axial series, where it equals the
+            ImagePositionPatient z); NaN when the series had no positions at all.
         slice_numbers: int64 (Z,), the file-name number of each slice (17 for "17.dcm") in
             volume order; for a multi-frame file the frame index + 1; when the file names
             are not all numbers, the 1-based position in the (numeric-aware) listing.
-        spacing: (dz, dy, dx) mm. dz = median |diff(z)| (SliceThickness when there is
-            one slice, or no positions); dy, dx = PixelSpacing (row, column spacing).
-        direction: ImageOrientationPatient (6 floats) of the first slice, or
-            (1, 0, 0, 0, 1, 0) when absent.
+        spacing: (dz, dy, dx) mm. dz = median |diff(z)| along the normal (SliceThickness
+            when there is one slice, or no positions); dy, dx = PixelSpacing (row, column
+            spacing).
+        direction: the series' ImageOrientationPatient (6 floats: row then column
+            direction cosines, LPS), or (1, 0, 0, 0, 1, 0) when absent.
+        normal: unit slice normal (3 floats), row x column signed as described in the
+            module docstring; the volume runs along -normal.
+        origin: ImagePositionPatient (x, y, z) of volume index 0 (its first pixel's
+            centre), or None when the series has no positions.
         z_reversed: True when increasing file number means increasing z (feet -> head);
             normal studies have file 1 at the head. Without positions: relative to the
             fallback order (assumed head first).
@@ -173,6 +196,8 @@ class SeriesMeta:
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     transfer_syntaxes: list[str] = field(default_factory=list)
     shape: tuple[int, int] = (0, 0)
+    normal: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    origin: tuple[float, float, float] | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -192,9 +217,9 @@ def _header_errors(path: Path) -> Iterator[None]:
     """
     try:
         yield
-    except DicomError:
+    except (DicomError, *_PASS_THROUGH):
         raise
-    except Exception as e:
+    except BaseException as e:
         raise DicomError(path, f"bad header value ({type(e).__name__}: {e})") from e
 
 
@@ -212,7 +237,9 @@ def _read_dataset(path: Path) -> Dataset:
         ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as e:
         raise DicomError(path, "not a DICOM file (no 'DICM' preamble)") from e
-    except Exception as e:  # pydicom raises many types for broken headers
+    except _PASS_THROUGH:
+        raise
+    except BaseException as e:  # pydicom raises many types for broken headers
         raise DicomError(path, f"cannot parse DICOM header ({type(e).__name__}: {e})") from e
     with _header_errors(path):
         _check_image(ds, path)
@@ -276,8 +303,12 @@ def _decode_frame(
     for plugin in plugins:
         try:
             arr = pixel_array(ds, index=index, decoding_plugin=plugin, **options)
-        except Exception as e:  # plugins raise anything from ValueError to RuntimeError
-            failures.append(f"{plugin or 'numpy'}: {type(e).__name__}: {e}")
+        except _PASS_THROUGH:
+            raise
+        except BaseException as e:
+            # Plugins raise anything from ValueError to RuntimeError, and pylibjpeg-rle
+            # pyo3's PanicException (a BaseException) on a malformed frame.
+            failures.append(f"{plugin or 'numpy'}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if arr.ndim != 2:
             raise DicomError(path, f"decoded frame has shape {arr.shape}, expected 2-D")
@@ -456,9 +487,10 @@ class _Slice:
     name: str
     number: int
     listing: int  # position in the numeric-aware file listing, for stable ties
-    z: float | None
+    position: tuple[float, ...] | None  # ImagePositionPatient (x, y, z)
     instance: int | None
     orientation: tuple[float, ...] | None
+    series_uid: str | None
     pixel_spacing: tuple[float, ...] | None
     thickness: float | None
     shape: tuple[int, int]
@@ -501,6 +533,7 @@ def _read_file_slices(
         with _header_errors(path):
             n = _n_frames(ds)
             instance = _int_or_none(ds.get("InstanceNumber"))
+            series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
     except DicomError as e:
         bad.append((path.name, e.reason))
         return []
@@ -522,9 +555,10 @@ def _read_file_slices(
                 name=name,
                 number=number if n == 1 else k + 1,
                 listing=listing,
-                z=None if pos is None else pos[2],
+                position=pos,
                 instance=instance if n == 1 else k + 1,
                 orientation=orientation,
+                series_uid=series_uid,
                 pixel_spacing=pixel_spacing,
                 thickness=None if math.isnan(thickness) or thickness <= 0 else thickness,
                 shape=(int(hu.shape[0]), int(hu.shape[1])),
@@ -536,58 +570,181 @@ def _read_file_slices(
     return out
 
 
-def _order(slices: list[_Slice], directory: Path, bad: list[tuple[str, str]]) -> list[_Slice]:
-    """Volume order: z descending (stable: ties keep listing order); fallbacks warn."""
-    with_z = [s for s in slices if s.z is not None]
+def _majority(values: list[Any]) -> Any:
+    """The most common value; ties go to the one seen first (file order)."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def _same_series(slices: list[_Slice], bad: list[tuple[str, str]]) -> tuple[list[_Slice], tuple[float, ...]]:
+    """Drop slices of another series or orientation than the majority's -> (kept, orientation).
+
+    Slices without SeriesInstanceUID or ImageOrientationPatient are taken to belong.
+    """
+    uids = [s.series_uid for s in slices if s.series_uid]
+    if len(set(uids)) > 1:
+        major = _majority(uids)
+        for s in slices:
+            if s.series_uid and s.series_uid != major:
+                bad.append((s.name, f"SeriesInstanceUID {s.series_uid} differs from the series' {major} "
+                                    "(another series in the study directory)"))
+        slices = [s for s in slices if not s.series_uid or s.series_uid == major]
+    orients = [s.orientation for s in slices if s.orientation is not None]
+    if not orients:
+        return slices, _DEFAULT_DIRECTION
+    key = _majority([tuple(round(v, 3) for v in o) for o in orients])
+    ref = next(o for o in orients if tuple(round(v, 3) for v in o) == key)
+
+    def differs(o: tuple[float, ...] | None) -> bool:
+        return o is not None and max(abs(a - b) for a, b in zip(o, ref)) > _ORIENTATION_TOLERANCE
+
+    for s in slices:
+        if differs(s.orientation):
+            bad.append((s.name, f"ImageOrientationPatient {list(s.orientation or ())} differs from the "
+                                f"series' {list(ref)}"))
+    return [s for s in slices if not differs(s.orientation)], ref
+
+
+def slice_normal(direction: tuple[float, ...]) -> tuple[float, float, float]:
+    """Unit normal of ImageOrientationPatient (row x column cosines), largest component positive.
+
+    That sign makes axial series (tilted or not) run head to feet when sorted by descending
+    projected position, whichever way their rows and columns point.
+    """
+    row, col = np.asarray(direction[:3], dtype=np.float64), np.asarray(direction[3:6], dtype=np.float64)
+    n = np.cross(row, col)
+    norm = float(np.linalg.norm(n))
+    if not norm > 1e-6:  # degenerate (parallel cosines): the axial default
+        return (0.0, 0.0, 1.0)
+    n = n / norm
+    if n[int(np.argmax(np.abs(n)))] < 0:
+        n = -n
+    return (float(n[0]), float(n[1]), float(n[2]))
+
+
+def _projected(s: _Slice, normal: tuple[float, float, float]) -> float | None:
+    if s.position is None:
+        return None
+    if normal == (0.0, 0.0, 1.0):
+        return float(s.position[2])  # exact, not a sum of products
+    return float(np.dot(np.asarray(s.position, dtype=np.float64), normal))
+
+
+def _order(
+    slices: list[_Slice], normal: tuple[float, float, float], directory: Path, bad: list[tuple[str, str]]
+) -> tuple[list[_Slice], list[float | None]]:
+    """Volume order: projected position descending (stable: ties keep listing order); fallbacks warn.
+
+    Returns the ordered slices and their projected positions (None without positions).
+    """
+    depth = {id(s): _projected(s, normal) for s in slices}
+    with_z = [s for s in slices if depth[id(s)] is not None]
     if with_z:
         for s in slices:
-            if s.z is None:
+            if depth[id(s)] is None:
                 bad.append((s.name, "no ImagePositionPatient (needed to place the slice)"))
-        # Equal z keep file-number (listing) order; duplicates are kept.
-        return sorted(with_z, key=lambda s: (-s.z, s.listing))  # type: ignore[operator]
-    if all(s.instance is not None for s in slices):
+        # Equal positions keep file-number (listing) order; duplicates are kept.
+        out = sorted(with_z, key=lambda s: (-depth[id(s)], s.listing))  # type: ignore[operator]
+    elif all(s.instance is not None for s in slices):
         warnings.warn(
             f"{directory}: no ImagePositionPatient in any slice; ordered by InstanceNumber "
             "(assumed head first), z unknown",
+            DataWarning,
             stacklevel=3,
         )
-        return sorted(slices, key=lambda s: (s.instance, s.listing))
-    warnings.warn(
-        f"{directory}: no ImagePositionPatient or InstanceNumber in every slice; "
-        "ordered by file number (assumed head first), z unknown",
-        stacklevel=3,
-    )
-    return sorted(slices, key=lambda s: (s.listing, s.number))
+        out = sorted(slices, key=lambda s: (s.instance, s.listing))
+    else:
+        warnings.warn(
+            f"{directory}: no ImagePositionPatient or InstanceNumber in every slice; "
+            "ordered by file number (assumed head first), z unknown",
+            DataWarning,
+            stacklevel=3,
+        )
+        out = sorted(slices, key=lambda s: (s.listing, s.number))
+    return out, [depth[id(s)] for s in out]
+
+
+def _resize_hu(hu: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float32 HU slice to (rows, cols)."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(hu, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
+
+
+def _same_shape(
+    slices: list[_Slice], directory: Path, bad: list[tuple[str, str]], ragged: str, resized_by_fn: bool
+) -> tuple[list[_Slice], tuple[int, int]]:
+    """Slices whose (rows, cols) differ from the majority: bad files, or resized (``ragged``)."""
+    # Majority (rows, cols); ties go to the shape seen first in file order.
+    shape = _majority([s.shape for s in slices])
+    odd = [s for s in slices if s.shape != shape]
+    if not odd:
+        return slices, shape
+    if ragged == "drop":
+        for s in odd:
+            bad.append((s.name, f"shape {s.shape} differs from the series' {shape}"))
+        return [s for s in slices if s.shape == shape], shape
+    ref = next(s for s in slices if s.shape == shape).image
+    assert ref is not None
+    for s in odd:
+        assert s.image is not None
+        if not resized_by_fn:
+            s.image = _resize_hu(s.image, shape)
+        elif s.image.shape != ref.shape:  # slice_fn kept the input size: cannot stack it
+            bad.append((s.name, f"shape {s.shape} differs from the series' {shape}"))
+    kept = [s for s in slices if s.shape == shape or s.image.shape == ref.shape]  # type: ignore[union-attr]
+    kept_ids = {id(s) for s in kept}
+    resized = [s for s in odd if id(s) in kept_ids]
+    if resized:
+        warnings.warn(
+            f"{directory}: resized {len(resized)} slice(s) whose (rows, cols) differ from the series' "
+            f"{shape} to it: {_preview_names(resized)}",
+            DataWarning,
+            stacklevel=3,
+        )
+    return kept, shape
+
+
+def _preview_names(slices: list[_Slice], limit: int = 5) -> str:
+    names = [f"{s.name} {s.shape}" for s in slices]
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def read_series(
     directory: str | Path,
     *,
     slice_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    ragged: str = "drop",
 ) -> tuple[np.ndarray, SeriesMeta]:
     """All ``*.dcm`` in a study directory -> ``(volume, SeriesMeta)``.
 
-    The volume is ``(Z, rows, cols)`` float32 HU, sorted by ImagePositionPatient z
-    descending (head first); slices with equal z keep file-number order and are both
-    kept. Each file is read exactly once. A multi-frame file contributes its frames as
-    slices (slice number = frame index + 1).
+    The volume is ``(Z, rows, cols)`` float32 HU, sorted by the position on the slice
+    normal, descending (head first for axial series); slices with equal positions keep
+    file-number order and are both kept. Each file is read exactly once. A multi-frame
+    file contributes its frames as slices (slice number = frame index + 1).
 
     If ``slice_fn`` is given, each slice's float32 HU image goes through it right after
     decoding, and the volume is the stack of its outputs (whatever shape/dtype it
     returns); only those outputs are held, which keeps memory small for 800-slice
-    studies. ``slice_fn`` also sees slices that are later dropped for having a minority
-    shape; its exceptions propagate (they are bugs, not bad files).
+    studies. ``slice_fn`` also sees slices that are later dropped; its exceptions
+    propagate (they are bugs, not bad files).
 
-    Unreadable slices (see :class:`DicomError`), slices whose (rows, cols) differ from
-    the majority, and slices without ImagePositionPatient when others have it go to
-    ``meta.bad_files`` and the series goes on. If no slice has a position, the order
-    falls back to InstanceNumber, then file number, with a warning.
+    Unreadable slices (see :class:`DicomError`, any decoder failure included), slices
+    of another SeriesInstanceUID or ImageOrientationPatient than the majority's, and
+    slices without ImagePositionPatient when others have it go to ``meta.bad_files``
+    and the series goes on. Slices whose (rows, cols) differ from the majority go there
+    too with ``ragged="drop"``; with ``ragged="resize"`` they are resized to it (HU
+    bilinear, or by ``slice_fn`` when it gives every slice the same output shape) and a
+    :class:`DataWarning` names them. If no slice has a position, the order falls back
+    to InstanceNumber, then file number, with a DataWarning.
 
     Raises:
         DicomError: ``directory`` is not a directory, has no ``.dcm`` files, or none of
             its slices is readable (the message names the directory and the first
             reasons).
     """
+    if ragged not in ("drop", "resize"):
+        raise ValueError(f"ragged must be 'drop' or 'resize', got {ragged!r}")
     directory = Path(directory)
     if not directory.is_dir():
         raise DicomError(directory, "not a directory")
@@ -601,14 +758,13 @@ def read_series(
     for listing, (path, number) in enumerate(files):
         slices.extend(_read_file_slices(path, number, listing, slice_fn, bad, syntaxes))
 
+    direction: tuple[float, ...] = _DEFAULT_DIRECTION
+    shape = (0, 0)
+    depth: list[float | None] = []
     if slices:
-        # Majority (rows, cols); ties go to the shape seen first in file order.
-        shape = Counter(s.shape for s in slices).most_common(1)[0][0]
-        for s in slices:
-            if s.shape != shape:
-                bad.append((s.name, f"shape {s.shape} differs from the series' {shape}"))
-        slices = [s for s in slices if s.shape == shape]
-        slices = _order(slices, directory, bad)
+        slices, direction = _same_series(slices, bad)
+        slices, shape = _same_shape(slices, directory, bad, ragged, slice_fn is not None)
+        slices, depth = _order(slices, slice_normal(direction), directory, bad)
     if not slices:
         reasons = "; ".join(f"{n}: {r}" for n, r in bad[:3])
         raise DicomError(directory, f"no readable slice in {len(files)} .dcm files ({reasons})")
@@ -622,34 +778,37 @@ def read_series(
         volume[i] = s.image  # ValueError here = slice_fn returned ragged outputs
         s.image = None
 
-    z = np.array([math.nan if s.z is None else s.z for s in slices], dtype=np.float64)
+    z = np.array([math.nan if d is None else d for d in depth], dtype=np.float64)
     numbers = np.array([s.number for s in slices], dtype=np.int64)
+    pos0 = slices[0].position
     meta = SeriesMeta(
         z=z,
         slice_numbers=numbers,
         spacing=_spacing(slices, z, directory),
-        direction=slices[0].orientation or _DEFAULT_DIRECTION,
+        direction=direction,
         # Volume order is head first; file numbers falling along it mean they rise feet->head.
         z_reversed=bool(len(numbers) > 1 and numbers[-1] < numbers[0]),
         bad_files=bad,
         transfer_syntaxes=sorted(syntaxes),
         shape=shape,
+        normal=slice_normal(direction),
+        origin=None if pos0 is None else (float(pos0[0]), float(pos0[1]), float(pos0[2])),
     )
     return volume, meta
 
 
 def _spacing(slices: list[_Slice], z: np.ndarray, directory: Path) -> tuple[float, float, float]:
-    """(dz, dy, dx) in mm; missing values fall back to 1.0 with a warning."""
+    """(dz, dy, dx) in mm (dz along the slice normal); missing values fall back to 1.0 with a DataWarning."""
     dz = math.nan
     if len(z) > 1 and np.all(np.isfinite(z)):
         dz = float(np.median(np.abs(np.diff(z))))
     if not dz > 0:  # one slice, no positions, or all positions equal
         dz = slices[0].thickness or math.nan
     if not dz > 0:
-        warnings.warn(f"{directory}: slice spacing unknown; using dz = 1.0 mm", stacklevel=3)
+        warnings.warn(f"{directory}: slice spacing unknown; using dz = 1.0 mm", DataWarning, stacklevel=3)
         dz = 1.0
     pixel = slices[0].pixel_spacing
     if pixel is None or not all(v > 0 for v in pixel):
-        warnings.warn(f"{directory}: no PixelSpacing; using 1.0 mm", stacklevel=3)
+        warnings.warn(f"{directory}: no PixelSpacing; using 1.0 mm", DataWarning, stacklevel=3)
         pixel = (1.0, 1.0)
     return (dz, float(pixel[0]), float(pixel[1]))

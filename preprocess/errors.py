@@ -17,3 +17,8 @@ class DataWarning(UserWarning):
 
 class LabelError(ValueError):
     """A study's labels cannot be built from its inputs (bad input, not a bug)."""
+
+
+class JobError(ValueError):
+    """The shard job refuses to run as asked (another config or study selection in --out, nothing
+    readable); the message says what to do. Not a bug: the CLI prints it without a traceback."""

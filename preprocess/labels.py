@@ -52,7 +52,10 @@ Which fractured vertebra a boxed slice shows (:func:`assign_vertebrae`)
 
 Every slice of a boxed study without a box is negative (the reference solution's
 assumption, :func:`slice_labels`). Warnings use :mod:`warnings` so callers decide once
-whether they are errors.
+whether they are errors; the one that changes a study's labels (a box on a slice the
+series lacks) is a :class:`~preprocess.errors.DataWarning`. Bad input (the CSV files, a
+study's boxes) raises :class:`~preprocess.errors.LabelError` (a ValueError); other
+ValueErrors are wrong arguments, i.e. bugs.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ from fractions import Fraction
 
 import numpy as np
 import pandas as pd
+
+from .errors import DataWarning, LabelError
 
 VERTEBRAE: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 8))
 TARGETS: tuple[str, ...] = VERTEBRAE + ("any",)
@@ -88,12 +93,12 @@ def _preview(items: Iterable[object], limit: int = 5) -> str:
 def _require_columns(df: pd.DataFrame, columns: Sequence[str], file: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{file}: missing column(s) {missing}; expected {list(columns)}")
+        raise LabelError(f"{file}: missing column(s) {missing}; expected {list(columns)}")
 
 
 def _uids(series: pd.Series, file: str) -> pd.Series:
     if series.isna().any():
-        raise ValueError(f"{file}: {int(series.isna().sum())} row(s) have no StudyInstanceUID")
+        raise LabelError(f"{file}: {int(series.isna().sum())} row(s) have no StudyInstanceUID")
     return series.astype(str).str.strip()
 
 
@@ -144,17 +149,17 @@ def build_study_table(
     uid = table["StudyInstanceUID"]
     dup = uid[uid.duplicated()].unique()
     if len(dup):
-        raise ValueError(f"{TRAIN_FILE}: {len(dup)} study/studies appear on more than one row: {_preview(dup)}")
+        raise LabelError(f"{TRAIN_FILE}: {len(dup)} study/studies appear on more than one row: {_preview(dup)}")
     for col in ("patient_overall", *VERTEBRAE):
         values = pd.to_numeric(table[col], errors="coerce")
         bad = ~values.isin([0, 1])
         if bad.any():
-            raise ValueError(f"{TRAIN_FILE}: column {col} must be 0 or 1; bad value(s) for {_preview(uid[bad])}")
+            raise LabelError(f"{TRAIN_FILE}: column {col} must be 0 or 1; bad value(s) for {_preview(uid[bad])}")
         table[col] = values.astype(np.int8)
     any_vertebra = table[list(VERTEBRAE)].max(axis=1)
     inconsistent = any_vertebra != table["patient_overall"]
     if inconsistent.any():
-        raise ValueError(
+        raise LabelError(
             f"{TRAIN_FILE}: patient_overall disagrees with C1..C7 (must equal their max) for "
             f"{int(inconsistent.sum())} study/studies: {_preview(uid[inconsistent])}"
         )
@@ -170,7 +175,7 @@ def build_study_table(
 
     boxed_negative = uid[(table["n_boxes"] > 0) & (table["patient_overall"] == 0)]
     if len(boxed_negative):
-        raise ValueError(
+        raise LabelError(
             f"{BOXES_FILE}: study/studies with boxes are negative in {TRAIN_FILE}: {_preview(boxed_negative)}"
         )
 
@@ -216,13 +221,13 @@ def boxes_to_index(
     rows = boxes[boxes["StudyInstanceUID"].astype(str).str.strip() == str(uid)]
     slice_numbers = pd.to_numeric(rows["slice_number"], errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(slice_numbers) & (slice_numbers == np.round(slice_numbers))):
-        raise ValueError(f"{BOXES_FILE}: study {uid} has a slice_number that is not an integer")
+        raise LabelError(f"{BOXES_FILE}: study {uid} has a slice_number that is not an integer")
     slice_numbers = slice_numbers.astype(np.int64)
     coords = rows[["x", "y", "width", "height"]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     if not np.all(np.isfinite(coords)):
-        raise ValueError(f"{BOXES_FILE}: study {uid} has a box with a missing or non-numeric coordinate")
+        raise LabelError(f"{BOXES_FILE}: study {uid} has a box with a missing or non-numeric coordinate")
     if np.any(coords[:, 2:] < 0):
-        raise ValueError(f"{BOXES_FILE}: study {uid} has a box with negative width or height")
+        raise LabelError(f"{BOXES_FILE}: study {uid} has a box with negative width or height")
 
     known = np.array([int(s) in slice_number_to_index for s in slice_numbers], dtype=bool)
     if not known.all():
@@ -230,6 +235,7 @@ def boxes_to_index(
         warnings.warn(
             f"{BOXES_FILE}: study {uid}: dropping {int((~known).sum())} box(es) on slice number(s) "
             f"{unknown} that the study's DICOM series does not have",
+            DataWarning,
             stacklevel=2,
         )
     index = np.array([slice_number_to_index[int(s)] for s in slice_numbers[known]], dtype=np.int64)
@@ -375,7 +381,7 @@ def assign_vertebrae(
     if idx.size == 0:
         return {}
     if not verts:
-        raise ValueError(f"{idx.size} boxed slice(s) but no fractured vertebra; the study's train.csv row is negative")
+        raise LabelError(f"{idx.size} boxed slice(s) but no fractured vertebra; the study's train.csv row is negative")
     if len(verts) == 1:  # rule 1
         return {int(z): {verts[0]} for z in idx}
     by_runs = _assign_by_runs(idx, verts, max_gap)  # rule 3

@@ -209,3 +209,91 @@ def test_dali_cpu_reads_every_sample_through_the_index(shards):
     for sid, data in list(ref.items())[:5]:
         assert np.abs(images[sid].astype(int) - decode_jpeg(data).astype(int)).max() <= 2
     assert dali.__version__
+
+
+# --------------------------------------------------------------------------- the job's identity and error policy
+
+
+def subset(raw: Path, dst: Path, uids: list[str]) -> Path:
+    """A copy of ``raw`` holding only ``uids`` (train.csv, boxes, images, segmentations)."""
+    dst.mkdir(parents=True)
+    train = pd.read_csv(raw / "train.csv")
+    train[train.StudyInstanceUID.isin(uids)].to_csv(dst / "train.csv", index=False)
+    boxes = pd.read_csv(raw / "train_bounding_boxes.csv")
+    boxes[boxes.StudyInstanceUID.isin(uids)].to_csv(dst / "train_bounding_boxes.csv", index=False)
+    for u in uids:
+        shutil.copytree(raw / "train_images" / u, dst / "train_images" / u)
+        seg = raw / "segmentations" / f"{u}.nii"
+        if seg.exists():
+            (dst / "segmentations").mkdir(exist_ok=True)
+            shutil.copy(seg, dst / "segmentations" / seg.name)
+    return dst
+
+
+def test_a_limited_run_is_another_job(raw, tmp_path):
+    out = tmp_path / "out"
+    m = run(raw, out, ShardConfig(**CFG), workers=1, limit=2)
+    assert m["counts"]["studies"] == 2
+    with pytest.raises(ValueError, match=r"--limit 2.*another --out"):  # a JobError
+        run(raw, out, ShardConfig(**CFG), workers=1)  # the full job: refused, not "already complete"
+    assert run(raw, out, ShardConfig(**CFG), workers=1, limit=2)["counts"]["studies"] == 2  # same job: a no-op
+    # the same for an interrupted limited job
+    out2 = tmp_path / "interrupted"
+    run(raw, out2, ShardConfig(**CFG), workers=1, limit=2, keep_work=True)
+    (out2 / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"interrupted job over 2 studies \(--limit 2\)"):
+        run(raw, out2, ShardConfig(**CFG), workers=1, limit=3)
+
+
+def test_a_bug_in_the_worker_stops_the_job_with_its_traceback(raw, tmp_path, monkeypatch):
+    import preprocess.convert as convert
+
+    def buggy(*a, **k):
+        raise ValueError("an index bug in the label code")
+
+    monkeypatch.setattr(convert, "study_labels", buggy)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="an index bug") as err:
+        run(raw, out, ShardConfig(**CFG), workers=1, limit=2)
+    assert any("not bad input" in n for n in getattr(err.value, "__notes__", []))
+    assert not (out / "manifest.json").exists() and not list((out / "_work").glob("failed/*.json"))
+    with pytest.raises(ValueError, match="an index bug"):  # the CLI does not turn it into a one-line error
+        convert.main(["--data", str(raw), "--out", str(tmp_path / "cli"), "--workers", "1", "--limit", "1",
+                      *[a for k, v in CFG.items() for a in ("--set", f"{k}={v}")]])
+
+
+def test_bad_boxes_are_bad_input_for_that_study(raw, tmp_path):
+    studies = pd.read_csv(raw / "train.csv")
+    boxes = pd.read_csv(raw / "train_bounding_boxes.csv")
+    boxed = sorted(boxes.StudyInstanceUID.unique())[0]
+    other = sorted(set(studies.StudyInstanceUID) - set(boxes.StudyInstanceUID))[0]
+    data = subset(raw, tmp_path / "raw", [boxed, other])
+    b = pd.read_csv(data / "train_bounding_boxes.csv")
+    b.loc[b.index[0], "width"] = np.nan  # a box without a width: a LabelError, the study fails
+    b.to_csv(data / "train_bounding_boxes.csv", index=False)
+    m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+    assert [f["study"] for f in m["failed_studies"]] == [boxed]
+    assert "non-numeric coordinate" in m["failed_studies"][0]["reason"]
+    assert m["counts"]["studies"] == 1
+
+
+def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypatch):
+    import preprocess.dicom as dicom
+
+    class Panic(BaseException):  # pyo3's PanicException is a BaseException
+        pass
+
+    uid = sorted(p.name for p in (raw / "train_images").iterdir())[0]
+    data = subset(raw, tmp_path / "raw", [uid])
+    victim = sorted((data / "train_images" / uid).glob("*.dcm"))[2]
+    real = dicom.pixel_array
+
+    def panics(ds, **kw):
+        if int(ds.InstanceNumber) == int(victim.stem):
+            raise Panic("index out of bounds: the len is 32768 but the index is 32768")
+        return real(ds, **kw)
+
+    monkeypatch.setattr(dicom, "pixel_array", panics)
+    m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+    assert [(b["study"], b["file"]) for b in m["bad_files"]] == [(uid, victim.name)]
+    assert "Panic" in m["bad_files"][0]["reason"]

@@ -630,3 +630,152 @@ def test_series_nothing_readable(tmp_path):
         read_series(bad)
     with pytest.raises(DicomError, match="not a directory"):
         read_series(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------
+# Orientation: the slice normal orders the series (issue 8)
+# ---------------------------------------------------------------------------------------
+
+
+def _oriented_series(directory: Path, orientation: list[float], step: float, order: list[int]) -> np.ndarray:
+    """Slices k = 0..n-1 at origin + k*step*normal, written as file ``order[k]``.dcm; returns the
+    HU of slice k (k = 0 is the most positive along the signed normal, i.e. volume index 0)."""
+    directory.mkdir(exist_ok=True)
+    base = _ct()
+    stored = base.pixel_array.astype(np.int16)
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal = normal * np.sign(normal[np.argmax(np.abs(normal))])  # largest component positive
+    origin = np.array([-100.0, -120.0, 40.0])
+    hus = []
+    n = len(order)
+    for k, number in enumerate(order):
+        ds = copy.deepcopy(base)
+        ds.PixelData = (stored + 10 * k).tobytes()
+        ds.InstanceNumber = number
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin + (n - 1 - k) * step * normal]
+        _save(ds, directory / f"{number}.dcm")
+        hus.append((stored + 10 * k).astype(np.float32) - 1024)
+    return np.stack(hus)
+
+
+def test_tilted_series_is_ordered_and_spaced_along_its_normal(tmp_path):
+    t = np.deg2rad(25.0)
+    orientation = [1, 0, 0, 0, float(np.cos(t)), float(-np.sin(t))]  # gantry tilt about x
+    order = [3, 1, 6, 2, 5, 4]
+    hus = _oriented_series(tmp_path / "s", orientation, 1.25, order)
+    vol, meta = read_series(tmp_path / "s")
+    np.testing.assert_array_equal(meta.slice_numbers, order)
+    np.testing.assert_array_equal(vol, hus)
+    assert meta.spacing[0] == pytest.approx(1.25, abs=1e-3)  # raw z steps are 1.25 * cos(25°) = 1.13
+    assert meta.normal == pytest.approx((0.0, np.sin(t), np.cos(t)), abs=1e-5)
+    assert meta.direction == pytest.approx(orientation, abs=1e-6)
+    assert (np.diff(meta.z) < 0).all()
+
+
+def test_sagittal_series_is_ordered_along_x_not_scrambled(tmp_path):
+    orientation = [0, 1, 0, 0, 0, -1]  # rows run posterior, columns down: normal = -x, signed +x
+    order = [4, 2, 7, 1, 6, 3, 5]  # file numbers unrelated to position; every raw z is equal
+    hus = _oriented_series(tmp_path / "s", orientation, 0.8, order)
+    vol, meta = read_series(tmp_path / "s")
+    np.testing.assert_array_equal(meta.slice_numbers, order)
+    np.testing.assert_array_equal(vol, hus)
+    assert meta.spacing[0] == pytest.approx(0.8, abs=1e-3)
+    assert meta.normal == pytest.approx((1.0, 0.0, 0.0))
+    assert meta.origin[0] == pytest.approx(-100.0 + 6 * 0.8, abs=1e-3)  # volume index 0: largest x
+
+
+def test_stray_series_and_orientation_files_are_bad_files(tmp_path):
+    study = tmp_path / "s"
+    zs = [float(50 - 2 * i) for i in range(6)]
+    hus = _series(study, zs)
+    stray = pydicom.dcmread(study / "2.dcm")
+    stray.SeriesInstanceUID = "1.2.3.999"  # a localizer of another series in the same directory
+    _save(stray, study / "2.dcm")
+    tilted = pydicom.dcmread(study / "5.dcm")
+    tilted.ImageOrientationPatient = [1, 0, 0, 0, 0.9, -0.43589]
+    _save(tilted, study / "5.dcm")
+    vol, meta = read_series(study)
+    bad = dict(meta.bad_files)
+    assert set(bad) == {"2.dcm", "5.dcm"}
+    assert "SeriesInstanceUID" in bad["2.dcm"] and "1.2.3.999" in bad["2.dcm"]
+    assert "ImageOrientationPatient" in bad["5.dcm"]
+    np.testing.assert_array_equal(meta.slice_numbers, [1, 3, 4, 6])
+    np.testing.assert_array_equal(vol, hus[[0, 2, 3, 5]])
+
+
+def test_ragged_slice_is_resized_on_request(tmp_path):
+    study = tmp_path / "s"
+    _series(study, [float(50 - 2 * i) for i in range(4)])
+    small = pydicom.dcmread(study / "3.dcm")
+    small.PixelData = small.pixel_array[::2, ::2].tobytes()
+    small.Rows = small.Columns = 64
+    _save(small, study / "3.dcm")
+    with pytest.warns(dicom.DataWarning, match=r"resized 1 slice.*3\.dcm"):
+        vol, meta = read_series(study, ragged="resize")
+    assert vol.shape == (4, 128, 128) and meta.bad_files == []
+    _, meta = read_series(study)  # the default still reports it
+    assert [n for n, _ in meta.bad_files] == ["3.dcm"]
+
+
+# ---------------------------------------------------------------------------------------
+# Decoders that fail with a BaseException (issue 8)
+# ---------------------------------------------------------------------------------------
+
+
+class _Panic(BaseException):
+    """Stands in for pyo3's PanicException: a BaseException, not an Exception."""
+
+
+def test_decoder_base_exception_becomes_dicom_error(tmp_path, monkeypatch):
+    study = tmp_path / "s"
+    _series(study, [float(10 - i) for i in range(4)])
+    real = dicom.pixel_array
+
+    def panics_on_two(ds, **kw):
+        if int(ds.InstanceNumber) == 2:
+            raise _Panic("index out of bounds")
+        return real(ds, **kw)
+
+    monkeypatch.setattr(dicom, "pixel_array", panics_on_two)
+    with pytest.raises(DicomError, match=r"2\.dcm.*_Panic"):
+        read_hu(study / "2.dcm")
+    vol, meta = read_series(study)
+    assert [n for n, _ in meta.bad_files] == ["2.dcm"] and "_Panic" in meta.bad_files[0][1]
+    assert vol.shape[0] == 3
+
+    def interrupted(ds, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dicom, "pixel_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # never swallowed
+        read_hu(study / "1.dcm")
+
+
+def _malformed_rle(src: Path, dst: Path) -> Path:
+    """An RLE Lossless file whose frame header says 0 segments with a second offset of 65:
+    pylibjpeg-rle 2.x panics on it (index out of bounds) instead of raising."""
+    import struct
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(src)
+    ds.compress(uid.RLELossless)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    header = list(struct.unpack("<16I", frame[:64]))
+    header[0], header[2] = 0, 65
+    ds.PixelData = encapsulate([struct.pack("<16I", *header) + frame[64:]])
+    return _save(ds, dst)
+
+
+def test_real_malformed_rle_frame_is_a_dicom_error(tmp_path, monkeypatch):
+    pytest.importorskip("rle")
+    study = tmp_path / "s"
+    _series(study, [float(10 - i) for i in range(3)])
+    bad = _malformed_rle(study / "2.dcm", study / "2.dcm")
+    # only pylibjpeg, so the panic is what the reader sees (no other plugin to fall back on)
+    monkeypatch.setattr(dicom, "_plugin_order", lambda ts: ("pylibjpeg",) if ts == uid.RLELossless else ("",))
+    with pytest.raises(DicomError, match=r"2\.dcm.*cannot decode.*PanicException"):
+        read_hu(bad)
+    _, meta = read_series(study)
+    assert [n for n, _ in meta.bad_files] == ["2.dcm"]
