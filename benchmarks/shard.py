@@ -175,8 +175,8 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
     with PeakRSS() as mem, contextlib.redirect_stderr(io.StringIO()):
         m = run(data, out, cfg, workers=workers, limit=limit)
     dt = time.perf_counter() - t0
-    n = m["counts"]["slices"]
-    return {"slices": n, "studies": m["counts"]["studies"], "seconds": dt, "slices_per_s": n / dt,
+    n = m.counts.slices
+    return {"slices": n, "studies": m.counts.studies, "seconds": dt, "slices_per_s": n / dt,
             "shard_bytes_per_slice": _du(out / "wds", "*.tar") / n,
             "zarr_bytes_per_slice": _du(out / "volumes.zarr") / n,
             "peak_rss_mb": mem.peak / 2**20}

@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shards.layout import DROPPED_STUDIES
 from shards.sample import CHANNEL_MODES
-
-DROPPED_STUDIES = ("1.2.826.0.1.3680043.20574",)
 
 
 @dataclass(kw_only=True)
@@ -41,7 +40,7 @@ class ShardConfig:
     label_max_gap: int = 1
     """Boxed slices up to this many missing slices apart form one run (label rule 3)."""
     exclude_studies: list[str] = field(default_factory=lambda: list(DROPPED_STUDIES))
-    """Studies left out (the real data has a broken one)."""
+    """Studies left out (default: the real data's two broken scans, shards.layout.DROPPED_STUDIES)."""
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 2048:

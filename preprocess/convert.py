@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -42,9 +43,12 @@ from tqdm import tqdm
 
 from shards import layout as L
 from shards.config import ConfigError, load_config, to_dict
-from shards.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_parquet, replace_dir
+from shards.fsutil import atomic_write_json, replace_dir
 from shards.sample import encode_jpeg, neighbour_index, sample_image
-from shards.volumes import ensure_group, set_attrs, write_volume
+from shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
+                             ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
+from shards.tables import LabelTable, label_frame, write_label_table, write_slice_table, write_study_table
+from shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
 from shards.wds import ShardWriter
 
 from .config import ShardConfig
@@ -141,13 +145,52 @@ def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
+    # DataWarnings are the study's record of what was changed: captured here, kept in
+    # study.json and listed in the manifest (the error policy, preprocess/errors.py)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        volume, meta, labels, sizes, used_seg = _convert_study(task, cfg, tmp)
+    info = {
+        "uid": task.uid,
+        "n_slices": int(volume.shape[0]),
+        "sizes": sizes.tolist(),
+        "z": [float(v) for v in meta.z],
+        "slice_numbers": [int(v) for v in meta.slice_numbers],
+        "spacing": [float(v) for v in meta.spacing],
+        "z_reversed": bool(meta.z_reversed),
+        "rows_cols": [int(v) for v in meta.shape],
+        "transfer_syntaxes": list(meta.transfer_syntaxes),
+        "bad_files": [[str(a), str(b)] for a, b in meta.bad_files],
+        "has_segmentation": used_seg,
+        "warnings": study_warnings(task, caught),
+    }
+    attrs = VolumeAttrs(
+        study=task.uid, z=info["z"], slice_numbers=info["slice_numbers"], spacing=info["spacing"],
+        z_reversed=info["z_reversed"], channels=cfg.channels, windows=[list(w) for w in cfg.windows],
+        offset_mm=cfg.offset_mm, direction=[float(v) for v in meta.direction],
+        normal=[float(v) for v in meta.normal], origin=None if meta.origin is None else list(meta.origin),
+        source_shape=info["rows_cols"],
+    )
+    write_volume(lay.work / "tmp" / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
+                 chunk_depth=cfg.zarr_chunk_depth, cname=cfg.zarr_codec, clevel=cfg.zarr_clevel,
+                 shuffle=cfg.zarr_shuffle)
+    atomic_write_json(tmp / "study.json", info)
+    replace_dir(tmp, lay.work / "studies" / task.uid)  # the commit point
+    (lay.work / "failed" / f"{task.uid}.json").unlink(missing_ok=True)
+    return {"uid": task.uid, "n_slices": info["n_slices"], "bad_files": len(meta.bad_files)}
+
+
+def _convert_study(task: StudyTask, cfg: ShardConfig, tmp: Path):
+    """Read, label and JPEG-encode one study into ``tmp`` -> (volume, meta, labels, sample sizes,
+    whether a segmentation decided labels)."""
+    volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size),
+                               ragged="resize")
     n = volume.shape[0]
     if not np.all(np.isfinite(meta.z)):
         # no ImagePositionPatient anywhere: read_series ordered by InstanceNumber/file number;
         # stand in evenly spaced positions so neighbours in mm still work
         meta.z = -np.arange(n, dtype=np.float64) * float(meta.spacing[0])
-    labels = study_labels(task, meta, n, cfg)
+    labels, used_seg = study_labels(task, meta, n, cfg)
 
     nbr = neighbour_index(meta.z, cfg.offset_mm) if cfg.channels == "neighbours" else None
     sizes = np.empty(n, dtype=np.int64)
@@ -158,51 +201,35 @@ def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
             f.write(data)
     if labels is not None:
         np.save(tmp / "labels.npy", labels)
-
-    info = {
-        "uid": task.uid,
-        "n_slices": int(n),
-        "sizes": sizes.tolist(),
-        "z": [float(v) for v in meta.z],
-        "slice_numbers": [int(v) for v in meta.slice_numbers],
-        "spacing": [float(v) for v in meta.spacing],
-        "z_reversed": bool(meta.z_reversed),
-        "rows_cols": [int(v) for v in meta.shape],
-        "transfer_syntaxes": list(meta.transfer_syntaxes),
-        "bad_files": [[str(a), str(b)] for a, b in meta.bad_files],
-        "has_segmentation": labels is not None and task.seg_path is not None,
-    }
-    attrs = {
-        "study": task.uid,
-        "z": info["z"],
-        "slice_numbers": info["slice_numbers"],
-        "spacing": info["spacing"],
-        "z_reversed": info["z_reversed"],
-        "channels": cfg.channels,
-        "windows": [list(w) for w in cfg.windows],
-        "offset_mm": cfg.offset_mm,
-    }
-    write_volume(lay.work / "tmp" / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
-                 chunk_depth=cfg.zarr_chunk_depth, cname=cfg.zarr_codec, clevel=cfg.zarr_clevel,
-                 shuffle=cfg.zarr_shuffle)
-    atomic_write_json(tmp / "study.json", info)
-    replace_dir(tmp, lay.work / "studies" / task.uid)  # the commit point
-    (lay.work / "failed" / f"{task.uid}.json").unlink(missing_ok=True)
-    return {"uid": task.uid, "n_slices": int(n), "bad_files": len(meta.bad_files)}
+    return volume, meta, labels, sizes, used_seg
 
 
-def study_labels(task: StudyTask, meta, n: int, cfg: ShardConfig) -> np.ndarray | None:
-    """Slice targets (n, 8) for boxed and negative studies; None for positive-unboxed."""
+def study_warnings(task: StudyTask, caught: list[warnings.WarningMessage]) -> list[str]:
+    """The DataWarning messages of one study, with the dataset path made relative (the manifest
+    must not depend on where the data lies); other warnings are re-emitted as they were."""
+    out = []
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            out.append(str(w.message).replace(task.image_dir, f"train_images/{task.uid}"))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
+def study_labels(task: StudyTask, meta, n: int, cfg: ShardConfig) -> tuple[np.ndarray | None, bool]:
+    """Slice targets (n, 8) for boxed and negative studies (None for positive-unboxed), and
+    whether a segmentation was used for them."""
     if task.cohort == "negative":
-        return np.zeros((n, len(L.TARGETS)), dtype=np.uint8)
+        return np.zeros((n, len(L.TARGETS)), dtype=np.uint8), False
     if task.cohort != "boxed":
-        return None
+        return None, False
     rows = pd.DataFrame(task.boxes, columns=["slice_number", "x", "y", "width", "height"])
     rows["StudyInstanceUID"] = task.uid
     mapping = {int(s): i for i, s in enumerate(meta.slice_numbers)}
     boxed_index, box_arr = boxes_to_index(rows, mapping, task.uid)
     seg = study_segmentation(task, (n, *meta.shape)) if task.seg_path else None
-    return slice_labels(n, boxed_index, task.fractured, seg=seg, boxes=box_arr, max_gap=cfg.label_max_gap)
+    labels = slice_labels(n, boxed_index, task.fractured, seg=seg, boxes=box_arr, max_gap=cfg.label_max_gap)
+    return labels, seg is not None
 
 
 def _seg_read_errors() -> tuple[type[BaseException], ...]:
@@ -286,10 +313,25 @@ def write_group(args: tuple) -> list[dict]:
     return entries
 
 
-def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit: int | None = None) -> dict:
-    """Phase 2: number slices, write shards per group, the tables and the manifest."""
+def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit: int | None = None,
+             job_warnings: list[str] = ()) -> Manifest:
+    """Phase 2 as named steps on the storage contract (shards/): number slices -> write groups ->
+    write tables -> write manifest. Each step reads only what the steps before it wrote, so a
+    job-array ``--merge`` can run them over the workers' committed studies."""
     lay = L.Layout(out)
-    selection = study_selection(table, limit)
+    infos, failed = collect_studies(lay, table)
+    studies, slices = number_slices(table, infos)
+    shards, shard_of = write_groups(out, slices, cfg, pool)
+    slices["shard"] = shard_of[slices.slice_id.to_numpy()]
+    write_tables(lay, studies, slices, infos)
+    manifest = build_manifest(table, studies, cfg, shards, infos, failed, study_selection(table, limit),
+                              job_warnings)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def collect_studies(lay: L.Layout, table: pd.DataFrame) -> tuple[dict[str, dict], list[FailedStudy]]:
+    """The committed studies' ``study.json`` by UID, and the studies that failed (with the reason)."""
     infos, failed = {}, []
     for uid in table.StudyInstanceUID:
         sj = lay.work / "studies" / uid / "study.json"
@@ -298,23 +340,29 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit:
         else:
             fj = lay.work / "failed" / f"{uid}.json"
             reason = json.loads(fj.read_text())["reason"] if fj.exists() else "not processed"
-            failed.append({"study": uid, "reason": reason})
-    ok = table[table.StudyInstanceUID.isin(infos)].reset_index(drop=True)
-    if ok.empty:
+            failed.append(FailedStudy(study=uid, reason=reason))
+    if not infos:
         raise JobError(f"no study could be read; see {lay.work / 'failed'} for the reasons")
+    return infos, failed
 
-    # slice ids: studies in UID order (the table is sorted), slices head to feet
+
+def number_slices(table: pd.DataFrame, infos: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Global slice ids: studies in UID order (the table is sorted), slices head to feet.
+
+    Returns the study rows of the converted studies (with n_slices, slice_id_offset) and one
+    row per slice (with the private ``_offset``/``_size`` of its JPEG in ``samples.bin``).
+    """
+    ok = table[table.StudyInstanceUID.isin(infos)].reset_index(drop=True)
     counts = np.array([infos[u]["n_slices"] for u in ok.StudyInstanceUID], dtype=np.int64)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     ok["n_slices"] = counts
     ok["slice_id_offset"] = first
-
-    slices = []
+    parts = []
     for row, f0 in zip(ok.itertuples(index=False), first):
         info = infos[row.StudyInstanceUID]
         n = info["n_slices"]
         sizes = np.asarray(info["sizes"], dtype=np.int64)
-        slices.append(pd.DataFrame({
+        parts.append(pd.DataFrame({
             "slice_id": np.arange(f0, f0 + n, dtype=np.int64),
             "StudyInstanceUID": row.StudyInstanceUID,
             "slice_number": np.asarray(info["slice_numbers"], dtype=np.int64),
@@ -325,84 +373,80 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit:
             "_offset": np.concatenate([[0], np.cumsum(sizes)[:-1]]),
             "_size": sizes,
         }))
-    slices = pd.concat(slices, ignore_index=True)
+    return ok, pd.concat(parts, ignore_index=True)
 
-    # phase 2a: shards per (cohort, fold) group
+
+def write_groups(out: Path, slices: pd.DataFrame, cfg: ShardConfig, pool=None) -> tuple[list[ShardEntry], np.ndarray]:
+    """Shards per (cohort, fold) group -> (entries sorted by name, shard name per slice_id)."""
     tasks = []
     for (cohort, fold), g in slices.groupby(["cohort", "fold"], sort=True):
-        group = L.group_name(cohort, int(fold))
-        tasks.append((str(out), group, cohort, int(fold),
+        tasks.append((str(out), L.group_name(cohort, int(fold)), cohort, int(fold),
                       (g.slice_id.to_numpy(), g.StudyInstanceUID.to_numpy(), g._offset.to_numpy(), g._size.to_numpy()),
                       to_dict(cfg)))
-    shards = []
+    entries: list[dict] = []
     with tqdm(total=len(tasks), desc="shards (groups)", unit="group") as bar:
-        for entries in (pool.imap(write_group, tasks) if pool else map(write_group, tasks)):
-            shards.extend(entries)
+        for group in (pool.imap(write_group, tasks) if pool else map(write_group, tasks)):
+            entries.extend(group)
             bar.update()
-    shard_of = np.empty(int(counts.sum()), dtype=object)
-    for s in shards:
-        shard_of[np.asarray(s.pop("slice_ids"), dtype=np.int64)] = s["name"]
-    slices["shard"] = shard_of[slices.slice_id.to_numpy()]
-    slices = slices.drop(columns=["_offset", "_size"])
+    shard_of = np.empty(len(slices), dtype=object)
+    for e in entries:
+        shard_of[np.asarray(e.pop("slice_ids"), dtype=np.int64)] = e["name"]
+    shards = sorted((ShardEntry(**e) for e in entries), key=lambda s: s.name)
+    return shards, shard_of
 
-    # tables
-    ok["spacing_z"] = [infos[u]["spacing"][0] for u in ok.StudyInstanceUID]
-    ok["spacing_y"] = [infos[u]["spacing"][1] for u in ok.StudyInstanceUID]
-    ok["spacing_x"] = [infos[u]["spacing"][2] for u in ok.StudyInstanceUID]
-    ok["rows"] = [infos[u]["rows_cols"][0] for u in ok.StudyInstanceUID]
-    ok["cols"] = [infos[u]["rows_cols"][1] for u in ok.StudyInstanceUID]
-    ok["z_reversed"] = [infos[u]["z_reversed"] for u in ok.StudyInstanceUID]
-    ok["n_bad_files"] = [len(infos[u]["bad_files"]) for u in ok.StudyInstanceUID]
-    ok["transfer_syntax"] = [";".join(infos[u]["transfer_syntaxes"]) for u in ok.StudyInstanceUID]
-    ok["has_segmentation"] = [infos[u]["has_segmentation"] for u in ok.StudyInstanceUID]
-    truth = []
-    for row, f0 in zip(ok.itertuples(index=False), first):
-        lp = lay.work / "studies" / row.StudyInstanceUID / "labels.npy"
+
+def write_tables(lay: L.Layout, studies: pd.DataFrame, slices: pd.DataFrame, infos: dict[str, dict]) -> None:
+    """The study, slice and truth tables (shards.tables), then the volumes' slice_id offsets."""
+    studies = studies.copy()
+    col = {  # study.json field -> study-table columns
+        "spacing_z": lambda i: i["spacing"][0], "spacing_y": lambda i: i["spacing"][1],
+        "spacing_x": lambda i: i["spacing"][2], "rows": lambda i: i["rows_cols"][0],
+        "cols": lambda i: i["rows_cols"][1], "z_reversed": lambda i: i["z_reversed"],
+        "n_bad_files": lambda i: len(i["bad_files"]), "transfer_syntax": lambda i: ";".join(i["transfer_syntaxes"]),
+        "has_segmentation": lambda i: i["has_segmentation"], "n_warnings": lambda i: len(i.get("warnings", [])),
+    }
+    for name, get in col.items():
+        studies[name] = [get(infos[u]) for u in studies.StudyInstanceUID]
+    ids, labels = [], []
+    for uid, f0 in zip(studies.StudyInstanceUID, studies.slice_id_offset):
+        lp = lay.work / "studies" / uid / "labels.npy"
         if lp.exists():
-            lab = np.load(lp)
-            df = pd.DataFrame(lab, columns=list(L.TARGETS))
-            df.insert(0, "slice_id", np.arange(f0, f0 + len(lab), dtype=np.int64))
-            truth.append(df)
-    truth = pd.concat(truth, ignore_index=True) if truth else pd.DataFrame(columns=["slice_id", *L.TARGETS])
-    atomic_write_parquet(lay.studies, ok)
-    atomic_write_parquet(lay.slices, slices)
-    atomic_write_parquet(lay.truth, truth)
-
-    # volumes learn their slice ids
+            lab = np.load(lp)  # (n, 8) uint8
+            ids.append(np.arange(f0, f0 + len(lab), dtype=np.int64))
+            labels.append(lab)
+    truth = label_frame(np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                        np.concatenate(labels) if labels else np.zeros((0, len(L.TARGETS)), np.uint8))
+    write_study_table(lay.studies, studies)
+    write_slice_table(lay.slices, slices)
+    write_label_table(lay.truth, LabelTable(truth, {"source": "truth", "cohorts": ["boxed", "negative"]}))
     ensure_group(lay.volumes)
-    for uid, f0 in zip(ok.StudyInstanceUID, first):
+    for uid, f0 in zip(studies.StudyInstanceUID, studies.slice_id_offset):
         set_attrs(lay.volumes / uid, {"slice_id_offset": int(f0)})
 
-    bad = [{"study": u, "file": f, "reason": r} for u in ok.StudyInstanceUID for f, r in infos[u]["bad_files"]]
-    shards.sort(key=lambda s: s["name"])
-    manifest = {
-        "format": L.FORMAT,
-        "version": L.VERSION,
-        "created_by": TOOL,
-        "source": {"train_csv_rows": int(len(table)), "selection": selection},
-        "config": to_dict(cfg),
-        "image": {
-            "size": cfg.image_size, "channels": cfg.channels, "windows": [list(w) for w in cfg.windows],
-            "offset_mm": cfg.offset_mm, "jpeg_quality": cfg.jpeg_quality, "subsampling": "4:4:4",
-            "channel_order": ["above", "slice", "below"] if cfg.channels == "neighbours" else "windows",
-        },
-        "counts": {
-            "studies": int(len(ok)),
-            "slices": int(counts.sum()),
-            "shards": len(shards),
-            "failed_studies": len(failed),
-            "bad_files": len(bad),
-            "by_cohort": {c: {"studies": int((ok.cohort == c).sum()),
-                              "slices": int(ok.n_slices[ok.cohort == c].sum())} for c in L.COHORTS},
-        },
-        "tables": {"studies": "studies.parquet", "slices": "slices.parquet", "truth": "labels/truth.parquet"},
-        "volumes": "volumes.zarr",
-        "shards": shards,
-        "failed_studies": failed,
-        "bad_files": bad,
-    }
-    atomic_write_json(lay.manifest, manifest)
-    return manifest
+
+def build_manifest(table: pd.DataFrame, studies: pd.DataFrame, cfg: ShardConfig, shards: list[ShardEntry],
+                   infos: dict[str, dict], failed: list[FailedStudy], selection: dict,
+                   job_warnings: list[str]) -> Manifest:
+    """The manifest of a finished job (written last: its presence means complete)."""
+    uids = list(studies.StudyInstanceUID)
+    bad = [BadFile(study=u, file=f, reason=r) for u in uids for f, r in infos[u]["bad_files"]]
+    warned = [DataWarningEntry(study="", message=m) for m in job_warnings]
+    warned += [DataWarningEntry(study=u, message=m) for u in uids for m in infos[u].get("warnings", [])]
+    return Manifest(
+        created_by=TOOL,
+        source=Source(train_csv_rows=int(len(table)), selection=StudySelection(**selection)),
+        config=to_dict(cfg),
+        image=ImageSpec(
+            size=cfg.image_size, channels=cfg.channels, windows=[list(w) for w in cfg.windows],
+            offset_mm=cfg.offset_mm, jpeg_quality=cfg.jpeg_quality, subsampling="4:4:4",
+            channel_order=["above", "slice", "below"] if cfg.channels == "neighbours" else "windows"),
+        counts=Counts(
+            studies=len(uids), slices=int(studies.n_slices.sum()), shards=len(shards),
+            failed_studies=len(failed), bad_files=len(bad), warnings=len(warned),
+            by_cohort={c: CohortCount(studies=int((studies.cohort == c).sum()),
+                                      slices=int(studies.n_slices[studies.cohort == c].sum())) for c in L.COHORTS}),
+        shards=shards, failed_studies=failed, bad_files=bad, warnings=warned,
+    )
 
 
 # --------------------------------------------------------------------------- the job
@@ -454,6 +498,17 @@ def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -
     return tasks
 
 
+def job_level_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """DataWarnings of the job's own inputs (train.csv, boxes) for the manifest; others re-emitted."""
+    out = []
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            out.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
 def study_selection(table: pd.DataFrame, limit: int | None) -> dict:
     """Which studies a job converts: part of the job's identity, like its config.
 
@@ -468,7 +523,7 @@ def _describe(sel: dict) -> str:
     return f"{sel['studies']} studies" + (f" (--limit {sel['limit']})" if sel.get("limit") else " (all)")
 
 
-def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> dict | None:
+def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> Manifest | None:
     """The manifest if ``lay.root`` already holds this very job, complete; None to (re)start it.
 
     Raises JobError when ``lay.root`` holds another job (another config or study
@@ -476,13 +531,17 @@ def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> dict | None:
     """
     out = lay.root
     if lay.manifest.exists():
-        m = json.loads(lay.manifest.read_text())
-        if m.get("config") != cfg_json:
+        try:
+            m = read_manifest(out)
+        except ManifestError as e:
+            raise JobError(f"{out} holds a shard set this version cannot read ({e}); use another --out "
+                           f"or delete it") from e
+        if m.config != cfg_json:
             raise JobError(f"{out} already holds shards made with another config; use another --out or delete it")
-        held = m.get("source", {}).get("selection")
+        held = dataclasses.asdict(m.source.selection)
         if held != selection:
             raise JobError(
-                f"{out} holds a complete job over {_describe(held) if held else 'another set of studies'}; "
+                f"{out} holds a complete job over {_describe(held)}; "
                 f"this command selects {_describe(selection)}. A limited run is another dataset and is not "
                 f"extended in place: use another --out (or delete {out}) for this one, or rerun with the "
                 f"same --limit to reuse it")
@@ -500,7 +559,7 @@ def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> dict | None:
 
 
 def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
-        limit: int | None = None) -> dict:
+        limit: int | None = None) -> Manifest:
     """The whole job; resumes from ``out/_work`` if an earlier run was interrupted.
 
     ``limit`` converts only the first N studies (by UID): another job, whose output is
@@ -511,12 +570,15 @@ def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: boo
     lay = L.Layout(out)
     cfg_json = to_dict(cfg)
     ds = Dataset.open(data)
-    table = build_study_table(ds.train, ds.boxes, folds=cfg.folds, seed=cfg.seed, exclude=cfg.exclude_studies)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        table = build_study_table(ds.train, ds.boxes, folds=cfg.folds, seed=cfg.seed, exclude=cfg.exclude_studies)
+    job_warnings = job_level_warnings(caught)
     if limit:
         table = table.iloc[:limit].reset_index(drop=True)
     done = check_job(lay, cfg_json, study_selection(table, limit))
     if done is not None:
-        print(f"{out}: already complete ({done['counts']['slices']} slices in {done['counts']['shards']} shards)")
+        print(f"{out}: already complete ({done.counts.slices} slices in {done.counts.shards} shards)")
         return done
     tasks = build_tasks(ds, table, out, cfg)
     todo = [t for t in tasks if not (lay.work / "studies" / t.uid / "study.json").exists()]
@@ -539,13 +601,13 @@ def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: boo
                 bar.set_postfix(slices=n_slices, slices_s=f"{n_slices / dt:.0f}" if dt > 0 else "-")
                 bar.update()
         t1 = time.perf_counter()
-        manifest = finalize(out, table, cfg, pool, limit)
+        manifest = finalize(out, table, cfg, pool, limit, job_warnings)
     t2 = time.perf_counter()
     if not keep_work:
         shutil.rmtree(lay.work, ignore_errors=True)
-    c = manifest["counts"]
-    print(f"done: {c['studies']} studies, {c['slices']} slices, {c['shards']} shards, "
-          f"{c['failed_studies']} failed studies, {c['bad_files']} bad files -> {out} "
+    c = manifest.counts
+    print(f"done: {c.studies} studies, {c.slices} slices, {c.shards} shards, {c.failed_studies} failed "
+          f"studies, {c.bad_files} bad files, {c.warnings} data warnings (manifest.json) -> {out} "
           f"(studies {t1 - t0:.1f}s, groups and tables {t2 - t1:.1f}s)", file=sys.stderr)
     return manifest
 

@@ -69,11 +69,8 @@ import pandas as pd
 
 from .errors import DataWarning, LabelError
 
-VERTEBRAE: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 8))
-TARGETS: tuple[str, ...] = VERTEBRAE + ("any",)
-COHORTS: tuple[str, ...] = ("boxed", "negative", "positive-unboxed")
-# Broken in the real data and dropped by almost every public solution (FACTS.md).
-DROPPED_STUDIES: tuple[str, ...] = ("1.2.826.0.1.3680043.20574",)
+# One definition, in the storage contract (shards.layout); re-exported here for the label code.
+from shards.layout import COHORTS, DROPPED_STUDIES, TARGETS, VERTEBRAE
 
 TRAIN_FILE = "train.csv"
 BOXES_FILE = "train_bounding_boxes.csv"
@@ -167,7 +164,7 @@ def build_study_table(
     unknown = sorted(set(box_rows["StudyInstanceUID"]) - set(uid))
     if unknown:
         warnings.warn(f"{BOXES_FILE}: ignoring boxes of {len(unknown)} study/studies not in {TRAIN_FILE}: "
-                      f"{_preview(unknown)}", stacklevel=2)
+                      f"{_preview(unknown)}", DataWarning, stacklevel=2)
         box_rows = box_rows[box_rows["StudyInstanceUID"].isin(set(uid))]
     grouped = box_rows.groupby("StudyInstanceUID")
     table["n_boxes"] = uid.map(grouped.size()).fillna(0).astype(np.int32)

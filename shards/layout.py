@@ -9,17 +9,28 @@ OUT/wds/<cohort>-f<fold>-<k:04d>.tar + .idx
 OUT/volumes.zarr/<StudyInstanceUID>
 OUT/_work/                 resumable job state; removed when the job completes
 ```
+
+The constants below are the one definition of the cohorts, the targets and the studies
+every job leaves out; the files' contents are defined in :mod:`shards.manifest`,
+:mod:`shards.tables` and :mod:`shards.volumes`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT = "spinestream-shards"
-VERSION = 1
-COHORTS = ("boxed", "negative", "positive-unboxed")
-TARGETS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "any")
+VERSION = 2
+"""Manifest format version: 2 added ``warnings``, ``source.selection`` and the volumes' affine."""
+COHORTS: tuple[str, ...] = ("boxed", "negative", "positive-unboxed")
+"""Shard groups by label source: has bounding boxes / patient_overall 0 / fractured without boxes."""
+VERTEBRAE: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 8))
+TARGETS: tuple[str, ...] = VERTEBRAE + ("any",)
+"""The 8 slice targets, in label-table and model-output order; "any" is the OR of C1..C7."""
+DROPPED_STUDIES: tuple[str, ...] = ("1.2.826.0.1.3680043.20574", "1.2.826.0.1.3680043.29952")
+"""Broken scans left out by default: ...20574 (dropped by almost every public solution) and
+...29952 (the 3rd place team drops it in every config; both are the competition discussion's
+"bad scans"; FACTS.md)."""
 
 
 def group_name(cohort: str, fold: int) -> str:
@@ -64,26 +75,17 @@ class Layout:
 
 
 def load_manifest(root: str | Path) -> dict:
-    """Read and sanity-check ``OUT/manifest.json``."""
-    path = Layout(Path(root)).manifest
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: {root} is not a finished shard directory "
-            f"(run `spinestream shard --data DATA --out {root}`; a rerun resumes an interrupted job)"
-        )
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a spinestream manifest (format={m.get('format')!r})")
-    if m.get("version") != VERSION:
-        raise ValueError(f"{path}: manifest version {m.get('version')} is not supported (expected {VERSION})")
-    return m
+    """COMPATIBILITY, for engine/'s string-key reads until they move to the typed API: the manifest
+    as a plain dict, read and checked by :func:`shards.manifest.read_manifest` (so a missing
+    file, bad JSON or an unknown version fails the same way). New code uses ``read_manifest``."""
+    from .manifest import read_manifest
+
+    return read_manifest(root).to_dict()
 
 
 def select_shards(manifest: dict, cohorts=None, folds=None) -> list[dict]:
-    """Shard entries of the manifest for the given cohorts/folds (None = all); never empty."""
+    """COMPATIBILITY (dict manifests; see :meth:`shards.manifest.Manifest.select`): shard entries
+    for the given cohorts/folds (None = all); never empty."""
     out = [
         s for s in manifest["shards"]
         if (cohorts is None or s["cohort"] in cohorts) and (folds is None or s["fold"] in folds)

@@ -12,7 +12,9 @@ Checks, and exits non-zero naming the file on the first class of problem found:
   slices as the table says;
 * no stray ``.tar`` files lie in ``wds/`` (a leftover from another run).
 
-``--quick`` skips hashing and tar parsing (index files and tables only).
+``--quick`` skips hashing and tar parsing (index files and tables only). On success it
+also prints a summary of the manifest's data warnings (what the job changed on the way:
+boxes on missing slices, resized slices, segmentations left out, ordering fallbacks).
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from .fsutil import sha256_file
-from .layout import Layout, load_manifest
+from .layout import Layout
+from .manifest import Manifest, read_manifest
+from .tables import read_label_table, read_slice_table, read_study_table
 from .wds import ShardError, check_index, iter_samples, read_index
 
 
@@ -37,9 +40,9 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
     """Verify ``root``; returns counts, raises :class:`VerifyError` listing every problem found."""
     root = Path(root)
     lay = Layout(root)
-    m = load_manifest(root)
+    m = read_manifest(root)
     problems: list[str] = []
-    slices = pd.read_parquet(lay.slices)
+    slices = read_slice_table(lay.slices)
     n_total = len(slices)
     seen = np.zeros(n_total, dtype=np.int32)
     ids_table = slices.slice_id.to_numpy()
@@ -48,20 +51,20 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
     shard_col = slices.shard.to_numpy()
 
     listed = set()
-    for s in tqdm(m["shards"], desc="verify", unit="shard", disable=not progress):
-        tar, idx = root / s["path"], root / s["index"]
+    for s in tqdm(m.shards, desc="verify", unit="shard", disable=not progress):
+        tar, idx = root / s.path, root / s.index
         listed.add(tar.name)
         try:
             if not tar.is_file():
                 raise ShardError(f"{tar}: listed in the manifest but missing")
             if not idx.is_file():
                 raise ShardError(f"{idx}: index file is missing (DALI needs it; rerun `spinestream shard` into a new --out)")
-            if tar.stat().st_size != s["bytes"]:
-                raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s['bytes']} (truncated or replaced?)")
+            if tar.stat().st_size != s.bytes:
+                raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s.bytes} (truncated or replaced?)")
             if not quick:
-                if sha256_file(tar) != s["sha256"]:
+                if sha256_file(tar) != s.sha256:
                     raise ShardError(f"{tar}: sha256 does not match the manifest (corrupt or replaced)")
-                if sha256_file(idx) != s["index_sha256"]:
+                if sha256_file(idx) != s.index_sha256:
                     raise ShardError(f"{idx}: sha256 does not match the manifest")
                 n = check_index(tar, idx)
                 ids = []
@@ -74,14 +77,14 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
             else:
                 ids = [int(c[0][3].split(".")[0]) for c in read_index(idx)]
                 n = len(ids)
-            if n != s["samples"]:
-                raise ShardError(f"{tar}: {n} samples, manifest says {s['samples']}")
+            if n != s.samples:
+                raise ShardError(f"{tar}: {n} samples, manifest says {s.samples}")
             ids = np.asarray(ids, dtype=np.int64)
             bad = ids[(ids < 0) | (ids >= n_total)]
             if len(bad):
                 raise ShardError(f"{tar}: slice_ids {bad[:5].tolist()} are not in slices.parquet")
             np.add.at(seen, ids, 1)
-            wrong = ids[shard_col[ids] != s["name"]]
+            wrong = ids[shard_col[ids] != s.name]
             if len(wrong):
                 problems.append(f"{tar}: holds slice_ids {wrong[:5].tolist()} that slices.parquet puts in another shard")
         except ShardError as e:
@@ -96,31 +99,61 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
     stray = sorted(p.name for p in lay.wds.glob("*.tar") if p.name not in listed) if lay.wds.exists() else []
     if stray:
         problems.append(f"{lay.wds}: shards not in the manifest: {stray[:5]} (left from another run?)")
-    if len(m["shards"]) and sum(s["samples"] for s in m["shards"]) != m["counts"]["slices"]:
+    if len(m.shards) and sum(s.samples for s in m.shards) != m.counts.slices:
         problems.append("manifest: shard sample counts do not add up to counts.slices")
 
-    truth = pd.read_parquet(lay.truth)
+    truth = read_label_table(lay.truth).frame
     tid = truth.slice_id.to_numpy()
     if len(tid) and (tid.min() < 0 or tid.max() >= n_total or len(np.unique(tid)) != len(tid)):
         problems.append(f"{lay.truth}: slice_ids outside slices.parquet or duplicated")
 
-    studies = pd.read_parquet(lay.studies)
+    studies = read_study_table(lay.studies)
     if not quick:
-        from .volumes import open_volume
+        from .volumes import open_volume, read_attrs
 
         for row in studies.itertuples(index=False):
             try:
                 vol = open_volume(lay.volumes, row.StudyInstanceUID)
-            except FileNotFoundError as e:
+                attrs = read_attrs(lay.volumes / row.StudyInstanceUID)
+            except (FileNotFoundError, ValueError) as e:
                 problems.append(str(e))
                 continue
-            if vol.shape[0] != row.n_slices or vol.attrs.get("slice_id_offset") != row.slice_id_offset:
+            if vol.shape[0] != row.n_slices or attrs.slice_id_offset != row.slice_id_offset or len(attrs.z) != row.n_slices:
                 problems.append(f"{lay.volumes / row.StudyInstanceUID}: {vol.shape[0]} slices / offset "
-                                f"{vol.attrs.get('slice_id_offset')}, studies.parquet says {row.n_slices} / {row.slice_id_offset}")
+                                f"{attrs.slice_id_offset}, studies.parquet says {row.n_slices} / {row.slice_id_offset}")
 
+    if len(m.warnings) != m.counts.warnings:
+        problems.append(f"manifest: {len(m.warnings)} warnings listed, counts.warnings says {m.counts.warnings}")
     if problems:
         raise VerifyError("\n".join(problems))
-    return {"shards": len(m["shards"]), "slices": n_total, "studies": len(studies), "labelled": len(truth)}
+    return {"shards": len(m.shards), "slices": n_total, "studies": len(studies), "labelled": len(truth),
+            "warnings": warning_summary(m)}
+
+
+def warning_summary(m: Manifest, examples: int = 3) -> list[str]:
+    """Lines summarising the manifest's data warnings: how many, in how many studies, by kind."""
+    if not m.warnings:
+        return []
+    kinds: dict[str, list[str]] = {}
+    for w in m.warnings:
+        kinds.setdefault(_kind(w.message), []).append(w.study or "(job)")
+    studies = {w.study for w in m.warnings if w.study}
+    lines = [f"{len(m.warnings)} data warning(s) in {len(studies)} studies (manifest.json 'warnings'):"]
+    for kind, who in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(sorted(set(who))[:examples]) + (" ..." if len(set(who)) > examples else "")
+        lines.append(f"  {len(who):5d}  {kind}  [{shown}]")
+    return lines
+
+
+_KINDS = (("segmentation", "segmentation left out"), ("box", "boxes dropped"), ("resized", "slices resized"),
+          ("ordered by", "slice order fallback"), ("spacing", "spacing fallback"), ("PixelSpacing", "spacing fallback"))
+
+
+def _kind(message: str) -> str:
+    for needle, kind in _KINDS:
+        if needle in message:
+            return kind
+    return "other"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"spinestream verify: OK — {r['shards']} shards, {r['slices']} slices (each exactly once), "
           f"{r['studies']} studies with volumes, {r['labelled']} labelled slices")
+    for line in r["warnings"]:
+        print(line)
     return 0
 
 

@@ -169,7 +169,7 @@ def test_bad_slices_are_reported_and_the_job_goes_on(raw, tmp_path):
     for f in (data / "train_images" / uids[1]).glob("*.dcm"):
         f.write_bytes(b"not a dicom file")
     out = tmp_path / "out"
-    m = run(data, out, ShardConfig(**CFG), workers=1)
+    m = run(data, out, ShardConfig(**CFG), workers=1).to_dict()
     assert [b["file"] for b in m["bad_files"]] == [victim.name] and m["bad_files"][0]["study"] == uids[0]
     assert [f["study"] for f in m["failed_studies"]] == [uids[1]]
     assert m["counts"]["studies"] == len(uids) - 1
@@ -233,10 +233,10 @@ def subset(raw: Path, dst: Path, uids: list[str]) -> Path:
 def test_a_limited_run_is_another_job(raw, tmp_path):
     out = tmp_path / "out"
     m = run(raw, out, ShardConfig(**CFG), workers=1, limit=2)
-    assert m["counts"]["studies"] == 2
+    assert m.counts.studies == 2
     with pytest.raises(ValueError, match=r"--limit 2.*another --out"):  # a JobError
         run(raw, out, ShardConfig(**CFG), workers=1)  # the full job: refused, not "already complete"
-    assert run(raw, out, ShardConfig(**CFG), workers=1, limit=2)["counts"]["studies"] == 2  # same job: a no-op
+    assert run(raw, out, ShardConfig(**CFG), workers=1, limit=2).counts.studies == 2  # same job: a no-op
     # the same for an interrupted limited job
     out2 = tmp_path / "interrupted"
     run(raw, out2, ShardConfig(**CFG), workers=1, limit=2, keep_work=True)
@@ -272,9 +272,9 @@ def test_bad_boxes_are_bad_input_for_that_study(raw, tmp_path):
     b.loc[b.index[0], "width"] = np.nan  # a box without a width: a LabelError, the study fails
     b.to_csv(data / "train_bounding_boxes.csv", index=False)
     m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
-    assert [f["study"] for f in m["failed_studies"]] == [boxed]
-    assert "non-numeric coordinate" in m["failed_studies"][0]["reason"]
-    assert m["counts"]["studies"] == 1
+    assert [f.study for f in m.failed_studies] == [boxed]
+    assert "non-numeric coordinate" in m.failed_studies[0].reason
+    assert m.counts.studies == 1
 
 
 def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypatch):
@@ -295,5 +295,5 @@ def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypat
 
     monkeypatch.setattr(dicom, "pixel_array", panics)
     m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
-    assert [(b["study"], b["file"]) for b in m["bad_files"]] == [(uid, victim.name)]
-    assert "Panic" in m["bad_files"][0]["reason"]
+    assert [(b.study, b.file) for b in m.bad_files] == [(uid, victim.name)]
+    assert "Panic" in m.bad_files[0].reason

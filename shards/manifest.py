@@ -1,0 +1,258 @@
+"""``OUT/manifest.json`` as typed code: the dataclasses, their writer and their reader.
+
+The manifest is written last by ``spinestream shard`` (its presence means the job is
+complete) and is what every reader starts from: which shards exist (with sha256 and
+sample count), the image spec they were written with, the counts, what was left out
+(bad files, failed studies) and what was changed on the way (``warnings``).
+
+    m = read_manifest("shards-512")           # Manifest; raises ManifestError on a bad file
+    m.image.size, m.counts.slices, [s.path for s in m.select(cohorts=["boxed"])]
+    write_manifest("shards-512", m)           # atomic, deterministic JSON
+
+Unknown versions are refused (:data:`shards.layout.VERSION` is the one this code reads
+and writes); a field missing from the file names its key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write_json
+from .layout import COHORTS, FORMAT, VERSION, Layout
+
+
+class ManifestError(ValueError):
+    """The manifest is missing a field, has a wrong type, or is of another format or version."""
+
+
+@dataclass(kw_only=True)
+class ImageSpec:
+    """How the shard images were made (the loader and study inference must match it)."""
+
+    size: int
+    """Side of the square images in pixels."""
+    channels: str
+    """'neighbours' (slices offset_mm above/below + the slice) or 'windows' (3 windows of one slice)."""
+    windows: list[list[float]]
+    """[level, width] in HU per window."""
+    offset_mm: float
+    """Neighbour distance in mm ('neighbours')."""
+    jpeg_quality: int
+    subsampling: str = "4:4:4"
+    channel_order: list[str] | str = "windows"
+    """['above', 'slice', 'below'] for 'neighbours', else 'windows'."""
+
+
+@dataclass(kw_only=True)
+class CohortCount:
+    studies: int
+    slices: int
+
+
+@dataclass(kw_only=True)
+class Counts:
+    studies: int
+    slices: int
+    shards: int
+    failed_studies: int
+    bad_files: int
+    warnings: int
+    by_cohort: dict[str, CohortCount]
+
+
+@dataclass(kw_only=True)
+class ShardEntry:
+    """One tar + its DALI index, paths relative to the shard directory."""
+
+    name: str
+    path: str
+    index: str
+    cohort: str
+    fold: int
+    samples: int
+    bytes: int
+    sha256: str
+    index_sha256: str
+
+
+@dataclass(kw_only=True)
+class StudySelection:
+    """Which studies of the dataset the job converted (part of the job's identity)."""
+
+    limit: int | None
+    """``--limit`` (None: every study of train.csv less the excluded ones)."""
+    studies: int
+    sha256: str
+    """sha256 of the selected StudyInstanceUIDs, newline-joined in UID order."""
+
+
+@dataclass(kw_only=True)
+class Source:
+    train_csv_rows: int
+    """Studies in the study table after exclusions and ``--limit``."""
+    selection: StudySelection
+
+
+@dataclass(kw_only=True)
+class BadFile:
+    """A DICOM file left out of its study; the study goes on without it."""
+
+    study: str
+    file: str
+    reason: str
+
+
+@dataclass(kw_only=True)
+class FailedStudy:
+    """A study left out of the dataset (bad input: unreadable series, bad boxes, ...)."""
+
+    study: str
+    reason: str
+
+
+@dataclass(kw_only=True)
+class DataWarningEntry:
+    """Input that was used but changed (preprocess.errors.DataWarning): who, and what was done."""
+
+    study: str
+    """StudyInstanceUID, or "" for a job-level warning (e.g. boxes of unknown studies)."""
+    message: str
+
+
+@dataclass(kw_only=True)
+class Tables:
+    studies: str = "studies.parquet"
+    slices: str = "slices.parquet"
+    truth: str = "labels/truth.parquet"
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """Everything ``spinestream shard`` wrote, and with what."""
+
+    created_by: str
+    source: Source
+    config: dict[str, Any]
+    """The resolved ShardConfig (a changed config is refused on rerun)."""
+    image: ImageSpec
+    counts: Counts
+    shards: list[ShardEntry]
+    failed_studies: list[FailedStudy] = field(default_factory=list)
+    bad_files: list[BadFile] = field(default_factory=list)
+    warnings: list[DataWarningEntry] = field(default_factory=list)
+    tables: Tables = field(default_factory=Tables)
+    volumes: str = "volumes.zarr"
+    format: str = FORMAT
+    version: int = VERSION
+
+    def select(self, cohorts: Sequence[str] | None = None, folds: Sequence[int] | None = None) -> list[ShardEntry]:
+        """Shard entries of the given cohorts/folds (None = all); never empty."""
+        if cohorts is not None:
+            unknown = [c for c in cohorts if c not in COHORTS]
+            if unknown:
+                raise ValueError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
+        out = [s for s in self.shards
+               if (cohorts is None or s.cohort in cohorts) and (folds is None or s.fold in folds)]
+        if not out:
+            raise ValueError(f"no shards for cohorts={cohorts} folds={folds} in this manifest")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (what :func:`write_manifest` writes)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json") -> Manifest:
+        """Parse and check a dict read from JSON; errors name the key path."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{where}: not a spinestream manifest (format={d.get('format')!r})")
+        if d.get("version") != VERSION:
+            raise ManifestError(
+                f"{where}: manifest version {d.get('version')!r} is not supported by this spinestream "
+                f"(it reads version {VERSION}); re-run `spinestream shard` into a new --out with this version")
+        return _parse(cls, d, where)
+
+
+def _parse(tp: Any, value: Any, path: str) -> Any:
+    """``value`` (from JSON) as type ``tp``: dataclasses, list[...], dict[str, ...], X | None, scalars."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ManifestError(f"{path}: expected an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        kw = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kw[f.name] = _parse(hints[f.name], value[f.name], f"{path}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ManifestError(f"{path}: missing key {f.name!r}")
+        return tp(**kw)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ManifestError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_parse(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ManifestError(f"{path}: expected an object, got {type(value).__name__}")
+        return {k: _parse(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for a in args:
+            try:
+                return _parse(a, value, path)
+            except ManifestError as e:
+                errors.append(str(e))
+        raise ManifestError(errors[0] if len(errors) == 1 else f"{path}: {value!r} is none of {tp}")
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ManifestError(f"{path}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ManifestError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> Path:
+    """Write ``OUT/manifest.json`` atomically (sorted keys: the same manifest gives the same bytes)."""
+    path = Layout(Path(root)).manifest
+    atomic_write_json(path, manifest.to_dict())
+    return path
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read and check ``OUT/manifest.json``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a finished shard directory.
+        ManifestError: not JSON, another format or version, or a field missing or mistyped.
+    """
+    path = Layout(Path(root)).manifest
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {root} is not a finished shard directory "
+            f"(run `spinestream shard --data DATA --out {root}`; a rerun resumes an interrupted job)"
+        )
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    return Manifest.from_dict(d, str(path))
+
+
+__all__ = ["BadFile", "CohortCount", "Counts", "DataWarningEntry", "FailedStudy", "ImageSpec", "Manifest",
+           "ManifestError", "ShardEntry", "Source", "StudySelection", "Tables", "read_manifest", "write_manifest"]
