@@ -439,3 +439,35 @@ def test_boxes_to_index_no_boxes_and_no_warning_when_all_known() -> None:
     bad = boxes.assign(x=np.nan)
     with pytest.raises(ValueError, match=r"1\.1.*coordinate"):
         boxes_to_index(bad, {3: 0}, "1.1")
+
+
+def test_dropped_studies_have_one_definition() -> None:
+    """shards.layout holds the list; the label code and the shard config use it (issue 10)."""
+    import inspect
+
+    import preprocess.labels as labels_mod
+    from preprocess.config import ShardConfig
+    from shards import layout
+
+    assert "1.2.826.0.1.3680043.29952" in layout.DROPPED_STUDIES and "1.2.826.0.1.3680043.20574" in layout.DROPPED_STUDIES
+    assert labels_mod.DROPPED_STUDIES is layout.DROPPED_STUDIES and labels_mod.TARGETS is layout.TARGETS
+    assert labels_mod.COHORTS is layout.COHORTS
+    assert inspect.signature(build_study_table).parameters["exclude"].default is layout.DROPPED_STUDIES
+    assert ShardConfig().exclude_studies == list(layout.DROPPED_STUDIES)
+
+
+def test_bad_boxes_raise_label_error_and_a_dropped_box_is_a_data_warning() -> None:
+    """Bad input is a LabelError (the shard job fails that study, not the job); a box on a slice the
+    series lacks is a DataWarning (the shard job lists it in the manifest)."""
+    from preprocess.errors import DataWarning, LabelError
+
+    boxes = pd.DataFrame({"StudyInstanceUID": ["1.1"], "x": [1.0], "y": [2.0], "width": [3.0], "height": [4.0],
+                          "slice_number": [1.5]})
+    with pytest.raises(LabelError, match="not an integer"):
+        boxes_to_index(boxes, {1: 0}, "1.1")
+    with pytest.raises(LabelError, match="negative width"):
+        boxes_to_index(boxes.assign(slice_number=1, width=-1.0), {1: 0}, "1.1")
+    with pytest.warns(DataWarning, match=r"\[7\]"):
+        boxes_to_index(boxes.assign(slice_number=7), {1: 0}, "1.1")
+    with pytest.raises(LabelError, match="missing column"):
+        build_study_table(pd.DataFrame({"StudyInstanceUID": ["1.1"]}), boxes)
