@@ -5,15 +5,23 @@
 
 Two resumable phases:
 
-1. **per study** (parallel): read the DICOM series (sorted by z, head to feet), window it
-   to uint8 at the output size, write the Zarr volume, JPEG-encode every slice's 2.5D
-   image and compute the slice labels. Output goes to ``_work/studies/<uid>.tmp`` and is
-   committed by renaming the directory; the volume is moved into ``volumes.zarr`` just
-   before. A committed study is never redone.
-2. **per group** (cohort, fold): number the slices (``slice_id``: studies in UID order,
-   slices head to feet), shuffle each group's slices with a seeded RNG, cut them into
-   shards (temporary name, then rename, index included), commit the group; then write
-   the tables and, last, ``manifest.json``.
+1. **per study** (parallel): read the DICOM series (sorted along the slice normal, head to
+   feet), window it to uint8 at the output size, write the Zarr volume, JPEG-encode every
+   slice's 2.5D image and compute the slice labels. Output goes to
+   ``_work/studies/<uid>.tmp`` and is committed by renaming the directory; the volume is
+   moved into ``volumes.zarr`` just before. A committed study is never redone.
+2. **the group phase** (:func:`finalize`), named steps on the storage contract in shards/:
+   number slices (``slice_id``: studies in UID order, slices head to feet) -> write groups
+   (per (cohort, fold): a seeded shuffle, cut into shards written under a temporary name,
+   index included, then the group committed) -> write tables -> write manifest (last).
+
+The error policy (preprocess/errors.py): bad input -- DicomError, OSError, LabelError -- is
+reported per file (``bad_files``) or per study (``failed_studies``) and the job goes on;
+DataWarnings raised while a study is converted are captured per study and listed in the
+manifest's ``warnings``; anything else is a bug and stops the job with its traceback.
+
+The job is identified by its config and its study selection (``--limit``): a rerun of
+the same job resumes or is a no-op, another job on the same ``--out`` is refused.
 
 A crash or kill at any point followed by a rerun gives byte-identical output to a clean
 run: every file is written under a temporary name and renamed, and everything that

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .fsutil import sha256_file
 from .layout import Layout
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, ShardEntry, read_manifest
 from .tables import read_label_table, read_slice_table, read_study_table
 from .wds import ShardError, check_index, iter_samples, read_index
 
@@ -44,90 +44,104 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
     problems: list[str] = []
     slices = read_slice_table(lay.slices)
     n_total = len(slices)
-    seen = np.zeros(n_total, dtype=np.int32)
-    ids_table = slices.slice_id.to_numpy()
-    if not np.array_equal(ids_table, np.arange(n_total)):
+    seen = np.zeros(n_total, dtype=np.int32)  # (N,) how many shards hold each slice_id
+    if not np.array_equal(slices.slice_id.to_numpy(), np.arange(n_total)):
         problems.append(f"{lay.slices}: slice_id is not 0..{n_total - 1} in order")
     shard_col = slices.shard.to_numpy()
 
-    listed = set()
     for s in tqdm(m.shards, desc="verify", unit="shard", disable=not progress):
-        tar, idx = root / s.path, root / s.index
-        listed.add(tar.name)
         try:
-            if not tar.is_file():
-                raise ShardError(f"{tar}: listed in the manifest but missing")
-            if not idx.is_file():
-                raise ShardError(f"{idx}: index file is missing (DALI needs it; rerun `spinestream shard` into a new --out)")
-            if tar.stat().st_size != s.bytes:
-                raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s.bytes} (truncated or replaced?)")
-            if not quick:
-                if sha256_file(tar) != s.sha256:
-                    raise ShardError(f"{tar}: sha256 does not match the manifest (corrupt or replaced)")
-                if sha256_file(idx) != s.index_sha256:
-                    raise ShardError(f"{idx}: sha256 does not match the manifest")
-                n = check_index(tar, idx)
-                ids = []
-                for sid, data in iter_samples(tar):
-                    ids.append(sid)
-                    if decode:
-                        from .sample import decode_jpeg
-
-                        decode_jpeg(data)
-            else:
-                ids = [int(c[0][3].split(".")[0]) for c in read_index(idx)]
-                n = len(ids)
-            if n != s.samples:
-                raise ShardError(f"{tar}: {n} samples, manifest says {s.samples}")
-            ids = np.asarray(ids, dtype=np.int64)
+            ids = _shard_ids(root, s, quick=quick, decode=decode)
             bad = ids[(ids < 0) | (ids >= n_total)]
             if len(bad):
-                raise ShardError(f"{tar}: slice_ids {bad[:5].tolist()} are not in slices.parquet")
+                raise ShardError(f"{root / s.path}: slice_ids {bad[:5].tolist()} are not in slices.parquet")
             np.add.at(seen, ids, 1)
             wrong = ids[shard_col[ids] != s.name]
             if len(wrong):
-                problems.append(f"{tar}: holds slice_ids {wrong[:5].tolist()} that slices.parquet puts in another shard")
+                problems.append(f"{root / s.path}: holds slice_ids {wrong[:5].tolist()} that slices.parquet "
+                                "puts in another shard")
         except ShardError as e:
             problems.append(str(e))
-
-    missing = np.flatnonzero(seen == 0)
-    dup = np.flatnonzero(seen > 1)
-    if len(missing):
-        problems.append(f"{len(missing)} slice_ids are in no shard (first: {missing[:5].tolist()})")
-    if len(dup):
-        problems.append(f"{len(dup)} slice_ids are in more than one shard (first: {dup[:5].tolist()})")
-    stray = sorted(p.name for p in lay.wds.glob("*.tar") if p.name not in listed) if lay.wds.exists() else []
-    if stray:
-        problems.append(f"{lay.wds}: shards not in the manifest: {stray[:5]} (left from another run?)")
-    if len(m.shards) and sum(s.samples for s in m.shards) != m.counts.slices:
-        problems.append("manifest: shard sample counts do not add up to counts.slices")
+    problems += _coverage_problems(lay, m, seen)
 
     truth = read_label_table(lay.truth).frame
     tid = truth.slice_id.to_numpy()
     if len(tid) and (tid.min() < 0 or tid.max() >= n_total or len(np.unique(tid)) != len(tid)):
         problems.append(f"{lay.truth}: slice_ids outside slices.parquet or duplicated")
-
     studies = read_study_table(lay.studies)
     if not quick:
-        from .volumes import open_volume, read_attrs
-
-        for row in studies.itertuples(index=False):
-            try:
-                vol = open_volume(lay.volumes, row.StudyInstanceUID)
-                attrs = read_attrs(lay.volumes / row.StudyInstanceUID)
-            except (FileNotFoundError, ValueError) as e:
-                problems.append(str(e))
-                continue
-            if vol.shape[0] != row.n_slices or attrs.slice_id_offset != row.slice_id_offset or len(attrs.z) != row.n_slices:
-                problems.append(f"{lay.volumes / row.StudyInstanceUID}: {vol.shape[0]} slices / offset "
-                                f"{attrs.slice_id_offset}, studies.parquet says {row.n_slices} / {row.slice_id_offset}")
-
+        problems += _volume_problems(lay, studies)
     if len(m.warnings) != m.counts.warnings:
         problems.append(f"manifest: {len(m.warnings)} warnings listed, counts.warnings says {m.counts.warnings}")
     if problems:
         raise VerifyError("\n".join(problems))
     return {"shards": len(m.shards), "slices": n_total, "studies": len(studies), "labelled": len(truth),
             "warnings": warning_summary(m)}
+
+
+def _shard_ids(root: Path, s: ShardEntry, *, quick: bool, decode: bool) -> np.ndarray:
+    """The slice_ids one shard holds, after checking it against its manifest entry (ShardError)."""
+    tar, idx = root / s.path, root / s.index
+    if not tar.is_file():
+        raise ShardError(f"{tar}: listed in the manifest but missing")
+    if not idx.is_file():
+        raise ShardError(f"{idx}: index file is missing (DALI needs it; rerun `spinestream shard` into a new --out)")
+    if tar.stat().st_size != s.bytes:
+        raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s.bytes} (truncated or replaced?)")
+    if quick:
+        ids = [int(c[0][3].split(".")[0]) for c in read_index(idx)]
+        n = len(ids)
+    else:
+        if sha256_file(tar) != s.sha256:
+            raise ShardError(f"{tar}: sha256 does not match the manifest (corrupt or replaced)")
+        if sha256_file(idx) != s.index_sha256:
+            raise ShardError(f"{idx}: sha256 does not match the manifest")
+        n = check_index(tar, idx)
+        ids = []
+        for sid, data in iter_samples(tar):
+            ids.append(sid)
+            if decode:
+                from .sample import decode_jpeg
+
+                decode_jpeg(data)
+    if n != s.samples:
+        raise ShardError(f"{tar}: {n} samples, manifest says {s.samples}")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _coverage_problems(lay: Layout, m: Manifest, seen: np.ndarray) -> list[str]:
+    """Every slice_id in exactly one shard, no stray tars, the counts adding up."""
+    problems = []
+    missing, dup = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
+    if len(missing):
+        problems.append(f"{len(missing)} slice_ids are in no shard (first: {missing[:5].tolist()})")
+    if len(dup):
+        problems.append(f"{len(dup)} slice_ids are in more than one shard (first: {dup[:5].tolist()})")
+    listed = {Path(s.path).name for s in m.shards}
+    stray = sorted(p.name for p in lay.wds.glob("*.tar") if p.name not in listed) if lay.wds.exists() else []
+    if stray:
+        problems.append(f"{lay.wds}: shards not in the manifest: {stray[:5]} (left from another run?)")
+    if len(m.shards) and sum(s.samples for s in m.shards) != m.counts.slices:
+        problems.append("manifest: shard sample counts do not add up to counts.slices")
+    return problems
+
+
+def _volume_problems(lay: Layout, studies) -> list[str]:
+    """Every study has its volume, with as many slices and the slice_id offset the table says."""
+    from .volumes import open_volume, read_attrs
+
+    problems = []
+    for row in studies.itertuples(index=False):
+        try:
+            vol = open_volume(lay.volumes, row.StudyInstanceUID)
+            attrs = read_attrs(lay.volumes / row.StudyInstanceUID)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        if vol.shape[0] != row.n_slices or attrs.slice_id_offset != row.slice_id_offset or len(attrs.z) != row.n_slices:
+            problems.append(f"{lay.volumes / row.StudyInstanceUID}: {vol.shape[0]} slices / offset "
+                            f"{attrs.slice_id_offset}, studies.parquet says {row.n_slices} / {row.slice_id_offset}")
+    return problems
 
 
 def warning_summary(m: Manifest, examples: int = 3) -> list[str]:

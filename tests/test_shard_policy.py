@@ -117,3 +117,22 @@ def test_volume_affine_maps_indices_to_the_dicom_positions(raw, shards):
         np.testing.assert_allclose((a @ [k, 0, 0, 1])[:3], want, atol=0.01 * max(1, k))
     assert attrs.origin == pytest.approx([float(v) for v in pydicom.dcmread(
         raw / "train_images" / uid / f"{attrs.slice_numbers[0]}.dcm").ImagePositionPatient])
+
+
+def test_a_base_exception_outside_the_decoder_stops_the_job(raw, tmp_path, monkeypatch):
+    """Not swallowed as bad input, and re-raised as an Exception (a pool worker dying of a
+    BaseException would never return its task)."""
+    import preprocess.convert as convert
+
+    class Panic(BaseException):
+        pass
+
+    def panics(*a, **k):
+        raise Panic("a codec panicked outside the decoder")
+
+    monkeypatch.setattr(convert, "study_labels", panics)
+    data = subset(raw, tmp_path / "raw", [_negative(raw)])
+    with pytest.raises(convert.StudyCrash, match="Panic: a codec panicked") as err:
+        run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+    assert isinstance(err.value.__cause__, Panic)
+    assert not (tmp_path / "out" / "manifest.json").exists()
