@@ -1,0 +1,243 @@
+"""The DALI backend: JPEG bytes read by ``.idx`` offset in one global permutation per epoch
+→ ``fn.decoders.image`` (nvJPEG with ``device="mixed"`` on a GPU) → the reference
+augmentations as DALI operators, each applied per sample as the host-drawn parameters say
+(DALI conditionals for the expensive ones) → normalised batches in PyTorch through
+``DALIGenericIterator``.
+
+Reading: a batch-mode ``fn.external_source`` whose callable maps the batch number to this
+rank's positions (:func:`engine.loader.base.rank_order`: its part of the epoch's global
+permutation), ``os.pread``s the JPEG bytes (:class:`engine.loader.records.RecordReader`) and
+draws the batch's augmentation parameters (:mod:`engine.loader.params`, seeded by seed, epoch,
+rank and position). The callable is deterministic given the batch number; the pipeline holds no
+random state of its own. So an epoch is a global shuffle on every rank (the guarantee in
+engine/loader/base.py), a mid-epoch resume is a seek (the pipeline starts at the saved
+position: no DALI checkpoint, no replay, CLAHE included), and the valid count and the
+padding come from positions on the host. The callable runs in the training process when
+DALI schedules a batch (``prefetch`` batches ahead): a few dozen ``pread``s and one vectorised
+draw per batch; the decoding and augmenting run in DALI's threads / on the GPU.
+
+GPU outputs and syncs: with a GPU the slice ids are a GPU output of the pipeline, so the label
+lookup (``labels[ids]``) runs on the device with no host-to-device copy in torch; the batch
+needs no host sync. channels_last comes for free: the pipeline writes HWC and the NCHW
+tensor is a permuted view (channels_last strides), not a second copy.
+
+CLAHE: on the CPU, DALI's ``fn.clahe`` is OpenCV's (engine/loader/clahe.py matches it bit for
+bit). DALI's GPU ``fn.clahe`` is a different implementation (float Lab, no reflect padding);
+its difference from the CPU operator is unmeasured until a GPU run.
+
+The same pipeline runs on the CPU with ``device_id=None`` (DALI's CPU-only mode), which is
+how CI tests it. ``loader.dali_reader: webdataset`` selects the legacy reader
+(engine/loader/dali_webdataset.py), which does not mix across shards.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .augment import mixup
+from .base import Batch, Loader, per_rank, rank_order, rank_part
+from .config import AugmentConfig, LoaderConfig, torch_dtype
+from .data import LabelTable, Selection
+from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
+from .records import RecordReader
+
+# external-source outputs: name -> (DALI dtype name, ndim)
+_FIELDS = {"jpg": ("UINT8", 1), "slice_id": ("INT64", 0), "roi_start": ("FLOAT", 1), "roi_end": ("FLOAT", 1),
+           "vflip": ("INT32", 0), "rotate": ("BOOL", 0), "angle": ("FLOAT", 0), "clahe": ("BOOL", 0),
+           "contrast": ("FLOAT", 0), "brightness": ("FLOAT", 0), "mean": ("FLOAT", 1), "mirror": ("INT32", 0)}
+
+
+def source_fields(aug: AugmentConfig) -> tuple[str, ...]:
+    """The external-source outputs the pipeline uses for these augmentations (DALI warns about unused ones)."""
+    on = {"roi_start": aug.p_crop, "roi_end": aug.p_crop, "vflip": aug.p_vflip, "rotate": aug.p_rotate,
+          "angle": aug.p_rotate, "clahe": aug.p_clahe, "contrast": aug.p_brightness_contrast,
+          "brightness": aug.p_brightness_contrast, "mirror": aug.p_hflip}
+    return tuple(f for f in _FIELDS if on.get(f, 1) > 0)
+
+
+class IndexSource:
+    """Batch ``i`` of this rank's epoch, from position ``start`` on: the JPEG bytes, slice ids and
+    the augmentation parameters, as DALI external-source outputs (``fields``, in that order).
+
+    Stateless given the batch number (DALI may call it ahead, and past the end, where it raises
+    StopIteration every time). The last batch may be short (DALI allows a smaller batch)."""
+
+    def __init__(self, reader: RecordReader, order: np.ndarray, start: int, batch_size: int, aug: AugmentConfig,
+                 cfg: LoaderConfig, *, epoch: int, rank: int):
+        self.reader, self.order, self.start, self.bs, self.aug = reader, order, start, batch_size, aug
+        self.fields = source_fields(aug)
+        self.slice_id = reader.rec["slice_id"]
+        self.key = sample_key(cfg.seed, epoch, rank)
+        self.mean = np.asarray(cfg.mean, np.float32) * 255
+
+    def __call__(self, info) -> tuple:
+        s = self.start + info.iteration * self.bs
+        if s >= len(self.order):
+            raise StopIteration
+        idx = self.order[s:s + self.bs]
+        p = draw_params(self.aug, sample_uniforms(self.key, s, len(idx)))
+        x0, y0, w, h = p.roi.T
+        out = {
+            "jpg": lambda: [np.frombuffer(self.reader.read(i), np.uint8) for i in idx],
+            "slice_id": lambda: self.slice_id[idx].astype(np.int64),
+            "roi_start": lambda: np.stack([y0, x0], 1),  # HW order, relative
+            "roi_end": lambda: np.stack([y0 + h, x0 + w], 1),
+            "vflip": lambda: p.vflip.astype(np.int32),
+            "rotate": lambda: p.rotate, "angle": lambda: p.angle, "clahe": lambda: p.clahe,
+            "contrast": lambda: p.contrast, "brightness": lambda: p.brightness,
+            "mean": lambda: (self.mean[None] - p.shift * 255).astype(np.float32),  # the shift folded into the mean
+            "mirror": lambda: p.hflip.astype(np.int32),
+        }
+        return tuple(out[f]() for f in self.fields)
+
+
+def hw_decoder_load(cfg: LoaderConfig, device: torch.device) -> float:
+    """The share of images for nvJPEG's hardware decoder: 0.65 where the card has one, else 0."""
+    if cfg.hw_decoder_load != "auto":
+        return float(cfg.hw_decoder_load)
+    from engine.device import has_hw_jpeg_decoder
+
+    return 0.65 if has_hw_jpeg_decoder(device) else 0.0
+
+
+def _build_pipeline(source: IndexSource, sel: Selection, cfg: LoaderConfig, aug: AugmentConfig, *,
+                    device: torch.device):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device.type == "cuda"
+    size = cfg.image_size
+    out_dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT  # DALI has no bfloat16: cast in torch
+    fields = source.fields
+    dtypes = [getattr(types, _FIELDS[f][0]) for f in fields]
+    ndims = [_FIELDS[f][1] for f in fields]
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        src = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True,
+                                                  batch_info=True, dtype=dtypes, ndim=ndims)))
+        jpg, sid = src["jpg"], src["slice_id"]
+        if gpu:
+            img = fn.decoders.image(jpg, device="mixed", output_type=types.RGB,
+                                    hw_decoder_load=hw_decoder_load(cfg, device))
+            sid = sid.gpu()  # the label lookup runs on the device: no host-to-device copy in torch
+        else:
+            img = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        # geometry: random resized crop (a relative ROI of the one resize), flips, rotation
+        if aug.p_crop > 0:
+            img = fn.resize(img, size=[size, size], roi_start=src["roi_start"], roi_end=src["roi_end"],
+                            roi_relative=True, antialias=False)
+        elif sel.image_size != size:
+            img = fn.resize(img, size=[size, size], antialias=False)
+        if aug.p_vflip > 0:
+            img = fn.flip(img, horizontal=0, vertical=src["vflip"])
+        # the expensive operators run only on the samples drawn for them (DALI conditionals)
+        if aug.p_rotate > 0 and src["rotate"]:
+            img = fn.rotate(img, angle=src["angle"], keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+        # CLAHE on luminance (what albumentations did; the only 3-channel mode of DALI's GPU CLAHE)
+        if aug.p_clahe > 0 and src["clahe"]:
+            img = fn.clahe(img, tiles_x=aug.clahe_tiles, tiles_y=aug.clahe_tiles, clip_limit=aug.clahe_clip,
+                           luma_only=True)
+        # brightness/contrast on every sample, neutral where not drawn: out = in * contrast + shift * 255,
+        # saturated to uint8 (cheaper than a conditional for a per-pixel affine map)
+        if aug.p_brightness_contrast > 0:
+            img = fn.brightness_contrast(img, contrast_center=0.0, contrast=src["contrast"],
+                                         brightness_shift=src["brightness"])
+        # per-channel shift (in the mean), horizontal flip and normalisation in one pass; HWC for channels_last
+        x = fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="HWC" if cfg.channels_last else "CHW",
+                                     mean=src["mean"], std=[s * 255 for s in cfg.std],
+                                     mirror=src["mirror"] if "mirror" in src else 0)
+        return x, sid
+
+    p = pipe(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads),
+             device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=cfg.prefetch, seed=cfg.seed,
+             exec_dynamic=True)
+    p.build()
+    return p
+
+
+class DaliLoader(Loader):
+    backend = "dali"
+    reader = "index"
+
+    def __init__(self, sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
+                 world: int = 1, train: bool = True, state: dict | None = None):
+        self.sel, self.cfg, self.device = sel, cfg, torch.device(device)
+        self.rank, self.world, self.train = rank, world, train
+        labels.check_covers(sel)
+        self.labels = labels.to(self.device)
+        self.n = sel.samples
+        start, end = rank_part(self.n, rank, world)
+        self.samples = end - start
+        self.positions = per_rank(self.n, world)
+        self.padded = self.positions - self.samples
+        self.aug = cfg.augment if train else cfg.augment.off()
+        self.epoch, self.position = 0, 0
+        self._it = None
+        self._setup()
+        if state:
+            self.load_state_dict(state)
+
+    def _setup(self) -> None:
+        self.records = RecordReader(self.sel.tars, self.sel.records())
+        assert len(self.records) == self.n, "the manifest's sample counts and the .idx files agree (records())"
+
+    def _iterator(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        order = rank_order(self.n, self.cfg.seed, self.epoch, self.rank, self.world, shuffle=self.train)
+        source = IndexSource(self.records, order, self.position, self.cfg.batch_size, self.aug, self.cfg,
+                             epoch=self.epoch, rank=self.rank)
+        p = _build_pipeline(source, self.sel, self.cfg, self.aug, device=self.device)
+        # no reader: the epoch ends when the source raises StopIteration
+        return DALIGenericIterator([p], ["images", "slice_ids"], auto_reset=False)
+
+    def __len__(self) -> int:
+        return -(-self.positions // self.cfg.batch_size)
+
+    def __iter__(self):
+        if self._it is None:
+            self._it = self._iterator()
+        while self.position < self.positions:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:
+                break
+            yield self._batch(out["images"], out["slice_ids"].reshape(-1))
+        if self.position < self.positions:
+            raise RuntimeError(f"DALI ended the epoch after {self.position} of {self.positions} positions")
+        self._it = None
+        self.epoch += 1
+        self.position = 0
+
+    def _batch(self, x: torch.Tensor, ids: torch.Tensor) -> Batch:
+        """DALI's output -> a Batch: labels looked up on the device, mixup, the valid mask from positions."""
+        cfg, dev = self.cfg, self.device
+        x, ids = x.to(dev, non_blocking=True), ids.to(dev, non_blocking=True)  # no-ops where DALI wrote them
+        n = min(len(ids), self.positions - self.position)  # the legacy reader pads the last batch
+        x, ids = x[:n], ids[:n]
+        if cfg.channels_last:  # both pipelines write HWC then
+            x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) -> an NCHW view with channels_last strides, no copy
+        dtype = torch_dtype(cfg.dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)  # bfloat16 (DALI has none); keeps the strides
+        y = self.labels[ids]
+        n_valid = max(0, min(n, self.samples - self.position))
+        if self.train:
+            mix = draw_mixup(self.aug, n, n_valid, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
+            x, y = mixup(x, y, mix)
+        valid = (self.position + torch.arange(n, device=dev)) < self.samples
+        self.position += n
+        return Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
+
+    def state_dict(self) -> dict:
+        return {"backend": self.backend, "reader": self.reader, "epoch": self.epoch, "position": self.position,
+                "seed": self.cfg.seed, "n": self.n, "rank": self.rank, "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_state(state)
+        if state.get("reader", "webdataset") != self.reader:
+            raise ValueError(f"loader state was written by DALI's {state.get('reader', 'webdataset')!r} reader; "
+                             f"its position means nothing to the {self.reader!r} one "
+                             f"(resume with loader.dali_reader={state.get('reader', 'webdataset')})")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._it = None
