@@ -41,23 +41,26 @@ from .data import LabelTable, Selection
 from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
 from .records import RecordReader
 
-# external-source outputs: name -> (DALI dtype name, ndim)
-_FIELDS = {"jpg": ("UINT8", 1), "slice_id": ("INT64", 0), "roi_start": ("FLOAT", 1), "roi_end": ("FLOAT", 1),
-           "vflip": ("INT32", 0), "rotate": ("BOOL", 0), "angle": ("FLOAT", 0), "clahe": ("BOOL", 0),
-           "contrast": ("FLOAT", 0), "brightness": ("FLOAT", 0), "mean": ("FLOAT", 1), "mirror": ("INT32", 0)}
+# the columns of the packed parameter output (float32 (B, 14)): name -> column slice
+_COLS = {"roi_start": slice(0, 2), "roi_end": slice(2, 4), "vflip": slice(4, 5), "rotate": slice(5, 6),
+         "angle": slice(6, 7), "clahe": slice(7, 8), "contrast": slice(8, 9), "brightness": slice(9, 10),
+         "mean": slice(10, 13), "mirror": slice(13, 14)}
 
 
-def source_fields(aug: AugmentConfig) -> tuple[str, ...]:
-    """The external-source outputs the pipeline uses for these augmentations (DALI warns about unused ones)."""
-    on = {"roi_start": aug.p_crop, "roi_end": aug.p_crop, "vflip": aug.p_vflip, "rotate": aug.p_rotate,
-          "angle": aug.p_rotate, "clahe": aug.p_clahe, "contrast": aug.p_brightness_contrast,
-          "brightness": aug.p_brightness_contrast, "mirror": aug.p_hflip}
-    return tuple(f for f in _FIELDS if on.get(f, 1) > 0)
+def pack_params(p, mean: np.ndarray) -> np.ndarray:
+    """A batch's :class:`AugParams` as the (B, 14) float32 array the pipeline slices (one external-source
+    output instead of ten: feeding costs per output per batch, in the training thread)."""
+    x0, y0, w, h = p.roi.T
+    return np.concatenate([
+        np.stack([y0, x0, y0 + h, x0 + w], 1),  # roi start, end: HW order, relative
+        np.stack([p.vflip, p.rotate, p.angle, p.clahe, p.contrast, p.brightness], 1),
+        mean[None] - p.shift * 255,  # the per-channel shift folded into the normalisation's mean
+        p.hflip[:, None]], axis=1).astype(np.float32)
 
 
 class IndexSource:
-    """Batch ``i`` of this rank's epoch, from position ``start`` on: the JPEG bytes, slice ids and
-    the augmentation parameters, as DALI external-source outputs (``fields``, in that order).
+    """Batch ``i`` of this rank's epoch, from position ``start`` on, as three DALI external-source outputs:
+    the JPEG bytes, the slice ids and every augmentation parameter (:func:`pack_params`).
 
     Stateless given the batch number (DALI may call it ahead, and past the end, where it raises
     StopIteration every time). The last batch may be short (DALI allows a smaller batch)."""
@@ -65,7 +68,6 @@ class IndexSource:
     def __init__(self, reader: RecordReader, order: np.ndarray, start: int, batch_size: int, aug: AugmentConfig,
                  cfg: LoaderConfig, *, epoch: int, rank: int):
         self.reader, self.order, self.start, self.bs, self.aug = reader, order, start, batch_size, aug
-        self.fields = source_fields(aug)
         self.slice_id = reader.rec["slice_id"]
         self.key = sample_key(cfg.seed, epoch, rank)
         self.mean = np.asarray(cfg.mean, np.float32) * 255
@@ -76,19 +78,8 @@ class IndexSource:
             raise StopIteration
         idx = self.order[s:s + self.bs]
         p = draw_params(self.aug, sample_uniforms(self.key, s, len(idx)))
-        x0, y0, w, h = p.roi.T
-        out = {
-            "jpg": lambda: [np.frombuffer(self.reader.read(i), np.uint8) for i in idx],
-            "slice_id": lambda: self.slice_id[idx].astype(np.int64),
-            "roi_start": lambda: np.stack([y0, x0], 1),  # HW order, relative
-            "roi_end": lambda: np.stack([y0 + h, x0 + w], 1),
-            "vflip": lambda: p.vflip.astype(np.int32),
-            "rotate": lambda: p.rotate, "angle": lambda: p.angle, "clahe": lambda: p.clahe,
-            "contrast": lambda: p.contrast, "brightness": lambda: p.brightness,
-            "mean": lambda: (self.mean[None] - p.shift * 255).astype(np.float32),  # the shift folded into the mean
-            "mirror": lambda: p.hflip.astype(np.int32),
-        }
-        return tuple(out[f]() for f in self.fields)
+        return ([np.frombuffer(self.reader.read(i), np.uint8) for i in idx], self.slice_id[idx].astype(np.int64),
+                pack_params(p, self.mean))
 
 
 def hw_decoder_load(cfg: LoaderConfig, device: torch.device) -> float:
@@ -107,15 +98,17 @@ def _build_pipeline(source: IndexSource, sel: Selection, cfg: LoaderConfig, aug:
     gpu = device.type == "cuda"
     size = cfg.image_size
     out_dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT  # DALI has no bfloat16: cast in torch
-    fields = source.fields
-    dtypes = [getattr(types, _FIELDS[f][0]) for f in fields]
-    ndims = [_FIELDS[f][1] for f in fields]
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        src = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True,
-                                                  batch_info=True, dtype=dtypes, ndim=ndims)))
-        jpg, sid = src["jpg"], src["slice_id"]
+        jpg, sid, params = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                              dtype=[types.UINT8, types.INT64, types.FLOAT], ndim=[1, 0, 1])
+
+        def col(name, dtype=None):  # a per-sample argument input from its column(s) (CPU ops, tiny)
+            c = _COLS[name]
+            v = params[c.start:c.stop] if c.stop - c.start > 1 else params[c.start]
+            return fn.cast(v, dtype=dtype) if dtype is not None else v
+
         if gpu:
             img = fn.decoders.image(jpg, device="mixed", output_type=types.RGB,
                                     hw_decoder_load=hw_decoder_load(cfg, device))
@@ -124,28 +117,28 @@ def _build_pipeline(source: IndexSource, sel: Selection, cfg: LoaderConfig, aug:
             img = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
         # geometry: random resized crop (a relative ROI of the one resize), flips, rotation
         if aug.p_crop > 0:
-            img = fn.resize(img, size=[size, size], roi_start=src["roi_start"], roi_end=src["roi_end"],
+            img = fn.resize(img, size=[size, size], roi_start=col("roi_start"), roi_end=col("roi_end"),
                             roi_relative=True, antialias=False)
         elif sel.image_size != size:
             img = fn.resize(img, size=[size, size], antialias=False)
         if aug.p_vflip > 0:
-            img = fn.flip(img, horizontal=0, vertical=src["vflip"])
+            img = fn.flip(img, horizontal=0, vertical=col("vflip", types.INT32))
         # the expensive operators run only on the samples drawn for them (DALI conditionals)
-        if aug.p_rotate > 0 and src["rotate"]:
-            img = fn.rotate(img, angle=src["angle"], keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+        if aug.p_rotate > 0 and col("rotate", types.BOOL):
+            img = fn.rotate(img, angle=col("angle"), keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
         # CLAHE on luminance (what albumentations did; the only 3-channel mode of DALI's GPU CLAHE)
-        if aug.p_clahe > 0 and src["clahe"]:
+        if aug.p_clahe > 0 and col("clahe", types.BOOL):
             img = fn.clahe(img, tiles_x=aug.clahe_tiles, tiles_y=aug.clahe_tiles, clip_limit=aug.clahe_clip,
                            luma_only=True)
         # brightness/contrast on every sample, neutral where not drawn: out = in * contrast + shift * 255,
         # saturated to uint8 (cheaper than a conditional for a per-pixel affine map)
         if aug.p_brightness_contrast > 0:
-            img = fn.brightness_contrast(img, contrast_center=0.0, contrast=src["contrast"],
-                                         brightness_shift=src["brightness"])
+            img = fn.brightness_contrast(img, contrast_center=0.0, contrast=col("contrast"),
+                                         brightness_shift=col("brightness"))
         # per-channel shift (in the mean), horizontal flip and normalisation in one pass; HWC for channels_last
         x = fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="HWC" if cfg.channels_last else "CHW",
-                                     mean=src["mean"], std=[s * 255 for s in cfg.std],
-                                     mirror=src["mirror"] if "mirror" in src else 0)
+                                     mean=col("mean"), std=[s * 255 for s in cfg.std],
+                                     mirror=col("mirror", types.INT32) if aug.p_hflip > 0 else 0)
         return x, sid
 
     p = pipe(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads),
@@ -222,7 +215,7 @@ class DaliLoader(Loader):
             x = x.to(dtype)  # bfloat16 (DALI has none); keeps the strides
         y = self.labels[ids]
         n_valid = max(0, min(n, self.samples - self.position))
-        if self.train:
+        if self.train and self.aug.p_mixup > 0:
             mix = draw_mixup(self.aug, n, n_valid, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
             x, y = mixup(x, y, mix)
         valid = (self.position + torch.arange(n, device=dev)) < self.samples
