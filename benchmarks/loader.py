@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {k: v["images_per_s"] for k, v in L.items() if k.startswith("dicom")}
     print()
     for k, v in L.items():
-        if k.startswith("dicom"):
+        if k.startswith("dicom") or not base:
             continue
         ratios = ", ".join(f"{v['images_per_s'] / b:.1f}x {bk}" for bk, b in base.items())
         print(f"  {k:20s} {ratios}")
