@@ -232,7 +232,7 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinestream bench loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, default=None, help="a shard directory (default: synthesize one)")
@@ -252,22 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512, help="synthetic slice size when nothing is given")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spinestream-bench")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    args = p.parse_args(argv)
+    return p
 
+
+def _loader_config(args):
+    """The trainer's loader config (``--config``'s, else the defaults) with the benchmark's sizes."""
     import dataclasses
 
-    from engine.loader import LabelTable, LoaderConfig, build_loader, dali_available, select
+    from engine.loader import LoaderConfig
 
-    lines = [s.strip() for s in args.lines.split(",") if s.strip()]
-    if args.shards is None:
-        raw, shards = prepare(args.cache, args.size, args.studies)
-        dicoms = {f"dicom-{k}": v for k, v in raw.items()}
-    else:
-        shards = args.shards
-        dicoms = {f"dicom-{Path(d).name}": Path(d) for d in (args.dicom or [])}
-    sel = select(shards)  # every cohort: the loader speed does not depend on labels
-    n_total = sel.n_total
-    labels = LabelTable(torch.zeros(n_total, 8), ["zeros (benchmark)"])
     base = LoaderConfig()
     if args.config is not None:
         from engine.config import RunConfig
@@ -275,26 +268,23 @@ def main(argv: list[str] | None = None) -> int:
 
         base = load_config(RunConfig, args.config).loader
     workers = base.num_threads if args.workers is None else args.workers
-    cfg = dataclasses.replace(base, batch_size=args.batch_size, image_size=args.image_size, num_threads=workers)
-    machine = f"{platform.node() or 'host'}: {os.cpu_count()} cores" + (
-        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
-    results = {"suite": "loader", "machine": machine, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
-               "workers": workers, "shard_image_size": sel.image_size, "samples": sel.samples, "lines": {}}
-    n, w = args.batches, args.warmup
+    return dataclasses.replace(base, batch_size=args.batch_size, image_size=args.image_size, num_threads=workers)
 
-    def report(name: str, r: dict) -> None:
-        results["lines"][name] = r
-        print(f"  {name:20s} {r['images_per_s']:8.1f} images/s  {r['cores']:4.2f} cores", flush=True)
+
+def _run_lines(lines, sel, shards, dicoms, cfg, report, results, n: int, w: int) -> None:
+    """Every asked-for line, forking ones (DataLoader workers) before any DALI thread exists."""
+    import dataclasses
+
+    from engine.loader import LabelTable, build_loader, dali_available
+
+    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
 
     def valid(b) -> int:
         return b.n_valid  # known on the host: counting does not sync
 
-    print(f"bench loader: {sel.samples} samples of {sel.image_size}px -> {cfg.image_size}px, batch {cfg.batch_size}, "
-          f"{workers} workers/threads, {n} timed batches after {w} warm-up ({machine})", flush=True)
-    # forking lines first (DataLoader workers), before any DALI thread exists
     for name, data in dicoms.items():
         if "dicom" in lines:
-            report(name, timed(dicom_batches(data, cfg, workers), w, n))
+            report(name, timed(dicom_batches(data, cfg, cfg.num_threads), w, n))
     if "torch" in lines:
         dev = "cuda:0" if torch.cuda.is_available() else "cpu"
         loader = build_loader(sel, labels, dataclasses.replace(cfg, backend="torch"), device=dev)
@@ -304,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                                   ("dali-gpu", "cuda:0", "index"), ("dali-gpu-webdataset", "cuda:0", "webdataset")):
             if name not in lines or (dev != "cpu" and not torch.cuda.is_available()):
                 continue
-            c = dataclasses.replace(cfg, backend="dali", dali_reader=reader)
-            loader = build_loader(sel, labels, c, device=dev)
+            loader = build_loader(sel, labels, dataclasses.replace(cfg, backend="dali", dali_reader=reader), device=dev)
             report(name, timed(_forever(lambda: loader), w, n, count=valid))
         if "composition" in lines:
             results["composition"] = {}
@@ -319,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print("  (nvidia-dali not installed: no dali lines)")
     if "decode-only" in lines:
         ref = max(r["seconds"] for r in results["lines"].values()) if results["lines"] else 5.0
-        report("decode-only", decode_only(sel, workers, min(ref, 10.0)))
+        report("decode-only", decode_only(sel, cfg.num_threads, min(ref, 10.0)))
 
+
+def _summary(results: dict) -> None:
     L = results["lines"]
     base = {k: v["images_per_s"] for k, v in L.items() if k.startswith("dicom")}
     print()
@@ -338,10 +329,37 @@ def main(argv: list[str] | None = None) -> int:
     if "dali-cpu" in L and "decode-only" in L:
         results["dali_cpu_vs_decode_only"] = L["dali-cpu"]["images_per_s"] / L["decode-only"]["images_per_s"]
         print(f"  dali-cpu delivers {results['dali_cpu_vs_decode_only']:.0%} of the decode-only rate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from engine.loader import select
+
+    lines = [s.strip() for s in args.lines.split(",") if s.strip()]
+    if args.shards is None:
+        raw, shards = prepare(args.cache, args.size, args.studies)
+        dicoms = {f"dicom-{k}": v for k, v in raw.items()}
+    else:
+        shards = args.shards
+        dicoms = {f"dicom-{Path(d).name}": Path(d) for d in (args.dicom or [])}
+    sel = select(shards)  # every cohort: the loader speed does not depend on labels
+    cfg = _loader_config(args)
+    machine = f"{platform.node() or 'host'}: {os.cpu_count()} cores" + (
+        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+    results = {"suite": "loader", "machine": machine, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
+               "workers": cfg.num_threads, "shard_image_size": sel.image_size, "samples": sel.samples, "lines": {}}
+
+    def report(name: str, r: dict) -> None:
+        results["lines"][name] = r
+        print(f"  {name:20s} {r['images_per_s']:8.1f} images/s  {r['cores']:4.2f} cores", flush=True)
+
+    print(f"bench loader: {sel.samples} samples of {sel.image_size}px -> {cfg.image_size}px, batch {cfg.batch_size}, "
+          f"{cfg.num_threads} workers/threads, {args.batches} timed batches after {args.warmup} warm-up ({machine})",
+          flush=True)
+    _run_lines(lines, sel, shards, dicoms, cfg, report, results, args.batches, args.warmup)
+    _summary(results)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "loader.json").write_text(json.dumps(results, indent=1) + "\n")
     chart(results, args.results / "loader.png")
     print(f"saved {args.results / 'loader.json'} and {args.results / 'loader.png'}")
     return 0
-
-

@@ -19,8 +19,9 @@ images) per image on the CPU workers. The DALI loader uses ``fn.clahe(luma_only=
 loader has no CPU budget to spare for per-image OpenCV calls, so it runs this on the GPU batch after upload and
 must produce the same augmentation. Parity is with DALI's *CPU* operator (DALI's CPU-only mode, and CI): on a
 GPU the DALI loader runs DALI's GPU ``fn.clahe``, a different implementation (see "Caveat, DALI GPU" below)
-whose difference from the CPU one is unmeasured until a GPU run. The two modes differ a lot on colour images (mean |diff| 15-18 grey levels,
-max 86-111 on the four test images below), so the mode matters; 1-channel input is the same in both.
+whose difference from the CPU one is unmeasured until a GPU run. The two modes differ a lot on colour images
+(mean |diff| 15-18 grey levels, max 86-111 on the four test images below), so the mode matters; 1-channel input
+is the same in both.
 
 Luminance mode, what DALI does (DALI 2.4.0 CPU operator, ``dali/operators/image/clahe/clahe_cpu.cc``, confirmed
 bit for bit below): ``cv::cvtColor(src, lab, COLOR_RGB2Lab)`` on the uint8 HWC image, ``clahe->apply`` on
