@@ -8,7 +8,9 @@
 Backends, one per file behind the same interface (:class:`engine.loader.base.Loader`):
 ``dali`` (GPU decode + GPU augmentation; DALI's CPU-only mode without a GPU) and ``torch``
 (DataLoader workers + torch augmentation on the batch). ``backend: auto`` picks DALI when
-it is installed.
+it is installed. Both read samples by ``.idx`` offset in one global permutation per epoch
+(the guarantees are in :mod:`engine.loader.base`); ``loader.dali_reader: webdataset`` is the
+legacy DALI reader, kept for the loader benchmark's before/after line only.
 """
 from __future__ import annotations
 
@@ -40,7 +42,10 @@ def build_loader(sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, devic
         if not dali_available():
             raise RuntimeError("loader.backend=dali but nvidia-dali is not installed "
                                "(pip install -e '.[dali-cu13]', or '.[dali-cu12]' for Pascal/CUDA 12)")
-        from .dali_backend import DaliLoader
+        if cfg.dali_reader == "webdataset":  # legacy, no cross-shard mix: for the benchmark's before line
+            from .dali_webdataset import DaliWebdatasetLoader as DaliLoader
+        else:
+            from .dali_backend import DaliLoader
 
         return DaliLoader(sel, labels, cfg, device=device, rank=rank, world=world, train=train)
     from .torch_backend import TorchLoader

@@ -6,6 +6,11 @@ affine ``grid_sample`` per batch; intensity (CLAHE, per-channel shift,
 brightness/contrast) follows, each with its own probability per sample. With every
 probability 0 and the output size equal to the input size the batch comes back
 unchanged (no resampling happens at all).
+
+Every random decision comes in as :class:`engine.loader.params.AugParams`, drawn on the
+host (the DALI backend consumes the same parameters): the branches here test host arrays,
+and the parameters reach the device in one copy per batch, so nothing in this file reads a
+GPU tensor back (no host sync).
 """
 from __future__ import annotations
 
@@ -17,41 +22,41 @@ import torch.nn.functional as F
 
 from .clahe import clahe_where
 from .config import AugmentConfig
+from .params import AugParams, MixParams
 
 
-def _coin(p: float, n: int, g: torch.Generator, device) -> torch.Tensor:
-    if p <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=device)
-    return torch.rand(n, generator=g, device=device) < p
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device``: through pinned memory on CUDA, so the copy is asynchronous."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
-def _uniform(lo: float, hi: float, shape, g: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(shape, generator=g, device=device)
+def _device_params(p: AugParams, device: torch.device) -> dict[str, torch.Tensor]:
+    """The float parameters of a batch as device tensors, packed into one host-to-device copy."""
+    packed = np.concatenate([p.roi, p.hflip[:, None], p.vflip[:, None], p.angle[:, None], p.contrast[:, None],
+                             p.brightness[:, None], p.shift], axis=1).astype(np.float32)  # (B, 12)
+    t = _to_device(packed, device)
+    return {"roi": t[:, 0:4], "hflip": t[:, 4], "vflip": t[:, 5], "angle": t[:, 6], "contrast": t[:, 7],
+            "brightness": t[:, 8], "shift": t[:, 9:12]}
 
 
-def geometry(images: torch.Tensor, cfg: AugmentConfig, size: int, g: torch.Generator) -> torch.Tensor:
+def geometry(images: torch.Tensor, p: AugParams, t: dict[str, torch.Tensor], size: int) -> torch.Tensor:
     """Crop/flip/rotate and resize ``(B, C, H, W)`` uint8 -> float32 ``(B, C, size, size)``."""
     b, _, h, w = images.shape
-    dev = images.device
-    crop, hf, vf, rot = (_coin(p, b, g, dev) for p in (cfg.p_crop, cfg.p_hflip, cfg.p_vflip, cfg.p_rotate))
-    if not (crop.any() or hf.any() or vf.any() or rot.any()):
+    if not p.geometric:  # decided on the host: no sync
         x = images.float()
         if (h, w) == (size, size):
             return x
         # no antialiasing: the DALI backend resizes the same way (512 -> 384 barely aliases)
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    # random resized crop in normalised coordinates: half-extent (sw, sh), centre (cx, cy)
-    area = _uniform(cfg.crop_scale[0], cfg.crop_scale[1], b, g, dev)
-    logr = _uniform(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), b, g, dev)
-    sw = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)
-    sh = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
-    sw, sh = torch.where(crop, sw, torch.ones_like(sw)), torch.where(crop, sh, torch.ones_like(sh))
-    cx = (2 * torch.rand(b, generator=g, device=dev) - 1) * (1 - sw)
-    cy = (2 * torch.rand(b, generator=g, device=dev) - 1) * (1 - sh)
-    fx = torch.where(hf, -1.0, 1.0).to(dev)
-    fy = torch.where(vf, -1.0, 1.0).to(dev)
-    ang = torch.where(rot, _uniform(-cfg.max_angle, cfg.max_angle, b, g, dev), torch.zeros(b, device=dev))
-    ang = ang * (math.pi / 180)
+    # the crop box (x0, y0, w, h) relative to the image -> half-extent (sw, sh) and centre (cx, cy)
+    # in grid_sample's [-1, 1] coordinates; the whole image where no crop was drawn
+    x0, y0, sw, sh = t["roi"].unbind(1)
+    cx, cy = 2 * x0 + sw - 1, 2 * y0 + sh - 1
+    fx, fy = 1 - 2 * t["hflip"], 1 - 2 * t["vflip"]
+    ang = t["angle"] * (math.pi / 180)
     cos, sin = torch.cos(ang), torch.sin(ang)
     # input = R(angle) · diag(sw·fx, sh·fy) · output + centre   (B, 2, 3)
     theta = torch.stack([
@@ -62,54 +67,58 @@ def geometry(images: torch.Tensor, cfg: AugmentConfig, size: int, g: torch.Gener
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def intensity(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def intensity(x: torch.Tensor, p: AugParams, t: dict[str, torch.Tensor], cfg: AugmentConfig) -> torch.Tensor:
     """CLAHE, brightness/contrast and per-channel shift on float ``(B, C, H, W)`` in [0, 255]."""
-    b, c = x.shape[:2]
-    dev = x.device
-    cl = _coin(cfg.p_clahe, b, g, dev)
-    if cl.any():
+    if p.clahe.any():
         u8 = x.round().clamp(0, 255).to(torch.uint8)
-        x = torch.where(cl[:, None, None, None],
-                        clahe_where(u8, cl, clip_limit=cfg.clahe_clip, tiles=(cfg.clahe_tiles, cfg.clahe_tiles)).float(),
-                        x)
+        # a CPU mask: clahe_where finds the selected rows on the host, no sync
+        x = clahe_where(u8, torch.from_numpy(p.clahe), clip_limit=cfg.clahe_clip,
+                        tiles=(cfg.clahe_tiles, cfg.clahe_tiles)).float()
     # brightness/contrast, saturated, then the per-channel shift (unclipped): the order and
-    # clipping of the DALI pipeline, which folds the shift into its normalisation
-    bc = _coin(cfg.p_brightness_contrast, b, g, dev)
-    if bc.any():
-        alpha = 1.0 + _uniform(-cfg.contrast_limit, cfg.contrast_limit, b, g, dev)
-        beta = _uniform(-cfg.brightness_limit, cfg.brightness_limit, b, g, dev) * 255.0
-        alpha = torch.where(bc, alpha, torch.ones_like(alpha))
-        beta = torch.where(bc, beta, torch.zeros_like(beta))
-        x = (x * alpha[:, None, None, None] + beta[:, None, None, None]).clamp(0.0, 255.0)
-    sh = _coin(cfg.p_shift, b, g, dev)
-    if sh.any():
-        shift = _uniform(-cfg.shift_limit, cfg.shift_limit, (b, c), g, dev) * 255.0
-        x = x + torch.where(sh[:, None], shift, torch.zeros_like(shift))[:, :, None, None]
+    # clipping of the DALI pipeline, which folds the shift into its normalisation.
+    # Neutral parameters (contrast 1, shift 0) where a sample's coin was False.
+    if (p.contrast != 1).any() or (p.brightness != 0).any():
+        alpha = t["contrast"][:, None, None, None]
+        beta = (t["brightness"] * 255.0)[:, None, None, None]
+        x = (x * alpha + beta).clamp(0.0, 255.0)
+    if p.shift.any():
+        x = x + (t["shift"] * 255.0)[:, :, None, None]
     return x
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig, size: int, g: torch.Generator) -> torch.Tensor:
-    """uint8 ``(B, C, H, W)`` -> float32 ``(B, C, size, size)`` in [0, 255], augmented."""
-    return intensity(geometry(images, cfg, size, g), cfg, g)
+def augment(images: torch.Tensor, cfg: AugmentConfig, size: int, p: AugParams) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` -> float32 ``(B, C, size, size)`` in [0, 255], augmented as ``p`` says."""
+    t = _device_params(p, images.device)
+    return intensity(geometry(images, p, t, size), p, t, cfg)
+
+
+_NORM: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scale_bias(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) ``1 / std`` and ``-mean / std`` on the 0..255 scale, built once per device (no per-batch copy)."""
+    key = (tuple(mean), tuple(std), device)
+    if key not in _NORM:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        _NORM[key] = ((1 / s).to(device), (-m / s).to(device))
+    return _NORM[key]
 
 
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """[0, 255] -> (x/255 - mean) / std in ``dtype``; channels_last memory format if asked."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    x = ((x.float() - m) / s).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    scale, bias = _scale_bias(mean, std, x.device)
+    x = x.float()
+    if channels_last:  # the normalisation writes in the input's layout: no copy after it
+        x = x.contiguous(memory_format=torch.channels_last)
+    return torch.addcmul(bias, x, scale).to(dtype)
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, g: torch.Generator):
-    """Mixup on the batch with probability ``p_mixup``: a Beta(alpha, alpha) blend with a permutation."""
-    if cfg.p_mixup <= 0 or x.shape[0] < 2:
+def mixup(x: torch.Tensor, y: torch.Tensor, mix: MixParams):
+    """Mixup of a batch as ``mix`` says (:func:`engine.loader.params.draw_mixup`): row ``i`` becomes
+    ``lam * row_i + (1 - lam) * row_partner[i]``; padding rows are their own partner, so they are
+    never blended into a real sample."""
+    if not mix.on:
         return x, y
-    dev = x.device
-    if torch.rand(1, generator=g, device=dev).item() >= cfg.p_mixup:
-        return x, y
-    # the weight comes from the batch generator too, so a resumed run mixes the same way
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=dev).item())
-    lam = float(np.random.default_rng(seed).beta(cfg.mixup_alpha, cfg.mixup_alpha))
-    perm = torch.randperm(x.shape[0], generator=g, device=dev)
-    return (lam * x + (1 - lam) * x[perm]).to(x.dtype), lam * y + (1 - lam) * y[perm]
+    partner = _to_device(mix.partner, x.device)
+    return (mix.lam * x + (1 - mix.lam) * x[partner]).to(x.dtype), mix.lam * y + (1 - mix.lam) * y[partner]

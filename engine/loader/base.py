@@ -1,17 +1,35 @@
 """The interface every loader backend implements, and the epoch bookkeeping they share.
 
-Guarantees (documented here, tested in tests/test_loader.py for each backend):
+Guarantees (documented here, tested in tests/test_loader.py and tests/test_loader_mix.py for
+each backend; DALI in its CPU-only mode):
 
+* **An epoch is a global shuffle.** Each epoch is one seeded permutation of the whole
+  selection (:func:`epoch_order`), cut into one contiguous part per rank
+  (:func:`rank_part`). Whatever the order of the selection (cohort by cohort, oversampled
+  copies next to their shard) and whatever the shard sizes, every rank's part is a uniform
+  random sample of the selection, a different one each epoch, and any contiguous stretch of
+  it (a quarter, the last few hundred steps) has the epoch's composition within sampling
+  noise: a group holding a share ``p`` of the selection fills ``p`` of a stretch of ``m``
+  samples up to binomial noise (standard deviation ``sqrt(p (1 - p) / m)``). Both backends
+  read samples by their ``.idx`` offsets in this order; neither relies on a shuffle buffer.
+  (The legacy DALI ``webdataset`` reader, ``loader.dali_reader: webdataset``, kept only for
+  the benchmark's before/after line, does *not* give this: it walks shards in order.)
 * **Exactly once.** One epoch yields every selected sample exactly once per rank, the
   ranks' parts are disjoint and together cover the selection. Ranks get
   ``ceil(N / world)`` positions so they all run the same number of steps; the at most one
-  position per rank beyond its real samples is padding, marked ``valid == False`` in the
-  batch and counted in :attr:`Loader.padded` — never silently trained on as data.
+  position per rank beyond its real samples is padding (a repeat of the rank's last sample,
+  at the end of its part), marked ``valid == False`` in the batch, counted in
+  :attr:`Loader.padded` and in :attr:`Batch.n_valid` from the positions on the host — never
+  silently trained on as data, and never mixed into a real sample by mixup.
 * **Seeded.** The order differs from epoch to epoch and is the same for the same seed.
+  Every augmentation parameter of a batch is drawn on the host from a generator seeded by
+  (seed, epoch, rank, position) (:mod:`engine.loader.params`): ranks draw different
+  augmentations, and a batch's pixels do not depend on what ran before it.
 * **Resumable.** :meth:`Loader.state_dict` records the epoch and the number of samples
   this rank has consumed in it; a loader built with the same config and selection and
-  given that state continues with exactly the samples not yet seen, in the same order
-  an uninterrupted run would have used.
+  given that state continues with exactly the samples not yet seen, in the same order and
+  with the same augmented pixels an uninterrupted run would have produced (a seek: no
+  replay, no DALI checkpoint).
 """
 from __future__ import annotations
 
@@ -46,6 +64,20 @@ def per_rank(n: int, world: int) -> int:
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The global sample order of one epoch (a permutation of ``range(n)``)."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def rank_order(n: int, seed: int, epoch: int, rank: int, world: int, shuffle: bool = True) -> np.ndarray:
+    """This rank's record indices for one epoch, by position: its part of the epoch's global order
+    (``range(n)`` when not shuffling), padded to :func:`per_rank` positions by repeating its last
+    sample (those positions are the invalid ones, ``position >= samples``)."""
+    order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
+    start, end = rank_part(n, rank, world)
+    mine = order[start:end]
+    pad = per_rank(n, world) - len(mine)
+    if pad:
+        last = mine[-1:] if len(mine) else order[-1:]  # a rank with no sample of its own (n < world)
+        mine = np.concatenate([mine, np.repeat(last, pad)])
+    return mine
 
 
 class Loader:

@@ -17,8 +17,11 @@ over pixels or tiles, no numpy and no host sync in the hot path, so it runs asyn
 Why: the reference training pipeline applied albumentations' ``CLAHE`` (i.e. OpenCV's, on L of LAB for RGB
 images) per image on the CPU workers. The DALI loader uses ``fn.clahe(luma_only=True)``; the torch fallback
 loader has no CPU budget to spare for per-image OpenCV calls, so it runs this on the GPU batch after upload and
-must produce the same augmentation. The two modes differ a lot on colour images (mean |diff| 15-18 grey levels,
-max 86-111 on the four test images below), so the mode matters; 1-channel input is the same in both.
+must produce the same augmentation. Parity is with DALI's *CPU* operator (DALI's CPU-only mode, and CI): on a
+GPU the DALI loader runs DALI's GPU ``fn.clahe``, a different implementation (see "Caveat, DALI GPU" below)
+whose difference from the CPU one is unmeasured until a GPU run. The two modes differ a lot on colour images
+(mean |diff| 15-18 grey levels, max 86-111 on the four test images below), so the mode matters; 1-channel input
+is the same in both.
 
 Luminance mode, what DALI does (DALI 2.4.0 CPU operator, ``dali/operators/image/clahe/clahe_cpu.cc``, confirmed
 bit for bit below): ``cv::cvtColor(src, lab, COLOR_RGB2Lab)`` on the uint8 HWC image, ``clahe->apply`` on
@@ -397,7 +400,7 @@ def clahe_where(images: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
     """``clahe`` applied only to the samples where the boolean ``mask`` (B,) is True; the others are returned
     bit-identical. Only the selected samples are computed (index_select, clahe, index_copy back). Returns a new
     tensor; the input is not modified. (Finding the selected indices of a CUDA mask syncs once; pass
-    the mask on the CPU to avoid that.)"""
+    the mask on the CPU, as the torch loader does with its host-drawn coins, to avoid that.)"""
     if mask.dim() != 1 or mask.shape[0] != images.shape[0]:
         raise ValueError(f"mask must have shape ({images.shape[0]},), got {tuple(mask.shape)}")
     idx = torch.nonzero(mask.to(torch.bool)).squeeze(1)  # on mask's device: no sync for a CPU mask
@@ -407,5 +410,7 @@ def clahe_where(images: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
     out = images.clone()
     if n == 0:
         return out
+    if images.is_cuda and not idx.is_cuda:
+        idx = idx.pin_memory()  # an asynchronous copy needs pinned memory
     idx = idx.to(images.device, non_blocking=True)
     return out.index_copy_(0, idx, clahe(images.index_select(0, idx), **kw))

@@ -80,11 +80,24 @@ class LoaderConfig:
     image_size: int = 384
     """Output side; shard images (e.g. 512) are resized (or randomly cropped and resized) to it."""
     num_threads: int = 2
-    """DALI CPU threads / torch DataLoader worker processes."""
+    """DALI CPU threads / torch DataLoader worker processes. DALI's threads run the CPU operators
+    (all of them in CPU mode; with ``device="mixed"`` the host stage of nvJPEG — the whole Huffman
+    decode on cards without a hardware JPEG decoder (P100, T4), a share of it with one (A100/H100/H200,
+    see hw_decoder_load)); the JPEG reads run in the training process. Default 2: a Kaggle GPU
+    session has 2 physical cores. ``bench loader`` uses this value unless told otherwise."""
     prefetch: int = 2
     """Batches prepared ahead (DALI prefetch_queue_depth / DataLoader prefetch_factor)."""
+    dali_reader: Literal["index", "webdataset"] = "index"
+    """DALI: 'index' = JPEG bytes read by ``.idx`` offset in one global permutation per epoch (an
+    external source; every stretch of an epoch has the epoch's composition, engine/loader/base.py).
+    'webdataset' = the legacy ``fn.readers.webdataset`` pipeline, which walks the shard list in order
+    and mixes only inside initial_fill: it does not mix across shards. Kept for the loader benchmark's
+    before/after line only."""
     initial_fill: int = 4096
-    """DALI's shuffle buffer (samples). Shards are globally shuffled at write time already."""
+    """The legacy webdataset reader's shuffle buffer (samples); unused by the index reader."""
+    hw_decoder_load: float | Literal["auto"] = "auto"
+    """DALI mixed decode: the share of images sent to nvJPEG's hardware decoder. auto = 0.65 on a
+    card that has one (A100/A30/H100/H200, engine.device.has_hw_jpeg_decoder), else 0."""
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -92,7 +105,9 @@ class LoaderConfig:
     channels_last: bool = True
     torch_decode: Literal["auto", "cpu", "gpu"] = "auto"
     """torch backend: decode JPEG in the DataLoader workers (cpu) or as a batch with nvJPEG through
-    torchvision (gpu); auto = gpu when the loader's device is CUDA."""
+    torchvision (gpu); auto = gpu only on a CUDA card with a hardware JPEG decoder (A100/H100/H200).
+    Without one torchvision's CUDA decode runs the Huffman stage on the host, one image at a time,
+    in the training thread: CPU decode in the workers is the better default there."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -102,5 +117,7 @@ class LoaderConfig:
             raise ValueError(f"image_size must be in [16, 2048], got {self.image_size}")
         if self.num_threads < 0 or self.prefetch < 1 or self.initial_fill < 1:
             raise ValueError("num_threads >= 0, prefetch >= 1 and initial_fill >= 1 are required")
+        if self.hw_decoder_load != "auto" and not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be 'auto' or in [0, 1], got {self.hw_decoder_load}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")

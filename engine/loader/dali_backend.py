@@ -1,114 +1,157 @@
-"""The DALI backend: ``fn.readers.webdataset`` over the selected shards and their ``.idx``
-files → ``fn.decoders.image`` (nvJPEG with ``device="mixed"`` on a GPU) → the reference
-augmentations as DALI operators, each applied per sample with its own probability (DALI
-conditionals) → normalised NCHW tensors in PyTorch via ``DALIGenericIterator``.
+"""The DALI backend: JPEG bytes read by ``.idx`` offset in one global permutation per epoch
+→ ``fn.decoders.image`` (nvJPEG with ``device="mixed"`` on a GPU) → the reference
+augmentations as DALI operators, each applied per sample as the host-drawn parameters say
+(DALI conditionals for the expensive ones) → normalised batches in PyTorch through
+``DALIGenericIterator``.
 
-The same pipeline runs on the CPU with ``device_id=None`` (DALI's CPU-only mode), which
-is how CI tests it. Targets are looked up on the device from the label table by the
-``slice_id`` each sample carries; mixup runs on the batch in torch.
+Reading: a batch-mode ``fn.external_source`` whose callable maps the batch number to this
+rank's positions (:func:`engine.loader.base.rank_order`: its part of the epoch's global
+permutation), ``os.pread``s the JPEG bytes (:class:`engine.loader.records.RecordReader`) and
+draws the batch's augmentation parameters (:mod:`engine.loader.params`, seeded by seed, epoch,
+rank and position). The callable is deterministic given the batch number; the pipeline holds no
+random state of its own. So an epoch is a global shuffle on every rank (the guarantee in
+engine/loader/base.py), a mid-epoch resume is a seek (the pipeline starts at the saved
+position: no DALI checkpoint, no replay, CLAHE included), and the valid count and the
+padding come from positions on the host. The callable runs in the training process when
+DALI schedules a batch (``prefetch`` batches ahead): a few dozen ``pread``s and one vectorised
+draw per batch, ~0.4 ms per batch of 32 on this project's 2-core VM (~6% of a core at
+5,000 images/s); the decoding and augmenting run in DALI's threads / on the GPU.
 
-Epochs: the reader is split between ranks with ``shard_id``/``num_shards`` (each rank keeps
-its part, ``stick_to_shard``), shuffles within ``initial_fill`` samples (the shards are
-already globally shuffled at write time), pads with ``pad_last_batch`` and the iterator
-knows the epoch size through ``reader_name``; padding positions come out with
-``valid == False``. Each epoch is its own pipeline seeded by (seed, epoch, rank), so an
-epoch's order is reproducible on its own. Mid-epoch resume uses DALI checkpointing
-(reader positions and every random generator, stored in :meth:`state_dict`); DALI 2.4
-cannot checkpoint ``fn.clahe``, so with CLAHE on the resumed epoch's pipeline is rebuilt
-and replayed up to the saved position instead (same samples, same augmentations).
+GPU outputs and syncs: with a GPU the slice ids are a GPU output of the pipeline, so the label
+lookup (``labels[ids]``) runs on the device with no host-to-device copy in torch; the batch
+needs no host sync. channels_last comes for free: the pipeline writes HWC and the NCHW
+tensor is a permuted view (channels_last strides), not a second copy.
+
+CLAHE: on the CPU, DALI's ``fn.clahe`` is OpenCV's (engine/loader/clahe.py matches it bit for
+bit). DALI's GPU ``fn.clahe`` is a different implementation (float Lab, no reflect padding);
+its difference from the CPU operator is unmeasured until a GPU run.
+
+The same pipeline runs on the CPU with ``device_id=None`` (DALI's CPU-only mode), which is
+how CI tests it. ``loader.dali_reader: webdataset`` selects the legacy reader
+(engine/loader/dali_webdataset.py), which does not mix across shards.
 """
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from .augment import mixup
-from .base import Batch, Loader, per_rank, rank_part
+from .base import Batch, Loader, per_rank, rank_order, rank_part
 from .config import AugmentConfig, LoaderConfig, torch_dtype
 from .data import LabelTable, Selection
+from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
+from .records import RecordReader
+
+# the columns of the packed parameter output (float32 (B, 14)): name -> column slice
+_COLS = {"roi_start": slice(0, 2), "roi_end": slice(2, 4), "vflip": slice(4, 5), "rotate": slice(5, 6),
+         "angle": slice(6, 7), "clahe": slice(7, 8), "contrast": slice(8, 9), "brightness": slice(9, 10),
+         "mean": slice(10, 13), "mirror": slice(13, 14)}
 
 
+def pack_params(p, mean: np.ndarray) -> np.ndarray:
+    """A batch's :class:`AugParams` as the (B, 14) float32 array the pipeline slices (one external-source
+    output instead of ten: feeding costs per output per batch, in the training thread)."""
+    x0, y0, w, h = p.roi.T
+    return np.concatenate([
+        np.stack([y0, x0, y0 + h, x0 + w], 1),  # roi start, end: HW order, relative
+        np.stack([p.vflip, p.rotate, p.angle, p.clahe, p.contrast, p.brightness], 1),
+        mean[None] - p.shift * 255,  # the per-channel shift folded into the normalisation's mean
+        p.hflip[:, None]], axis=1).astype(np.float32)
 
-def checkpointable(aug: AugmentConfig) -> bool:
-    """DALI 2.4 cannot checkpoint ``fn.clahe``; without it the whole pipeline can be checkpointed."""
-    return aug.p_clahe == 0
+
+class IndexSource:
+    """Batch ``i`` of this rank's epoch, from position ``start`` on, as three DALI external-source outputs:
+    the JPEG bytes, the slice ids and every augmentation parameter (:func:`pack_params`).
+
+    Stateless given the batch number (DALI may call it ahead, and past the end, where it raises
+    StopIteration every time). The last batch may be short (DALI allows a smaller batch)."""
+
+    def __init__(self, reader: RecordReader, order: np.ndarray, start: int, batch_size: int, aug: AugmentConfig,
+                 cfg: LoaderConfig, *, epoch: int, rank: int):
+        self.reader, self.order, self.start, self.bs, self.aug = reader, order, start, batch_size, aug
+        self.slice_id = reader.rec["slice_id"]
+        self.key = sample_key(cfg.seed, epoch, rank)
+        self.mean = np.asarray(cfg.mean, np.float32) * 255
+
+    def __call__(self, info) -> tuple:
+        s = self.start + info.iteration * self.bs
+        if s >= len(self.order):
+            raise StopIteration
+        idx = self.order[s:s + self.bs]
+        p = draw_params(self.aug, sample_uniforms(self.key, s, len(idx)))
+        return ([np.frombuffer(self.reader.read(i), np.uint8) for i in idx], self.slice_id[idx].astype(np.int64),
+                pack_params(p, self.mean))
 
 
-def _build_pipeline(sel: Selection, cfg: LoaderConfig, aug: AugmentConfig, *, device_id: int | None, rank: int,
-                    world: int, train: bool, epoch: int, checkpoint: str | None):
+def hw_decoder_load(cfg: LoaderConfig, device: torch.device) -> float:
+    """The share of images for nvJPEG's hardware decoder: 0.65 where the card has one, else 0."""
+    if cfg.hw_decoder_load != "auto":
+        return float(cfg.hw_decoder_load)
+    from engine.device import has_hw_jpeg_decoder
+
+    return 0.65 if has_hw_jpeg_decoder(device) else 0.0
+
+
+def _build_pipeline(source: IndexSource, sel: Selection, cfg: LoaderConfig, aug: AugmentConfig, *,
+                    device: torch.device):
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
 
-    gpu = device_id is not None
+    gpu = device.type == "cuda"
     size = cfg.image_size
-    out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}[cfg.dtype]
+    out_dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT  # DALI has no bfloat16: cast in torch
 
-    def coin(p: float):
-        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
-    # one pipeline per epoch, seeded by (seed, epoch, rank): each epoch's order is reproducible on its own
-    seed = (cfg.seed * 1_000_003 + epoch * 7919 + rank) % (2**31 - 1)
-
-    @pipeline_def(enable_conditionals=True, enable_checkpointing=checkpointable(aug))
+    @pipeline_def(enable_conditionals=True)
     def pipe():
-        jpg, sid = fn.readers.webdataset(
-            paths=sel.tars, index_paths=sel.indexes, ext=["jpg", "id"], dtypes=[types.UINT8, types.INT64],
-            missing_component_behavior="error", random_shuffle=train, initial_fill=cfg.initial_fill,
-            seed=seed, shard_id=rank, num_shards=world, stick_to_shard=True, pad_last_batch=True,
-            name="Reader")
-        img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        jpg, sid, params = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                              dtype=[types.UINT8, types.INT64, types.FLOAT], ndim=[1, 0, 1])
 
+        def col(name, dtype=None):  # a per-sample argument input from its column(s) (CPU ops, tiny)
+            c = _COLS[name]
+            v = params[c.start:c.stop] if c.stop - c.start > 1 else params[c.start]
+            return fn.cast(v, dtype=dtype) if dtype is not None else v
+
+        if gpu:
+            img = fn.decoders.image(jpg, device="mixed", output_type=types.RGB,
+                                    hw_decoder_load=hw_decoder_load(cfg, device))
+            sid = sid.gpu()  # the label lookup runs on the device: no host-to-device copy in torch
+        else:
+            img = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
         # geometry: random resized crop (a relative ROI of the one resize), flips, rotation
         if aug.p_crop > 0:
-            area = fn.random.uniform(range=list(aug.crop_scale))
-            ratio = dmath.exp(fn.random.uniform(range=[math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])]))
-            do = fn.cast(fn.random.coin_flip(probability=aug.p_crop), dtype=types.FLOAT)
-            w = do * dmath.min(dmath.sqrt(area * ratio), 1.0) + (1.0 - do)  # full image when not cropping
-            h = do * dmath.min(dmath.sqrt(area / ratio), 1.0) + (1.0 - do)
-            x0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
-            y0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
-            img = fn.resize(img, size=[size, size], roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + h, x0 + w),
+            img = fn.resize(img, size=[size, size], roi_start=col("roi_start"), roi_end=col("roi_end"),
                             roi_relative=True, antialias=False)
         elif sel.image_size != size:
             img = fn.resize(img, size=[size, size], antialias=False)
         if aug.p_vflip > 0:
-            img = fn.flip(img, horizontal=0, vertical=fn.random.coin_flip(probability=aug.p_vflip))
+            img = fn.flip(img, horizontal=0, vertical=col("vflip", types.INT32))
         # the expensive operators run only on the samples drawn for them (DALI conditionals)
-        if aug.p_rotate > 0 and coin(aug.p_rotate):
-            img = fn.rotate(img, angle=fn.random.uniform(range=[-aug.max_angle, aug.max_angle]), keep_size=True,
-                            fill_value=0, interp_type=types.INTERP_LINEAR)
+        if aug.p_rotate > 0 and col("rotate", types.BOOL):
+            img = fn.rotate(img, angle=col("angle"), keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
         # CLAHE on luminance (what albumentations did; the only 3-channel mode of DALI's GPU CLAHE)
-        if aug.p_clahe > 0 and coin(aug.p_clahe):
+        if aug.p_clahe > 0 and col("clahe", types.BOOL):
             img = fn.clahe(img, tiles_x=aug.clahe_tiles, tiles_y=aug.clahe_tiles, clip_limit=aug.clahe_clip,
                            luma_only=True)
         # brightness/contrast on every sample, neutral where not drawn: out = in * contrast + shift * 255,
         # saturated to uint8 (cheaper than a conditional for a per-pixel affine map)
         if aug.p_brightness_contrast > 0:
-            do = fn.cast(fn.random.coin_flip(probability=aug.p_brightness_contrast), dtype=types.FLOAT)
-            img = fn.brightness_contrast(
-                img, contrast_center=0.0,
-                contrast=1.0 + do * fn.random.uniform(range=[-aug.contrast_limit, aug.contrast_limit]),
-                brightness_shift=do * fn.random.uniform(range=[-aug.brightness_limit, aug.brightness_limit]))
-        # per-channel shift, horizontal flip and normalisation in one pass: the shift moves the mean
-        mean = types.Constant([m * 255 for m in cfg.mean], dtype=types.FLOAT)
-        if aug.p_shift > 0:
-            do = fn.cast(fn.random.coin_flip(probability=aug.p_shift), dtype=types.FLOAT)
-            mean = mean - do * fn.random.uniform(range=[-aug.shift_limit * 255, aug.shift_limit * 255], shape=[3])
-        x = fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW", mean=mean,
-                                     std=[s * 255 for s in cfg.std],
-                                     mirror=fn.random.coin_flip(probability=aug.p_hflip) if aug.p_hflip > 0 else 0)
+            img = fn.brightness_contrast(img, contrast_center=0.0, contrast=col("contrast"),
+                                         brightness_shift=col("brightness"))
+        # per-channel shift (in the mean), horizontal flip and normalisation in one pass; HWC for channels_last
+        x = fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="HWC" if cfg.channels_last else "CHW",
+                                     mean=col("mean"), std=[s * 255 for s in cfg.std],
+                                     mirror=col("mirror", types.INT32) if aug.p_hflip > 0 else 0)
         return x, sid
 
-    kw = {"checkpoint": checkpoint} if checkpoint else {}
-    p = pipe(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads), device_id=device_id,
-             prefetch_queue_depth=cfg.prefetch, seed=seed, exec_dynamic=True, **kw)
+    p = pipe(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads),
+             device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=cfg.prefetch, seed=cfg.seed,
+             exec_dynamic=True)
     p.build()
     return p
 
 
 class DaliLoader(Loader):
     backend = "dali"
+    reader = "index"
 
     def __init__(self, sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
                  world: int = 1, train: bool = True, state: dict | None = None):
@@ -124,28 +167,23 @@ class DaliLoader(Loader):
         self.aug = cfg.augment if train else cfg.augment.off()
         self.epoch, self.position = 0, 0
         self._it = None
-        self._checkpoint = None
+        self._setup()
         if state:
             self.load_state_dict(state)
 
-    def _iterator(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _setup(self) -> None:
+        self.records = RecordReader(self.sel.tars, self.sel.records())
+        assert len(self.records) == self.n, "the manifest's sample counts and the .idx files agree (records())"
 
-        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        p = _build_pipeline(self.sel, self.cfg, self.aug, device_id=device_id, rank=self.rank, world=self.world,
-                            train=self.train, epoch=self.epoch, checkpoint=self._checkpoint)
-        it = DALIGenericIterator([p], ["images", "slice_ids"], reader_name="Reader",
-                                 last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
-        if self.position and not self._checkpoint:
-            # no DALI checkpoint (CLAHE on): replay this epoch's pipeline up to the saved position
-            done = 0
-            while done < self.position:
-                done += len(next(it)[0]["slice_ids"])
-            if done != self.position:
-                raise RuntimeError(f"cannot resume at position {self.position}: it is not a batch boundary "
-                                   f"(batch_size {self.cfg.batch_size})")
-        self._checkpoint = None
-        return it
+    def _iterator(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        order = rank_order(self.n, self.cfg.seed, self.epoch, self.rank, self.world, shuffle=self.train)
+        source = IndexSource(self.records, order, self.position, self.cfg.batch_size, self.aug, self.cfg,
+                             epoch=self.epoch, rank=self.rank)
+        p = _build_pipeline(source, self.sel, self.cfg, self.aug, device=self.device)
+        # no reader: the epoch ends when the source raises StopIteration
+        return DALIGenericIterator([p], ["images", "slice_ids"], auto_reset=False)
 
     def __len__(self) -> int:
         return -(-self.positions // self.cfg.batch_size)
@@ -153,45 +191,47 @@ class DaliLoader(Loader):
     def __iter__(self):
         if self._it is None:
             self._it = self._iterator()
-        cfg, dev = self.cfg, self.device
-        dtype = torch_dtype(cfg.dtype)
-        g = torch.Generator(device=dev)
         while self.position < self.positions:
             try:
                 out = next(self._it)[0]
             except StopIteration:
                 break
-            x = out["images"].to(dev, non_blocking=True)
-            ids = out["slice_ids"].reshape(-1).to(dev, non_blocking=True)
-            n = min(len(ids), self.positions - self.position)
-            x, ids = x[:n], ids[:n]
-            if x.dtype != dtype:
-                x = x.to(dtype)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = self.labels[ids]
-            if self.train and self.aug.p_mixup > 0:
-                g.manual_seed(cfg.seed * 1_000_003 + self.epoch * 100_003 + self.position)
-                x, y = mixup(x, y, self.aug, g)
-            valid = (self.position + torch.arange(n, device=dev)) < self.samples
-            n_valid = max(0, min(n, self.samples - self.position))
-            self.position += n
-            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
+            yield self._batch(out["images"], out["slice_ids"].reshape(-1))
         if self.position < self.positions:
             raise RuntimeError(f"DALI ended the epoch after {self.position} of {self.positions} positions")
         self._it = None
         self.epoch += 1
         self.position = 0
 
+    def _batch(self, x: torch.Tensor, ids: torch.Tensor) -> Batch:
+        """DALI's output -> a Batch: labels looked up on the device, mixup, the valid mask from positions."""
+        cfg, dev = self.cfg, self.device
+        x, ids = x.to(dev, non_blocking=True), ids.to(dev, non_blocking=True)  # no-ops where DALI wrote them
+        n = min(len(ids), self.positions - self.position)  # the legacy reader pads the last batch
+        x, ids = x[:n], ids[:n]
+        if cfg.channels_last:  # both pipelines write HWC then
+            x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) -> an NCHW view with channels_last strides, no copy
+        dtype = torch_dtype(cfg.dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)  # bfloat16 (DALI has none); keeps the strides
+        y = self.labels[ids]
+        n_valid = max(0, min(n, self.samples - self.position))
+        if self.train and self.aug.p_mixup > 0:
+            mix = draw_mixup(self.aug, n, n_valid, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
+            x, y = mixup(x, y, mix)
+        valid = (self.position + torch.arange(n, device=dev)) < self.samples
+        self.position += n
+        return Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
+
     def state_dict(self) -> dict:
-        cp = None
-        if checkpointable(self.aug):
-            cp = self._it.checkpoints()[0] if self._it is not None else self._checkpoint
-        return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
-                "n": self.n, "rank": self.rank, "world": self.world, "dali_checkpoint": cp}
+        return {"backend": self.backend, "reader": self.reader, "epoch": self.epoch, "position": self.position,
+                "seed": self.cfg.seed, "n": self.n, "rank": self.rank, "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state)
+        if state.get("reader", "webdataset") != self.reader:
+            raise ValueError(f"loader state was written by DALI's {state.get('reader', 'webdataset')!r} reader; "
+                             f"its position means nothing to the {self.reader!r} one "
+                             f"(resume with loader.dali_reader={state.get('reader', 'webdataset')})")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._checkpoint = state.get("dali_checkpoint")
         self._it = None

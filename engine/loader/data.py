@@ -111,8 +111,8 @@ def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_di
 
     Nothing is copied: for each shard holding positives a subset ``.idx`` listing only them is written
     to ``out_dir`` (atomically, deterministic), and the selection lists that (tar, subset index) pair
-    ``factor - 1`` more times, right after the shard, so the reader's shuffle buffer mixes the extra
-    reads in. Both backends read the pair like any shard (DALI through ``index_paths``, the torch
+    ``factor - 1`` more times, right after the shard; the epoch's global permutation spreads the
+    extra reads over the whole epoch wherever they are listed. Both backends read the pair like any shard (DALI through ``index_paths``, the torch
     backend through :meth:`Selection.records`), so the epoch, rank split and resume rules are the
     usual ones over the longer list. ``factor == 1`` returns ``sel`` unchanged.
     """

@@ -3,13 +3,20 @@ and decode them (or the GPU decodes the batch with nvJPEG via torchvision); augm
 runs on the batch on the loader's device (``engine.loader.augment``).
 
 For machines without DALI (macOS, Windows, no wheel). Samples are read by offset from the
-tar files with ``os.pread`` rather than streamed with webdataset's tar iterator: random
-access gives a true global shuffle every epoch, an exact split between ranks, and a
-mid-epoch resume that is a seek instead of re-reading and discarding samples.
+tar files with ``os.pread`` (:class:`engine.loader.records.RecordReader`, as the DALI backend
+does) in the epoch's global order (:func:`engine.loader.base.rank_order`): a true global
+shuffle every epoch, an exact split between ranks, and a mid-epoch resume that is a seek.
+The augmentation parameters are drawn on the host by the same sampler as DALI's
+(:mod:`engine.loader.params`, seeded by seed, epoch, rank and position), so a batch needs no
+host sync: coins are CPU arrays, the parameters reach the device in one pinned copy, and the
+normalisation constants are cached per device.
+
+Decoding: ``torch_decode: auto`` decodes on the GPU (torchvision's batched nvJPEG) only on a
+card with a hardware JPEG decoder (A100/H100/H200); elsewhere — P100, T4 — torchvision's CUDA
+path runs the Huffman stage on the host, one image at a time, in the training thread, so the
+DataLoader workers decode on the CPU instead.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
@@ -18,47 +25,39 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from shards.sample import decode_jpeg
 
 from .augment import augment, mixup, normalize
-from .base import Batch, Loader, epoch_order, per_rank, rank_part
+from .base import Batch, Loader, per_rank, rank_order, rank_part
 from .config import LoaderConfig, torch_dtype
 from .data import LabelTable, Selection
+from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
+from .records import RecordReader
 
 
 
 class _Records(Dataset):
     """Sample i -> (JPEG bytes or decoded uint8 (3, H, W), slice_id)."""
 
-    def __init__(self, tars: list[str], rec: dict[str, np.ndarray], decode: bool):
-        self.tars, self.rec, self.decode = tars, rec, decode
-        self._fds: dict[int, int] = {}
+    def __init__(self, reader: RecordReader, decode: bool):
+        self.reader, self.decode = reader, decode
 
     def __len__(self) -> int:
-        return len(self.rec["slice_id"])
-
-    def _read(self, i: int) -> bytes:
-        k = int(self.rec["shard"][i])
-        fd = self._fds.get(k)
-        if fd is None:  # one descriptor per shard per worker process
-            fd = self._fds[k] = os.open(self.tars[k], os.O_RDONLY)
-        size = int(self.rec["size"][i])
-        data = os.pread(fd, size, int(self.rec["offset"][i]))
-        if len(data) != size:
-            raise OSError(f"{self.tars[k]}: short read at offset {self.rec['offset'][i]} (truncated shard?)")
-        return data
+        return len(self.reader)
 
     def __getitem__(self, i: int):
-        data = self._read(i)
+        data = self.reader.read(i)
         if self.decode:  # Pillow (libjpeg-turbo): the same decoder the shard writer's tests use
             img = torch.from_numpy(decode_jpeg(data)).permute(2, 0, 1)  # (3, H, W) uint8
         else:
             img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return img, int(self.rec["slice_id"][i])
+        return img, int(self.reader.rec["slice_id"][i])
 
-    def __del__(self):
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+
+def gpu_decode_default(cfg: LoaderConfig, device: torch.device) -> bool:
+    """Whether the torch backend decodes on the GPU: ``torch_decode`` resolved for this device."""
+    if cfg.torch_decode != "auto":
+        return cfg.torch_decode == "gpu"
+    from engine.device import has_hw_jpeg_decoder
+
+    return device.type == "cuda" and has_hw_jpeg_decoder(device)
 
 
 def _gpu_decode(raw: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
@@ -109,48 +108,39 @@ class TorchLoader(Loader):
         self.samples = end - start
         self.positions = per_rank(self.n, world)
         self.padded = self.positions - self.samples
-        self.gpu_decode = cfg.torch_decode == "gpu" or (cfg.torch_decode == "auto" and self.device.type == "cuda")
-        self.dataset = _Records(sel.tars, self.rec, decode=not self.gpu_decode)
+        self.gpu_decode = gpu_decode_default(cfg, self.device)
+        self.dataset = _Records(RecordReader(sel.tars, self.rec), decode=not self.gpu_decode)
         self.aug = cfg.augment if train else cfg.augment.off()
         self.epoch, self.position = 0, 0
 
     def __len__(self) -> int:
         return -(-self.positions // self.cfg.batch_size)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        order = epoch_order(self.n, self.cfg.seed, epoch) if self.train else np.arange(self.n)
-        start, end = rank_part(self.n, self.rank, self.world)
-        mine = order[start:end]
-        if self.padded:  # repeat the last sample; marked invalid in the batch
-            mine = np.concatenate([mine, np.repeat(mine[-1:], self.padded)])
-        return mine
-
     def __iter__(self):
         cfg, dev = self.cfg, self.device
-        order = self._order(self.epoch)
+        order = rank_order(self.n, cfg.seed, self.epoch, self.rank, self.world, shuffle=self.train)
         workers = cfg.num_threads
         dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(order, self.position, cfg.batch_size),
                         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                         prefetch_factor=cfg.prefetch if workers > 0 else None, persistent_workers=False)
         dtype = torch_dtype(cfg.dtype)
+        key = sample_key(cfg.seed, self.epoch, self.rank)
         for imgs, ids in dl:
-            step = self.position // cfg.batch_size
-            g = torch.Generator(device=dev)
-            g.manual_seed(int(np.random.default_rng([cfg.seed, self.epoch, step, 0xA06]).integers(2**62)))
+            n = len(ids)
             if isinstance(imgs, list):
                 imgs = _gpu_decode(imgs, dev)
             else:
                 imgs = imgs.to(dev, non_blocking=True)
-            x = augment(imgs, self.aug, cfg.image_size, g)
+            x = augment(imgs, self.aug, cfg.image_size, draw_params(self.aug, sample_uniforms(key, self.position, n)))
             x = normalize(x, cfg.mean, cfg.std, dtype, cfg.channels_last)
             ids = ids.to(dev, non_blocking=True)
             y = self.labels[ids]
+            n_valid = max(0, min(n, self.samples - self.position))
             if self.train:
-                x, y = mixup(x, y, self.aug, g)
-            pos = self.position + torch.arange(len(ids), device=dev)
-            valid = pos < self.samples
-            n_valid = max(0, min(len(ids), self.samples - self.position))
-            self.position += len(ids)
+                mix = draw_mixup(self.aug, n, n_valid, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
+                x, y = mixup(x, y, mix)
+            valid = (self.position + torch.arange(n, device=dev)) < self.samples
+            self.position += n
             yield Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
         self.epoch += 1
         self.position = 0
