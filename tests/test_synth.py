@@ -134,11 +134,11 @@ def test_interrupted_run_has_no_marker(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(spec, where)
 
-    monkeypatch.setattr(synth, "write_study", dies_on_second_study)
+    monkeypatch.setattr(synth.dataset, "write_study", dies_on_second_study)
     with pytest.raises(KeyboardInterrupt):
         synth.make_dataset(out, studies=3, size=32, slices=(32, 32), test_studies=0)
     assert any(out.iterdir()) and not (out / synth.COMPLETE_MARKER).exists()
-    monkeypatch.setattr(synth, "write_study", real)
+    monkeypatch.setattr(synth.dataset, "write_study", real)
     with pytest.raises(FileExistsError, match="--force"):
         synth.make_dataset(out, studies=3, size=32, slices=(32, 32), test_studies=0)
     synth.make_dataset(out, studies=3, size=32, slices=(32, 32), test_studies=0, force=True)
