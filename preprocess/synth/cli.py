@@ -31,17 +31,17 @@ def _range_arg(cast: type, what: str):
     return parse
 
 
-_slices_arg = _range_arg(int, "LO:HI slice counts (e.g. 48:96)")
-_mm_range_arg = _range_arg(float, "a LO:HI range in mm (e.g. 1.2:2.0)")
+slices_arg = _range_arg(int, "LO:HI slice counts (e.g. 48:96)")
+mm_range_arg = _range_arg(float, "a LO:HI range in mm (e.g. 1.2:2.0)")
 
 
 def _arg_type(tp: typing.Any):
     """The argparse ``type`` of a SynthConfig annotation: int, float (also ``float | None``), str or a
     ``LO:HI`` pair."""
     if tp == tuple[int, int]:
-        return _slices_arg
+        return slices_arg
     if tp == tuple[float, float]:
-        return _mm_range_arg
+        return mm_range_arg
     if tp in (int, float, str):
         return tp
     if tp == float | None:
