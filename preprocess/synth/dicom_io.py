@@ -183,7 +183,10 @@ def write_study(spec: StudySpec, out: str | Path) -> _StudyResult:
     if seg is not None:
         (out / "segmentations").mkdir(exist_ok=True)
         spacing = (spec.slice_spacing, spec.pixel_spacing, spec.pixel_spacing)
-        write_segmentation(out / "segmentations" / f"{spec.uid}.nii", seg, spacing)
+        # the DICOM position of the head-most slice's first pixel: the affine then places the labels on
+        # the bone they label
+        first = (float(origin[0]), float(origin[1]), spec.z_position(spec.file_number(0)))
+        write_segmentation(out / "segmentations" / f"{spec.uid}.nii", seg, spacing, first)
     boxes.sort(key=lambda b: b[-1])
     return _StudyResult(uid=spec.uid, boxes=boxes, files=spec.n_slices, nbytes=nbytes)
 
