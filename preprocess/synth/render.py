@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import ARCH_MM, C1_RING, CANAL_AXES, StudySpec, _body_axes, _hu_range, _pixel_seed
+from .spec import ARCH_MM, C1_RING, CANAL_AXES, Crack, StudySpec, _body_axes, _hu_range, _pixel_seed
 
 
 @dataclass(slots=True)
@@ -102,20 +102,24 @@ def _draw_vertebra(bone: _Bone, k: int, t: float, s: float, end_plate: bool) -> 
                 bone.hole(side * tx, ty, 1.7 * s)
 
 
-def render_study(spec: StudySpec, *, cracks: bool = True) -> Iterator[RenderedSlice]:
-    """Yield the study's slices head to feet. ``cracks=False`` renders the same study
-    unbroken (identical noise), which is how the tests isolate the crack pixels."""
-    a = spec.anatomy
-    n, size, ps = spec.n_slices, spec.size, spec.pixel_spacing
-    rng = np.random.default_rng([_pixel_seed(spec), 2])
+@dataclass(slots=True)
+class _Frame:
+    """A study's fixed pixel grid: full-image coordinates and the bone ROI (all bone lies inside it)."""
+
+    xs: np.ndarray  # (1, W) pixel-centre x in mm
+    ys: np.ndarray  # (H, 1)
+    rx: np.ndarray  # (h, w) ROI coordinates
+    ry: np.ndarray
+    roi: tuple[slice, slice]  # (rows, cols) of the ROI in the image
+    outside_fov: np.ndarray | None  # pixels outside the reconstruction circle, if padded
+    rim: float  # cortex thickness, at least one pixel
+
+
+def _frame(spec: StudySpec) -> _Frame:
+    a, size, ps = spec.anatomy, spec.size, spec.pixel_spacing
     coords = (np.arange(size, dtype=np.float32) + 0.5 - size / 2) * ps  # pixel centres, mm
     xs, ys = coords[None, :], coords[:, None]  # (1, W), (H, 1): broadcasting keeps it cheap
-    ncx, ncy = a.neck_center
-    na0, nb = a.neck_axes
     half = size * ps / 2
-    outside_fov = (xs**2 + ys**2 > half**2) if a.fov_padding else None
-    rim = max(1.0, ps * 1.05)  # a cortex at least one pixel thick
-    spine_top, spine_bottom = spec.vertebra_z[0][0], spec.vertebra_z[6][1]  # C1 top .. C7 bottom
     # ROI that holds all bone on every slice: computing bone only there is ~6x cheaper at 512
     s = a.scale
     margin = 12.0 * s + abs(a.lordosis) + abs(a.sway) + 3.0
@@ -126,73 +130,107 @@ def render_study(spec: StudySpec, *, cracks: bool = True) -> Iterator[RenderedSl
     c0, r0 = max(int(c0), 0), max(int(r0), 0)
     c1, r1 = min(int(c1), size), min(int(r1), size)
     rx, ry = np.meshgrid(coords[c0:c1], coords[r0:r1])  # (h, w) ROI coordinates
+    return _Frame(xs=xs, ys=ys, rx=rx, ry=ry, roi=(slice(r0, r1), slice(c0, c1)),
+                  outside_fov=(xs**2 + ys**2 > half**2) if a.fov_padding else None,
+                  rim=max(1.0, ps * 1.05))
+
+
+def render_study(spec: StudySpec, *, cracks: bool = True) -> Iterator[RenderedSlice]:
+    """Yield the study's slices head to feet. ``cracks=False`` renders the same study
+    unbroken (identical noise), which is how the tests isolate the crack pixels."""
+    a, n, size = spec.anatomy, spec.n_slices, spec.size
+    rng = np.random.default_rng([_pixel_seed(spec), 2])
+    f = _frame(spec)
+    spine_top, spine_bottom = spec.vertebra_z[0][0], spec.vertebra_z[6][1]  # C1 top .. C7 bottom
     lo_clip, hi_clip = _hu_range(spec)
     crack_of = {z: c for c in spec.cracks for z in c.z_indices} if cracks else {}
-
     for z in range(n):
         noise = rng.standard_normal((size, size), dtype=np.float32)  # drawn even without cracks
-        # --- soft tissue: the neck widens towards the shoulders in the lowest quarter
-        widen = 1.0 + 0.25 * max(0.0, (z / n - 0.75) / 0.25)
-        na = min(na0 * widen, 0.95 * half - abs(ncx))
-        hu = np.full((size, size), -1000.0, dtype=np.float32)
-        neck = _ellipse(xs, ys, ncx, ncy, na, nb)
-        hu[neck] = a.fat_hu
-        hu[_ellipse(xs, ys, ncx, ncy, na - a.fat_mm, nb - a.fat_mm)] = a.soft_hu
         # spine centre on this slice: a lordotic/scoliotic curve over C1..C7
         u = min(max((z - spine_top) / max(spine_bottom - spine_top, 1), 0.0), 1.0)
         bx0 = a.spine_x + a.sway * math.sin(math.pi * u)
         by0 = a.body_y + a.lordosis * math.sin(math.pi * u)
-        ta, tb = a.trachea_axes
-        hu[_ellipse(xs, ys, bx0, by0 - 9.0 * s - tb - 5.0 * s, ta, tb)] = -1000.0
+        hu = _soft_tissue(spec, f, z, bx0, by0)
         sigma = np.full((size, size), a.noise, dtype=np.float32)
-
         labels = np.zeros((size, size), dtype=np.uint8)
         crack_mask = None
         k, t = _vertebra_at(spec, z)
-        roi_hu = hu[r0:r1, c0:c1]
         if k:
-            dx, dy = a.vertebra_shift[k - 1]
-            rot = a.vertebra_rotation[k - 1]
-            cx, cy = bx0 + dx, by0 + dy
-            cos, sin = math.cos(rot), math.sin(rot)
-            lx = cos * (rx - cx) + sin * (ry - cy)  # vertebra-local frame
-            ly = -sin * (rx - cx) + cos * (ry - cy)
-            zs, ze = spec.vertebra_z[k - 1]
-            bone = _Bone(lx, ly, rim)
-            _draw_vertebra(bone, k, t, s, end_plate=(ze - zs >= 4 and z in (zs, ze - 1)))
-            assert bone.outer.any(), f"{spec.uid}: C{k} has no bone on z={z}"
-            roi_hu[bone.outer] = a.cortical_hu
-            roi_hu[bone.inner] = a.cancellous_hu
-            sigma[r0:r1, c0:c1][bone.outer] *= 2.5
-            labels[r0:r1, c0:c1][bone.outer] = k
-            c = crack_of.get(z)
-            if c is not None:
-                step = z - c.z_indices[0]
-                px, py = c.center[0] + c.drift[0] * step, c.center[1] + c.drift[1] * step
-                ux, uy = math.cos(c.angle), math.sin(c.angle)
-                along = (lx - px) * ux + (ly - py) * uy
-                across = -(lx - px) * uy + (ly - py) * ux
-                w = max(c.width, ps) / 2  # at least one pixel: thinner would vanish
-                roi_crack = bone.outer & (np.abs(across) <= w) & (np.abs(along) <= c.half_length)
-                if not roi_crack.any():
-                    # only at a few mm per pixel can a thin lamina fall between pixel
-                    # centres; the crack then takes the bone pixel nearest its centre
-                    d2 = np.where(bone.outer, (lx - px) ** 2 + (ly - py) ** 2, np.inf)
-                    roi_crack = np.zeros_like(bone.outer)
-                    roi_crack.flat[int(np.argmin(d2))] = True
-                roi_hu[roi_crack] = c.hu
-                sigma[r0:r1, c0:c1][roi_crack] = a.noise
-                crack_mask = np.zeros((size, size), dtype=bool)
-                crack_mask[r0:r1, c0:c1] = roi_crack
+            crack_mask = _draw_bone(spec, f, z, k, t, (bx0, by0), crack_of.get(z), hu, sigma, labels)
         elif (kd := _disc_at(spec, z)) is not None:
             dx, dy = a.vertebra_shift[kd - 1]
-            bxd, byd = _body_axes(kd, s)
-            roi_hu[_ellipse(rx, ry, bx0 + dx, by0 + dy, bxd, byd)] = a.disc_hu
+            bxd, byd = _body_axes(kd, a.scale)
+            hu[f.roi][_ellipse(f.rx, f.ry, bx0 + dx, by0 + dy, bxd, byd)] = a.disc_hu
         hu += noise * sigma
-        if outside_fov is not None:
-            hu[outside_fov] = -2000.0
+        if f.outside_fov is not None:
+            hu[f.outside_fov] = -2000.0
         out = np.clip(np.rint(hu), lo_clip, hi_clip).astype(np.int16)
         yield RenderedSlice(z=z, hu=out, labels=labels, crack=crack_mask)
+
+
+def _soft_tissue(spec: StudySpec, f: _Frame, z: int, bx0: float, by0: float) -> np.ndarray:
+    """Air, the neck (fat rim, soft tissue) and the trachea of slice z, in HU (float32, no noise)."""
+    a, size, n = spec.anatomy, spec.size, spec.n_slices
+    s, half = a.scale, size * spec.pixel_spacing / 2
+    ncx, ncy = a.neck_center
+    na0, nb = a.neck_axes
+    # the neck widens towards the shoulders in the lowest quarter
+    widen = 1.0 + 0.25 * max(0.0, (z / n - 0.75) / 0.25)
+    na = min(na0 * widen, 0.95 * half - abs(ncx))
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    neck = _ellipse(f.xs, f.ys, ncx, ncy, na, nb)
+    hu[neck] = a.fat_hu
+    hu[_ellipse(f.xs, f.ys, ncx, ncy, na - a.fat_mm, nb - a.fat_mm)] = a.soft_hu
+    ta, tb = a.trachea_axes
+    hu[_ellipse(f.xs, f.ys, bx0, by0 - 9.0 * s - tb - 5.0 * s, ta, tb)] = -1000.0
+    return hu
+
+
+def _draw_bone(spec: StudySpec, f: _Frame, z: int, k: int, t: float, centre: tuple[float, float],
+               c: Crack | None, hu: np.ndarray, sigma: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """Vertebra k (and its crack, if c cuts slice z) into hu, sigma and labels; returns the crack mask."""
+    a, s = spec.anatomy, spec.anatomy.scale
+    dx, dy = a.vertebra_shift[k - 1]
+    rot = a.vertebra_rotation[k - 1]
+    cx, cy = centre[0] + dx, centre[1] + dy
+    cos, sin = math.cos(rot), math.sin(rot)
+    lx = cos * (f.rx - cx) + sin * (f.ry - cy)  # vertebra-local frame
+    ly = -sin * (f.rx - cx) + cos * (f.ry - cy)
+    zs, ze = spec.vertebra_z[k - 1]
+    bone = _Bone(lx, ly, f.rim)
+    _draw_vertebra(bone, k, t, s, end_plate=(ze - zs >= 4 and z in (zs, ze - 1)))
+    assert bone.outer.any(), f"{spec.uid}: C{k} has no bone on z={z}"
+    roi_hu = hu[f.roi]
+    roi_hu[bone.outer] = a.cortical_hu
+    roi_hu[bone.inner] = a.cancellous_hu
+    sigma[f.roi][bone.outer] *= 2.5
+    labels[f.roi][bone.outer] = k
+    if c is None:
+        return None
+    roi_crack = _crack_pixels(c, z, lx, ly, bone.outer, spec.pixel_spacing)
+    roi_hu[roi_crack] = c.hu
+    sigma[f.roi][roi_crack] = a.noise
+    crack_mask = np.zeros(hu.shape, dtype=bool)
+    crack_mask[f.roi] = roi_crack
+    return crack_mask
+
+
+def _crack_pixels(c: Crack, z: int, lx: np.ndarray, ly: np.ndarray, outer: np.ndarray, ps: float) -> np.ndarray:
+    """The ROI pixels crack c cuts on slice z: bone within half its width of the (drifting) line."""
+    step = z - c.z_indices[0]
+    px, py = c.center[0] + c.drift[0] * step, c.center[1] + c.drift[1] * step
+    ux, uy = math.cos(c.angle), math.sin(c.angle)
+    along = (lx - px) * ux + (ly - py) * uy
+    across = -(lx - px) * uy + (ly - py) * ux
+    w = max(c.width, ps) / 2  # at least one pixel: thinner would vanish
+    roi_crack = outer & (np.abs(across) <= w) & (np.abs(along) <= c.half_length)
+    if not roi_crack.any():
+        # only at a few mm per pixel can a thin lamina fall between pixel
+        # centres; the crack then takes the bone pixel nearest its centre
+        d2 = np.where(outer, (lx - px) ** 2 + (ly - py) ** 2, np.inf)
+        roi_crack = np.zeros_like(outer)
+        roi_crack.flat[int(np.argmin(d2))] = True
+    return roi_crack
 
 
 def _vertebra_at(spec: StudySpec, z: int) -> tuple[int, float]:
