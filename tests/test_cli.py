@@ -6,13 +6,12 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from shards.config import HelpFormatter, config_fields_help, field_docs, plain, print_config
+from shards.config import field_docs
 from spinestream import __version__
 from spinestream.cli import VERBS, main
 
@@ -103,44 +102,28 @@ def test_synth_print_config_is_the_resolved_config_as_yaml(capsys, tmp_path):
     assert main(["synth", "--print-config", "--studies", "0"]) == 2  # validated like a real run
 
 
-@dataclass(kw_only=True)
-class _Inner:
-    lr: float = 1e-3
-    """Step size of ``Adam`` (see :func:`torch.optim.Adam`)."""
-    names: list[str] = field(default_factory=lambda: ["a", "b"])
+def test_every_synth_config_field_is_a_flag():
+    from preprocess.synth import SynthConfig
+    from preprocess.synth.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--studies", "7", "--seed", "2", "--size", "64", "--test-studies", "0",
+                                      "--slices", "12:20", "--syntax", "rle", "--boxed-share", "0.3",
+                                      "--crack-width", "2:3"])
+    assert config_from_args(args) == SynthConfig(studies=7, seed=2, size=64, test_studies=0, slices=(12, 20),
+                                                 syntax="rle", boxed_share=0.3, crack_width=(2.0, 3.0))
+    assert config_from_args(build_parser().parse_args([])) == SynthConfig()  # flag defaults = field defaults
 
 
-@dataclass(kw_only=True)
-class _Outer:
-    inner: _Inner = field(default_factory=_Inner)
-    root: str | None = None
-    """Where the `shards` are."""
-
-
-def test_config_fields_help_walks_nested_configs_and_strips_markup():
-    text = config_fields_help(_Outer)
-    assert "inner.lr: float = 0.001" in text and "Step size of Adam (see torch.optim.Adam)." in text
-    assert "inner.names: list[str] = [a, b]" in text
-    assert "root: str | None = null" in text and "Where the shards are." in text
-    assert "`" not in text
-    assert plain("``a`` :class:`~x.Y` `b`") == "a x.Y b"
-
-
-def test_help_formatter_shows_defaults_only_where_they_say_something():
+def test_demo_stale_check_compares_every_synth_config_field(tmp_path):
     import argparse
+    import json
 
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, epilog=config_fields_help(_Outer))
-    p.add_argument("--limit", type=int, default=None, help="only N")
-    p.add_argument("--workers", type=int, default=4, help="processes")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--keep", action="store_true", help="keep it")
-    p.add_argument("--set", action="append", default=[], help="override")
-    text = p.format_help()
-    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
-    assert "processes (default: 4)" in text and "seed (default: 0)" in text
-    assert "  inner.lr: float = 0.001\n      Step size" in text  # the epilog keeps its layout
+    from spinestream import demo
 
-
-def test_print_config_round_trips(capsys):
-    print_config(_Outer())
-    assert yaml.safe_load(capsys.readouterr().out) == {"inner": {"lr": 0.001, "names": ["a", "b"]}, "root": None}
+    args = argparse.Namespace(studies=256, seed=0, size=128, slices="24:40", boxed_share=0.5, crack_width="3:4")
+    marker = tmp_path / "SYNTH_COMPLETE"
+    params = demo._synth_config(args).params()
+    marker.write_text(json.dumps({"params": params}))
+    assert demo._stale(marker, args) == ""
+    marker.write_text(json.dumps({"params": {**params, "syntax": "rle", "test_studies": 0}}))
+    assert demo._stale(marker, args) == "test_studies 0 != 2, syntax rle != mixed"
