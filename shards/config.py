@@ -249,10 +249,18 @@ def config_fields_help(cls: type, title: str | None = None, width: int = 100) ->
     return "\n".join([title, *_field_lines(cls, "", width)])
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Block mappings (one key a line, nested configs indented), flow lists (``windows: [[400.0, 1800.0]]``)."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
 def print_config(cfg: Any, file: TextIO | None = None) -> None:
-    """``--print-config``: the resolved config as YAML (loadable with ``-c``)."""
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100), end="",
-          file=file or sys.stdout)
+    """``--print-config``: the resolved config as YAML (loadable with ``-c``), in field order."""
+    text = yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=100)
+    print(text, end="", file=file or sys.stdout)
 
 
 PRINT_CONFIG_HELP = "print the resolved config (file, --set overrides and defaults) as YAML and exit"
@@ -264,9 +272,21 @@ def add_print_config(parser: argparse.ArgumentParser) -> None:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps description and epilog as written (the config field list is pre-formatted) and adds
-    ``(default: X)`` only where a default says something: not for None, False, [] or a help text that
-    already names its default."""
+    """Wraps the plain paragraphs of description and epilog but keeps any paragraph with an indented line
+    as written (examples, the :func:`config_fields_help` list), and adds ``(default: X)`` only where a
+    default says something: not for None, False, [] or a help text that already names its default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = re.split(r"\n\s*\n", text.strip("\n"))
+        out = []
+        for par in paragraphs:
+            lines = par.splitlines()
+            if any(line[:1].isspace() for line in lines):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(line.strip() for line in lines), width,
+                                         initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(out)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import textwrap
 import typing
 from pathlib import Path
 
@@ -62,13 +61,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spinestream synth",
-        description=textwrap.fill(
+        description=(
             "Write a synthetic CT dataset in the RSNA 2022 cervical-spine Kaggle layout "
             "(train.csv, train_bounding_boxes.csv, train_images/<uid>/<n>.dcm, segmentations/, "
             "test_images/, test.csv, sample_submission.csv). Neck phantoms with seven vertebrae; "
             "fractures are thin dark cracks. Deterministic: the same arguments give "
             "byte-identical files. A SYNTH_COMPLETE file is written last; without it the "
-            "directory is an interrupted run.", width=88
+            "directory is an interrupted run."
         ),
         epilog="example: spinestream synth --out demo-data/dataset --studies 24 --seed 0 --size 256",
         formatter_class=HelpFormatter,
