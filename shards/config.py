@@ -3,14 +3,26 @@
 Each component owns a ``@dataclass(kw_only=True)`` config whose ``__post_init__`` raises
 ``ValueError`` on bad values. :func:`load_config` builds one from a YAML mapping, raising
 :class:`ConfigError` with the full key path for unknown keys and wrong types.
+
+The command-line helpers every verb shares live here too: :func:`field_docs` (a field's
+docstring is the string literal right after it), :func:`config_fields_help` (the fields of a
+config, nested ones dotted, for a verb's ``--help``), :func:`print_config` (``--print-config``)
+and :class:`HelpFormatter` (defaults only where they say something).
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import re
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import yaml
 
@@ -143,14 +155,144 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, data)
 
 
+def _plain_value(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _plain_value(dataclasses.asdict(v))
+    if isinstance(v, (list, tuple)):
+        return [_plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain_value(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg: Any) -> dict:
     """Plain, YAML/JSON-serialisable dict of a config dataclass (tuples become lists)."""
+    return _plain_value(dataclasses.asdict(cfg))
 
-    def conv(v):
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
 
-    return conv(dataclasses.asdict(cfg))
+# --------------------------------------------------------------------------- command-line help
+
+
+def plain(text: str) -> str:
+    """Docstring text without reStructuredText markup (roles and backquotes), for ``--help``."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"`([^`]+)`", r"\1", text)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring (the string literal right after the field in the class body), for
+    ``cls`` and its dataclass bases; fields without one are absent."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (e.g. built in a REPL): no docstrings
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def format_value(value: Any) -> str:
+    """A config value as it would be written in YAML (flow style: ``[400.0, 1800.0]``)."""
+    text = yaml.safe_dump(_plain_value(value), default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _field_lines(cls: type, prefix: str, width: int) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, name = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            lines += _field_lines(tp, name + ".", width)
+            continue
+        default = _default(f)
+        head = f"  {name}: {_type_name(tp)}" + ("" if default is dataclasses.MISSING else f" = {format_value(default)}")
+        lines.append(head)
+        if f.name in docs:
+            lines += textwrap.wrap(plain(docs[f.name]), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return lines
+
+
+def config_fields_help(cls: type, title: str | None = None, width: int = 100) -> str:
+    """The fields of config dataclass ``cls`` (nested configs walked, their keys dotted) with type,
+    default and docstring: the epilog of a verb's ``--help`` (use :class:`HelpFormatter`)."""
+    title = title or f"config fields ({cls.__name__}; set in the -c YAML file or with --set KEY=VALUE):"
+    return "\n".join([title, *_field_lines(cls, "", width)])
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Block mappings (one key a line, nested configs indented), flow lists (``windows: [[400.0, 1800.0]]``)."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def print_config(cfg: Any, file: TextIO | None = None) -> None:
+    """``--print-config``: the resolved config as YAML (loadable with ``-c``), in field order."""
+    text = yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=100)
+    print(text, end="", file=file or sys.stdout)
+
+
+PRINT_CONFIG_HELP = "print the resolved config (file, --set overrides and defaults) as YAML and exit"
+
+
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    """Add the shared ``--print-config`` flag (the verb prints :func:`print_config` and exits)."""
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps the plain paragraphs of description and epilog but keeps any paragraph with an indented line
+    as written (examples, the :func:`config_fields_help` list), and adds ``(default: X)`` only where a
+    default says something: not for None, False, [] or a help text that already names its default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = re.split(r"\n\s*\n", text.strip("\n"))
+        out = []
+        for par in paragraphs:
+            lines = par.splitlines()
+            if any(line[:1].isspace() for line in lines):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(line.strip() for line in lines), width,
+                                         initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(out)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS or (
+                isinstance(default, (list, tuple)) and not default):
+            return text
+        shown = ":".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"

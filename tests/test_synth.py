@@ -134,11 +134,11 @@ def test_interrupted_run_has_no_marker(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(spec, where)
 
-    monkeypatch.setattr(synth, "write_study", dies_on_second_study)
+    monkeypatch.setattr(synth.dataset, "write_study", dies_on_second_study)
     with pytest.raises(KeyboardInterrupt):
         synth.make_dataset(out, studies=3, size=32, slices=(32, 32), test_studies=0)
     assert any(out.iterdir()) and not (out / synth.COMPLETE_MARKER).exists()
-    monkeypatch.setattr(synth, "write_study", real)
+    monkeypatch.setattr(synth.dataset, "write_study", real)
     with pytest.raises(FileExistsError, match="--force"):
         synth.make_dataset(out, studies=3, size=32, slices=(32, 32), test_studies=0)
     synth.make_dataset(out, studies=3, size=32, slices=(32, 32), test_studies=0, force=True)
@@ -311,3 +311,28 @@ def test_segmentation_marks_the_bone(dataset):
             assert (seg[a:b][bone] == k).mean() > 0.99
             assert np.median(vol[a:b][seg[a:b] == k]) > 300
         assert (seg[vol < -200] == 0).all()
+
+
+# --------------------------------------------------------------------------- SynthConfig
+
+
+def test_synth_config_is_the_one_parameter_set(tmp_path):
+    import json
+
+    cfg = synth.SynthConfig(studies=3, seed=4, size=32, slices=(12, 12), test_studies=0, crack_width=(3, 4))
+    fields = dict(studies=3, seed=4, size=32, slices=(12, 12), test_studies=0, crack_width=(3, 4))
+    assert [repr(s) for s in synth.study_specs(cfg)] == [repr(s) for s in synth.study_specs(**fields)]
+    assert [repr(s) for s in synth.study_specs(3, 4, **{k: v for k, v in fields.items()
+                                                       if k not in ("studies", "seed")})] == \
+        [repr(s) for s in synth.study_specs(cfg)]
+    synth.make_dataset(tmp_path / "d", cfg)
+    params = json.loads((tmp_path / "d" / synth.COMPLETE_MARKER).read_text())["params"]
+    assert params == cfg.params() and set(params) == {f.name for f in dataclasses.fields(synth.SynthConfig)}
+    assert synth.SynthConfig(**params) == cfg  # the marker's params rebuild the config
+    with pytest.raises(TypeError, match="not both"):
+        synth.make_dataset(tmp_path / "e", cfg, studies=4)
+    with pytest.raises(TypeError, match="unknown synth parameter.*'studis'"):
+        synth.make_dataset(tmp_path / "e", studis=4)
+    with pytest.raises(ValueError, match="size must be"):
+        synth.make_dataset(tmp_path / "e", size=8)
+    assert not (tmp_path / "e").exists()  # validated before anything is written

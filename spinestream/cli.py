@@ -1,8 +1,7 @@
-"""The ``spinestream`` console script: one verb per job.
+"""The ``spinestream`` console script: one verb per job (``python -m spinestream.cli`` too).
 
 The table below names each verb's module by string and imports it only when that verb
-runs, so the storage layer (``shards``) never imports ``preprocess`` or ``engine`` and
-``spinestream --help`` stays fast.
+runs, so ``spinestream --help`` stays fast and a verb's dependencies load only for it.
 """
 from __future__ import annotations
 
@@ -10,19 +9,27 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("preprocess.synth", "write a synthetic dataset in the Kaggle layout"),
+    "synth": ("preprocess.synth.cli", "write a synthetic dataset in the Kaggle layout"),
     "shard": ("preprocess.convert", "DICOM studies -> WebDataset shards + Zarr volumes (resumable)"),
     "verify": ("shards.verify", "check every shard against the manifest"),
     "train": ("engine.train", "train the slice classifier (round 1 / round 2), resumable"),
     "evaluate": ("engine.evaluate", "study-level metric, per-vertebra report and heat maps of a run"),
     "bench": ("benchmarks.cli", "run a benchmark suite (shard, loader, train)"),
-    "demo": ("shards.demo", "the main job on the embedded synthetic default"),
+    "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
 }
+
+
+def version() -> str:
+    """``spinestream X.Y.Z``: pyproject.toml reads the version from ``spinestream.__version__``."""
+    from . import __version__
+
+    return f"spinestream {__version__}"
 
 
 def usage() -> str:
     width = max(map(len, VERBS))
-    lines = ["usage: spinestream <verb> [options]   (spinestream <verb> --help for each)", "", "verbs:"]
+    lines = ["usage: spinestream [--version] <verb> [options]   (spinestream <verb> --help for each)", "",
+             "verbs:"]
     lines += [f"  {v.ljust(width)}  {desc}" for v, (_, desc) in VERBS.items()]
     return "\n".join(lines)
 
@@ -31,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

@@ -3,8 +3,9 @@
     synth (a small dataset in the Kaggle layout) -> shard -> verify -> bench loader
     -> train round 1 (a tiny timm model on the CPU) -> evaluate
 
-Each step is a ``spinestream`` verb run through the CLI table, so this file imports no
-job module; every step is resumable, so rerunning the demo finishes or skips work.
+Each step is a ``spinestream`` verb run through the CLI table (only the stale check reads
+preprocess.synth's SynthConfig); every step is resumable, so rerunning the demo finishes or
+skips work.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shards.config import HelpFormatter, plain
+
     from .cli import main as cli
 
-    p = argparse.ArgumentParser(prog="spinestream demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="spinestream demo", description=plain(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("demo-data"), help="where the demo writes everything")
     p.add_argument("--studies", type=int, default=256, help="synthetic studies")
     p.add_argument("--size", type=int, default=128, help="synthetic DICOM size (pixels)")
@@ -71,9 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _synth_config(args: argparse.Namespace):
+    """The SynthConfig the demo's flags ask for (the synth step passes the same values)."""
+    from preprocess.synth import SynthConfig
+    from preprocess.synth.cli import mm_range_arg, slices_arg
+
+    return SynthConfig(studies=args.studies, seed=args.seed, size=args.size, slices=slices_arg(args.slices),
+                       boxed_share=args.boxed_share, crack_width=mm_range_arg(args.crack_width))
+
+
 def _stale(marker: Path, args: argparse.Namespace) -> str:
     """What differs between the finished synthetic dataset in ``marker``'s directory and the one asked for
-    ('' when it matches or there is none): the later steps resume, so they must not mix two datasets."""
+    ('' when it matches or there is none): the later steps resume, so they must not mix two datasets.
+    Every SynthConfig field is compared."""
     if not marker.exists():
         return ""
     import json
@@ -82,13 +94,9 @@ def _stale(marker: Path, args: argparse.Namespace) -> str:
         have = json.loads(marker.read_text())["params"]
     except (ValueError, KeyError):
         return "an unreadable SYNTH_COMPLETE"
-    lo, hi = (int(x) for x in args.slices.split(":"))
-    clo, chi = (float(x) for x in args.crack_width.split(":"))
-    want = {"studies": args.studies, "seed": args.seed, "size": args.size, "slices": [lo, hi],
-            "boxed_share": args.boxed_share, "crack_width": [clo, chi]}
+    want = _synth_config(args).params()
     diff = [f"{k} {have.get(k)} != {v}" for k, v in want.items() if have.get(k) != v]
     return ", ".join(diff)
-
 
 if __name__ == "__main__":
     sys.exit(main())
