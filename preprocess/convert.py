@@ -50,7 +50,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from shards import layout as L
-from shards.config import ConfigError, load_config, to_dict
+from shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
+    print_config, to_dict
 from shards.fsutil import atomic_write_json, replace_dir
 from shards.sample import encode_jpeg, neighbour_index, sample_image
 from shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
@@ -256,6 +257,8 @@ def study_segmentation(task: StudyTask, shape: tuple[int, int, int]) -> np.ndarr
     except _seg_read_errors() as e:
         warnings.warn(f"{task.uid}: segmentation {Path(task.seg_path).name} cannot be read "
                       f"({type(e).__name__}: {e}); labelling without it", DataWarning, stacklevel=2)
+        return None
+    if seg is None:  # the reader left it out (reversed or unusable), with its own DataWarning
         return None
     if seg.shape != shape:
         warnings.warn(f"{task.uid}: segmentation shape {seg.shape} does not match the series "
@@ -626,15 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a dataset in the Kaggle RSNA 2022 layout into windowed uint8 WebDataset shards "
                     "(2.5D JPEG, DALI .idx files) and Zarr volumes. Resumable: rerun the same command after "
                     "a crash or kill and it finishes the job without redoing committed studies.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=config_fields_help(ShardConfig), formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", type=Path, required=True, help="dataset directory (train.csv, train_images/, ...)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--data", type=Path, help="dataset directory (train.csv, train_images/, ...)")
+    p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("-c", "--config", type=Path, default=None, help="YAML config (default: built-in = configs/shard.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/_work (per-study staging) after success")
     p.add_argument("--limit", type=int, default=None, help="only the first N studies (by UID), for a trial run")
+    add_print_config(p)
     return p
 
 
@@ -642,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(ShardConfig, args.config, args.set)
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        if args.data is None or args.out is None:
+            build_parser().error("--data and --out are required (only --print-config runs without them)")
         run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
     except (ConfigError, FileNotFoundError, JobError, LabelError) as e:
         # what the user can fix; anything else is a bug and keeps its traceback

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from shards import demo
+from spinestream import demo
 
 
 def _marker(d, **params):

@@ -125,7 +125,7 @@ def test_nan_losses_skip_steps_then_stop(shards, tmp_path, monkeypatch):
 
 
 def test_cli_train_then_evaluate(shards, tmp_path):
-    from shards.cli import main
+    from spinestream.cli import main
 
     sets = ["--set", f"data.root={shards}", "--set", f"out_dir={tmp_path}", "--set", "name=cli",
             "--set", "model.name=test_efficientnet", "--set", "model.pretrained=false",
