@@ -285,4 +285,5 @@ def _report(name, cfg, paths, configs, verb, workers) -> Stage:
         # every stage before it rewrites its record when it runs, so the records' hashes say "something changed"
         return {"records": {s: fingerprint(record_path(paths.stages, s)) for s in others}}
 
-    return Stage(name, run, inputs, outputs=[paths.report_md, paths.report_json, paths.report_dir])
+    return Stage(name, run, inputs, outputs=[paths.report_md, paths.report_json, paths.report_dir],
+                 required=[paths.report_md, paths.report_json])

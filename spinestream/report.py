@@ -49,7 +49,7 @@ def recompute_scores(eval_dir: Path, shards: Path, fold: int) -> dict:
 
     studies = pd.read_parquet(shards / "studies.parquet")
     sub = pd.read_csv(eval_dir / "submission.csv")
-    uids = sub.row_id.str.rsplit("_", n=1).str[0].unique()
+    uids = sub.row_id.str.extract(r"^(.+)_(?:C[1-7]|patient_overall)$")[0].unique()  # uids hold dots, not "_"
     chosen = studies.set_index("StudyInstanceUID").loc[uids].reset_index()
     solution = solution_from_train(chosen[["StudyInstanceUID", *ROW_TYPES]])
     prev = studies[studies.fold != fold][ROW_TYPES].mean().to_numpy(dtype=float)

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None, verb=None) -> int:
     """The verb; ``verb`` replaces the CLI table (tests)."""
     from .plan import build_stages, cli_verb
 
+    import yaml
+
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(PipelineConfig, args.config, args.set)
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None, verb=None) -> int:
         stages = build_stages(cfg, root, verb or cli_verb)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"spinestream run: error: {e}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as e:  # a config file or a --set value (the pipeline's or a stage's) that does not parse
+        text = " ".join(str(e).split())
+        print(f"spinestream run: error: a config file or --set value is not valid YAML ({text}); quote values "
+              f"that hold brackets, e.g. --set \"round2.set=['data.label_tables=[a, b]']\"", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     log = lambda line: print(f"spinestream run: {line}", flush=True)  # noqa: E731
