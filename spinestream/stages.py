@@ -155,7 +155,7 @@ def decide(stage: Stage, rec: dict | None, inputs: dict, *, forced: str) -> tupl
     required = stage.required or stage.outputs
     missing = [str(p) for p in required if not Path(p).exists()]
     if forced:
-        return ("redone", forced) if rec or any(Path(p).exists() for p in stage.outputs) else ("run", forced)
+        return ("redone", forced) if rec or any(Path(p).exists() for p in stage.outputs) else ("run", "")
     if rec is None:
         return ("resumed", "outputs of an unrecorded attempt kept") if any(
             Path(p).exists() for p in stage.outputs) else ("run", "")

@@ -382,3 +382,33 @@ def test_report_says_missing_for_an_evaluation_that_did_not_run(tmp_path):
     assert e["competition_loss"] is None and e["missing"].endswith("eval-f0/report.csv")
     assert rep["throughput"]["training"]["round1"]["missing"].endswith("metrics.jsonl")
     assert not (tmp_path / "report/losses.png").exists()
+
+
+TINY = ["synth.studies=24", "synth.size=64", "synth.slices=[16, 20]", "synth.test_studies=1",
+        "shard.fields.image_size=64", "shard.fields.folds=2", "shard.fields.shard_max_samples=64",
+        "bench.batches=2", "bench.warmup=1", "bench.lines=torch",
+        "round1.set=[train.max_steps=6, train.epochs=1, loader.image_size=64, train.batch_size=16, "
+        "loader.batch_size=16, log.wandb=disabled, train.checkpoint_every_steps=3]",
+        "round2.set=[train.max_steps=4, train.epochs=1, loader.image_size=64, train.batch_size=16, "
+        "loader.batch_size=16, log.wandb=disabled, train.checkpoint_every_steps=2]"]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_on_a_tiny_synthetic_set(tmp_path, capsys):
+    """The real demo config, every verb real, on 24 studies at 64 px. Needs the predict verb and
+    model.init_from (other branches): until they are merged this fails at round2."""
+    out = tmp_path / "demo"
+    args = ["-c", str(ROOT / "configs/demo-pipeline.yaml"), "--out", str(out), "--set", "workers=2",
+            "--set", f"round1.config={ROOT / 'configs/demo-round1.yaml'}",
+            "--set", f"round2.config={ROOT / 'configs/demo-round2.yaml'}"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [e["name"] for e in rep["evaluations"]] == ["evaluate1", "evaluate2"]
+    assert all(e["competition_loss"] is not None and e["constant_baseline"] is not None for e in rep["evaluations"])
+    assert rep["submission"]["rows"] == 8 * rep["submission"]["studies"] > 0
+    assert (out / "report.md").is_file()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert _statuses(capsys) == dict.fromkeys(ALL, "skipped")
