@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("engine.train", "train the slice classifier (round 1 / round 2), resumable"),
     "evaluate": ("engine.evaluate", "study-level metric, per-vertebra report and heat maps of a run"),
     "bench": ("benchmarks.cli", "run a benchmark suite (shard, loader, train)"),
+    "run": ("spinestream.run", "the whole pipeline, stage by stage, resumable (shard -> ... -> report)"),
     "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
 }
 

@@ -1,0 +1,289 @@
+"""The concrete stages of ``spinestream run``: each one a ``spinestream`` verb with its arguments, the inputs
+that decide its outputs, and the paths it writes, in one layout::
+
+    DIR/raw/                     the synthetic dataset (the demo's synth stage)
+    DIR/shards/                  spinestream shard (+ labels/pseudo-round1.parquet from the pseudo stage)
+    DIR/bench/loader.json        spinestream bench loader
+    DIR/runs/round1, round2      spinestream train (eval-f<k>/ inside, from spinestream evaluate)
+    DIR/submission.csv           spinestream predict
+    DIR/report.md, report.json, report/*.png
+    DIR/stages/<stage>.json      completion records; <stage>.yaml the resolved config a verb was given
+
+Verbs are called through a ``verb(argv) -> exit status`` function (the CLI table in production, fakes in
+tests), so the application imports no job module. What each stage's inputs fingerprint:
+
+* the dataset: ``SYNTH_COMPLETE``, ``train.csv``, ``train_bounding_boxes.csv`` (sha256) and the number of
+  study directories: the DICOMs themselves (343 GB) are not hashed;
+* a shard set: ``manifest.json`` (it holds every shard's sha256) and the study, slice and truth tables;
+* a run: ``best.pt``'s sha256 (written once per improvement, by an atomic rename);
+* a label table, sample submission or report input: its sha256; test images: the sorted file names.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shards.config import format_value, load_config, to_dict
+from shards.fsutil import atomic_write_bytes
+
+from .config import EvaluateStage, PipelineConfig, TrainStage
+from .stages import Stage, StageError, fingerprint
+
+Verb = Callable[[list[str]], int]
+
+#: modules whose ``main`` the pipeline runs that the CLI table does not list yet (cli.VERBS wins)
+NOT_YET_VERBS = {"pseudo-label": "engine.pseudo", "synth-truth": "preprocess.synth_truth"}
+
+
+def cli_verb(argv: list[str]) -> int:
+    """Run ``spinestream <argv>`` in this process, through the CLI table."""
+    from .cli import VERBS, main
+
+    if argv[0] not in VERBS and argv[0] in NOT_YET_VERBS:
+        return int(importlib.import_module(NOT_YET_VERBS[argv[0]]).main(argv[1:]) or 0)
+    return main(argv)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The pipeline's layout under ``root`` (``--out``)."""
+
+    root: Path
+
+    raw = property(lambda self: self.root / "raw")
+    shards = property(lambda self: self.root / "shards")
+    runs = property(lambda self: self.root / "runs")
+    stages = property(lambda self: self.root / "stages")
+    bench = property(lambda self: self.root / "bench")
+    submission = property(lambda self: self.root / "submission.csv")
+    crack_truth = property(lambda self: self.root / "crack-truth.parquet")
+    report_md = property(lambda self: self.root / "report.md")
+    report_json = property(lambda self: self.root / "report.json")
+    report_dir = property(lambda self: self.root / "report")
+    pseudo = property(lambda self: self.root / "shards" / "labels" / "pseudo-round1.parquet")
+
+    def run(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+
+def expand(path: str | None, root: Path) -> Path | None:
+    return None if path is None else Path(path.replace("{out}", str(root)))
+
+
+# --------------------------------------------------------------------------- fingerprints of upstream outputs
+
+
+def dataset_fp(data: Path) -> dict:
+    imgs = data / "train_images"
+    n = sum(1 for e in os.scandir(imgs) if e.is_dir()) if imgs.is_dir() else 0
+    return {"path": str(data), "studies": n, **{f: fingerprint(data / f) for f in
+                                                ("SYNTH_COMPLETE", "train.csv", "train_bounding_boxes.csv")}}
+
+
+def shards_fp(shards: Path) -> dict:
+    return {f: fingerprint(shards / f) for f in ("manifest.json", "studies.parquet", "slices.parquet",
+                                                 "labels/truth.parquet")}
+
+
+def files_fp(d: Path) -> dict:
+    """The sorted relative file names under ``d`` (hashed) and their count: cheap for 1,500 test studies."""
+    names = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) if d.is_dir() else []
+    return {"path": str(d), "files": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+# --------------------------------------------------------------------------- resolved configs
+
+
+def shard_config(cfg: PipelineConfig):
+    """The ShardConfig the shard stage runs with: file, then ``fields``, then ``set``."""
+    from preprocess.config import ShardConfig
+
+    inline = [f"{k}={format_value(v)}" for k, v in cfg.shard.fields.items()]
+    return load_config(ShardConfig, cfg.shard.config, inline + cfg.shard.set)
+
+
+def run_config(name: str, stage: TrainStage, paths: Paths, *, needs_pseudo: bool):
+    """The RunConfig of a round: the stage's file and ``set``, then the layout (data.root, out_dir, name)."""
+    from engine.config import RunConfig
+
+    layout = [f"data.root={paths.shards}", f"out_dir={paths.runs}", f"name={name}"]
+    rc = load_config(RunConfig, stage.config, stage.set + layout)
+    pseudo = str(paths.pseudo.relative_to(paths.shards))
+    if needs_pseudo and pseudo not in rc.data.label_tables:
+        raise ValueError(f"{name}: its config ({stage.config}) must list the pseudo-label table in "
+                         f"data.label_tables (after labels/truth.parquet): add {pseudo!r}")
+    return rc
+
+
+def write_yaml(path: Path, cfg) -> Path:
+    atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    return path
+
+
+def call(verb: Verb, argv: list[str]) -> None:
+    """Run one verb; StageError when it fails (argparse's SystemExit included)."""
+    print(f"== spinestream {' '.join(argv)}", flush=True)
+    try:
+        rc = verb(argv)
+    except SystemExit as e:  # argparse: bad arguments
+        rc = e.code if isinstance(e.code, int) else 2
+    if rc:
+        raise StageError(f"`spinestream {' '.join(argv)}` failed (exit {rc})")
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def build_stages(cfg: PipelineConfig, root: Path, verb: Verb = cli_verb) -> list[Stage]:
+    """The stages ``cfg.stages`` names, in order. Configs are resolved here, so a typo in round 2's config is
+    an error before shard starts."""
+    paths = Paths(Path(root))
+    workers = str(cfg.workers or os.cpu_count() or 1)
+    configs = {"shard": shard_config(cfg)} if "shard" in cfg.stages else {}
+    for r in ("round1", "round2"):
+        if r in cfg.stages or f"evaluate{r[-1]}" in cfg.stages:
+            configs[r] = run_config(r, getattr(cfg, r), paths, needs_pseudo=r == "round2" and "pseudo" in cfg.stages)
+    makers = {"synth": _synth, "shard": _shard, "verify": _verify, "bench": _bench, "round1": _train,
+              "round2": _train, "evaluate1": _evaluate, "evaluate2": _evaluate, "pseudo": _pseudo,
+              "predict": _predict, "report": _report}
+    return [makers[name](name, cfg, paths, configs, verb, workers) for name in cfg.stages]
+
+
+def _synth(name, cfg, paths, configs, verb, workers) -> Stage:
+    def flag(k, v):
+        return [f"--{k.replace('_', '-')}", ":".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+
+    params = cfg.synth.params()
+    argv = ["synth", "--out", str(paths.raw), "--workers", workers, "--force", "--quiet"]
+    argv += [a for k, v in params.items() if v is not None for a in flag(k, v)]
+    return Stage(name, lambda: call(verb, argv), lambda: {"synth": params}, outputs=[paths.raw],
+                 required=[paths.raw / "SYNTH_COMPLETE"])
+
+
+def _shard(name, cfg, paths, configs, verb, workers) -> Stage:
+    data, sc = expand(cfg.shard.data, paths.root), configs["shard"]
+    argv = ["shard", "--data", str(data), "--out", str(paths.shards), "-c", str(paths.stages / "shard.yaml"),
+            "--workers", workers] + (["--limit", str(cfg.shard.limit)] if cfg.shard.limit is not None else [])
+
+    def run():
+        write_yaml(paths.stages / "shard.yaml", sc)
+        call(verb, argv)  # resumable: a rerun skips committed studies
+
+    return Stage(name, run, lambda: {"config": to_dict(sc), "dataset": dataset_fp(data), "limit": cfg.shard.limit},
+                 outputs=[paths.shards], required=[paths.shards / "manifest.json"])
+
+
+def _verify(name, cfg, paths, configs, verb, workers) -> Stage:
+    v = cfg.verify
+    argv = ["verify", str(paths.shards)] + ["--quick"] * v.quick + ["--decode"] * v.decode
+    return Stage(name, lambda: call(verb, argv), lambda: {"shards": shards_fp(paths.shards), "args": argv[2:]})
+
+
+def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
+    b = cfg.bench
+    args = ["--batches", str(b.batches), "--warmup", str(b.warmup)]
+    args += (["--lines", b.lines] if b.lines else []) + (["--image-size", str(b.image_size)] if b.image_size else [])
+    args += ["--dicom", str(expand(cfg.shard.data, paths.root))] if b.dicom else []
+    argv = ["bench", "loader", "--shards", str(paths.shards), *args, "--workers", workers,
+            "--results", str(paths.bench)]
+    return Stage(name, lambda: call(verb, argv), lambda: {"shards": shards_fp(paths.shards), "args": args},
+                 outputs=[paths.bench], required=[paths.bench / "loader.json"])
+
+
+def _train(name, cfg, paths, configs, verb, workers) -> Stage:
+    stage: TrainStage = getattr(cfg, name)
+    rc, run_dir, resolved = configs[name], paths.run(name), paths.stages / f"{name}.yaml"
+    init = [] if stage.init_from is None else ["--set", f"model.init_from={paths.run(stage.init_from) / 'best.pt'}"]
+
+    def run():
+        write_yaml(resolved, rc)
+        resume = run_dir.is_dir() and any(run_dir.glob("ckpt-*.pt"))
+        call(verb, ["train", *(["--resume", str(run_dir)] if resume else []), "-c", str(resolved), *init])
+
+    def inputs():
+        out = {"config": to_dict(rc), "shards": shards_fp(paths.shards)}
+        if stage.init_from:
+            out["init_from"] = fingerprint(paths.run(stage.init_from) / "best.pt")
+        if "pseudo" in cfg.stages and name == "round2":
+            out["pseudo"] = fingerprint(paths.pseudo)
+        return out
+
+    return Stage(name, run, inputs, outputs=[run_dir], required=[run_dir / "best.pt"])
+
+
+def eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
+    return run_dir / f"eval-f{run_cfg.data.val_fold if stage.fold is None else stage.fold}"
+
+
+def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
+    e: EvaluateStage = getattr(cfg, name)
+    run = f"round{name[-1]}"
+    run_dir = paths.run(run)
+    out = eval_dir(e, configs[run], run_dir)
+    args = ["--checkpoint", e.checkpoint, "--batch-size", str(e.batch_size)]
+    args += (["--fold", str(e.fold)] if e.fold is not None else []) + (["--rule", e.rule] if e.rule else [])
+    argv = ["evaluate", "--run", str(run_dir), *args]
+    ckpt = "best.pt" if e.checkpoint == "best" else None
+
+    def inputs():
+        run_fp = fingerprint(run_dir / ckpt) if ckpt else {"latest": sorted(p.name for p in run_dir.glob("ckpt-*.pt"))}
+        return {"run": run_fp, "args": args, "shards": shards_fp(paths.shards)}
+
+    return Stage(name, lambda: call(verb, argv), inputs, outputs=[out], required=[out / "report.csv"])
+
+
+def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
+    p, table = cfg.pseudo, paths.pseudo
+    args = ["--mode", p.mode, "--threshold", p.threshold, "--batch-size", str(p.batch_size)] + ["--tta"] * p.tta
+    truth = ["--truth", str(paths.crack_truth)] if p.synth_truth else []
+    side = [table.with_suffix(".summary.json"), table.with_suffix(".heatmap.png")]
+
+    def run():
+        if p.synth_truth:
+            call(verb, ["synth-truth", "--raw", str(expand(cfg.shard.data, paths.root)), "--shards",
+                        str(paths.shards), "--out", str(paths.crack_truth)])
+        call(verb, ["pseudo-label", "--run", str(paths.run("round1")), "--out", str(table), *args, *truth])
+
+    def inputs():
+        return {"run": fingerprint(paths.run("round1") / "best.pt"), "args": args, "synth_truth": p.synth_truth,
+                "shards": shards_fp(paths.shards)}
+
+    return Stage(name, run, inputs, outputs=[table, *side] + ([paths.crack_truth] if p.synth_truth else []),
+                 required=[table, side[0]])
+
+
+def _predict(name, cfg, paths, configs, verb, workers) -> Stage:
+    p = cfg.predict
+    images, sample = expand(p.images, paths.root), expand(p.sample_submission, paths.root)
+    argv = ["predict", *[a for r in p.runs for a in ("--run", str(paths.run(r)))], "--images", str(images)]
+    argv += (["--sample-submission", str(sample)] if sample else []) + ["--out", str(paths.submission)]
+
+    def inputs():
+        return {"runs": {r: fingerprint(paths.run(r) / "best.pt") for r in p.runs}, "images": files_fp(images),
+                "sample_submission": fingerprint(sample) if sample else None}
+
+    return Stage(name, lambda: call(verb, argv), inputs, outputs=[paths.submission])
+
+
+def _report(name, cfg, paths, configs, verb, workers) -> Stage:
+    from .stages import record_path
+
+    others = [s for s in cfg.stages if s != "report"]
+
+    def run():
+        from .report import write_report
+
+        write_report(paths, cfg, configs)
+
+    def inputs():
+        # every stage before it rewrites its record when it runs, so the records' hashes say "something changed"
+        return {"records": {s: fingerprint(record_path(paths.stages, s)) for s in others}}
+
+    return Stage(name, run, inputs, outputs=[paths.report_md, paths.report_json, paths.report_dir],
+                 required=[paths.report_md, paths.report_json])

@@ -1,0 +1,414 @@
+"""``spinestream run``: the stage runner's skip / resume / redo guarantees, with fake verbs.
+
+The fakes stand in for the CLI table (``spinestream.run.main(argv, verb=...)``): each writes the files its
+verb would (a best.pt, a manifest, ...) and logs its argv, so the tests see exactly which verbs ran with which
+arguments, and can compare upstream files byte for byte and by mtime. The last test runs the real demo
+pipeline on a tiny synthetic set (slow).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinestream.run import main
+from spinestream.stages import Stage, fingerprint, remove_outputs, run_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = ["synth", "shard", "verify", "bench", "round1", "evaluate1", "pseudo", "round2", "evaluate2", "predict",
+       "report"]
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+class FakeVerbs:
+    """The verbs, reduced to the files the pipeline reads; ``calls`` logs every argv."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+        self.kill_in: str | None = None  # run name whose train raises after its first checkpoint
+        self.kill_with: BaseException = KeyboardInterrupt()
+
+    def __call__(self, argv: list[str]) -> int:
+        self.calls.append(list(argv))
+        return getattr(self, argv[0].replace("-", "_"))(argv[1:])
+
+    def verbs(self) -> list[str]:
+        return [a[0] for a in self.calls]
+
+    def synth(self, a):
+        out = Path(_arg(a, "--out"))
+        _write(out / "SYNTH_COMPLETE", json.dumps({"params": a}))
+        _write(out / "train.csv", "StudyInstanceUID\n")
+        _write(out / "test_images" / "1.2.3" / "1.dcm", "dicom")
+        _write(out / "sample_submission.csv", "row_id,fractured\n")
+        return 0
+
+    def shard(self, a):
+        out = Path(_arg(a, "--out"))
+        cfg = Path(_arg(a, "-c")).read_text()
+        _write(out / "manifest.json", json.dumps({"config": cfg}))
+        _write(out / "labels" / "truth.parquet", "truth")
+        return 0
+
+    def verify(self, a):
+        assert (Path(a[0]) / "manifest.json").is_file()
+        return 0
+
+    def bench(self, a):
+        _write(Path(_arg(a, "--results")) / "loader.json", json.dumps(
+            {"machine": "fake", "image_size": 128, "batch_size": 32, "lines": {"torch": {"images_per_s": 100.0}}}))
+        return 0
+
+    def train(self, a):
+        cfg = yaml.safe_load(Path(_arg(a, "-c")).read_text())
+        run = Path(cfg["out_dir"]) / cfg["name"]
+        if "--resume" in a:
+            assert Path(_arg(a, "--resume")) == run and any(run.glob("ckpt-*.pt"))
+        else:
+            assert not any(run.glob("ckpt-*.pt")), "a fresh run over an old checkpoint"
+        _write(run / "run.json", "{}")
+        _write(run / "ckpt-000000001.pt", "step 1")
+        if self.kill_in == cfg["name"]:
+            self.kill_in = None
+            raise self.kill_with
+        _write(run / "ckpt-000000002.pt", "step 2")
+        _write(run / "best.pt", f"weights of {cfg['name']} lr={cfg['optim']['lr']} {a}")
+        _write(run / "metrics.jsonl", json.dumps({"step": 5, "images_per_s": 50.0, "data_wait": 0.1}) + "\n")
+        return 0
+
+    def evaluate(self, a):
+        _write(Path(_arg(a, "--run")) / "eval-f0" / "report.csv", "target,accuracy\nC1,0.9\n")
+        return 0
+
+    def synth_truth(self, a):
+        _write(Path(_arg(a, "--out")), "crack truth")
+        return 0
+
+    def pseudo_label(self, a):
+        out = Path(_arg(a, "--out"))
+        _write(out, "pseudo table")
+        _write(out.with_suffix(".summary.json"), json.dumps({"mode": "hard", "studies": 3, "slices": 90}))
+        return 0
+
+    def predict(self, a):
+        _write(Path(_arg(a, "--out")), "row_id,fractured\n" + "".join(f"1.2.3_C{i},0.1\n" for i in range(1, 8))
+               + "1.2.3_patient_overall,0.2\n")
+        return 0
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    """(run(*extra args) -> exit status, the fakes, the output dir) for the demo pipeline config."""
+    fakes = FakeVerbs()
+    out = tmp_path / "out"
+    sets = ["--set", f"round1.config={ROOT / 'configs/demo-round1.yaml'}",
+            "--set", f"round2.config={ROOT / 'configs/demo-round2.yaml'}"]
+
+    def run(*extra: str) -> int:
+        return main(["-c", str(ROOT / "configs/demo-pipeline.yaml"), "--out", str(out), *sets, *extra], verb=fakes)
+
+    return run, fakes, out
+
+
+def _statuses(capsys) -> dict[str, str]:
+    """Stage -> its final status line's word, from spinestream run's output."""
+    found = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("spinestream run: ["):
+            name, rest = line.split("[", 1)[1].split("]", 1)
+            found[name.strip()] = rest.split()[0].rstrip(":")
+    return found
+
+
+def _files(d: Path) -> dict[str, tuple[str, int]]:
+    """Every file under d: (sha256, mtime_ns)."""
+    return {str(p.relative_to(d)): (fingerprint(p)["sha256"], p.stat().st_mtime_ns)
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_full_run_runs_every_stage_once_and_a_rerun_skips_all(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    assert fakes.verbs() == ["synth", "shard", "verify", "bench", "train", "evaluate", "synth-truth",
+                             "pseudo-label", "train", "evaluate", "predict"]
+    assert _statuses(capsys) == dict.fromkeys(ALL, "run")
+    for s in ALL:
+        assert json.loads((out / "stages" / f"{s}.json").read_text())["state"] == "complete"
+    round2 = fakes.calls[8]
+    assert _arg(round2, "--set") == f"model.init_from={out / 'runs/round1/best.pt'}"
+    assert (out / "submission.csv").is_file() and (out / "report.md").is_file() and (out / "report.json").is_file()
+    before = _files(out)
+    fakes.calls.clear()
+    assert run() == 0
+    assert fakes.calls == []
+    assert _statuses(capsys) == dict.fromkeys(ALL, "skipped")
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("kill", [KeyboardInterrupt(), SystemExit(137)], ids=["KeyboardInterrupt", "SystemExit"])
+def test_killed_in_round2_resumes_round2_with_round1_untouched(pipeline, capsys, kill):
+    run, fakes, out = pipeline
+    fakes.kill_in, fakes.kill_with = "round2", kill
+    if isinstance(kill, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    else:
+        assert run() == 1  # the verb's exit is a failed stage
+    assert json.loads((out / "stages/round2.json").read_text())["state"] == "running"
+    assert not (out / "stages/evaluate2.json").exists()
+    upstream = {d: _files(out / d) for d in ("raw", "shards", "runs/round1")}
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run() == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:7]] == ["skipped"] * 7
+    assert st["round2"] == "resumed" and all(st[s] == "redone" or st[s] == "run" for s in ALL[8:])
+    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert _arg(fakes.calls[0], "--resume") == str(out / "runs/round2")
+    assert {d: _files(out / d) for d in upstream} == upstream
+    assert (out / "runs/round2/best.pt").is_file()
+
+
+def test_changed_round2_setting_redoes_round2_and_after_not_round1(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    r1 = _files(out / "runs/round1")
+    old_best = fingerprint(out / "runs/round2/best.pt")
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "round2.set=[optim.lr=0.0005]") == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:7]] == ["skipped"] * 7
+    assert [st[s] for s in ALL[7:]] == ["redone"] * 4
+    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert "--resume" not in fakes.calls[0]  # redone from scratch: the old checkpoints were removed
+    assert _files(out / "runs/round1") == r1
+    assert fingerprint(out / "runs/round2/best.pt") != old_best
+    rec = json.loads((out / "stages/round2.json").read_text())
+    assert rec["inputs"]["config"]["optim"]["lr"] == 0.0005
+
+
+def test_from_round2_redoes_from_round2(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    r1 = _files(out / "runs/round1")
+    (out / "runs/round2/stray.txt").write_text("an output of the old round 2")
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--from", "round2") == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:7]] == ["skipped"] * 7 and [st[s] for s in ALL[7:]] == ["redone"] * 4
+    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert not (out / "runs/round2/stray.txt").exists()
+    assert _files(out / "runs/round1") == r1
+
+
+def test_changed_shard_setting_redoes_everything_after_shard(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "shard.fields.jpeg_quality=90") == 0
+    st = _statuses(capsys)
+    assert st["synth"] == "skipped" and all(st[s] == "redone" for s in ALL[1:])
+    assert fakes.verbs()[:2] == ["shard", "verify"]
+
+
+def test_deleted_output_of_a_complete_stage_is_redone(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    (out / "runs/round1/best.pt").unlink()
+    capsys.readouterr()
+    assert run() == 0
+    st = _statuses(capsys)
+    assert st["verify"] == "skipped" and st["round1"] == "redone" and st["report"] == "redone"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from", "round3"], "--from 'round3': not a stage of this pipeline"),
+    (["--set", "stages=[shard,round3]"], "unknown stage(s) ['round3']"),
+    (["--set", "stages=[round1,shard]"], "in the order"),
+    (["--set", "round2.epochs=3"], "round2.epochs: unknown key"),
+    (["--set", "synth.studies=many"], "synth.studies: expected an integer"),
+    (["--set", "round2.set=[model.nmae=x]"], "model.nmae: unknown key"),
+    (["--set", "round2.set=[a=[b]]"], "not valid YAML"),
+])
+def test_bad_stage_or_config_is_a_clear_error(pipeline, capsys, args, message):
+    run, fakes, out = pipeline
+    assert run(*args) == 2
+    assert message in capsys.readouterr().err
+    assert fakes.calls == [] and not (out / "stages").exists()
+
+
+def test_round2_without_the_pseudo_table_is_an_error(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run("--set", "round2.set=['data.label_tables=[labels/truth.parquet]']") == 2
+    assert "labels/pseudo-round1.parquet" in capsys.readouterr().err
+
+
+def test_print_config_round_trips(pipeline, capsys, tmp_path):
+    run, fakes, out = pipeline
+    assert run("--print-config") == 0
+    text = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(text)
+    assert main(["-c", str(tmp_path / "resolved.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == text and fakes.calls == []
+
+
+def test_runner_with_fake_stages_and_safe_removal(tmp_path):
+    """The runner alone: a table of stage callables; a redo never deletes outside the pipeline dir."""
+    ran = []
+    knob = {"b": 1}
+    out = tmp_path / "o"
+
+    def stage(name, inputs):
+        def work():
+            ran.append(name)
+            _write(out / name / "done", name)
+        return Stage(name, work, inputs, outputs=[out / name])
+
+    stages = [stage("a", lambda: {}), stage("b", lambda: dict(knob)), stage("c", lambda: {})]
+    run_stages(stages, out / "stages", out, log=lambda s: None)
+    knob["b"] = 2
+    results = run_stages(stages, out / "stages", out, log=lambda s: None)
+    assert ran == ["a", "b", "c", "b", "c"] and [r.status for r in results] == ["skipped", "redone", "redone"]
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    with pytest.raises(ValueError, match="not inside the pipeline directory"):
+        remove_outputs([outside], out, out / "stages/.trash")
+    with pytest.raises(ValueError, match="not inside the pipeline directory"):
+        remove_outputs([out], out, out / "stages/.trash")
+    assert outside.is_dir() and out.is_dir()
+
+
+def _report_fixture(root: Path):
+    """A pipeline directory as the stages leave it: round 1's evaluation without summary.json, round 2's with
+    one, a pseudo-label summary with crack-truth quality, bench and training logs; no submission."""
+    import numpy as np
+    import pandas as pd
+
+    from engine.metrics import submission_frame
+    from shards.fsutil import atomic_write_json
+
+    rows = ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall"]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(12, 8))
+    studies = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(12)], "fold": [0, 1] * 6,
+                            "cohort": "boxed", **{c: y[:, k] for k, c in enumerate(rows)}})
+    (root / "shards").mkdir(parents=True)
+    studies.to_parquet(root / "shards/studies.parquet")
+    table = pd.DataFrame({"target": rows + ["overall"], "accuracy": 0.8, "sensitivity": 0.5, "specificity": 0.9,
+                          "auc": 0.7, "n_pos": 3, "n_neg": 3, "logloss": 0.4, "weighted_logloss": 0.05})
+    val = studies[studies.fold == 0]
+    sub = submission_frame({u: rng.uniform(0.05, 0.95, 8) for u in val.StudyInstanceUID})
+    for run in ("round1", "round2"):
+        d = root / "runs" / run / "eval-f0"
+        d.mkdir(parents=True)
+        table.to_csv(d / "report.csv", index=False)
+        _write(root / "runs" / run / "metrics.jsonl", "".join(
+            json.dumps({"step": s, "loss": 0.5, "images_per_s": ips, "data_wait": 0.2}) + "\n"
+            for s, ips in ((5, 40.0), (10, 60.0), (15, 50.0))))
+    sub.to_csv(root / "runs/round1/eval-f0/submission.csv", index=False)
+    atomic_write_json(root / "runs/round2/eval-f0/summary.json",
+                      {"competition_loss": 0.321, "constant_baseline": 0.654, "rule": "max", "studies": 6})
+    atomic_write_json(root / "shards/labels/pseudo-round1.summary.json", {
+        "table": "t", "mode": "hard", "studies": 4, "slices": 120, "positive_slices": {"C1": 3, "any": 9},
+        "quality": {"overall": {"precision": 0.5, "recall": 0.6, "f1": 0.55}, "any": {"f1": 0.7}}})
+    atomic_write_json(root / "bench/loader.json", {"machine": "m", "image_size": 128, "batch_size": 32,
+                                                   "lines": {"torch": {"images_per_s": 93.0}}})
+    for s, secs in (("shard", 12.5), ("round1", 100.0)):
+        atomic_write_json(root / f"stages/{s}.json", {"format": "spinestream-stage", "stage": s, "state": "complete",
+                                                      "status": "run", "seconds": secs, "inputs": {}})
+    return studies, val, sub
+
+
+def test_report_from_fixture_jsons_has_the_required_keys(tmp_path):
+    from engine.config import RunConfig
+    from engine.metrics import score_submission, solution_from_train, submission_frame
+    from shards.config import load_config
+    from spinestream.config import PipelineConfig
+    from spinestream.plan import Paths
+    from spinestream.report import write_report
+
+    root = tmp_path / "out"
+    studies, val, sub = _report_fixture(root)
+    cfg = load_config(PipelineConfig, None, ["stages=[shard,bench,round1,evaluate1,pseudo,round2,evaluate2,"
+                                             "predict,report]"])
+    rep = write_report(Paths(root), cfg, {"round1": RunConfig(), "round2": RunConfig()})
+    assert json.loads((root / "report.json").read_text()) == json.loads(json.dumps(rep))
+    e1, e2 = rep["evaluations"]
+    for e in (e1, e2):
+        assert {"name", "run", "fold", "rule", "competition_loss", "constant_baseline", "per_vertebra"} <= set(e)
+        assert e["fold"] == 0 and e["rule"] == "max" and len(e["per_vertebra"]) == 9
+    cols = ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall"]
+    solution = solution_from_train(val[["StudyInstanceUID", *cols]])
+    assert e1["competition_loss"] == pytest.approx(score_submission(solution, sub))
+    prev = studies[studies.fold != 0][cols].mean().to_numpy()  # the trainer's baseline: prevalence outside fold 0
+    assert e1["constant_baseline"] == pytest.approx(
+        score_submission(solution, submission_frame({u: prev for u in val.StudyInstanceUID})))
+    assert (e2["competition_loss"], e2["constant_baseline"]) == (0.321, 0.654) and "summary.json" in e2["source"]
+    assert rep["pseudo_labels"]["studies"] == 4 and rep["pseudo_labels"]["f1"] == {"overall": 0.55, "any": 0.7}
+    assert rep["throughput"]["loader"]["images_per_s"] == {"torch": 93.0}
+    assert rep["throughput"]["training"]["round1"]["images_per_s_median"] == 50.0
+    times = {s["name"]: s["seconds"] for s in rep["stages"]}
+    assert times["shard"] == 12.5 and times["round1"] == 100.0
+    assert "missing" in next(s for s in rep["stages"] if s["name"] == "round2")  # no record: missing, not 0
+    assert rep["submission"] == {"missing": str(root / "submission.csv")}
+    md = (root / "report.md").read_text()
+    assert "0.3210" in md and f"{e1['competition_loss']:.4f}" in md and "missing" in md
+    assert (root / "report/losses.png").is_file() and "report/losses.png" in md
+
+
+def test_report_says_missing_for_an_evaluation_that_did_not_run(tmp_path):
+    from engine.config import RunConfig
+    from shards.config import load_config
+    from spinestream.config import PipelineConfig
+    from spinestream.plan import Paths
+    from spinestream.report import write_report
+
+    cfg = load_config(PipelineConfig, None, ["stages=[round1,evaluate1,report]"])
+    rep = write_report(Paths(tmp_path), cfg, {"round1": RunConfig()})
+    (e,) = rep["evaluations"]
+    assert e["competition_loss"] is None and e["missing"].endswith("eval-f0/report.csv")
+    assert rep["throughput"]["training"]["round1"]["missing"].endswith("metrics.jsonl")
+    assert not (tmp_path / "report/losses.png").exists()
+
+
+TINY = ["synth.studies=24", "synth.size=64", "synth.slices=[16, 20]", "synth.test_studies=1",
+        "shard.fields.image_size=64", "shard.fields.folds=2", "shard.fields.shard_max_samples=64",
+        "bench.batches=2", "bench.warmup=1", "bench.lines=torch",
+        "round1.set=[train.max_steps=6, train.epochs=1, loader.image_size=64, train.batch_size=16, "
+        "loader.batch_size=16, log.wandb=disabled, train.checkpoint_every_steps=3]",
+        "round2.set=[train.max_steps=4, train.epochs=1, loader.image_size=64, train.batch_size=16, "
+        "loader.batch_size=16, log.wandb=disabled, train.checkpoint_every_steps=2]"]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_on_a_tiny_synthetic_set(tmp_path, capsys):
+    """The real demo config, every verb real, on 24 studies at 64 px. Needs the predict verb and
+    model.init_from (other branches): until they are merged this fails at round2."""
+    out = tmp_path / "demo"
+    args = ["-c", str(ROOT / "configs/demo-pipeline.yaml"), "--out", str(out), "--set", "workers=2",
+            "--set", f"round1.config={ROOT / 'configs/demo-round1.yaml'}",
+            "--set", f"round2.config={ROOT / 'configs/demo-round2.yaml'}"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [e["name"] for e in rep["evaluations"]] == ["evaluate1", "evaluate2"]
+    assert all(e["competition_loss"] is not None and e["constant_baseline"] is not None for e in rep["evaluations"])
+    assert rep["submission"]["rows"] == 8 * rep["submission"]["studies"] > 0
+    assert (out / "report.md").is_file()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert _statuses(capsys) == dict.fromkeys(ALL, "skipped")
