@@ -1,0 +1,348 @@
+"""``spinestream pseudo-label --run ROUND1_RUN``: slice labels for the positive studies without boxes.
+
+    spinestream pseudo-label --run runs/round1                       # -> <shards>/labels/pseudo-round1.parquet
+    spinestream pseudo-label --run runs/round1 --mode soft --tta
+    spinestream pseudo-label --run runs/round1 --threshold 0.4       # one global threshold
+    spinestream pseudo-label --run runs/round1 --truth crack-truth.parquet   # synthetic data: measured quality
+
+The round-1 model (its EMA weights when the checkpoint has them) runs over every slice of
+every ``positive-unboxed`` study (``engine.infer``, inputs built on the device) and the
+result is a label table round 2 unions with ``labels/truth.parquet``: one row per slice with
+``slice_id, C1..C7, any`` (the targets) and ``p_C1..p_C7, p_any`` (the model's raw
+probabilities); the parquet schema metadata (key ``spinestream``, JSON) records the run,
+checkpoint, mode, rule and thresholds (:func:`read_table` returns it).
+
+Targets. ``hard`` (the default, as the reference): vertebra v of a slice is 1 when
+``p_v >= t_v``; the thresholds are one global value, seven given values, or (``val``, the
+default) chosen on round 1's validation fold: for each vertebra the threshold that maximises
+slice-level F1 over the boxed validation studies fractured at v (their truth labels come
+from the boxes), 0.5 when none is. ``soft``: the probabilities themselves (the loss
+interpolates its weights for soft targets). In both modes the study labels of train.csv
+hold: a vertebra negative for the study is 0 on every slice; a positive vertebra is 1 on
+at least its most likely slice; ``any`` is the max of C1..C7. Negative studies need no
+pseudo-labels (truth already says 0 on every slice).
+
+Beside the table: ``<name>.summary.json`` (positive slices per vertebra and per study, the
+thresholds, and the slice-level precision/recall/F1 against ``--truth`` when given: the
+synthetic generator knows every crack, see ``preprocess/synth_truth.py``) and
+``<name>.heatmap.png`` (slices x vertebrae for a sample of studies, probabilities beside
+the labels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shards.layout import TARGETS, Layout
+
+VERTEBRAE = TARGETS[:7]
+PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
+META_KEY = b"spinestream"
+COHORT = "positive-unboxed"
+RULE = ("hard: C_v = p_v >= threshold_v; soft: C_v = p_v. Then: a vertebra negative in the study labels is 0 on "
+        "every slice; a positive one is 1 on at least its most likely slice; any = max(C1..C7)")
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def study_targets(probs: np.ndarray, labels: np.ndarray, mode: str, thresholds: np.ndarray | None) -> np.ndarray:
+    """``(n, 8)`` targets (C1..C7, any) of one study from its ``(n, 8)`` probabilities and ``(7,)`` study labels."""
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    p = np.asarray(probs, np.float32)[:, :7]
+    y = (p >= thresholds[None, :]).astype(np.float32) if mode == "hard" else p.copy()
+    positive = np.asarray(labels, bool)
+    y[:, ~positive] = 0.0
+    top = p.argmax(axis=0)  # each vertebra's most likely slice
+    cols = np.flatnonzero(positive)
+    y[top[cols], cols] = 1.0
+    return np.concatenate([y, y.max(axis=1, keepdims=True)], axis=1)
+
+
+def pseudo_table(probs: dict[str, np.ndarray], studies: pd.DataFrame, *, mode: str = "hard",
+                 thresholds: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per slice of the studies in ``probs``: ``slice_id, C1..C7, any, p_C1..p_any``, by slice_id."""
+    if mode == "hard" and (thresholds is None or len(thresholds) != 7):
+        raise ValueError("hard pseudo-labels need 7 thresholds (one per vertebra)")
+    table = studies.set_index("StudyInstanceUID")
+    parts = []
+    for uid, p in probs.items():
+        row = table.loc[uid]
+        if p.shape != (int(row.n_slices), len(TARGETS)):
+            raise ValueError(f"study {uid}: probabilities of shape {p.shape}, the study has {row.n_slices} slices")
+        y = study_targets(p, row[list(VERTEBRAE)].to_numpy(int), mode, thresholds)
+        ids = int(row.slice_id_offset) + np.arange(len(p), dtype=np.int64)
+        cols = {"slice_id": ids}
+        cols.update({t: (y[:, k].astype(np.uint8) if mode == "hard" else y[:, k]) for k, t in enumerate(TARGETS)})
+        cols.update({c: p[:, k].astype(np.float32) for k, c in enumerate(PROB_COLUMNS)})
+        parts.append(pd.DataFrame(cols))
+    if not parts:
+        raise ValueError("no studies to pseudo-label")
+    return pd.concat(parts, ignore_index=True).sort_values("slice_id", ignore_index=True)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def best_f1_threshold(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 of ``p >= threshold`` against 0/1 ``y``; (0.5, 0.0) without positives."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, bool)
+    if not y.any():
+        return 0.5, 0.0
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    tp = np.cumsum(ys)
+    k = np.arange(1, len(ps) + 1)
+    last = np.r_[ps[1:] != ps[:-1], True]  # a cut can only fall between distinct values
+    f1 = np.where(last, 2 * tp / (k + y.sum()), -1.0)
+    i = int(np.argmax(f1))
+    return float(ps[i]), float(f1[i])
+
+
+def choose_thresholds(probs: dict[str, np.ndarray], studies: pd.DataFrame, truth: pd.DataFrame
+                      ) -> tuple[np.ndarray, dict]:
+    """Per-vertebra thresholds maximising slice F1 on labelled studies (the hard rule's own setting: only
+    studies fractured at v count for v, since the study labels zero the others anyway)."""
+    table = studies.set_index("StudyInstanceUID")
+    t = truth.set_index("slice_id")
+    thr, detail = np.full(7, 0.5), {}
+    for v, name in enumerate(VERTEBRAE):
+        ps, ys = [], []
+        for uid, p in probs.items():
+            row = table.loc[uid]
+            if int(row[name]) != 1:
+                continue
+            ids = int(row.slice_id_offset) + np.arange(len(p))
+            ps.append(p[:, v])
+            ys.append(t.loc[ids, name].to_numpy() >= 0.5)
+        if ps and np.concatenate(ys).any():
+            thr[v], f1 = best_f1_threshold(np.concatenate(ps), np.concatenate(ys))
+            detail[name] = {"threshold": thr[v], "f1": f1, "studies": len(ps), "positives": int(np.concatenate(ys).sum())}
+        else:
+            detail[name] = {"threshold": 0.5, "f1": None, "studies": len(ps), "positives": 0, "fallback": True}
+    return thr, detail
+
+
+def parse_thresholds(text: str) -> np.ndarray | None:
+    """``val`` -> None (choose on the validation fold); ``t`` -> 7 x t; ``t1,..,t7`` -> those."""
+    if text == "val":
+        return None
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--threshold: 'val', one number, or 7 comma-separated numbers; got {text!r}") from None
+    if len(vals) not in (1, 7) or not all(0.0 <= v <= 1.0 for v in vals):
+        raise ValueError(f"--threshold: one or 7 values in [0, 1] (C1..C7), got {text!r}")
+    return np.array(vals * 7 if len(vals) == 1 else vals, np.float64)
+
+
+# --------------------------------------------------------------------------- the table on disk
+
+
+def write_table(path: str | Path, df: pd.DataFrame, meta: dict) -> None:
+    """Write the table with ``meta`` as JSON under the schema key ``spinestream``, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(the table, its ``spinestream`` metadata) as :func:`write_table` wrote them."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    raw = (t.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path}: no '{META_KEY.decode()}' metadata (not a spinestream pseudo-label table)")
+    return t.to_pandas(), json.loads(raw)
+
+
+# --------------------------------------------------------------------------- quality and summary
+
+
+def _prf(yt: np.ndarray, yp: np.ndarray) -> dict:
+    tp, fp, fn = int((yt & yp).sum()), int((~yt & yp).sum()), int((yt & ~yp).sum())
+    prec = tp / (tp + fp) if tp + fp else None
+    rec = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"precision": prec, "recall": rec, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "positives": tp + fn}
+
+
+def quality(pseudo_df: pd.DataFrame, truth_df: pd.DataFrame, threshold: float = 0.5) -> dict:
+    """Slice-level precision/recall/F1 of the pseudo-labels (targets >= ``threshold``) against a truth table
+    (``slice_id, C1..C7, any``): ``overall`` (micro over C1..C7), ``any``, and per vertebra."""
+    t = truth_df.set_index("slice_id")
+    missing = ~pseudo_df.slice_id.isin(t.index)
+    if missing.any():
+        raise ValueError(f"the truth table lacks {int(missing.sum())} of the {len(pseudo_df)} pseudo-labelled slices "
+                         f"(made for another shard set?)")
+    yt = t.loc[pseudo_df.slice_id, list(TARGETS)].to_numpy() >= 0.5
+    yp = pseudo_df[list(TARGETS)].to_numpy() >= threshold
+    out = {"slices": len(pseudo_df), "overall": _prf(yt[:, :7].ravel(), yp[:, :7].ravel()), "any": _prf(yt[:, 7], yp[:, 7])}
+    out.update({v: _prf(yt[:, k], yp[:, k]) for k, v in enumerate(VERTEBRAE)})
+    return out
+
+
+def summarize(df: pd.DataFrame, slices: pd.DataFrame, threshold: float = 0.5) -> dict:
+    """Positive slices (targets >= ``threshold``) per vertebra and per study."""
+    study = slices.set_index("slice_id").loc[df.slice_id, "StudyInstanceUID"].to_numpy()
+    pos = df[list(TARGETS)].ge(threshold)
+    per_study = pos.groupby(study).sum().astype(int)
+    per_study["slices"] = pd.Series(study).value_counts()
+    return {
+        "studies": int(len(per_study)), "slices": int(len(df)),
+        "positive_slices": {t: int(pos[t].sum()) for t in TARGETS},
+        "positive_slices_per_study": {"mean": float(per_study["any"].mean()), "min": int(per_study["any"].min()),
+                                      "max": int(per_study["any"].max())},
+        "per_study": {u: {k: int(v) for k, v in r.items()} for u, r in per_study.iterrows()},
+    }
+
+
+def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: int = 8) -> None:
+    """For a sample of studies: slices x (C1..C7, any) probabilities beside the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = slices.set_index("slice_id").loc[df.slice_id, "StudyInstanceUID"].to_numpy()
+    uids = sorted(set(study))[:max_studies]
+    fig, axes = plt.subplots(len(uids), 2, figsize=(9, 1.6 * len(uids) + 0.6), squeeze=False)
+    for (ax_p, ax_y), u in zip(axes, uids):
+        rows = df[study == u]
+        for ax, cols, what in ((ax_p, PROB_COLUMNS, "probability"), (ax_y, TARGETS, "label")):
+            ax.imshow(rows[list(cols)].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_yticks(range(len(TARGETS)), TARGETS, fontsize=6)
+            ax.tick_params(axis="x", labelsize=6)
+            ax.set_title(f"…{u[-10:]}  {what}", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("slice (head → feet)", fontsize=7)
+    fig.suptitle("pseudo-labels: model probabilities (left) and targets (right)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinestream pseudo-label", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="the round-1 run directory")
+    p.add_argument("--out", type=Path, default=None, help="table path (default <shards>/labels/pseudo-<run>.parquet)")
+    p.add_argument("--mode", choices=("hard", "soft"), default="hard")
+    p.add_argument("--threshold", default="val", help="hard mode: 'val' (per vertebra, best F1 on the run's "
+                   "validation fold; the default), one global value, or 7 values C1..C7 separated by commas")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root)")
+    p.add_argument("--truth", type=Path, default=None, help="a slice truth table (slice_id, C1..C7, any), e.g. "
+                   "from `python -m preprocess.synth_truth`: adds precision/recall/F1 to the summary")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--heatmap-studies", type=int, default=8)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Inference, thresholds, table, summary and heat map; returns the summary."""
+    import torch
+
+    from .device import pick_device, resolve_precision
+    from .evaluate import load_run_model
+    from .infer import predict_run
+
+    dev = pick_device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes (engine.infer): tuned once
+    model, cfg, ckpt = load_run_model(args.run, args.checkpoint, dev)
+    root = Path(args.shards or cfg.data.root)
+    cfg.data.root = str(root)
+    studies = pd.read_parquet(Layout(root).studies)
+    targets = studies[studies.cohort == COHORT]
+    if targets.empty:
+        raise ValueError(f"{root}: no {COHORT} studies to pseudo-label")
+    thresholds = parse_thresholds(args.threshold) if args.mode == "hard" else None
+    val = studies[(studies.cohort == "boxed") & (studies.fold == cfg.data.val_fold)]
+    choose = args.mode == "hard" and thresholds is None
+    uids = targets.StudyInstanceUID.tolist() + (val.StudyInstanceUID.tolist() if choose else [])
+    probs = predict_run(model, cfg, uids, dev, resolve_precision(cfg.train.precision, dev),
+                        batch_size=args.batch_size, tta=args.tta, progress=sys.stderr.isatty())
+    source, detail = "given", None
+    if choose:
+        vp = {u: probs.pop(u) for u in val.StudyInstanceUID}
+        thresholds, detail = choose_thresholds(vp, studies, pd.read_parquet(Layout(root).truth))
+        source = f"best slice F1 per vertebra on {len(vp)} boxed studies of validation fold {cfg.data.val_fold}"
+    df = pseudo_table(probs, studies, mode=args.mode, thresholds=thresholds)
+    out = args.out or Layout(root).root / "labels" / f"pseudo-{args.run.resolve().name}.parquet"
+    meta = {"kind": "pseudo-labels", "run": str(args.run), "checkpoint": str(ckpt), "model": cfg.model.name,
+            "mode": args.mode, "rule": RULE, "tta": bool(args.tta), "shards": str(root), "cohort": COHORT,
+            "thresholds": None if thresholds is None else dict(zip(VERTEBRAE, map(float, thresholds))),
+            "threshold_source": source if args.mode == "hard" else None, "threshold_detail": detail}
+    write_table(out, df, meta)
+    slices = pd.read_parquet(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
+    summary = {"table": str(out), **{k: meta[k] for k in ("run", "checkpoint", "mode", "thresholds",
+                                                           "threshold_source")}, **summarize(df, slices)}
+    if args.truth is not None:
+        summary["quality"] = quality(df, pd.read_parquet(args.truth))
+    from shards.fsutil import atomic_write_json
+
+    atomic_write_json(out.with_suffix(".summary.json"), summary)
+    if args.heatmap_studies > 0:
+        heatmaps(df, slices, out.with_suffix(".heatmap.png"), args.heatmap_studies)
+    return summary
+
+
+def _print(summary: dict) -> None:
+    pos = summary["positive_slices"]
+    print(f"pseudo-labels ({summary['mode']}): {summary['slices']} slices of {summary['studies']} studies -> "
+          f"{summary['table']}")
+    if summary["thresholds"]:
+        print("  thresholds   " + "  ".join(f"{k} {v:.3f}" for k, v in summary["thresholds"].items())
+              + f"  ({summary['threshold_source']})")
+    print("  positive slices  " + "  ".join(f"{t} {pos[t]}" for t in TARGETS))
+    per = summary["positive_slices_per_study"]
+    print(f"  positive slices per study: mean {per['mean']:.1f}, min {per['min']}, max {per['max']}")
+    q = summary.get("quality")
+    if q:
+        f = lambda r: "-" if r is None else f"{r:.3f}"  # noqa: E731
+        print("  vs truth     " + "  ".join(f"{k} P {f(q[k]['precision'])} R {f(q[k]['recall'])} F1 {f(q[k]['f1'])}"
+                                            for k in ("overall", "any")))
+        print("  F1 per vertebra  " + "  ".join(f"{v} {f(q[v]['f1'])}" for v in VERTEBRAE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from shards.config import ConfigError
+
+    from . import checkpoint as ck
+
+    try:
+        summary = run(args)
+    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"spinestream pseudo-label: error: {e}", file=sys.stderr)
+        return 2
+    _print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Pseudo-labels (engine.pseudo) and the synthetic crack truth (preprocess.synth_truth).
+
+The table covers exactly the positive-unboxed slices, once each, and with truth covers round 2's
+whole selection; the study labels hold in both modes; the metadata round-trips; the F1 threshold
+search is exact; and on synthetic data a trained round-1 model's pseudo-labels reach a measured
+slice-level F1 against where the cracks really are (the last test; its fixture trains one).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from engine import checkpoint as ck
+from engine.pseudo import PROB_COLUMNS, VERTEBRAE, best_f1_threshold, choose_thresholds, main, parse_thresholds, \
+    quality, read_table, study_targets
+from shards.layout import TARGETS, Layout
+
+
+def _write_run(run_dir: Path, overrides: list[str], model=None) -> Path:
+    """A run directory as `spinestream train` leaves it (config.yaml, run.json, best.pt), untrained weights."""
+    from engine.config import RunConfig
+    from engine.model import build_model, model_fingerprint
+    from shards.config import load_config, to_dict
+
+    cfg = load_config(RunConfig, "configs/demo-round1.yaml", overrides)
+    ck.mark_run(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    torch.manual_seed(0)
+    model = model or build_model(cfg.model)
+    ck.save(run_dir / "best.pt", {"model_fingerprint": model_fingerprint(model), "model": model.state_dict(),
+                                  "ema": None, "step": 0})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(shards, tmp_path_factory) -> Path:
+    return _write_run(tmp_path_factory.mktemp("runs") / "round1",
+                      [f"data.root={shards}", "loader.image_size=48", "log.wandb=disabled"])
+
+
+@pytest.fixture(scope="module")
+def tables(run_dir, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pseudo")
+    paths = {"hard": shards / "labels" / "pseudo-round1.parquet", "soft": out / "soft.parquet"}
+    assert main(["--run", str(run_dir), "--device", "cpu", "--batch-size", "16"]) == 0  # default path, hard, val
+    assert main(["--run", str(run_dir), "--device", "cpu", "--mode", "soft", "--out", str(paths["soft"]),
+                 "--heatmap-studies", "0"]) == 0
+    yield paths
+    for suffix in (".parquet", ".summary.json", ".heatmap.png"):  # the shared shard set stays as it was
+        paths["hard"].with_suffix(suffix).unlink(missing_ok=True)
+
+
+def test_the_table_covers_exactly_the_positive_unboxed_slices_once(tables, shards):
+    from engine.loader import LabelTable, select
+
+    slices = pd.read_parquet(Layout(shards).slices)
+    want = np.sort(slices.slice_id[slices.cohort == "positive-unboxed"].to_numpy())
+    assert len(want) > 0
+    for path in tables.values():
+        df, _ = read_table(path)
+        assert list(df.columns) == ["slice_id", *TARGETS, *PROB_COLUMNS]
+        np.testing.assert_array_equal(df.slice_id.to_numpy(), want)  # sorted, no duplicate, none missing
+    # round 2: truth + pseudo cover every cohort's slices (the loader's own check)
+    labels = LabelTable.load(shards, ["labels/truth.parquet", "labels/pseudo-round1.parquet"])
+    labels.check_covers(select(shards))
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_study_labels_hold(tables, shards, mode):
+    df, _ = read_table(tables[mode])
+    studies = pd.read_parquet(Layout(shards).studies).set_index("StudyInstanceUID")
+    slices = pd.read_parquet(Layout(shards).slices).set_index("slice_id")
+    df["study"] = slices.loc[df.slice_id, "StudyInstanceUID"].to_numpy()
+    for uid, rows in df.groupby("study"):
+        for k, v in enumerate(VERTEBRAE):
+            y, p = rows[v].to_numpy(float), rows[PROB_COLUMNS[k]].to_numpy()
+            if studies.loc[uid, v] == 0:
+                assert (y == 0).all(), (uid, v)
+            else:
+                assert y[np.argmax(p)] == 1.0, (uid, v)  # at least its most likely slice
+                if mode == "soft":  # elsewhere the probability itself
+                    np.testing.assert_allclose(np.delete(y, np.argmax(p)), np.delete(p, np.argmax(p)), rtol=0,
+                                               atol=1e-7)
+        np.testing.assert_array_equal(rows["any"].to_numpy(), rows[list(VERTEBRAE)].to_numpy().max(axis=1))
+    values = df[list(TARGETS)].to_numpy(float)
+    assert set(np.unique(values)) <= {0.0, 1.0} if mode == "hard" else ((values >= 0) & (values <= 1)).all()
+
+
+def test_metadata_summary_and_heatmap(tables, run_dir, shards):
+    _, meta = read_table(tables["hard"])
+    assert meta["kind"] == "pseudo-labels" and meta["mode"] == "hard"
+    assert meta["run"] == str(run_dir) and Path(meta["checkpoint"]) == run_dir / "best.pt"
+    assert list(meta["thresholds"]) == list(VERTEBRAE) and all(0 <= t <= 1 for t in meta["thresholds"].values())
+    assert "validation fold 0" in meta["threshold_source"] and "most likely slice" in meta["rule"]
+    _, soft = read_table(tables["soft"])
+    assert soft["mode"] == "soft" and soft["thresholds"] is None
+    summary = json.loads(tables["hard"].with_suffix(".summary.json").read_text())
+    df, _ = read_table(tables["hard"])
+    assert summary["positive_slices"] == {t: int(df[t].sum()) for t in TARGETS}
+    assert sum(s["slices"] for s in summary["per_study"].values()) == len(df)
+    assert tables["hard"].with_suffix(".heatmap.png").stat().st_size > 1000
+
+
+def test_given_thresholds_and_their_validation(run_dir, tmp_path):
+    out = tmp_path / "t.parquet"
+    assert main(["--run", str(run_dir), "--device", "cpu", "--threshold", "0.3", "--out", str(out),
+                 "--heatmap-studies", "0"]) == 0
+    df, meta = read_table(out)
+    assert meta["thresholds"] == {v: 0.3 for v in VERTEBRAE} and meta["threshold_source"] == "given"
+    assert main(["--run", str(run_dir), "--threshold", "0.3,0.4", "--out", str(out)]) == 2
+    np.testing.assert_array_equal(parse_thresholds("0.1,0.2,0.3,0.4,0.5,0.6,0.7"), np.arange(1, 8) / 10)
+    assert parse_thresholds("val") is None
+
+
+def test_study_targets_by_hand():
+    p = np.array([[0.1, 0.9, 0.2, 0, 0, 0, 0, .5],
+                  [0.3, 0.2, 0.1, 0, 0, 0, 0, .5],
+                  [0.2, 0.95, 0.1, 0, 0, 0, 0, .5]], np.float32)
+    labels = np.array([1, 0, 1, 0, 0, 0, 0])
+    y = study_targets(p, labels, "hard", np.full(7, 0.5))
+    # C1: nothing over 0.5 -> its most likely slice (1); C2 negative in the study -> 0 despite 0.9; C3 -> slice 0
+    np.testing.assert_array_equal(y[:, :3], [[0, 0, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(y[:, 7], [1, 1, 0])
+    s = study_targets(p, labels, "soft", None)
+    np.testing.assert_allclose(s[:, 0], [0.1, 1.0, 0.2])
+    np.testing.assert_allclose(s[:, 7], [1.0, 1.0, 0.2])
+
+
+def test_best_f1_threshold_is_the_brute_force_optimum():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y = rng.random(60) < 0.2
+        p = np.round(np.clip(0.3 * y + rng.random(60) * 0.7, 0, 1), 2)  # ties included
+        t, f1 = best_f1_threshold(p, y)
+
+        def f1_at(c):
+            pred = p >= c
+            tp = (pred & y).sum()
+            return 2 * tp / (pred.sum() + y.sum())
+
+        assert f1 == pytest.approx(max(f1_at(c) for c in np.unique(p)))
+        assert f1_at(t) == pytest.approx(f1)
+    assert best_f1_threshold(np.array([0.2, 0.7]), np.array([0, 0])) == (0.5, 0.0)  # no positives: fallback
+
+
+def test_choose_thresholds_uses_only_studies_fractured_there():
+    studies = pd.DataFrame({"StudyInstanceUID": ["a", "b"], "slice_id_offset": [0, 3],
+                            **{v: [int(v == "C1"), 0] for v in VERTEBRAE}})
+    p = {"a": np.tile([[0.9], [0.6], [0.1]], (1, 8)).astype(np.float32),
+         "b": np.full((2, 8), 0.95, np.float32)}  # b's 0.95s would be false positives, but b has no C1 fracture
+    truth = pd.DataFrame({"slice_id": range(5), **{v: [1, 1, 0, 0, 0] if v == "C1" else [0] * 5 for v in TARGETS}})
+    thr, detail = choose_thresholds(p, studies, truth)
+    assert thr[0] == pytest.approx(0.6) and detail["C1"]["f1"] == pytest.approx(1.0)
+    assert (thr[1:] == 0.5).all() and detail["C2"]["fallback"]
+
+
+def test_quality_counts():
+    truth = pd.DataFrame({"slice_id": range(4), **{t: [1, 1, 0, 0] if t in ("C2", "any") else [0] * 4 for t in TARGETS}})
+    pseudo = truth.copy()
+    pseudo.loc[1, "C2"] = 0
+    pseudo.loc[3, "C5"] = 1
+    pseudo["any"] = pseudo[list(VERTEBRAE)].max(axis=1)
+    q = quality(pseudo, truth)
+    assert (q["C2"]["tp"], q["C2"]["fp"], q["C2"]["fn"]) == (1, 0, 1)
+    assert q["overall"]["precision"] == 0.5 and q["overall"]["recall"] == 0.5
+    assert q["C5"]["f1"] == 0.0 and q["C1"]["f1"] is None  # nothing to find, nothing claimed
+    with pytest.raises(ValueError, match="lacks 1"):
+        quality(pseudo.assign(slice_id=[0, 1, 2, 99]), truth)
+
+
+def test_crack_truth_agrees_with_the_boxes_and_the_study_labels(raw, shards):
+    from preprocess.synth_truth import crack_truth
+
+    truth = crack_truth(raw, shards)
+    slices = pd.read_parquet(Layout(shards).slices)
+    assert truth.slice_id.tolist() == sorted(slices.slice_id)
+    boxes = pd.read_parquet(Layout(shards).truth)  # boxed (a box on every cracked slice) and negative studies
+    joined = boxes.merge(truth, on="slice_id", suffixes=("_box", ""))
+    assert len(joined) == len(boxes) and (joined.any_box == joined["any"]).all()
+    study_max = truth.merge(slices[["slice_id", "StudyInstanceUID"]]).groupby("StudyInstanceUID")[list(VERTEBRAE)].max()
+    studies = pd.read_parquet(Layout(shards).studies).set_index("StudyInstanceUID")
+    np.testing.assert_array_equal(study_max.to_numpy(), studies.loc[study_max.index, list(VERTEBRAE)].to_numpy())
+    assert truth.loc[truth.slice_id.isin(slices.slice_id[slices.cohort == "positive-unboxed"]), "any"].sum() > 0
