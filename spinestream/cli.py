@@ -16,6 +16,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("engine.evaluate", "study-level metric, per-vertebra report and heat maps of a run"),
     "bench": ("benchmarks.cli", "run a benchmark suite (shard, loader, train)"),
     "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
+    "predict": ("spinestream.predict", "test DICOM studies -> Kaggle submission.csv (one run or an ensemble)"),
+    "kaggle-bundle": ("spinestream.bundle", "a folder to upload as a Kaggle dataset: wheels + runs, for offline predict"),
 }
 
 
