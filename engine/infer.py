@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,8 @@ from .loader.augment import normalize
 from .metrics import classification_report, score_submission, solution_from_train, study_probabilities, \
     submission_frame
 
-__all__ = ["StudyVolume", "build_inputs", "inputs", "predict_run", "predict_studies", "read_study", "score_studies"]
+__all__ = ["StudyVolume", "build_inputs", "inputs", "predict_run", "predict_studies", "predict_volumes", "read_study",
+           "score_studies"]
 
 
 @dataclass
@@ -252,3 +253,27 @@ def score_studies(probs: dict[str, np.ndarray], studies: pd.DataFrame, rule: str
     return {"competition_loss": float(loss), "studies": len(uids),
             "accuracy": float(report.loc["overall", "accuracy"]),
             "report": json.loads(report.reset_index().to_json(orient="records"))}
+
+
+def predict_volumes(model: torch.nn.Module, volumes: Iterable[StudyVolume], *, image_size: int, mean, std,
+                    batch_size: int = 64, device="cpu", precision: str = "fp32", tta: bool = False,
+                    channels_last: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`predict_studies` for studies that do not come from a Zarr store (``predict``'s DICOM
+    studies, built in memory): yields ``(uid, (n_slices, 8) float32)`` per volume, in order.
+
+    Lazy: a volume is taken from ``volumes`` only when the previous one is done, so a producer that
+    decodes ahead (a process pool) bounds memory itself. The same inputs, fixed-size padded batches,
+    precision and flip TTA as :func:`predict_studies`; ``model`` must be on ``device`` already.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = torch.device(device)
+    model.eval()
+
+    def run() -> Iterator[tuple[str, np.ndarray]]:
+        for sv in volumes:
+            yield sv.uid, _study_probs(model, sv, dev, image_size=image_size, mean=mean, std=std,
+                                       batch_size=batch_size, precision=precision, tta=tta,
+                                       channels_last=channels_last)
+
+    return run()

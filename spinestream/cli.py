@@ -17,6 +17,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("benchmarks.cli", "run a benchmark suite (shard, loader, train)"),
     "run": ("spinestream.run", "the whole pipeline, stage by stage, resumable (shard -> ... -> report)"),
     "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
+    "predict": ("spinestream.predict", "test DICOM studies -> Kaggle submission.csv (one run or an ensemble)"),
+    "kaggle-bundle": ("spinestream.bundle", "a folder to upload as a Kaggle dataset: wheels + runs, for offline predict"),
 }
 
 

@@ -1,0 +1,484 @@
+"""``spinestream predict``: raw test DICOM studies -> Kaggle's ``submission.csv``.
+
+    spinestream predict --run runs/round2 --images test_images --sample-submission sample_submission.csv \\
+        --out submission.csv
+    spinestream predict --run runs/f0 --run runs/f1 --run runs/f2 --images test_images --out submission.csv
+
+Each study goes through the shard job's own ingest: ``preprocess.dicom.read_series`` with
+``preprocess.window.make_slice_fn`` (the windows and image size the shards were made with), the
+same stand-in z positions when a series has none, and ``shards.sample.neighbour_index`` for the
+2.5D neighbours; then ``engine.infer.predict_volumes`` runs each model as validation does (its
+loader image size and mean/std, fixed-size batches) and ``engine.metrics.study_probabilities``
+applies the run's slice-to-study rule. Several ``--run``s are an ensemble: their slice
+probabilities are averaged before the rule (they must share one image spec).
+
+The image spec of a run: ``RUN_DIR/shard_spec.json`` when present (``ShardSpec``: the shard job's
+config and image spec and the training prevalence, so predict needs no shards, e.g. on Kaggle),
+else the manifest and studies table of the run's ``data.root``.
+
+Speed: DICOM decoding runs in ``--workers`` processes that stay ahead of the model; at most
+``workers + prefetch`` decoded studies wait in memory (each ~Z x S x S bytes of uint8).
+
+Bad input never stops the job: unreadable slices are left out (a warning names each file), a
+study with no readable slice gets the training prevalence (a warning names it), and rows of the
+sample submission whose study is not in ``--images`` get the prevalence (one warning counts and
+names them). With ``--sample-submission`` the output has exactly its rows, in its order; a row_id
+it cannot parse is an error. Without it: every study directory in ``--images``, sorted, 8 rows each.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from preprocess.config import ShardConfig
+from preprocess.dicom import DicomError, read_series
+from preprocess.errors import DataWarning
+from preprocess.window import make_slice_fn
+from shards.fsutil import atomic_write_bytes, atomic_write_json
+from shards.layout import Layout, load_manifest
+from shards.sample import neighbour_index
+
+SPEC_FILE = "shard_spec.json"
+ROW_TYPES = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall")  # = engine.metrics.ROW_TYPES
+SPEC_KEYS = ("size", "channels", "windows", "offset_mm")  # what an ensemble's runs must share
+
+
+# --------------------------------------------------------------------------- the run's image spec
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What predict needs of the shard set a run trained on, small enough to live in the run dir.
+
+    ``config``: the shard job's ``ShardConfig`` fields (manifest ``config``); ``image``: the
+    manifest's image spec; ``prevalence``: per row type (C1..C7, patient_overall), the share of
+    positive studies among the shard set's studies (the fill for studies that cannot be read);
+    ``source``: where it was read from (named in messages).
+    """
+
+    config: dict
+    image: dict
+    prevalence: dict[str, float]
+    source: str = ""
+
+    @classmethod
+    def from_shards(cls, root: str | Path) -> ShardSpec:
+        """The spec of a finished shard directory (its manifest and studies table)."""
+        lay = Layout(Path(root))
+        m = load_manifest(root)
+        studies = pd.read_parquet(lay.studies, columns=list(ROW_TYPES))
+        if studies.empty:
+            raise ValueError(f"{lay.studies}: no studies, so no training prevalence")
+        prev = {t: float(studies[t].mean()) for t in ROW_TYPES}
+        return cls(config=m["config"], image=m["image"], prevalence=prev, source=str(lay.root))
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``RUN_DIR/shard_spec.json`` atomically (the trainer's copy for predict)."""
+        path = Path(run_dir) / SPEC_FILE
+        atomic_write_json(path, {"format": "spinestream-shard-spec", "version": 1, "config": self.config,
+                                 "image": self.image, "prevalence": self.prevalence})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShardSpec:
+        import json
+
+        path = Path(path)
+        d = json.loads(path.read_text())
+        if d.get("format") != "spinestream-shard-spec" or d.get("version") != 1:
+            raise ValueError(f"{path}: not a spinestream shard spec (format/version {d.get('format')}, "
+                             f"{d.get('version')})")
+        missing = [t for t in ROW_TYPES if t not in d["prevalence"]]
+        if missing:
+            raise ValueError(f"{path}: prevalence lacks {missing}")
+        return cls(config=d["config"], image=d["image"], prevalence={t: float(d["prevalence"][t]) for t in ROW_TYPES},
+                   source=str(path))
+
+    def shard_config(self) -> ShardConfig:
+        """The shard job's config, as ``convert.process_study`` rebuilds it in each worker."""
+        return _shard_config(self.config)
+
+    def key(self) -> dict:
+        """The part that decides the model's input images (an ensemble must agree on it)."""
+        return {k: self.image[k] for k in SPEC_KEYS}
+
+
+def run_shard_spec(run_dir: str | Path, data_root: str | Path) -> ShardSpec:
+    """``RUN_DIR/shard_spec.json`` if the run has one, else the spec of its ``data.root``."""
+    own = Path(run_dir) / SPEC_FILE
+    if own.is_file():
+        return ShardSpec.load(own)
+    if not Layout(Path(data_root)).manifest.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {SPEC_FILE} and its data.root {data_root} has no manifest.json; "
+                                f"predict needs the image spec the run trained on (write it with "
+                                f"ShardSpec.from_shards(SHARDS).save(RUN_DIR) where the shards are)")
+    return ShardSpec.from_shards(data_root)
+
+
+# --------------------------------------------------------------------------- decoding (worker processes)
+
+
+@dataclass
+class Decoded:
+    """One test study after ingest: the uint8 volume as the shard job writes it, or why there is none."""
+
+    uid: str
+    volume: np.ndarray | None  # (Z, S, S) neighbours | (Z, S, S, 3) windows, uint8, head to feet
+    z: np.ndarray | None  # (Z,) float64, descending
+    bad_files: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # DataWarnings raised while reading (re-issued by the parent)
+    error: str | None = None  # set when no slice was readable
+    seconds: float = 0.0
+
+
+def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
+    """Read one study exactly as ``preprocess.convert.process_study`` does, keeping the volume in memory.
+
+    Never raises for bad input: a study without a readable slice comes back with ``error`` set.
+    """
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            volume, meta = read_series(image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
+        except (DicomError, OSError) as e:  # the shard job's bad-input policy (preprocess/errors.py)
+            return Decoded(uid, None, None, error=str(e), notes=[str(w.message) for w in caught],
+                           seconds=time.perf_counter() - t0)
+    z = meta.z
+    if not np.all(np.isfinite(z)):
+        # the same stand-in as convert.process_study (copied until it is a function there): no
+        # ImagePositionPatient anywhere -> evenly spaced positions, so neighbours in mm still work
+        z = -np.arange(volume.shape[0], dtype=np.float64) * float(meta.spacing[0])
+    return Decoded(uid, volume, z, bad_files=[(str(a), str(b)) for a, b in meta.bad_files],
+                   notes=[str(w.message) for w in caught], seconds=time.perf_counter() - t0)
+
+
+def _shard_config(d: dict) -> ShardConfig:
+    return ShardConfig(**{k: (tuple(tuple(w) for w in v) if k == "windows" else v) for k, v in d.items()})
+
+
+def _decode_task(args: tuple[str, str, dict]) -> Decoded:
+    uid, path, cfg = args
+    return decode_study(uid, path, _shard_config(cfg))
+
+
+@contextlib.contextmanager
+def decoding_pool(workers: int):
+    """``workers`` decoding processes (None for 0: decode inline), terminated on exit. Start it before
+    threads exist (models, progress bars): then it forks, as the shard job's pool does."""
+    if workers <= 0:
+        yield None
+        return
+    from preprocess.convert import start_method
+
+    pool = mp.get_context(start_method()).Pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool, *, ahead: int
+                    ) -> Iterator[Decoded]:
+    """Yield each ``(uid, directory)`` decoded, in order, by ``pool`` kept busy ahead of the consumer:
+    at most ``ahead`` studies are submitted and not yet consumed, which bounds memory. ``pool=None``
+    decodes in this process (no overlap)."""
+    from shards.config import to_dict
+
+    cfg_d = to_dict(cfg)
+    todo = iter([(uid, str(path), cfg_d) for uid, path in studies])
+    if pool is None:
+        yield from map(_decode_task, todo)
+        return
+    pending: deque = deque()
+    for task in todo:  # fill the window, then one in for each one out
+        pending.append(pool.apply_async(_decode_task, (task,)))
+        if len(pending) >= max(1, ahead):
+            break
+    while pending:
+        done = pending.popleft().get()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.apply_async(_decode_task, (nxt,)))
+        yield done
+
+
+def study_volume(d: Decoded, spec: ShardSpec):
+    """A decoded study as ``engine.infer.StudyVolume`` (neighbour index from its z, as the shard job)."""
+    from engine.infer import StudyVolume
+
+    channels = spec.image["channels"]
+    nbr = neighbour_index(d.z, float(spec.image["offset_mm"])) if channels == "neighbours" else None
+    return StudyVolume(d.uid, d.volume, nbr, channels, slice_id_offset=-1)  # -1: not from a shard set
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class Run:
+    """One ``--run``: its model (EMA weights when present) and how to feed it."""
+
+    path: Path
+    model: object
+    spec: ShardSpec
+    rule: str
+    kwargs: dict  # engine.infer.predict_volumes settings: image_size, mean, std, batch_size, precision, ...
+
+
+def load_runs(run_dirs: Sequence[Path], device, *, checkpoint: str = "best", batch_size: int | None = None,
+              tta: bool = False) -> list[Run]:
+    """Load each run's model and shard spec; refuse an ensemble whose runs saw different images."""
+    from engine.device import resolve_precision
+    from engine.evaluate import load_run_model
+    from engine.model import data_config
+
+    if not run_dirs:
+        raise ValueError("at least one --run is needed")
+    runs = []
+    for rd in run_dirs:
+        model, cfg, _ = load_run_model(Path(rd), checkpoint, device)
+        dc = data_config(model)
+        runs.append(Run(Path(rd), model, run_shard_spec(rd, cfg.data.root), cfg.train.study_rule, dict(
+            image_size=cfg.loader.image_size, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+            batch_size=batch_size or cfg.loader.batch_size, device=device,
+            precision=resolve_precision(cfg.train.precision, device), tta=tta)))
+    first = runs[0]
+    for r in runs[1:]:
+        if r.spec.key() != first.spec.key():
+            raise ValueError(f"--run {r.path} was trained on other images than --run {first.path} "
+                             f"({r.spec.key()} vs {first.spec.key()}); an ensemble needs one image spec "
+                             f"(shard size, channels, windows, offset_mm): ensemble runs of one shard set")
+    return runs
+
+
+def ensemble_rule(runs: Sequence[Run], rule: str | None) -> str:
+    """``rule`` if given, else the runs' common ``train.study_rule`` (refused when they differ)."""
+    if rule:
+        return rule
+    rules = {r.rule for r in runs}
+    if len(rules) > 1:
+        raise ValueError(f"the runs use different study rules ({sorted(rules)}); choose one with --rule")
+    return rules.pop()
+
+
+def slice_probabilities(runs: Sequence[Run], sv) -> np.ndarray:
+    """``(n_slices, 8)``: the mean over the runs of their slice probabilities (the ensemble)."""
+    from engine.infer import predict_volumes
+
+    per_run = [next(predict_volumes(r.model, [sv], **r.kwargs))[1] for r in runs]
+    return np.mean(np.stack(per_run), axis=0)
+
+
+def prevalence(runs: Sequence[Run]) -> np.ndarray:
+    """``(8,)`` the runs' mean training prevalence (C1..C7, patient_overall)."""
+    return np.mean([[r.spec.prevalence[t] for t in ROW_TYPES] for r in runs], axis=0)
+
+
+# --------------------------------------------------------------------------- the submission
+
+
+def list_studies(images: Path) -> dict[str, Path]:
+    """``{uid: directory}`` of every study directory in ``images``, sorted by uid."""
+    if not images.is_dir():
+        raise FileNotFoundError(f"--images {images}: no such directory (expected <StudyInstanceUID>/<n>.dcm)")
+    return {p.name: p for p in sorted(images.iterdir(), key=lambda p: p.name) if p.is_dir()}
+
+
+def read_sample(path: Path) -> pd.DataFrame:
+    """A sample submission -> row_id, uid, kind in its row order; a row_id that is not
+    ``<uid>_<C1..C7|patient_overall>`` is an error naming it."""
+    from engine.metrics import _ROW_ID
+
+    df = pd.read_csv(path, dtype={"row_id": str})
+    if "row_id" not in df.columns:
+        raise ValueError(f"--sample-submission {path}: no row_id column (columns: {list(df.columns)})")
+    ids = df["row_id"].fillna("").astype(str)
+    parts = ids.str.extract(_ROW_ID)
+    bad = parts["uid"].isna()
+    if bad.any():
+        raise ValueError(f"--sample-submission {path}: cannot parse row_id {ids[bad].iloc[0]!r} (line "
+                         f"{int(np.flatnonzero(bad)[0]) + 2}; {int(bad.sum())} such rows); expected "
+                         f"'<StudyInstanceUID>_<C1..C7|patient_overall>'")
+    if ids.duplicated().any():
+        raise ValueError(f"--sample-submission {path}: duplicated row_id {ids[ids.duplicated()].iloc[0]!r}")
+    return pd.DataFrame({"row_id": ids, "uid": parts["uid"], "kind": parts["kind"]})
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, DataWarning, stacklevel=3)
+
+
+def _names(items: Sequence[str], n: int = 10) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def predict_study_probs(runs: Sequence[Run], studies: Sequence[tuple[str, Path]], *, rule: str, workers: int,
+                        prefetch: int, progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """``{uid: (8,) study probabilities}`` for ``studies`` (prevalence where nothing could be read),
+    and a summary (counts, slices, seconds, decode seconds summed over the workers)."""
+    spec, prev = runs[0].spec, prevalence(runs)
+    out: dict[str, np.ndarray] = {}
+    stats = {"studies": len(studies), "slices": 0, "bad_files": 0, "unreadable_studies": [], "decode_s": 0.0}
+    with decoding_pool(min(workers, len(studies))) as pool:
+        t0 = time.perf_counter()
+        _run_studies(runs, decoded_studies(studies, spec.shard_config(), pool, ahead=workers + prefetch),
+                     rule, prev, out, stats, progress)
+    stats["seconds"] = time.perf_counter() - t0
+    return out, stats
+
+
+def _run_studies(runs, decoded, rule: str, prev: np.ndarray, out: dict, stats: dict, progress: bool) -> None:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stats["studies"], unit="study", desc="predict", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        for d in decoded:
+            out[d.uid] = _study(runs, d, rule, prev, stats)
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(slices_s=f"{stats['slices'] / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _study(runs, d: Decoded, rule: str, prev: np.ndarray, stats: dict) -> np.ndarray:
+    """One decoded study's ``(8,)`` probabilities; its warnings issued, ``stats`` updated."""
+    from engine.metrics import study_probabilities
+
+    stats["decode_s"] += d.seconds
+    for note in d.notes:
+        _warn(f"study {d.uid}: {note}")
+    for name, reason in d.bad_files:
+        _warn(f"study {d.uid}: slice {name} left out ({reason}); predicted from the other slices")
+    stats["bad_files"] += len(d.bad_files)
+    if d.volume is None:
+        _warn(f"study {d.uid}: no readable slice ({d.error}); predicting the training prevalence "
+              f"(from {', '.join(dict.fromkeys(r.spec.source for r in runs))})")
+        stats["unreadable_studies"].append(d.uid)
+        return prev.copy()
+    stats["slices"] += int(d.volume.shape[0])
+    p = slice_probabilities(runs, study_volume(d, runs[0].spec))
+    if not np.isfinite(p).all():
+        _warn(f"study {d.uid}: the model gave non-finite probabilities; predicting the training prevalence")
+        return prev.copy()
+    return study_probabilities(p, rule)
+
+
+def predict(runs: Sequence[Run], images: Path, *, sample: Path | None = None, rule: str | None = None,
+            workers: int = 2, prefetch: int = 2, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The submission frame (``row_id, fractured``) and a summary; see the module doc for the rules."""
+    from engine.metrics import submission_frame
+
+    rule = ensemble_rule(runs, rule)
+    found = list_studies(Path(images))
+    prev = prevalence(runs)
+    if sample is None:
+        if not found:
+            raise ValueError(f"--images {images}: no study directories")
+        probs, stats = predict_study_probs(runs, list(found.items()), rule=rule, workers=workers, prefetch=prefetch,
+                                           progress=progress)
+        frame = submission_frame({u: probs[u] for u in sorted(probs)})
+    else:
+        rows = read_sample(Path(sample))
+        wanted = list(dict.fromkeys(rows["uid"]))  # studies in first-appearance order
+        missing = [u for u in wanted if u not in found]
+        if missing:
+            _warn(f"{len(missing)} stud{'y' if len(missing) == 1 else 'ies'} of the sample submission "
+                  f"{'is' if len(missing) == 1 else 'are'} not in {images}, predicting the training prevalence: "
+                  f"{_names(missing)}")
+        extra = sorted(set(found) - set(wanted))
+        if extra:
+            print(f"spinestream predict: {len(extra)} stud(y/ies) in {images} not in the sample submission, "
+                  f"skipped: {_names(extra, 3)}", file=sys.stderr)
+        todo = [(u, found[u]) for u in wanted if u in found]
+        probs, stats = predict_study_probs(runs, todo, rule=rule, workers=workers, prefetch=prefetch,
+                                           progress=progress)
+        col = {t: k for k, t in enumerate(ROW_TYPES)}
+        values = [probs[u][col[k]] if u in probs else prev[col[k]] for u, k in zip(rows["uid"], rows["kind"])]
+        frame = pd.DataFrame({"row_id": rows["row_id"].to_numpy(), "fractured": np.asarray(values, np.float64)})
+        stats["missing_studies"] = missing
+    check_submission(frame)
+    stats["rule"] = rule
+    return frame, stats
+
+
+def check_submission(frame: pd.DataFrame) -> None:
+    """Every value finite and in [0, 1] (an invariant of :func:`predict`)."""
+    v = frame["fractured"].to_numpy(np.float64)
+    assert np.isfinite(v).all() and ((v >= 0) & (v <= 1)).all(), "submission values must be finite in [0, 1]"
+
+
+def write_submission(frame: pd.DataFrame, out: Path) -> None:
+    """``row_id,fractured`` CSV, written atomically (a temporary file renamed)."""
+    atomic_write_bytes(out, frame.to_csv(index=False, float_format="%.6g").encode())
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinestream predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, action="append", required=True, metavar="RUN_DIR",
+                   help="a run directory; repeat for an ensemble (slice probabilities averaged)")
+    p.add_argument("--images", type=Path, required=True, help="test images: DIR/<StudyInstanceUID>/<n>.dcm")
+    p.add_argument("--sample-submission", type=Path, default=None, help="the rows to write, in their order")
+    p.add_argument("--out", type=Path, required=True, help="submission.csv to write")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DICOM decoding processes (0: inline)")
+    p.add_argument("--prefetch", type=int, default=2, help="decoded studies waiting beyond one per worker")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per model batch (default: the run's)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--rule", default=None, help="slice -> study rule (default: the runs' train.study_rule)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontal flip")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.checkpoint import RunError
+    from engine.device import pick_device
+    from shards.config import ConfigError
+
+    warnings.simplefilter("always", DataWarning)  # every bad file and study is named, not the first only
+    try:
+        dev = pick_device(args.device)
+        runs = load_runs(args.run, dev, checkpoint=args.checkpoint, batch_size=args.batch_size, tta=args.tta)
+        print(f"spinestream predict: {len(runs)} run(s) on {dev}, image spec {runs[0].spec.key()} "
+              f"(from {runs[0].spec.source}), {args.workers} decoding worker(s)", file=sys.stderr)
+        frame, stats = predict(runs, args.images, sample=args.sample_submission, rule=args.rule,
+                               workers=args.workers, prefetch=args.prefetch, progress=not args.no_progress)
+        write_submission(frame, args.out)
+    except (ConfigError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"spinestream predict: error: {e}", file=sys.stderr)
+        return 2
+    rate = stats["studies"] / stats["seconds"] * 60 if stats["seconds"] > 0 else math.inf
+    print(f"done: {len(frame)} rows, {stats['studies']} studies decoded ({stats['slices']} slices, "
+          f"{stats['bad_files']} bad files, {len(stats['unreadable_studies'])} unreadable, "
+          f"{len(stats.get('missing_studies', []))} missing -> prevalence), {rate:.1f} studies/min, rule "
+          f"{stats['rule']} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
