@@ -122,6 +122,9 @@ class TrainConfig:
     """auto: the largest batch whose forward/backward fits under max_memory_gb (CPU: loader.batch_size)."""
     max_memory_gb: float = 16.0
     """Memory cap (set_per_process_memory_fraction) so a bigger card behaves like the 16 GB reference card."""
+    memory_headroom_gb: float = 1.5
+    """What batch_size: auto leaves under max_memory_gb for memory torch's allocator does not see (CUDA
+    context, DALI's pool, nvJPEG): the probe's peak must stay below max_memory_gb - this."""
     compile: bool = False
     channels_last: bool = True
     cudnn_benchmark: bool = True
@@ -142,6 +145,8 @@ class TrainConfig:
         _require(self.batch_size == "auto" or self.batch_size >= 1, "train.batch_size", self.batch_size,
                  ">= 1 or 'auto'")
         _require(0 < self.max_memory_gb <= 1024, "train.max_memory_gb", self.max_memory_gb, "in (0, 1024] GB")
+        _require(0 <= self.memory_headroom_gb < self.max_memory_gb, "train.memory_headroom_gb",
+                 self.memory_headroom_gb, "in [0, train.max_memory_gb)")
         _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, ">= 1")
         _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", self.checkpoint_every_steps,
                  ">= 1")
