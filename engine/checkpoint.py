@@ -3,7 +3,7 @@
 ```
 runs/<name>/run.json            marks a run directory (format, version)
 runs/<name>/config.yaml         the resolved config (rewritten on resume with changed hyper-parameters)
-runs/<name>/batch_size.json     what batch_size: auto found
+runs/<name>/batch_size.json     what batch_size: auto found (peak, headroom; reused on resume)
 runs/<name>/metrics.jsonl       one JSON object per log line / validation
 runs/<name>/curves.png          loss and validation curves
 runs/<name>/ckpt-<step>.pt      the last keep_last checkpoints

@@ -119,7 +119,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: bf16 on sm80+, fp16 + GradScaler below (the P100 has no bf16), fp32 on CPU."""
     batch_size: int | Literal["auto"] = "auto"
-    """auto: the largest batch whose forward/backward fits under max_memory_gb (CPU: loader.batch_size)."""
+    """auto: the largest batch whose whole step (forward, backward, Adam, EMA), probed on a copy of the model,
+    stays under max_memory_gb - memory_headroom_gb (CPU: loader.batch_size); reused on resume."""
     max_memory_gb: float = 16.0
     """Memory cap (set_per_process_memory_fraction) so a bigger card behaves like the 16 GB reference card."""
     memory_headroom_gb: float = 1.5
