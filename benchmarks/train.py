@@ -1,15 +1,23 @@
 """``spinestream bench train``: is the model or the loader the limit?
 
-For the configured model and input size it measures, in the same run:
+For the configured model and input size it builds a real :class:`engine.trainer.Trainer` (the
+same ``build_*`` setup a training run uses) and measures, in the same run:
 
-* **model** — training images/s (forward, weighted BCE, backward, Adam step) with one batch
-  already on the device: the model's own limit;
-* **loader** — the same steps fed by the real loader from the shards;
-* their ratio, the loader's *saturation* (1.0 = the GPU never waits for data), peak memory,
-  and the batch size ``batch_size: auto`` picks under ``train.max_memory_gb``.
+* **model** -- training images/s of the trainer's own step (``Trainer._step``: forward, weighted
+  BCE, backward, unscale/clip, fused Adam, EMA, GradScaler in fp16) on one batch already on the
+  device: the model's own limit;
+* **loader** -- the same step fed by the real training loader from the shards;
+* their ratio, the loader's *saturation* (1.0 = the GPU never waits for data), peak memory
+  (torch's allocator and, on a GPU, the device's used memory from NVML / nvidia-smi, which
+  includes DALI's pool, nvJPEG and the CUDA context), and the batch ``batch_size: auto`` picks
+  under ``train.max_memory_gb``.
+
+The timed windows exclude warm-up steps, each epoch's first batch (the pipeline's rebuild) and
+partial batches (the epoch's padded last one, a new shape), and are bracketed by device
+synchronisations so queued work is counted.
 
 On a CPU it runs a tiny model to show it works; on a GPU the figure that matters is
-tf_efficientnetv2_s at 384×384 under the 16 GB cap (target saturation ≥ 0.95).
+tf_efficientnetv2_s at 384x384 under the 16 GB cap (target saturation >= 0.95).
 Results go to ``benchmarks/results/train.json``.
 """
 from __future__ import annotations
@@ -19,40 +27,135 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 
-def _steps(model, opt, batches, n: int, warmup: int, precision: str, device) -> dict:
-    from engine.metrics import weighted_bce
-    from engine.device import autocast
-
-    it = iter(batches)
-    model.train()
-
-    def one():
-        x, y = next(it)
-        with autocast(precision, device):
-            logits = model(x)
-        loss = weighted_bce(logits.float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return x.shape[0]
-
-    for _ in range(warmup):
-        one()
+def _sync(device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0, images = time.perf_counter(), 0
-    for _ in range(n):
-        images += one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # note: the one sync point, so the timing covers queued GPU work
-    dt = time.perf_counter() - t0
-    return {"images": images, "seconds": dt, "images_per_s": images / dt}
+        torch.cuda.synchronize(device)  # note: CPU-GPU sync point, only at the edges of a timed window
+
+
+def device_memory_used_gib(device) -> float | None:
+    """Memory in use on the whole device (every allocator, DALI and the CUDA context), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.device_memory_used(device) / 2**30  # NVML through pynvml
+    except Exception:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              f"--id={device.index or 0}"], capture_output=True, text=True, timeout=10)
+        return float(out.stdout.strip().splitlines()[0]) / 1024
+    except Exception:
+        return None
+
+
+class _Window:
+    """Timed steps: only full batches within an epoch, after the warm-up."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.images, self.steps, self._t0 = device, 0.0, 0, 0, None
+        self.device_peak_gib = None
+
+    def open(self) -> None:
+        if self._t0 is None:
+            _sync(self.device)
+            self._t0 = time.perf_counter()
+
+    def close(self) -> None:
+        if self._t0 is not None:
+            _sync(self.device)
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+            used = device_memory_used_gib(self.device)
+            if used is not None:
+                self.device_peak_gib = max(self.device_peak_gib or 0.0, used)
+
+    def result(self) -> dict:
+        return {"images": self.images, "steps": self.steps, "seconds": self.seconds,
+                "images_per_s": self.images / self.seconds if self.seconds else float("nan"),
+                "device_peak_gib": self.device_peak_gib}
+
+
+def model_only(t, steps: int, warmup: int) -> dict:
+    """The trainer's step on one fixed batch on the device."""
+    from engine.loader import Batch
+    from engine.loader.config import torch_dtype
+
+    bs, size = t.loader_cfg.batch_size, t.loader_cfg.image_size
+    x = torch.randn(bs, 3, size, size, device=t.device).to(dtype=torch_dtype(t.loader_cfg.dtype))
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(bs, 8, device=t.device) < 0.1).float()
+    batch = Batch(images=x, targets=y, slice_ids=torch.arange(bs, device=t.device),
+                  valid=torch.ones(bs, dtype=torch.bool, device=t.device), n_valid=bs)
+    w = _Window(t.device)
+    for k in range(warmup + steps):
+        if k == warmup:
+            w.open()
+        t._step(batch)
+        if k >= warmup:
+            w.images, w.steps = w.images + bs, w.steps + 1
+    w.close()
+    return w.result()
+
+
+def through_loader(t, steps: int, warmup: int) -> dict:
+    """The trainer's step fed by its loader; epoch rebuilds and partial batches are outside the window."""
+    bs, w, done = t.loader_cfg.batch_size, _Window(t.device), 0
+    while w.steps < steps:
+        it = iter(t.loader)
+        first = next(it, None)  # the epoch's first batch waits for the pipeline's (re)build: untimed
+        if first is None:
+            break
+        t._step(first)
+        for batch in it:
+            full = batch.n_valid == bs and batch.images.shape[0] == bs
+            if done >= warmup and full:
+                w.open()
+            else:
+                w.close()
+            t._step(batch)
+            done += 1
+            if w._t0 is not None:
+                w.images, w.steps = w.images + bs, w.steps + 1
+            if w.steps >= steps:
+                break
+        w.close()
+    return w.result()
+
+
+def build_trainer(args):
+    from engine import checkpoint as ck
+    from engine.config import RunConfig
+    from engine.trainer import Trainer
+    from shards.config import load_config
+
+    gpu = torch.cuda.is_available()
+    cpu_defaults = ["model.name=test_efficientnet", "loader.image_size=128", "train.batch_size=16"]
+    config = args.config or (Path("configs/round1.yaml") if gpu else None)
+    shards = args.shards
+    sets = ([] if gpu or args.config else cpu_defaults) + args.set
+    if shards is None:
+        cfg = load_config(RunConfig, config, sets)
+        shards = Path(cfg.data.root)
+    if not (shards / "manifest.json").exists():
+        from benchmarks.loader import prepare
+
+        _, shards = prepare(Path("/tmp/spinestream-bench"), 512, 16)
+    run_dir = Path(tempfile.mkdtemp(prefix="spinestream-bench-train-"))
+    cfg = load_config(RunConfig, config, sets + [f"data.root={shards}", f"out_dir={run_dir}", "name=bench",
+                                                 "log.wandb=disabled", "train.checkpoint_every_steps=1000000000"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
+    ck.mark_run(run_dir / "bench")
+    return Trainer(cfg, run_dir / "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,76 +171,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
-    from engine.config import RunConfig
-    from engine.loader import LabelTable, build_loader, select
-    from engine.model import build_model, data_config
-    from engine.device import pick_device, resolve_precision, set_memory_cap
-    from engine.trainer import auto_batch_size
-    from shards.config import load_config
+    from tqdm import tqdm
 
-    gpu = torch.cuda.is_available()
-    cpu_defaults = ["model.name=test_efficientnet", "loader.image_size=128", "train.batch_size=16"]
-    config = args.config or (Path("configs/round1.yaml") if gpu else None)
-    cfg = load_config(RunConfig, config, ([] if gpu or args.config else cpu_defaults) + args.set)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
-    device = pick_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    set_memory_cap(device, cfg.train.max_memory_gb)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    shards = args.shards or Path(cfg.data.root)
-    if not (shards / "manifest.json").exists():
-        from benchmarks.loader import prepare
+    t = build_trainer(args)
+    try:
+        t._bar = tqdm(disable=True)
+        t.model.train()
+        if t.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(t.device)
+        fixed = model_only(t, args.steps, args.warmup)
+        fed = through_loader(t, args.steps, args.warmup)
+        auto_path = t.run_dir / "batch_size.json"
+        auto = json.loads(auto_path.read_text()) if auto_path.is_file() else None
+    finally:
+        t.loader.close()
+        shutil.rmtree(t.run_dir.parent, ignore_errors=True)
+    return report(t, fixed, fed, auto, args.results)
 
-        _, shards = prepare(Path("/tmp/spinestream-bench"), 512, 16)
 
-    model = build_model(cfg.model, image_size=cfg.loader.image_size).to(device)
-    cl = cfg.train.channels_last and device.type == "cuda"
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    auto = None
-    if cfg.train.batch_size == "auto":
-        auto = auto_batch_size(model, cfg, device, precision)
-        bs = auto["batch_size"]
-    else:
-        bs = cfg.train.batch_size
-    if cfg.train.compile:
-        model = torch.compile(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
-    size = cfg.loader.image_size
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    x = torch.randn(bs, 3, size, size, device=device)
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(bs, 8, device=device) < 0.1).float()
-    fixed = _steps(model, opt, iter(lambda: (x, y), None), args.steps, args.warmup, precision, device)
-
-    sel = select(shards)
-    dc = data_config(model)
-    lcfg = dataclasses.replace(cfg.loader, batch_size=bs, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
-                               channels_last=cl)
-    loader = build_loader(sel, LabelTable(torch.zeros(sel.n_total, 8), ["zeros"]), lcfg, device=device)
-
-    def batches():
-        while True:
-            for b in loader:
-                yield b.images, b.targets
-
-    fed = _steps(model, opt, batches(), args.steps, args.warmup, precision, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+def report(t, fixed: dict, fed: dict, auto: dict | None, results: Path) -> int:
+    dev = t.device
+    torch_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    device_peak = max(filter(None, [fixed.pop("device_peak_gib", None), fed.pop("device_peak_gib", None),
+                                    device_memory_used_gib(dev)]), default=None)
     machine = f"{platform.node() or 'host'}: {os.cpu_count()} cores, " + (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU")
-    res = {"suite": "train", "machine": machine, "model": cfg.model.name, "image_size": size, "batch_size": bs,
-           "auto_batch": auto, "precision": precision, "loader": loader.backend, "model_only": fixed,
-           "through_loader": fed, "saturation": fed["images_per_s"] / fixed["images_per_s"], "peak_memory_gib": peak}
-    print(f"bench train: {cfg.model.name} @ {size}px, batch {bs}{' (auto)' if auto else ''}, {precision}, "
-          f"{loader.backend} loader on {machine}")
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "no GPU")
+    res = {"suite": "train", "machine": machine, "model": t.cfg.model.name, "image_size": t.loader_cfg.image_size,
+           "batch_size": t.loader_cfg.batch_size, "auto_batch": auto, "precision": t.precision,
+           "channels_last": t.channels_last, "loader": t.loader.backend, "model_only": fixed, "through_loader": fed,
+           "saturation": fed["images_per_s"] / fixed["images_per_s"], "peak_memory_gib": torch_peak,
+           "device_memory_used_gib": device_peak,
+           "memory_note": "torch allocator peak and the device's used memory (NVML/nvidia-smi, includes DALI and "
+                          "the CUDA context) sampled at the end of each timed window" if dev.type == "cuda" else
+                          "CPU run: no device memory figures (no NVML, torch's allocator statistics are CUDA-only)",
+           "timed": "trainer step (EMA, clipping, fused Adam, GradScaler in fp16); warm-up, each epoch's first "
+                    "batch and partial batches excluded"}
+    print(f"bench train: {t.cfg.model.name} @ {t.loader_cfg.image_size}px, batch {t.loader_cfg.batch_size}"
+          f"{' (auto)' if auto else ''}, {t.precision}, {t.loader.backend} loader on {machine}")
     print(f"  model only      {fixed['images_per_s']:8.1f} images/s")
     print(f"  through loader  {fed['images_per_s']:8.1f} images/s")
-    print(f"  saturation      {res['saturation']:8.2f}" + (f"   peak memory {peak:.2f} GiB" if peak else ""))
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "train.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"saved {args.results / 'train.json'}")
+    print(f"  saturation      {res['saturation']:8.2f}" + (
+        f"   peak memory torch {torch_peak:.2f} GiB, device {device_peak or float('nan'):.2f} GiB"
+        if torch_peak else ""))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "train.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"saved {results / 'train.json'}")
     return 0

@@ -3,30 +3,39 @@
 ```
 runs/<name>/run.json            marks a run directory (format, version)
 runs/<name>/config.yaml         the resolved config (rewritten on resume with changed hyper-parameters)
-runs/<name>/batch_size.json     what batch_size: auto found
+runs/<name>/batch_size.json     what batch_size: auto found (peak, headroom; reused on resume)
 runs/<name>/metrics.jsonl       one JSON object per log line / validation
 runs/<name>/curves.png          loss and validation curves
 runs/<name>/ckpt-<step>.pt      the last keep_last checkpoints
 runs/<name>/best.pt             best by the validation metric (lower is better)
 ```
 
-Checkpoints are written to a temporary file and renamed, and read with
-``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+Checkpoints are written to a temporary file, fsynced, renamed, and the directory fsynced
+(a crash leaves the old file or the new one, never half of one, also after a power cut), and
+read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+
+Guarantees (tested in tests/test_checkpoint.py): :func:`latest` returns the newest checkpoint
+that can be read, with a warning naming every newer one that cannot; :func:`save_step` keeps
+the newest ``keep_last`` *readable* checkpoints (an unreadable newest file never costs an older
+good one); :func:`clean_stale` removes the ``*.tmp-*`` files a killed save left;
+:func:`truncate_metrics` drops the log lines past the step a resumed run continues from.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-from shards.fsutil import atomic_write_json
+from shards.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
 RUN_FORMAT = "spinestream-run"
 RUN_VERSION = 1
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
+TMP_RE = re.compile(r"\.tmp-\d+$")
 
 
 class RunError(ValueError):
@@ -49,9 +58,24 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def save(path: Path, state: dict) -> None:
+    """Write ``state`` atomically: temporary file, fsync, rename, fsync of the directory."""
+    path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # the rename itself is durable only once the directory is
+
+
+def readable(path: Path) -> bool:
+    """Whether ``path`` opens as a checkpoint (zip directory and pickle read; tensors mapped, not loaded)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # truncated, zeroed, foreign: anything torch.load rejects
+        return False
+    return True
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -69,15 +93,55 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path:
+    """The newest readable step checkpoint; every newer unreadable one is named in a warning."""
     found = checkpoints(run_dir)
     if not found:
         raise RunError(f"{run_dir} has no checkpoint to resume from (ckpt-*.pt)")
-    return found[-1]
+    for path in reversed(found):
+        if readable(path):
+            return path
+        print(f"spinestream: warning: {path} cannot be read (truncated or corrupt); trying an older checkpoint",
+              file=sys.stderr)
+    raise RunError(f"{run_dir}: none of its {len(found)} checkpoints can be read "
+                   f"({', '.join(p.name for p in found)}); start a new run")
 
 
 def save_step(run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Save ``ckpt-<step>.pt`` and delete what is older than the newest ``keep_last`` readable ones."""
     path = Path(run_dir) / f"ckpt-{step:09d}.pt"
     save(path, state)
-    for old in checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    good = 0
+    for old in reversed(checkpoints(run_dir)):
+        if good >= keep_last:
+            old.unlink(missing_ok=True)
+        elif readable(old):
+            good += 1
+        # an unreadable file newer than the keep_last-th good one stays (latest() skips it, naming it)
     return path
+
+
+def clean_stale(run_dir: Path) -> list[Path]:
+    """Remove ``*.tmp-<pid>`` files a killed save left in the run directory (one trainer per run)."""
+    gone = [p for p in Path(run_dir).iterdir() if TMP_RE.search(p.name) and p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def truncate_metrics(run_dir: Path, step: int) -> int:
+    """Drop ``metrics.jsonl`` records logged after ``step`` (a resume repeats those steps); returns how many."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if int(rec.get("step", 0)) <= step:
+            keep.append(ln)
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())
+    return len(lines) - len(keep)

@@ -7,7 +7,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shards.config import ConfigError
+from shards.layout import COHORTS
+
 from .loader.config import LoaderConfig
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    """Raise with the full key path (``train.val_every_epochs must be >= 1, got 0``).
+
+    A ConfigError passes through ``load_config`` unchanged, so the message keeps the whole path
+    instead of being prefixed with the section only.
+    """
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _cohorts(key: str, names: list[str]) -> None:
+    _require(bool(names), key, names, "a non-empty list of cohorts")
+    unknown = [c for c in names if c not in COHORTS]
+    if unknown:
+        raise ConfigError(f"{key}: unknown cohort(s) {unknown}; known: {list(COHORTS)}")
+    _require(len(set(names)) == len(names), key, names, "a list without repeats")
 
 
 @dataclass(kw_only=True)
@@ -31,12 +52,15 @@ class DataConfig:
     """Label tables, relative to root; earlier ones win (round 2: truth, then pseudo-labels)."""
 
     def __post_init__(self) -> None:
-        if self.negatives_per_positive < 0:
-            raise ValueError(f"negatives_per_positive must be >= 0, got {self.negatives_per_positive}")
-        if self.oversample_positives < 1:
-            raise ValueError(f"oversample_positives must be >= 1 (1 = off), got {self.oversample_positives}")
-        if not self.train_cohorts:
-            raise ValueError("train_cohorts must name at least one cohort")
+        _require(bool(self.root), "data.root", self.root, "a shard directory")
+        _cohorts("data.train_cohorts", self.train_cohorts)
+        _cohorts("data.val_cohorts", self.val_cohorts)
+        _require(self.negatives_per_positive >= 0, "data.negatives_per_positive", self.negatives_per_positive,
+                 ">= 0 (0 = all negative shards)")
+        _require(self.oversample_positives >= 1, "data.oversample_positives", self.oversample_positives,
+                 ">= 1 (1 = off)")
+        _require(self.val_fold >= 0, "data.val_fold", self.val_fold, ">= 0")
+        _require(bool(self.label_tables), "data.label_tables", self.label_tables, "a non-empty list")
 
 
 @dataclass(kw_only=True)
@@ -52,10 +76,9 @@ class ModelConfig:
     """... or from a local file (.pth/.pt/.safetensors); used instead of the hub when set."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.drop_rate < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.num_classes != 8:
-            raise ValueError("num_classes must be 8 (C1..C7 + any)")
+        _require(bool(self.name), "model.name", self.name, "a timm model name")
+        _require(0 <= self.drop_rate < 1, "model.drop_rate", self.drop_rate, "in [0, 1)")
+        _require(self.num_classes == 8, "model.num_classes", self.num_classes, "8 (C1..C7 + any)")
 
 
 @dataclass(kw_only=True)
@@ -75,10 +98,16 @@ class OptimConfig:
     pos_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.grad_accum < 1 or self.warmup_steps < 0:
-            raise ValueError("lr > 0, grad_accum >= 1 and warmup_steps >= 0 are required")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(0 < self.lr < 1, "optim.lr", self.lr, "in (0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
+                 "in [0, 1] (the cosine's floor as a fraction of optim.lr)")
+        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, ">= 1")
+        _require(self.clip_grad_norm >= 0, "optim.clip_grad_norm", self.clip_grad_norm, ">= 0 (0 = no clipping)")
+        _require(0 <= self.ema_decay < 1, "optim.ema_decay", self.ema_decay, "in [0, 1) (0 = no EMA)")
+        _require(self.focal_gamma >= 0, "optim.focal_gamma", self.focal_gamma, ">= 0 (0 = plain BCE)")
+        _require(self.pos_weight > 0, "optim.pos_weight", self.pos_weight, "> 0 (1 = unweighted)")
 
 
 @dataclass(kw_only=True)
@@ -90,9 +119,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: bf16 on sm80+, fp16 + GradScaler below (the P100 has no bf16), fp32 on CPU."""
     batch_size: int | Literal["auto"] = "auto"
-    """auto: the largest batch whose forward/backward fits under max_memory_gb (CPU: loader.batch_size)."""
+    """auto: the largest batch whose whole step (forward, backward, Adam, EMA), probed on a copy of the model,
+    stays under max_memory_gb - memory_headroom_gb (CPU: loader.batch_size); reused on resume."""
     max_memory_gb: float = 16.0
     """Memory cap (set_per_process_memory_fraction) so a bigger card behaves like the 16 GB reference card."""
+    memory_headroom_gb: float = 1.5
+    """What batch_size: auto leaves under max_memory_gb for memory torch's allocator does not see (CUDA
+    context, DALI's pool, nvJPEG): the probe's peak must stay below max_memory_gb - this."""
     compile: bool = False
     channels_last: bool = True
     cudnn_benchmark: bool = True
@@ -108,10 +141,20 @@ class TrainConfig:
     """How slice probabilities become study probabilities."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.max_steps < 0 or self.keep_last < 1 or self.max_nan_steps < 1:
-            raise ValueError("epochs >= 1, max_steps >= 0, keep_last >= 1 and max_nan_steps >= 1 are required")
-        if isinstance(self.batch_size, int) and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size}")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, ">= 0 (0 = train.epochs decide)")
+        _require(self.batch_size == "auto" or self.batch_size >= 1, "train.batch_size", self.batch_size,
+                 ">= 1 or 'auto'")
+        _require(0 < self.max_memory_gb <= 1024, "train.max_memory_gb", self.max_memory_gb, "in (0, 1024] GB")
+        _require(0 <= self.memory_headroom_gb < self.max_memory_gb, "train.memory_headroom_gb",
+                 self.memory_headroom_gb, "in [0, train.max_memory_gb)")
+        _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, ">= 1")
+        _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", self.checkpoint_every_steps,
+                 ">= 1")
+        _require(self.keep_last >= 1, "train.keep_last", self.keep_last, ">= 1")
+        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience,
+                 ">= 0 (0 = never stop early)")
+        _require(self.max_nan_steps >= 1, "train.max_nan_steps", self.max_nan_steps, ">= 1")
 
 
 @dataclass(kw_only=True)
@@ -120,6 +163,11 @@ class LogConfig:
     """offline: no network needed, `wandb sync RUN_DIR/wandb/...` later."""
     project: str = "spinestream"
     every_steps: int = 10
+    """Log (and read the loss on the host: a CPU-GPU sync) every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.project), "log.project", self.project, "a non-empty name")
+        _require(self.every_steps >= 1, "log.every_steps", self.every_steps, ">= 1")
 
 
 @dataclass(kw_only=True)
@@ -134,3 +182,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", self.name, "a run name without '/'")
+        _require(bool(self.out_dir), "out_dir", self.out_dir, "a directory")

@@ -370,14 +370,17 @@ def classification_report(y_true: np.ndarray, y_prob: np.ndarray, *, threshold: 
     return out
 
 
-def constant_baseline(train_like: pd.DataFrame) -> float:
-    """The score of predicting, for every row, the prevalence of its row type (C1..C7, patient_overall) among the
-    given studies -- the number a model has to beat. Accepts the wide train.csv form or the long solution form.
+def constant_baseline(train_like: pd.DataFrame, prevalence_from: pd.DataFrame | None = None) -> float:
+    """The score on ``train_like``'s studies of predicting, for every row, the prevalence of its row type
+    (C1..C7, patient_overall) -- the number a model has to beat. The prevalence is taken from
+    ``prevalence_from`` when given (the training studies, when scoring a validation fold), else from the
+    scored studies themselves. Both accept the wide train.csv form or the long solution form.
 
     Note: prevalence is the natural, not the optimal, constant: the metric's 2x weight on positives and per-study
     normalisation make the loss-minimising constant somewhat higher than the prevalence.
     """
     sol = _long_solution(train_like)
-    prev = sol.groupby("kind")["y"].mean()
+    src = sol if prevalence_from is None else _long_solution(prevalence_from)
+    prev = src.groupby("kind")["y"].mean()
     submission = pd.DataFrame({"row_id": sol["row_id"], "fractured": sol["kind"].map(prev).to_numpy()})
     return score_submission(sol[["row_id"]].assign(fractured=sol["y"].astype(np.int64)), submission)

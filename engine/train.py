@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(trainer.val_studies)} validation studies (fold {cfg.data.val_fold}), "
               f"{trainer.total_steps} steps -> {run_dir}" + (f" (resuming at step {trainer.step})" if resume_from else ""),
               file=sys.stderr)
-        best = trainer.fit()
+        try:
+            best = trainer.fit()
+        finally:
+            trainer.loader.close()
     except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"spinestream train: error: {e}", file=sys.stderr)
         return 2

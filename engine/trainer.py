@@ -1,19 +1,33 @@
 """The trainer both rounds use. ``engine/train.py`` parses the command line and calls
-:func:`run`; the loop itself is :meth:`Trainer.fit`.
+:class:`Trainer`; setup is the ``build_*`` functions of :mod:`engine.build`, the loop is
+:meth:`Trainer.fit`.
 
 Mixed precision (bf16 on sm80+, fp16 + GradScaler below, fp32 on CPU), channels_last,
 Adam with warm-up + cosine, gradient accumulation and clipping, EMA weights, atomic
 checkpoints every N steps and at epoch ends, resume (model, optimizer, scaler,
-scheduler, EMA, step, loader position — with changed hyper-parameters if asked),
-early stopping on the study-level competition metric, NaN/inf steps skipped and
-counted.
+scheduler, EMA, step, loader position, every RNG -- with changed hyper-parameters if asked),
+early stopping on the study-level competition metric, non-finite steps skipped and counted.
+
+Guarantees (tests/test_train.py, tests/test_trainer_*.py):
+
+* **Resume is exact.** A run killed after a checkpoint and resumed ends with the weights an
+  uninterrupted run has, also with ``optim.grad_accum > 1``: an accumulation window never
+  crosses a checkpoint (they are written right after an optimizer step) or an epoch end (the
+  epoch's last window is stepped short, its gradient the mean of its micro-batches), so no
+  pending gradient exists when the state is saved.
+* **A skipped step is not a step.** A non-finite loss or gradient (and GradScaler's overflow in
+  fp16) skips the update on the device; the step counter, the schedule and the EMA do not advance
+  and the step is counted in ``nan_total``; ``train.max_nan_steps`` in a row stop the run.
+* **No host sync per step** in bf16/fp32 beyond the log line every ``log.every_steps`` steps
+  (``loss.item()``), checkpoints and validation: the skip is decided on the device and learned by
+  the host a step or more late (:mod:`engine.skips`). fp16 adds none either (fused Adam takes
+  GradScaler's found-inf flag on the device).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -25,192 +39,102 @@ import yaml
 from tqdm import tqdm
 
 from shards.config import to_dict
-from shards.layout import Layout
 
 from . import checkpoint as ck
+from .autobatch import resolve_batch_size
+from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, \
+    select_training_shards, steps_per_epoch
 from .config import RunConfig
-from .device import autocast, pick_device, resolve_precision, set_memory_cap
-from .loader import LabelTable, build_loader, select
-from .loader.data import oversample_positives
+from .device import autocast
+from .loader import build_loader
 from .loader.studies import StudyReader
-from .metrics import classification_report, score_submission, solution_from_train, study_probabilities, \
-    submission_frame, weighted_bce
-from .model import build_model, check_state_dict, data_config, model_fingerprint
+from .metrics import classification_report, constant_baseline, score_submission, solution_from_train, \
+    study_probabilities, submission_frame, weighted_bce
+from .model import model_fingerprint
+from .skips import StepFlags
+
+__all__ = ["Trainer", "constant_baseline_score", "plot_curves", "predict_studies", "rng_state", "score_studies",
+           "select_training_shards", "set_rng_state", "write_config"]
 
 
-# --------------------------------------------------------------------------- setup helpers
+def rng_state() -> dict:
+    """Every generator a run draws from: torch's CPU one, each CUDA device's, numpy's and python's global ones
+    (as tensors, numbers and lists: ``torch.load(weights_only=True)`` reads them back)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
 
 
-def select_training_shards(cfg: RunConfig):
-    """Round 1: the non-negative cohorts' training folds plus negative shards up to the configured balance."""
-    d = cfg.data
-    others = [c for c in d.train_cohorts if c != "negative"]
-    sel = select(d.root, cohorts=others, exclude_folds=[d.val_fold]) if others else None
-    if "negative" not in d.train_cohorts:
-        return sel
-    neg = select(d.root, cohorts=["negative"], exclude_folds=[d.val_fold])
-    if sel is not None and d.negatives_per_positive > 0:
-        want = d.negatives_per_positive * sel.samples
-        rng = np.random.default_rng(cfg.train.seed)
-        chosen, n = [], 0
-        for k in rng.permutation(len(neg.shards)):  # shards are already shuffled mixes of studies
-            if n >= want:
-                break
-            chosen.append(neg.shards[k])
-            n += neg.shards[k]["samples"]
-        neg.shards = sorted(chosen, key=lambda s: s["name"])
-    if sel is None:
-        return neg
-    sel.shards = sel.shards + neg.shards
-    sel.cohorts = tuple(d.train_cohorts)
-    return sel
+def set_rng_state(s: dict | torch.Tensor) -> None:
+    """Restore :func:`rng_state`; an old checkpoint's bare CPU state (``torch_rng``) is accepted too."""
+    if isinstance(s, torch.Tensor):
+        torch.set_rng_state(s)
+        return
+    torch.set_rng_state(s["torch"])
+    if len(s["cuda"]) and torch.cuda.is_available():
+        n = min(len(s["cuda"]), torch.cuda.device_count())  # resumed on fewer cards: those it has
+        torch.cuda.set_rng_state_all(list(s["cuda"])[:n])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
 
 
-def auto_batch_size(model, cfg: RunConfig, device: torch.device, precision: str) -> dict:
-    """The largest batch (powers of two) whose real forward/backward fits under the memory cap."""
-    size = cfg.loader.image_size
-    candidates = [2 ** k for k in range(1, 11)]
-    if device.type != "cuda":
-        # no memory cap to probe on the CPU: the configured loader batch, checked by a real step
-        candidates = [b for b in candidates if b <= cfg.loader.batch_size] or [cfg.loader.batch_size]
-    best, tried = None, []
-    model.train()
-    for b in candidates:
-        try:
-            x = torch.randn(b, 3, size, size, device=device)
-            if cfg.train.channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(precision, device):
-                out = model(x)
-            out.float().mean().backward()
-            model.zero_grad(set_to_none=True)
-            best = b
-            tried.append({"batch": b, "ok": True,
-                          "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None})
-        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
-            if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
-                raise
-            tried.append({"batch": b, "ok": False})
-            break
-        finally:
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if best is None:
-        raise RuntimeError(f"not even a batch of {candidates[0]} fits at {size}px under "
-                           f"train.max_memory_gb={cfg.train.max_memory_gb}")
-    return {"batch_size": best, "tried": tried, "image_size": size, "device": str(device), "precision": precision,
-            "max_memory_gb": cfg.train.max_memory_gb}
-
-
-class EMA:
-    """Exponential moving average of the weights (floating-point tensors; buffers copied)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        # warm-up: early on the average follows the model closely; averaging trained weights with the
-        # random initialisation (decay**step of it) gives a network that predicts ~0.5 everywhere
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(m, 1.0 - decay)
-            else:
-                e.copy_(m)
-
-
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    warm, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
+def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFrame) -> float:
+    """:func:`engine.metrics.constant_baseline` of ``val_studies`` with the training studies' prevalence."""
+    return constant_baseline(val_studies, prevalence_from=train_studies)
 
 
 # --------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
+    """One training run in ``run_dir``: build with :mod:`engine.build`, then :meth:`fit`."""
+
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = pick_device(cfg.train.device)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
-        torch.manual_seed(cfg.train.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-        set_memory_cap(self.device, cfg.train.max_memory_gb)
-
+        if self.run_dir.is_dir():
+            ck.clean_stale(self.run_dir)
+        self.device, self.precision = build_device(cfg)
         state = ck.load(resume_from, map_location="cpu") if resume_from else None
-        # on resume the checkpoint has the weights: never fetch pretrained ones just to overwrite them
-        mcfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None) if state else cfg.model
-        self.model = build_model(mcfg, image_size=cfg.loader.image_size).to(self.device)
-        if state is not None:
-            fp = model_fingerprint(self.model)
-            if state.get("model_fingerprint") != fp:
-                raise ck.RunError(f"{resume_from} holds a {state.get('model_fingerprint', {}).get('name')} "
-                                  f"checkpoint; this config builds {fp['name']} (model.* must not change on resume)")
-            check_state_dict(self.model, state["model"], source=str(resume_from))
-            self.model.load_state_dict(state["model"])
-        # channels_last pays off on tensor cores; on the CPU oneDNN's depthwise convolutions get slower
-        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        dc = data_config(self.model)
-        self.loader_cfg = dataclasses.replace(cfg.loader, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
-                                              channels_last=self.channels_last)
-
-        # data: shard groups for training, whole studies of the validation fold for the metric
-        self.train_sel = select_training_shards(cfg)
-        self.labels = LabelTable.load(cfg.data.root, cfg.data.label_tables, n_total=self.train_sel.n_total)
-        self.labels.check_covers(self.train_sel)  # before any step: a table that does not fit stops here
-        self.train_sel = oversample_positives(self.train_sel, self.labels, cfg.data.oversample_positives,
-                                              self.run_dir / "oversample")
-        studies = pd.read_parquet(Layout(Path(cfg.data.root)).studies)
-        self.val_studies = studies[(studies.fold == cfg.data.val_fold) & studies.cohort.isin(cfg.data.val_cohorts)]
-        if self.val_studies.empty:
-            raise ValueError(f"no validation studies in fold {cfg.data.val_fold} for cohorts {cfg.data.val_cohorts}")
-        self.baseline = constant_baseline_score(studies[studies.fold != cfg.data.val_fold], self.val_studies)
-
-        if cfg.train.batch_size == "auto":
-            found = auto_batch_size(self.model, cfg, self.device, self.precision)
-            ck.atomic_write_json(self.run_dir / "batch_size.json", found)
-            bs = found["batch_size"]
-        else:
-            bs = cfg.train.batch_size
-        self.loader_cfg = dataclasses.replace(self.loader_cfg, batch_size=bs)
+        self.model, self.channels_last = build_model_for(cfg, self.device, state, str(resume_from))
+        data = build_data(cfg, self.run_dir)
+        self.train_sel, self.labels, self.val_studies, self.baseline = \
+            data.train_sel, data.labels, data.val_studies, data.baseline
+        bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
+                                channels_last=self.channels_last, resuming=state is not None)
+        self.loader_cfg = build_loader_cfg(cfg, self.model, self.device, self.precision, self.channels_last, bs)
         self.loader = build_loader(self.train_sel, self.labels, self.loader_cfg, device=self.device, train=True)
-        self.steps_per_epoch = max(1, len(self.loader) // cfg.optim.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(self.loader), cfg.optim.grad_accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.step, self.nan_streak, self.nan_total = 0, 0, 0
+        self.opt, self.sched, self.scaler, self.ema = build_optimization(cfg, self.model, self.precision,
+                                                                         self.device, self.total_steps)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step, self.nan_streak, self.nan_total, self.bad_vals = 0, 0, 0, 0
         self.best = {"metric": float("inf"), "step": -1}
-        self.bad_vals = 0
+        self._micro, self._window_bad = 0, torch.zeros((), dtype=torch.bool, device=self.device)
+        self._flags = StepFlags(self.device)
+        self._last_loss, self._wandb, self._bar = None, None, None
+        self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
         if state is not None:
             self._restore(state)
+            ck.truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self._wandb = None
 
     # ----------------------------------------------------------------------- state
 
     def state(self) -> dict:
+        """Everything :meth:`_restore` needs to continue exactly (no accumulation window is ever pending)."""
+        assert self._micro == 0 and len(self._flags) == 0, "state() inside an accumulation window or unsettled"
         return {
             "config": to_dict(self.cfg),
             "model_fingerprint": model_fingerprint(self.model),
             "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -219,7 +143,8 @@ class Trainer:
             "best": dict(self.best),
             "bad_vals": self.bad_vals,
             "nan_total": self.nan_total,
-            "torch_rng": torch.get_rng_state(),
+            "nan_streak": self.nan_streak,
+            "rng": rng_state(),
         }
 
     def _restore(self, s: dict) -> None:
@@ -227,17 +152,17 @@ class Trainer:
         for g in self.opt.param_groups:  # changed hyper-parameters win (the "babysitting" resume)
             g["initial_lr"] = self.cfg.optim.lr
             g["weight_decay"] = self.cfg.optim.weight_decay
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg, self.total_steps),
-                                                       last_epoch=s["step"] - 1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.sched.lr_lambdas[0], last_epoch=s["step"] - 1)
         self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None and s.get("ema") is not None:
-            self.ema.module.load_state_dict(s["ema"])
+            self.ema.load_state_dict(s["ema"])
         self.loader.load_state_dict(s["loader"])
         self.step = int(s["step"])
         self.best = dict(s["best"])
         self.bad_vals = int(s.get("bad_vals", 0))
         self.nan_total = int(s.get("nan_total", 0))
-        torch.set_rng_state(s["torch_rng"])
+        self.nan_streak = int(s.get("nan_streak", 0))
+        set_rng_state(s["rng"] if "rng" in s else s["torch_rng"])
 
     def save(self, best: bool = False) -> None:
         state = self.state()
@@ -265,81 +190,149 @@ class Trainer:
         except Exception as e:  # logging must never stop training
             print(f"wandb unavailable ({e}); metrics go to metrics.jsonl only", file=sys.stderr)
 
+    def _log_train(self) -> None:
+        self._settle(block=True)  # the loss is read below anyway
+        dt = time.perf_counter() - self._t_log
+        rec = {"loss": self._last_loss.item(),  # note: CPU-GPU sync point, once per log.every_steps steps
+               "lr": self.sched.get_last_lr()[0], "images_per_s": self._images / dt, "data_wait": self._wait / dt,
+               "nan_total": self.nan_total}
+        self.log(rec)
+        self._bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
+                              wait=f"{rec['data_wait']:.0%}")
+        self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
+
     # ----------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        cfg, dev = self.cfg, self.device
+        """Train until train.max_steps / train.epochs or early stopping; the best validation result."""
         self._start_wandb()
-        accum = cfg.optim.grad_accum
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
-        stop, micro = False, 0
-        t_log, imgs_log, wait_log = time.perf_counter(), 0, 0.0
+        self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step",
+                         dynamic_ncols=True)
         try:
+            stop = False
             while not stop:
                 self.model.train()
-                t_ready = time.perf_counter()
-                for batch in self.loader:
-                    wait_log += time.perf_counter() - t_ready  # time the step waited for data
-                    with autocast(self.precision, dev):
-                        logits = self.train_model(batch.images)
-                    loss = weighted_bce(logits.float(), batch.targets, valid=batch.valid,
-                                        focal_gamma=cfg.optim.focal_gamma, pos_weight=cfg.optim.pos_weight)
-                    if not torch.isfinite(loss):  # note: a CPU-GPU sync point, once per micro-batch
-                        self.nan_streak += 1
-                        self.nan_total += 1
-                        self.opt.zero_grad(set_to_none=True)
-                        micro = 0
-                        if self.nan_streak >= cfg.train.max_nan_steps:
-                            raise RuntimeError(f"{self.nan_streak} non-finite losses in a row at step {self.step}; "
-                                               f"lower optim.lr, or resume from an earlier checkpoint with a new lr")
-                        t_ready = time.perf_counter()
-                        continue
-                    self.nan_streak = 0
-                    self.scaler.scale(loss / accum).backward()
-                    micro += 1
-                    imgs_log += int(batch.valid.sum())
-                    if micro < accum:
-                        t_ready = time.perf_counter()
-                        continue
-                    micro = 0
-                    if cfg.optim.clip_grad_norm > 0:
-                        self.scaler.unscale_(self.opt)
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                    self.opt.zero_grad(set_to_none=True)
-                    self.sched.step()
-                    if self.ema is not None:
-                        self.ema.update(self.model, self.step)
-                    self.step += 1
-                    bar.update()
-                    if self.step % cfg.log.every_steps == 0:
-                        dt = time.perf_counter() - t_log
-                        rec = {"loss": loss.item(), "lr": self.sched.get_last_lr()[0], "images_per_s": imgs_log / dt,
-                               "data_wait": wait_log / dt}
-                        self.log(rec)
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
-                                        wait=f"{rec['data_wait']:.0%}")
-                        t_log, imgs_log, wait_log = time.perf_counter(), 0, 0.0
-                    if self.step % cfg.train.checkpoint_every_steps == 0:
-                        self.save()
-                    if self.step >= self.total_steps:
-                        stop = True
+                for batch in self._timed(self.loader):
+                    if self._step(batch) and self._after_step():
                         break
-                    t_ready = time.perf_counter()
-                epoch_done = self.loader.position == 0
-                if epoch_done and (self.loader.epoch % cfg.train.val_every_epochs == 0 or stop):
-                    stop = self._validate_and_checkpoint() or stop
-                elif stop:
-                    self._validate_and_checkpoint()
-                if self.loader.epoch >= cfg.train.epochs and not cfg.train.max_steps:
-                    stop = True
+                stop = self._end_epoch()
         finally:
-            bar.close()
+            self._bar.close()
             self.plot()
             if self._wandb is not None:
                 self._wandb.finish()
         return dict(self.best)
+
+    def _timed(self, loader):
+        """The loader's batches, with the time the step waited for each one added to the log line."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self._wait += time.perf_counter() - t
+            yield batch
+
+    def _step(self, batch) -> bool:
+        """One micro-batch (forward, loss, backward); at the end of an accumulation window the optimizer
+        step. True when an optimizer step was issued (the device may still skip it: see :meth:`_settle`)."""
+        o = self.cfg.optim
+        with autocast(self.precision, self.device):
+            logits = self.train_model(batch.images)
+        loss = weighted_bce(logits.float(), batch.targets, valid=batch.valid, focal_gamma=o.focal_gamma,
+                            pos_weight=o.pos_weight)
+        self._window_bad |= ~torch.isfinite(loss)  # decided on the device: no `if` on a device tensor here
+        self.scaler.scale(loss / o.grad_accum).backward()
+        self._last_loss = loss.detach()
+        self._micro += 1
+        self._images += batch.n_valid  # counted on the host by the loader
+        if self._micro < o.grad_accum:
+            return False
+        self._optimizer_step()
+        return True
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, Adam, EMA, schedule for the window's accumulated gradients (skipped on the device
+        when the window had a non-finite loss or gradient)."""
+        o = self.cfg.optim
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)  # found-inf recorded on the device
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if self._micro < o.grad_accum:  # the epoch's last, short window: the mean of its micro-batches
+            torch._foreach_mul_(grads, o.grad_accum / self._micro)
+        norm = torch.nn.utils.get_total_norm(grads)
+        if o.clip_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params, o.clip_grad_norm, norm)
+        skipped = self._window_bad | ~torch.isfinite(norm)
+        self._settle()  # earlier steps' flags, before this step reads its learning rate
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)  # fused Adam: GradScaler hands it found_inf, no .item()
+            self.scaler.update()
+        else:
+            self.opt.found_inf, self.opt.grad_scale = skipped.float(), None  # fused Adam's on-device skip
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf, self.opt.grad_scale
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.step, applied=(~skipped).float())
+        self._flags.push(skipped)
+        self.sched.step()
+        self.step += 1
+        self._bar.update()
+        self._micro = 0
+        self._window_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def _settle(self, block: bool = False) -> None:
+        """Account for the steps the device has finished: a skipped one is taken back (counter, schedule)
+        and counted; train.max_nan_steps in a row stop the run."""
+        for skipped in self._flags.ready(block):
+            if not skipped:
+                self.nan_streak = 0
+                continue
+            self.nan_streak += 1
+            self.nan_total += 1
+            self.step -= 1
+            self._bar.update(-1)
+            self.sched.last_epoch -= 1
+            lrs = [base * self.sched.lr_lambdas[0](self.sched.last_epoch) for base in self.sched.base_lrs]
+            for g, lr in zip(self.opt.param_groups, lrs):
+                g["lr"] = lr
+            self.sched._last_lr = lrs  # what get_last_lr() reports
+            if self.nan_streak >= self.cfg.train.max_nan_steps:
+                raise RuntimeError(f"{self.nan_streak} non-finite losses in a row at step {self.step}; "
+                                   f"lower optim.lr, or resume from an earlier checkpoint with a new lr")
+
+    def _after_step(self) -> bool:
+        """Log and checkpoint on schedule; True when the run has reached its last step."""
+        if self.step % self.cfg.log.every_steps == 0:
+            self._log_train()
+        if self.step % self.cfg.train.checkpoint_every_steps == 0:
+            self._settle(block=True)  # note: CPU-GPU sync point, once per checkpoint
+            if self.step % self.cfg.train.checkpoint_every_steps == 0:  # a skip may have taken the step back
+                self.save()
+        return self.step >= self.total_steps
+
+    def _end_epoch(self) -> bool:
+        """After the loader stopped (epoch end, or the last step): step a short last window, validate and
+        checkpoint when due; True when the run is over."""
+        epoch_done = self.loader.position == 0
+        if epoch_done and self._micro:
+            self._optimizer_step()
+            self._after_step()
+        self._settle(block=True)
+        finished = self.step >= self.total_steps
+        stop = finished
+        if epoch_done and (self.loader.epoch % self.cfg.train.val_every_epochs == 0 or finished):
+            stop = self._validate_and_checkpoint() or stop
+        elif finished:
+            self._validate_and_checkpoint()
+        if self.loader.epoch >= self.cfg.train.epochs and not self.cfg.train.max_steps:
+            stop = True
+        return stop
 
     def _validate_and_checkpoint(self) -> bool:
         """Validate, save (best too when improved); True when early stopping says stop."""
@@ -380,14 +373,24 @@ class Trainer:
 @torch.no_grad()
 def predict_studies(model, cfg: RunConfig, loader_cfg, studies: list[str], device, precision: str
                     ) -> dict[str, np.ndarray]:
+    """Slice probabilities (n_slices, 8) of each study, head to feet, from its volume.
+
+    cudnn.benchmark is off while it runs: every study's last batch has a new shape, and benchmark mode
+    would autotune each of them again (up to batch-size shapes in the first validation)."""
     model.eval()
     out: dict[str, list] = {}
     reader = StudyReader(cfg.data.root, dataclasses.replace(loader_cfg, backend="torch"), studies=studies,
                          device=device)
-    for b in reader:
-        with autocast(precision, device):
-            logits = model(b.images)
-        out.setdefault(b.study, []).append(torch.sigmoid(logits.float()).cpu().numpy())
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        for b in reader:
+            with autocast(precision, device):
+                logits = model(b.images)
+            # note: CPU-GPU sync point per batch (the probabilities are wanted on the host)
+            out.setdefault(b.study, []).append(torch.sigmoid(logits.float()).cpu().numpy())
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -402,15 +405,6 @@ def score_studies(probs: dict[str, np.ndarray], studies: pd.DataFrame, rule: str
     return {"competition_loss": float(loss), "studies": len(uids),
             "accuracy": float(report.loc["overall", "accuracy"]),
             "report": json.loads(report.reset_index().to_json(orient="records"))}
-
-
-def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFrame) -> float:
-    """The competition loss on the validation studies of predicting, for every row, the training
-    studies' prevalence of that row type: the number a model has to beat."""
-    cols = [f"C{i}" for i in range(1, 8)] + ["patient_overall"]
-    prev = train_studies[cols].mean().to_numpy(dtype=np.float64)
-    sub = submission_frame({u: prev for u in val_studies.StudyInstanceUID})
-    return float(score_submission(solution_from_train(val_studies[["StudyInstanceUID", *cols]]), sub))
 
 
 def plot_curves(run_dir: Path) -> None:
