@@ -13,21 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from shards.config import ConfigError, load_config
+from shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
+    print_config
 
 from . import checkpoint as ck
 from .config import RunConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinestream train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="spinestream train", description=plain(__doc__),
+                                epilog=config_fields_help(RunConfig), formatter_class=HelpFormatter)
     p.add_argument("-c", "--config", type=Path, default=None,
                    help="YAML run config (configs/round1.yaml); with --resume, defaults to the run's config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 --set data.root=shards-512")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue a run from its latest checkpoint (changed hyper-parameters are applied)")
+    add_print_config(p)
     return p
 
 
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, resume_from = args.resume, ck.latest(args.resume)
         else:
             cfg = load_config(RunConfig, args.config, args.set)
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        if not args.resume:
             run_dir, resume_from = Path(cfg.out_dir) / cfg.name, None
             if run_dir.exists() and any(ck.checkpoints(run_dir)):
                 raise ck.RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
