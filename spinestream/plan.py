@@ -21,7 +21,6 @@ tests), so the application imports no job module. What each stage's inputs finge
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,16 +36,10 @@ from .stages import Stage, StageError, fingerprint
 
 Verb = Callable[[list[str]], int]
 
-#: modules whose ``main`` the pipeline runs that the CLI table does not list yet (cli.VERBS wins)
-NOT_YET_VERBS = {"pseudo-label": "engine.pseudo", "synth-truth": "preprocess.synth_truth"}
-
-
 def cli_verb(argv: list[str]) -> int:
     """Run ``spinestream <argv>`` in this process, through the CLI table."""
-    from .cli import VERBS, main
+    from .cli import main
 
-    if argv[0] not in VERBS and argv[0] in NOT_YET_VERBS:
-        return int(importlib.import_module(NOT_YET_VERBS[argv[0]]).main(argv[1:]) or 0)
     return main(argv)
 
 
