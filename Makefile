@@ -1,6 +1,7 @@
 # spinestream — the two commands of the README:
 #   make test   create .venv, install everything, run the test suite
-#   make demo   create .venv if needed, run the main job on the embedded synthetic dataset
+#   make demo   create .venv if needed, run the whole pipeline (spinestream run -c configs/demo.yaml) on the
+#               embedded synthetic dataset: demo-data/submission.csv and demo-data/report.md
 #   make build-info   which torch and DALI this machine gets, and why (nothing installed)
 #
 # torch and torchvision must be a matched pair (timm imports torchvision): TORCH_SPEC

@@ -1,7 +1,7 @@
 """``spinestream shard``: DICOM studies -> windowed uint8 WebDataset shards + Zarr volumes, once.
 
     spinestream shard --data /kaggle/input/rsna-2022-cervical-spine-fracture-detection --out shards-512
-    spinestream shard --data demo-data/raw --out demo-data/shards -c configs/demo.yaml --workers 2
+    spinestream shard --data demo-data/raw --out demo-data/shards --set image_size=128 --workers 2
 
 Two resumable phases:
 

@@ -1,25 +1,24 @@
-"""``spinestream demo``: the main job on the embedded synthetic default.
+"""``spinestream demo``: the main job on the embedded synthetic default — the whole pipeline.
 
-    synth (a small dataset in the Kaggle layout) -> shard -> verify -> bench loader
-    -> train round 1 (a tiny timm model on the CPU) -> evaluate
+    spinestream demo            # = spinestream run -c configs/demo.yaml --out demo-data
 
-Each step is a ``spinestream`` verb run through the CLI table (only the stale check reads
-preprocess.synth's SynthConfig); every step is resumable, so rerunning the demo finishes or
-skips work.
+synth -> shard -> verify -> bench loader -> round 1 -> evaluate -> pseudo-label -> round 2 -> evaluate
+-> predict -> report, every stage a ``spinestream`` verb run by ``spinestream run`` (resumable: rerunning
+the demo skips what is done). A demo directory whose synthetic data was made with other settings is
+refused (with what differs) instead of being rebuilt under the user's feet.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     from shards.config import HelpFormatter, plain
 
-    from .cli import main as cli
+    from .run import main as run
 
     p = argparse.ArgumentParser(prog="spinestream demo", description=plain(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("demo-data"), help="where the demo writes everything")
@@ -34,43 +33,19 @@ def main(argv: list[str] | None = None) -> int:
                         "sees them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("-c", "--config", default="configs/demo.yaml", help="shard config")
-    p.add_argument("--train-config", default="configs/demo-round1.yaml", help="round-1 run config")
+    p.add_argument("-c", "--config", default="configs/demo.yaml", help="the demo's pipeline config")
     args = p.parse_args(argv)
 
-    raw, out = args.dir / "raw", args.dir / "shards"
-    steps = []
-    stale = _stale(raw / "SYNTH_COMPLETE", args)
+    stale = _stale(args.dir / "raw" / "SYNTH_COMPLETE", args)
     if stale:
         print(f"spinestream demo: error: {args.dir} holds a demo made with other settings ({stale}); "
               f"remove it (rm -rf {args.dir}) or pass --dir NEW_DIR", file=sys.stderr)
         return 2
-    if not (raw / "SYNTH_COMPLETE").exists():
-        steps.append(("synth", ["synth", "--out", str(raw), "--studies", str(args.studies), "--seed", str(args.seed),
-                                "--size", str(args.size), "--slices", args.slices,
-                                "--boxed-share", str(args.boxed_share), "--crack-width", args.crack_width,
-                                "--force"]))
-    config = ["-c", args.config] if Path(args.config).is_file() else []
-    steps.append(("shard", ["shard", "--data", str(raw), "--out", str(out), "--workers", str(args.workers), *config]))
-    steps.append(("verify", ["verify", str(out)]))
-    steps.append(("bench loader", ["bench", "loader", "--shards", str(out), "--dicom", str(raw), "--batches", "10",
-                                   "--warmup", "2", "--results", str(args.dir / "bench")]))
-    run_dir = args.dir / "runs" / "demo-round1"
-    if not (run_dir / "best.pt").exists():
-        steps.append(("train round 1", ["train", "-c", args.train_config, "--set", f"data.root={out}",
-                                        "--set", f"out_dir={args.dir / 'runs'}", "--set", "name=demo-round1"]))
-    steps.append(("evaluate", ["evaluate", "--run", str(run_dir)]))
-    for name, cmd in steps:
-        t0 = time.perf_counter()
-        print(f"\n== demo: spinestream {' '.join(cmd)}", flush=True)
-        rc = cli(cmd)
-        if rc:
-            print(f"demo: step '{name}' failed (exit {rc})", file=sys.stderr)
-            return rc
-        print(f"== demo: {name} took {time.perf_counter() - t0:.1f}s", flush=True)
-    print(f"\ndemo complete: shards in {out} (manifest.json, wds/, volumes.zarr/, *.parquet), "
-          f"loader figures in {args.dir / 'bench'}, round 1 in {run_dir} (curves.png, eval-f0/heatmaps.png)")
-    return 0
+    sc = _synth_config(args)
+    sets = [f"synth.studies={sc.studies}", f"synth.seed={sc.seed}", f"synth.size={sc.size}",
+            f"synth.slices=[{sc.slices[0]}, {sc.slices[1]}]", f"synth.boxed_share={sc.boxed_share}",
+            f"synth.crack_width=[{sc.crack_width[0]}, {sc.crack_width[1]}]", f"workers={args.workers}"]
+    return run(["-c", args.config, "--out", str(args.dir), *[a for kv in sets for a in ("--set", kv)]])
 
 
 def _synth_config(args: argparse.Namespace):

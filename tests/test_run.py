@@ -115,7 +115,7 @@ def pipeline(tmp_path):
             "--set", f"round2.config={ROOT / 'configs/demo-round2.yaml'}"]
 
     def run(*extra: str) -> int:
-        return main(["-c", str(ROOT / "configs/demo-pipeline.yaml"), "--out", str(out), *sets, *extra], verb=fakes)
+        return main(["-c", str(ROOT / "configs/demo.yaml"), "--out", str(out), *sets, *extra], verb=fakes)
 
     return run, fakes, out
 
@@ -398,7 +398,7 @@ def test_demo_pipeline_end_to_end_on_a_tiny_synthetic_set(tmp_path, capsys):
     """The real demo config, every verb real, on 24 studies at 64 px. Needs the predict verb and
     model.init_from (other branches): until they are merged this fails at round2."""
     out = tmp_path / "demo"
-    args = ["-c", str(ROOT / "configs/demo-pipeline.yaml"), "--out", str(out), "--set", "workers=2",
+    args = ["-c", str(ROOT / "configs/demo.yaml"), "--out", str(out), "--set", "workers=2",
             "--set", f"round1.config={ROOT / 'configs/demo-round1.yaml'}",
             "--set", f"round2.config={ROOT / 'configs/demo-round2.yaml'}"]
     for s in TINY:
