@@ -9,6 +9,7 @@ SUITES = {
     "shard": ("benchmarks.shard", "DICOM -> shards throughput vs the naive PNG way and the decode+encode floor"),
     "loader": ("benchmarks.loader", "images/s into the training loop: dicom baseline, torch, DALI, decode-only"),
     "train": ("benchmarks.train", "model-only vs through-the-loader training images/s (saturation), auto batch"),
+    "infer": ("benchmarks.infer", "study inference slices/s from Zarr vs the model alone (saturation), peak memory"),
 }
 
 

@@ -187,3 +187,24 @@ def test_crack_truth_agrees_with_the_boxes_and_the_study_labels(raw, shards):
     studies = pd.read_parquet(Layout(shards).studies).set_index("StudyInstanceUID")
     np.testing.assert_array_equal(study_max.to_numpy(), studies.loc[study_max.index, list(VERTEBRAE)].to_numpy())
     assert truth.loc[truth.slice_id.isin(slices.slice_id[slices.cohort == "positive-unboxed"]), "any"].sum() > 0
+
+
+def test_round2_config_trains_on_every_cohort_with_truth_then_pseudo(tables, shards):
+    from engine.config import RunConfig
+    from engine.loader import LabelTable, select
+    from shards.config import load_config
+    from shards.layout import COHORTS
+
+    r1 = load_config(RunConfig, "configs/round1.yaml")
+    r2 = load_config(RunConfig, "configs/round2.yaml", [f"data.root={shards}"])
+    assert sorted(r2.data.train_cohorts) == sorted(COHORTS) and r2.data.val_fold == r1.data.val_fold
+    assert r2.data.label_tables == ["labels/truth.parquet", "labels/pseudo-round1.parquet"]  # truth wins
+    probs = ("p_crop", "p_hflip", "p_vflip", "p_rotate", "p_shift", "p_brightness_contrast", "p_clahe")
+    assert all(getattr(r1.loader.augment, p) == 0.3 and getattr(r2.loader.augment, p) == 0.4 for p in probs)
+    # the pseudo table the verb wrote, with truth, labels every slice of round 2's training selection
+    sel = select(shards, cohorts=r2.data.train_cohorts, exclude_folds=[r2.data.val_fold])
+    LabelTable.load(shards, r2.data.label_tables).check_covers(sel)
+    from shards.layout import load_manifest
+
+    outside = {(s["cohort"], s["fold"]) for s in load_manifest(shards)["shards"] if s["fold"] != r2.data.val_fold}
+    assert {(s["cohort"], s["fold"]) for s in sel.shards} == outside  # every group but the validation fold's
