@@ -10,6 +10,7 @@ SUITES = {
     "loader": ("benchmarks.loader", "images/s into the training loop: dicom baseline, torch, DALI, decode-only"),
     "train": ("benchmarks.train", "model-only vs through-the-loader training images/s (saturation), auto batch"),
     "predict": ("benchmarks.predict", "test DICOM -> submission: studies/min per syntax, 1,500-study projection"),
+    "infer": ("benchmarks.infer", "study inference slices/s from Zarr vs the model alone (saturation), peak memory"),
 }
 
 

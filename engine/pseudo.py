@@ -31,6 +31,7 @@ the labels).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -123,8 +124,9 @@ def choose_thresholds(probs: dict[str, np.ndarray], studies: pd.DataFrame, truth
             ps.append(p[:, v])
             ys.append(t.loc[ids, name].to_numpy() >= 0.5)
         if ps and np.concatenate(ys).any():
-            thr[v], f1 = best_f1_threshold(np.concatenate(ps), np.concatenate(ys))
-            detail[name] = {"threshold": thr[v], "f1": f1, "studies": len(ps), "positives": int(np.concatenate(ys).sum())}
+            y = np.concatenate(ys)
+            thr[v], f1 = best_f1_threshold(np.concatenate(ps), y)
+            detail[name] = {"threshold": thr[v], "f1": f1, "studies": len(ps), "positives": int(y.sum())}
         else:
             detail[name] = {"threshold": 0.5, "f1": None, "studies": len(ps), "positives": 0, "fallback": True}
     return thr, detail
@@ -192,7 +194,8 @@ def quality(pseudo_df: pd.DataFrame, truth_df: pd.DataFrame, threshold: float = 
                          f"(made for another shard set?)")
     yt = t.loc[pseudo_df.slice_id, list(TARGETS)].to_numpy() >= 0.5
     yp = pseudo_df[list(TARGETS)].to_numpy() >= threshold
-    out = {"slices": len(pseudo_df), "overall": _prf(yt[:, :7].ravel(), yp[:, :7].ravel()), "any": _prf(yt[:, 7], yp[:, 7])}
+    out = {"slices": len(pseudo_df), "overall": _prf(yt[:, :7].ravel(), yp[:, :7].ravel()),
+           "any": _prf(yt[:, 7], yp[:, 7])}
     out.update({v: _prf(yt[:, k], yp[:, k]) for k, v in enumerate(VERTEBRAE)})
     return out
 
@@ -275,7 +278,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed batch shapes (engine.infer): tuned once
     model, cfg, ckpt = load_run_model(args.run, args.checkpoint, dev)
     root = Path(args.shards or cfg.data.root)
-    cfg.data.root = str(root)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
     studies = pd.read_parquet(Layout(root).studies)
     targets = studies[studies.cohort == COHORT]
     if targets.empty:

@@ -34,3 +34,40 @@ def shards(raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "out"
     run(raw, out, ShardConfig(**CFG), workers=2)
     return out
+
+
+# the one trained round-1 run the learning test and the pseudo-label quality test share (~1 min on 2 cores)
+LEARN_SIZE = 96
+
+
+@pytest.fixture(scope="session")
+def learned_round1(tmp_path_factory):
+    """The demo's recipe (configs/demo-round1.yaml: test_resnet, positives oversampled 3x) on 160 enriched
+    synthetic studies (half boxed, 3-4 mm cracks) at 96 px, boxed cohort only, 16 epochs (720 steps),
+    validated every 4 epochs: (raw dir, shard dir, run dir)."""
+    import yaml
+
+    from engine import checkpoint as ck
+    from engine.config import RunConfig
+    from engine.trainer import Trainer
+    from preprocess.config import ShardConfig
+    from preprocess.convert import run
+    from preprocess.synth import make_dataset
+    from shards.config import load_config, to_dict
+
+    raw = tmp_path_factory.mktemp("learn-raw")
+    make_dataset(raw, studies=160, seed=0, size=LEARN_SIZE, slices=(16, 24), test_studies=0, syntax="explicit",
+                 boxed_share=0.5, crack_width=(3.0, 4.0), workers=2)
+    out = tmp_path_factory.mktemp("learn-shards") / "out"
+    run(raw, out, ShardConfig(image_size=LEARN_SIZE, folds=4), workers=2)
+    runs = tmp_path_factory.mktemp("learn-runs")
+    cfg = load_config(RunConfig, str(ROOT / "configs/demo-round1.yaml"), [
+        f"data.root={out}", f"out_dir={runs}", "name=round1", f"loader.image_size={LEARN_SIZE}",
+        "data.train_cohorts=[boxed]", "train.epochs=16", "train.val_every_epochs=4", "log.wandb=disabled",
+        "train.checkpoint_every_steps=100000",
+    ])
+    run_dir = runs / "round1"
+    ck.mark_run(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as `spinestream train`
+    Trainer(cfg, run_dir).fit()
+    return raw, out, run_dir
