@@ -165,9 +165,9 @@ make_data() {
   set -e
   if [ -f "$SHARDS/manifest.json" ]; then echo "reusing $SHARDS"; return 0; fi
   local raw="$WORK/raw-$SIZE-$STUDIES"
-  [ -f "$raw/SYNTH_COMPLETE" ] || "$PY" -m shards.cli synth --out "$raw" --studies "$STUDIES" --size "$SIZE" \
+  [ -f "$raw/SYNTH_COMPLETE" ] || "$PY" -m spinestream.cli synth --out "$raw" --studies "$STUDIES" --size "$SIZE" \
       --slices "$SLICES" --test-studies 0 --syntax explicit --seed 0 --quiet --force
-  "$PY" -m shards.cli shard --data "$raw" --out "$SHARDS" --set image_size="$DATA_SIZE" --set folds=2 \
+  "$PY" -m spinestream.cli shard --data "$raw" --out "$SHARDS" --set image_size="$DATA_SIZE" --set folds=2 \
       --set shard_max_samples="$SHARD_SAMPLES" --workers "$(nproc 2>/dev/null || echo 2)"
 }
 
@@ -209,7 +209,7 @@ PYEOF
 
 bench_train() {  # PRECISION LAYOUT
   local cl=$([ "$2" = cl ] && echo true || echo false)
-  "$PY" -m shards.cli bench train -c configs/round1.yaml --shards "$SHARDS" --results "$OUT/train-$1-$2" \
+  "$PY" -m spinestream.cli bench train -c configs/round1.yaml --shards "$SHARDS" --results "$OUT/train-$1-$2" \
       --steps "$STEPS" --warmup "$WARMUP" "${TRAIN_SET[@]}" --set train.precision="$1" --set train.channels_last="$cl"
 }
 
@@ -228,7 +228,7 @@ for p in $PRECISIONS; do
   done
 done
 step loader "$T_LOADER" "$OUT/loader/loader.json" -- \
-  "$PY" -m shards.cli bench loader --shards "$SHARDS" --results "$OUT/loader" "${LOADER_ARGS[@]}"
+  "$PY" -m spinestream.cli bench loader --shards "$SHARDS" --results "$OUT/loader" "${LOADER_ARGS[@]}"
 for p in $PRECISIONS; do
   for l in $LAYOUTS; do
     [ "$l" = "${LAYOUTS%% *}" ] || step "train-$p-$l" "$T_TRAIN" "$OUT/train-$p-$l/train.json" -- bench_train "$p" "$l"

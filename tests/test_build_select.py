@@ -53,8 +53,14 @@ def fake_python(tmp_path: Path, works: bool) -> Path:
     return p
 
 
+# what an outer make (`make test` runs this file) exports to its children: a nested make would print
+# "Entering directory" lines and inherit the outer command line's variables
+OUTER_MAKE = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR"}
+
+
 def env_with(bin_dir: Path) -> dict:
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_MAKE}
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def select(tmp_path, gpu, system_torch=False) -> dict:
