@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from shards.layout import Layout
+from shards.tables import read_study_table
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -44,7 +47,7 @@ def prepare(cache: Path, size: int, studies: int, slices: int) -> Path:
 
     raw = dataset(cache, "explicit", studies, (slices, slices), size)
     out = cache / f"shards-explicit-n{studies}-s{slices}-{size}"
-    if not (out / "manifest.json").exists():
+    if not Layout(out).manifest.is_file():
         import contextlib
         import io
 
@@ -121,12 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import pandas as pd
-
     from engine.config import ModelConfig
     from engine.device import channels_last_default, pick_device, resolve_precision
     from engine.model import build_model, data_config
-    from shards.layout import Layout
 
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     bs = args.batch_size or (64 if gpu else 32)
     precision = resolve_precision(args.precision, device)
     root = args.shards or (prepare(args.cache, 512, 16, 96) if gpu else prepare(args.cache, 256, 5, 48))
-    studies = pd.read_parquet(Layout(root).studies)
+    studies = read_study_table(Layout(root).studies, columns=["StudyInstanceUID"])
     uids = studies.StudyInstanceUID.tolist()[: args.studies or (16 if gpu else 4)]
     if gpu:
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: tuned once
@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shape(root: Path, uid: str) -> tuple:
-    from shards.layout import Layout
     from shards.volumes import open_volume
 
     return tuple(open_volume(Layout(root).volumes, uid).shape)

@@ -175,7 +175,7 @@ def composition(shards: Path, cfg, reader: str, world: int, device: str = "cpu")
 
     sel = select(shards, cohorts=["boxed", "negative"])
     rec = sel.records()
-    first = np.array([s["cohort"] == sel.shards[0]["cohort"] for s in sel.shards])[rec["shard"]]
+    first = np.array([s.cohort == sel.shards[0].cohort for s in sel.shards])[rec["shard"]]
     is_first = dict(zip(rec["slice_id"].tolist(), first.tolist()))
     labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
     # the legacy reader's buffer as a share of the epoch that the default 4096 is of a ~170k-slice round-1 epoch
@@ -199,9 +199,11 @@ def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path
     from preprocess.config import ShardConfig
     from preprocess.convert import run
 
+    from shards.layout import Layout
+
     raw = {s: dataset(cache, s, studies, (96, 96), size) for s in ("explicit", "j2k")}
     out = cache / f"shards-explicit-n{studies}-{size}"
-    if not (out / "manifest.json").exists():
+    if not Layout(out).manifest.is_file():
         import contextlib
         import io
 

@@ -38,6 +38,7 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     from preprocess.config import ShardConfig
     from shards.config import load_config, to_dict
     from shards.fsutil import atomic_write_json
+    from shards.layout import ROW_TYPES
 
     import yaml
 
@@ -53,10 +54,9 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
              "offset_mm": sc.offset_mm}
     # spinestream.predict.ShardSpec's file, written here because benchmarks may not import spinestream
     # (DESIGN.md layering); once ShardSpec lives in shards/ this is ShardSpec(...).save(run_dir)
-    rows = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall")
     atomic_write_json(run_dir / "shard_spec.json", {"format": "spinestream-shard-spec", "version": 1,
                                                     "config": to_dict(sc), "image": image,
-                                                    "prevalence": {t: 0.1 for t in rows}})
+                                                    "prevalence": {t: 0.1 for t in ROW_TYPES}})
     return run_dir, cfg, sc
 
 

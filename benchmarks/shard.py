@@ -168,6 +168,7 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
 
     from preprocess.config import ShardConfig
     from preprocess.convert import run
+    from shards.layout import Layout
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = ShardConfig(image_size=size, folds=4)
@@ -177,8 +178,8 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
     dt = time.perf_counter() - t0
     n = m.counts.slices
     return {"slices": n, "studies": m.counts.studies, "seconds": dt, "slices_per_s": n / dt,
-            "shard_bytes_per_slice": _du(out / "wds", "*.tar") / n,
-            "zarr_bytes_per_slice": _du(out / "volumes.zarr") / n,
+            "shard_bytes_per_slice": _du(Layout(out).wds, "*.tar") / n,
+            "zarr_bytes_per_slice": _du(Layout(out).volumes) / n,
             "peak_rss_mb": mem.peak / 2**20}
 
 

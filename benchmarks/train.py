@@ -137,6 +137,7 @@ def build_trainer(args):
     from engine.config import RunConfig
     from engine.trainer import Trainer
     from shards.config import load_config
+    from shards.layout import Layout
 
     gpu = torch.cuda.is_available()
     cpu_defaults = ["model.name=test_efficientnet", "loader.image_size=128", "train.batch_size=16"]
@@ -146,7 +147,7 @@ def build_trainer(args):
     if shards is None:
         cfg = load_config(RunConfig, config, sets)
         shards = Path(cfg.data.root)
-    if not (shards / "manifest.json").exists():
+    if not Layout(shards).manifest.is_file():
         from benchmarks.loader import prepare
 
         _, shards = prepare(Path("/tmp/spinestream-bench"), 512, 16)

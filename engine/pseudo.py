@@ -9,7 +9,7 @@ The round-1 model (its EMA weights when the checkpoint has them) runs over every
 every ``positive-unboxed`` study (``engine.infer``, inputs built on the device) and the
 result is a label table round 2 unions with ``labels/truth.parquet``: one row per slice with
 ``slice_id, C1..C7, any`` (the targets) and ``p_C1..p_C7, p_any`` (the model's raw
-probabilities); the parquet schema metadata (key ``spinestream``, JSON) records the run,
+probabilities), written as a :mod:`shards.tables` label table whose metadata records the run,
 checkpoint, mode, rule and thresholds (:func:`read_table` returns it).
 
 Targets. ``hard`` (the default, as the reference): vertebra v of a slice is 1 when
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -40,12 +39,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.layout import TARGETS, Layout
+from shards.layout import TARGETS, VERTEBRAE, Layout
+from shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
-VERTEBRAE = TARGETS[:7]
 PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
-META_KEY = b"spinestream"
-COHORT = "positive-unboxed"
+COHORT = "positive-unboxed"  # the shards.layout.COHORTS member it labels
 RULE = ("hard: C_v = p_v >= threshold_v; soft: C_v = p_v. Then: a vertebra negative in the study labels is 0 on "
         "every slice; a positive one is 1 on at least its most likely slice; any = max(C1..C7)")
 
@@ -149,28 +147,16 @@ def parse_thresholds(text: str) -> np.ndarray | None:
 
 
 def write_table(path: str | Path, df: pd.DataFrame, meta: dict) -> None:
-    """Write the table with ``meta`` as JSON under the schema key ``spinestream``, atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    """Write the table (a :func:`shards.tables.write_label_table` label table, ``meta`` as its metadata)."""
+    write_label_table(path, LabelTable(df, meta))
 
 
 def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """(the table, its ``spinestream`` metadata) as :func:`write_table` wrote them."""
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(path)
-    raw = (t.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise ValueError(f"{path}: no '{META_KEY.decode()}' metadata (not a spinestream pseudo-label table)")
-    return t.to_pandas(), json.loads(raw)
+    """(the table, its metadata) as :func:`write_table` wrote them."""
+    t = read_label_table(path)
+    if t.metadata.get("kind") != "pseudo-labels":
+        raise ValueError(f"{path}: not a pseudo-label table (its metadata's kind is {t.metadata.get('kind')!r})")
+    return t.frame, t.metadata
 
 
 # --------------------------------------------------------------------------- quality and summary
@@ -279,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     model, cfg, ckpt = load_run_model(args.run, args.checkpoint, dev)
     root = Path(args.shards or cfg.data.root)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
-    studies = pd.read_parquet(Layout(root).studies)
+    studies = read_study_table(Layout(root).studies)
     targets = studies[studies.cohort == COHORT]
     if targets.empty:
         raise ValueError(f"{root}: no {COHORT} studies to pseudo-label")
@@ -292,7 +278,7 @@ def run(args: argparse.Namespace) -> dict:
     source, detail = "given", None
     if choose:
         vp = {u: probs.pop(u) for u in val.StudyInstanceUID}
-        thresholds, detail = choose_thresholds(vp, studies, pd.read_parquet(Layout(root).truth))
+        thresholds, detail = choose_thresholds(vp, studies, read_label_table(Layout(root).truth).frame)
         source = f"best slice F1 per vertebra on {len(vp)} boxed studies of validation fold {cfg.data.val_fold}"
     df = pseudo_table(probs, studies, mode=args.mode, thresholds=thresholds)
     out = args.out or Layout(root).root / "labels" / f"pseudo-{args.run.resolve().name}.parquet"
@@ -301,11 +287,11 @@ def run(args: argparse.Namespace) -> dict:
             "thresholds": None if thresholds is None else dict(zip(VERTEBRAE, map(float, thresholds))),
             "threshold_source": source if args.mode == "hard" else None, "threshold_detail": detail}
     write_table(out, df, meta)
-    slices = pd.read_parquet(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
+    slices = read_slice_table(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
     summary = {"table": str(out), **{k: meta[k] for k in ("run", "checkpoint", "mode", "thresholds",
                                                            "threshold_source")}, **summarize(df, slices)}
     if args.truth is not None:
-        summary["quality"] = quality(df, pd.read_parquet(args.truth))
+        summary["quality"] = quality(df, read_label_table(args.truth).frame)
     from shards.fsutil import atomic_write_json
 
     atomic_write_json(out.with_suffix(".summary.json"), summary)

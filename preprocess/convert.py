@@ -499,7 +499,7 @@ def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -
         tasks.append(StudyTask(
             uid=uid,
             cohort=row.cohort,
-            fractured=[v for v in range(1, 8) if getattr(row, f"C{v}") == 1],
+            fractured=[k for k, v in enumerate(L.VERTEBRAE, 1) if getattr(row, v) == 1],
             image_dir=str(ds.root / "train_images" / uid),
             seg_path=str(seg) if seg.exists() else None,
             boxes=b[["slice_number", "x", "y", "width", "height"]].to_numpy(float).tolist() if b is not None else [],

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.layout import TARGETS, Layout
+from shards.layout import Layout
+from shards.tables import LabelTable, label_frame, read_slice_table, write_label_table
 
 MARKER = "SYNTH_COMPLETE"  # preprocess.synth's completion marker (its JSON holds the generator's parameters)
 
@@ -48,7 +49,8 @@ def crack_truth(raw_dir: str | Path, shards_root: str | Path) -> pd.DataFrame:
     studies = params.pop("studies")
     seed = params.pop("seed")
     specs = {s.uid: s for s in study_specs(studies, seed, **params) if s.split == "train"}
-    slices = pd.read_parquet(Layout(Path(shards_root)).slices, columns=["slice_id", "StudyInstanceUID", "slice_number"])
+    slices = read_slice_table(Layout(Path(shards_root)).slices,
+                              columns=["slice_id", "StudyInstanceUID", "slice_number"])
     unknown = sorted(set(slices.StudyInstanceUID) - set(specs))
     if unknown:
         raise ValueError(f"{shards_root} holds studies the dataset in {raw_dir} does not generate "
@@ -58,10 +60,7 @@ def crack_truth(raw_dir: str | Path, shards_root: str | Path) -> pd.DataFrame:
         numbers = slices.slice_number.to_numpy()[rows]
         for v, files in specs[uid].cracked_files.items():
             y[rows, v - 1] = np.isin(numbers, files)
-    out = pd.DataFrame({"slice_id": slices.slice_id.to_numpy(np.int64)})
-    for k, t in enumerate(TARGETS[:7]):
-        out[t] = y[:, k]
-    out["any"] = y.max(axis=1)
+    out = label_frame(slices.slice_id.to_numpy(np.int64), np.concatenate([y, y.max(axis=1, keepdims=True)], axis=1))
     return out.sort_values("slice_id", ignore_index=True)
 
 
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"synth_truth: error: {e}", file=sys.stderr)
         return 2
-    from shards.fsutil import atomic_write_parquet
-
-    atomic_write_parquet(args.out, df)
+    write_label_table(args.out, LabelTable(df, {"source": "synthetic crack truth"}))
     print(f"{len(df)} slices, {int(df['any'].sum())} cracked -> {args.out}")
     return 0
 

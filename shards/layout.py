@@ -27,6 +27,8 @@ COHORTS: tuple[str, ...] = ("boxed", "negative", "positive-unboxed")
 VERTEBRAE: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 8))
 TARGETS: tuple[str, ...] = VERTEBRAE + ("any",)
 """The 8 slice targets, in label-table and model-output order; "any" is the OR of C1..C7."""
+ROW_TYPES: tuple[str, ...] = VERTEBRAE + ("patient_overall",)
+"""The 8 study labels of train.csv (study-table columns), in the competition's submission row order."""
 DROPPED_STUDIES: tuple[str, ...] = ("1.2.826.0.1.3680043.20574", "1.2.826.0.1.3680043.29952")
 """Broken scans left out by default: ...20574 (dropped by almost every public solution) and
 ...29952 (the 3rd place team drops it in every config; both are the competition discussion's
@@ -75,17 +77,25 @@ class Layout:
 
 
 def load_manifest(root: str | Path) -> dict:
-    """COMPATIBILITY, for engine/'s string-key reads until they move to the typed API: the manifest
-    as a plain dict, read and checked by :func:`shards.manifest.read_manifest` (so a missing
-    file, bad JSON or an unknown version fails the same way). New code uses ``read_manifest``."""
+    """COMPATIBILITY, kept only for the callers not yet converted to :func:`shards.manifest.read_manifest`:
+    engine/build.py, engine/infer.py, spinestream/predict.py (their owner converts them), and the tests
+    tests/test_convert.py, tests/test_pseudo.py, tests/test_trainer_config.py. Delete it (and
+    tests/test_manifest.py's compatibility test) once ``grep -rn load_manifest`` finds none of them;
+    tests/test_typed_reads.py's NOT_YET_CONVERTED lists the code ones.
+
+    The manifest as a plain dict, read and checked by ``read_manifest`` (so a missing file, bad JSON
+    or an unknown version fails the same way). New code uses ``read_manifest``."""
     from .manifest import read_manifest
 
     return read_manifest(root).to_dict()
 
 
 def select_shards(manifest: dict, cohorts=None, folds=None) -> list[dict]:
-    """COMPATIBILITY (dict manifests; see :meth:`shards.manifest.Manifest.select`): shard entries
-    for the given cohorts/folds (None = all); never empty."""
+    """COMPATIBILITY, no code calls it any more: only README.md's reading recipe still shows it (with
+    ``load_manifest``). Delete both once that recipe uses ``read_manifest(root).select(...)``.
+
+    Shard entries of a dict manifest for the given cohorts/folds (None = all); never empty
+    (see :meth:`shards.manifest.Manifest.select`)."""
     out = [
         s for s in manifest["shards"]
         if (cohorts is None or s["cohort"] in cohorts) and (folds is None or s["fold"] in folds)

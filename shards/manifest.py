@@ -78,6 +78,10 @@ class ShardEntry:
     bytes: int
     sha256: str
     index_sha256: str
+    oversample_of: str | None = None
+    """Never in a written manifest: the name of the manifest shard this entry re-reads, on the
+    in-memory copies positive oversampling adds to a selection (a subset ``.idx`` of that
+    shard; engine.loader.data.oversample_positives). None for the manifest's own entries."""
 
 
 @dataclass(kw_only=True)
@@ -163,8 +167,13 @@ class Manifest:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (what :func:`write_manifest` writes)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-ready dict (what :func:`write_manifest` writes); shard entries leave out
+        ``oversample_of`` (an in-memory marker, see :class:`ShardEntry`)."""
+        d = dataclasses.asdict(self)
+        for s in d["shards"]:
+            if s.get("oversample_of") is None:
+                s.pop("oversample_of", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest.json") -> Manifest:
@@ -229,6 +238,9 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
 
 def write_manifest(root: str | Path, manifest: Manifest) -> Path:
     """Write ``OUT/manifest.json`` atomically (sorted keys: the same manifest gives the same bytes)."""
+    views = [s.name for s in manifest.shards if s.oversample_of is not None]
+    if views:
+        raise ValueError(f"{views[:3]}: oversampled copies are views of a selection, not shards of a manifest")
     path = Layout(Path(root)).manifest
     atomic_write_json(path, manifest.to_dict())
     return path

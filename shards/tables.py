@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,10 +97,26 @@ def _write(path: str | Path, df: pd.DataFrame, metadata: dict[bytes, bytes] | No
     os.replace(tmp, path)
 
 
-def _read(path: str | Path, columns: tuple[Column, ...]) -> pd.DataFrame:
+def _read(path: str | Path, columns: tuple[Column, ...], only: Sequence[str] | None = None) -> pd.DataFrame:
+    """The table at ``path``, checked for the declared ``columns``; with ``only``, just those
+    (each one of the declared columns), in that order."""
     path = Path(path)
+    if only is not None:
+        names = [c.name for c in columns]
+        unknown = [c for c in only if c not in names]
+        if unknown:
+            raise ValueError(f"{path}: {unknown} are not columns of this table; it has {names}")
+        columns = tuple(c for c in columns if c.name in only)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table (is this a finished shard directory?)")
+    if only is not None:
+        import pyarrow.parquet as pq
+
+        have = set(pq.read_schema(path).names)
+        missing = [c for c in only if c not in have]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} (written by another spinestream version?)")
+        return pd.read_parquet(path, columns=list(only))
     df = pd.read_parquet(path)
     missing = [c.name for c in columns if c.name not in df.columns]
     if missing:
@@ -113,8 +129,9 @@ def write_study_table(path: str | Path, df: pd.DataFrame) -> None:
     _write(path, _cast(df, STUDY_COLUMNS, str(path)))
 
 
-def read_study_table(path: str | Path) -> pd.DataFrame:
-    return _read(path, STUDY_COLUMNS)
+def read_study_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The study table; ``columns``: read only these (of :data:`STUDY_COLUMNS`)."""
+    return _read(path, STUDY_COLUMNS, columns)
 
 
 def write_slice_table(path: str | Path, df: pd.DataFrame) -> None:
@@ -125,8 +142,9 @@ def write_slice_table(path: str | Path, df: pd.DataFrame) -> None:
     _write(path, out)
 
 
-def read_slice_table(path: str | Path) -> pd.DataFrame:
-    return _read(path, SLICE_COLUMNS)
+def read_slice_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The slice table; ``columns``: read only these (of :data:`SLICE_COLUMNS`)."""
+    return _read(path, SLICE_COLUMNS, columns)
 
 
 # --------------------------------------------------------------------------- label tables
@@ -178,14 +196,17 @@ def write_label_table(path: str | Path, table: LabelTable) -> None:
 
 
 def read_label_table(path: str | Path) -> LabelTable:
-    """Read a label table written by :func:`write_label_table` (metadata {} when it has none)."""
+    """Read a label table (metadata {} when it has none).
+
+    :func:`write_label_table` writes the targets as uint8 or float32; a table made elsewhere
+    (pandas' ``to_parquet`` writes float64) reads too as long as its targets are numeric."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     df = _read(path, (Column("slice_id", "int64"), *(Column(t, "uint8") for t in TARGETS)))
-    bad = [t for t in TARGETS if str(df[t].dtype) not in TARGET_DTYPES]
+    bad = [t for t in TARGETS if not (pd.api.types.is_numeric_dtype(df[t]) or pd.api.types.is_bool_dtype(df[t]))]
     if bad:
-        raise ValueError(f"{path}: target column(s) {bad} are not uint8 or float32")
+        raise ValueError(f"{path}: target column(s) {bad} are not numeric")
     raw = (pq.read_schema(path).metadata or {}).get(LABEL_METADATA_KEY)
     return LabelTable(df, json.loads(raw) if raw else {})
 

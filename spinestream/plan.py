@@ -30,6 +30,7 @@ import yaml
 
 from shards.config import format_value, load_config, to_dict
 from shards.fsutil import atomic_write_bytes
+from shards.layout import Layout
 
 from .config import EvaluateStage, PipelineConfig, TrainStage
 from .stages import Stage, StageError, fingerprint
@@ -80,8 +81,9 @@ def dataset_fp(data: Path) -> dict:
 
 
 def shards_fp(shards: Path) -> dict:
-    return {f: fingerprint(shards / f) for f in ("manifest.json", "studies.parquet", "slices.parquet",
-                                                 "labels/truth.parquet")}
+    lay = Layout(shards)
+    return {p.relative_to(shards).as_posix(): fingerprint(p) for p in (lay.manifest, lay.studies, lay.slices,
+                                                                       lay.truth)}
 
 
 def files_fp(d: Path) -> dict:
@@ -169,7 +171,7 @@ def _shard(name, cfg, paths, configs, verb, workers) -> Stage:
         call(verb, argv)  # resumable: a rerun skips committed studies
 
     return Stage(name, run, lambda: {"config": to_dict(sc), "dataset": dataset_fp(data), "limit": cfg.shard.limit},
-                 outputs=[paths.shards], required=[paths.shards / "manifest.json"])
+                 outputs=[paths.shards], required=[Layout(paths.shards).manifest])
 
 
 def _verify(name, cfg, paths, configs, verb, workers) -> Stage:

@@ -21,10 +21,9 @@ import statistics
 from pathlib import Path
 
 from shards.fsutil import atomic_write_bytes, atomic_write_json
+from shards.layout import ROW_TYPES, Layout
 
 from .stages import read_record
-
-ROW_TYPES = [f"C{i}" for i in range(1, 8)] + ["patient_overall"]
 
 
 def _missing(path: Path) -> dict:
@@ -46,13 +45,14 @@ def recompute_scores(eval_dir: Path, shards: Path, fold: int) -> dict:
     import pandas as pd
 
     from engine.metrics import score_submission, solution_from_train, submission_frame
+    from shards.tables import read_study_table
 
-    studies = pd.read_parquet(shards / "studies.parquet")
+    studies = read_study_table(Layout(shards).studies, columns=["StudyInstanceUID", "fold", *ROW_TYPES])
     sub = pd.read_csv(eval_dir / "submission.csv")
     uids = sub.row_id.str.extract(r"^(.+)_(?:C[1-7]|patient_overall)$")[0].unique()  # uids hold dots, not "_"
     chosen = studies.set_index("StudyInstanceUID").loc[uids].reset_index()
     solution = solution_from_train(chosen[["StudyInstanceUID", *ROW_TYPES]])
-    prev = studies[studies.fold != fold][ROW_TYPES].mean().to_numpy(dtype=float)
+    prev = studies[studies.fold != fold][list(ROW_TYPES)].mean().to_numpy(dtype=float)
     baseline = score_submission(solution, submission_frame({u: prev for u in uids}))
     return {"competition_loss": score_submission(solution, sub), "constant_baseline": baseline,
             "studies": len(uids), "source": f"recomputed from {eval_dir / 'submission.csv'} and the study labels"}
@@ -71,7 +71,7 @@ def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path) -> 
         scores = {k: summary.get(k) for k in ("competition_loss", "constant_baseline", "studies", "accuracy")}
         scores["rule"] = summary.get("rule", rule)
         scores["source"] = str(eval_dir / "summary.json")
-    elif (eval_dir / "submission.csv").is_file() and (shards / "studies.parquet").is_file():
+    elif (eval_dir / "submission.csv").is_file() and Layout(shards).studies.is_file():
         scores = recompute_scores(eval_dir, shards, fold)
     else:
         scores = {"competition_loss": None, "constant_baseline": None, **_missing(eval_dir / "submission.csv")}

@@ -13,7 +13,9 @@ import torch
 
 from engine.loader import LabelTable, LoaderConfig, build_loader, select
 from engine.loader.config import AugmentConfig
-from shards.layout import TARGETS, load_manifest
+from shards.layout import TARGETS, Layout
+from shards.manifest import read_manifest
+from shards.tables import read_label_table, read_study_table
 from shards.sample import decode_jpeg
 from shards.wds import ShardError, iter_samples
 
@@ -67,7 +69,7 @@ def test_every_sample_once_across_two_ranks(backend, labelled):
 def test_targets_come_from_the_label_table(backend, labelled, shards):
     _need(backend)
     sel, labels = labelled
-    truth = pd.read_parquet(shards / "labels" / "truth.parquet").set_index("slice_id")
+    truth = read_label_table(Layout(shards).truth).frame.set_index("slice_id")
     loader = build_loader(sel, labels, _cfg(backend))
     n_pos = 0
     for b in loader:
@@ -84,7 +86,7 @@ def test_augmentation_off_gives_the_decoded_image(backend, labelled, shards):
     cfg = _cfg(backend, augment=AugmentConfig().off())
     ref = {}
     for s in sel.shards[:2]:
-        ref.update(iter_samples(shards / s["path"]))
+        ref.update(iter_samples(shards / s.path))
     loader = build_loader(sel, labels, cfg)
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
@@ -167,17 +169,16 @@ def test_bad_input_is_a_clear_error(backend, shards, tmp_path):
         select(shards, cohorts=["boxes"])
     out = tmp_path / "copy"
     shutil.copytree(shards, out)
-    m = load_manifest(out)
-    victim = next(s for s in m["shards"] if s["cohort"] == "negative")
-    tar = out / victim["path"]
+    victim = next(s for s in read_manifest(out).shards if s.cohort == "negative")
+    tar = out / victim.path
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     with pytest.raises(ShardError, match=tar.name):
         select(out, cohorts=["negative"])
     tar.unlink()
     with pytest.raises(ShardError, match=tar.name):
         select(out, cohorts=["negative"])
-    shutil.copy(shards / victim["path"], tar)
-    (out / victim["index"]).unlink()
+    shutil.copy(shards / victim.path, tar)
+    (out / victim.index).unlink()
     with pytest.raises(ShardError, match="missing"):
         select(out, cohorts=["negative"])
     other = tmp_path / "other.parquet"
@@ -203,9 +204,9 @@ def test_positive_oversampling_reads_positives_k_times(backend, labelled, tmp_pa
     assert set(counts.index) == set(ids.tolist())
     assert (counts.loc[ids[pos]] == 3).all() and (counts.loc[ids[~pos]] == 1).all()
     # the shard set is untouched: the extra reads come from subset indexes in tmp_path
-    views = [i for s, i in zip(over.shards, over.indexes) if s.get("oversample_of")]
+    views = [i for s, i in zip(over.shards, over.indexes) if s.oversample_of is not None]
     assert views and all(i.startswith(str(tmp_path.resolve())) for i in views)
-    assert [i for s, i in zip(over.shards, over.indexes) if not s.get("oversample_of")] == sel.indexes
+    assert [i for s, i in zip(over.shards, over.indexes) if s.oversample_of is None] == sel.indexes
     assert over.oversampled == 2 * int(pos.sum()) and sel.oversampled == 0
     with pytest.raises(ValueError, match=">= 1"):
         oversample_positives(sel, labels, 0, tmp_path)
@@ -228,7 +229,7 @@ def test_study_reader_walks_whole_studies_like_the_training_loader(labelled, sha
     for b in build_loader(sel, labels, cfg):
         for k, sid in enumerate(b.slice_ids.tolist()):
             seen[sid] = b.images[k]
-    studies = pd.read_parquet(shards / "studies.parquet")
+    studies = read_study_table(Layout(shards).studies)
     fold0 = studies[(studies.fold == 0) & studies.cohort.isin(["boxed", "negative"])]
     reader = StudyReader(shards, cfg, folds=[0], cohorts=["boxed", "negative"])
     got_ids, per_study = [], {}

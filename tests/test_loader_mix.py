@@ -20,6 +20,7 @@ import torch
 from engine.loader import LabelTable, LoaderConfig, build_loader
 from engine.loader.config import AugmentConfig
 from engine.loader.data import Selection
+from shards.manifest import ShardEntry
 from shards.sample import encode_jpeg
 from shards.wds import ShardWriter
 
@@ -54,8 +55,9 @@ def _selection(root: Path, groups: list[list[int]]) -> tuple[Selection, np.ndarr
                     w.add(sid, jpg)
                     sid += 1
                 info = w.close()
-            shards.append({"name": name, "path": f"{name}.tar", "index": f"{name}.idx", "samples": info.samples,
-                           "bytes": info.bytes, "cohort": f"g{g}", "fold": 0})
+            shards.append(ShardEntry(name=name, path=f"{name}.tar", index=f"{name}.idx", samples=info.samples,
+                                     bytes=info.bytes, cohort=f"g{g}", fold=0, sha256=info.sha256,
+                                     index_sha256=info.index_sha256))
             group_of += [g] * size
     return Selection(root, tuple(f"g{g}" for g in range(len(groups))), None, shards, sid, SIZE), np.array(group_of)
 

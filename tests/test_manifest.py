@@ -86,3 +86,18 @@ def test_the_compatibility_dict_has_every_key_engine_reads(shards):
     for s in m["shards"]:
         assert {"name", "path", "index", "samples", "bytes", "cohort", "fold", "sha256", "index_sha256"} <= set(s)
     assert m["warnings"] == [] and m["counts"]["warnings"] == 0
+
+
+def test_an_oversampled_copy_is_a_view_never_written(tmp_path):
+    """oversample_of marks the in-memory copies a loader selection adds; a written manifest has no such
+    key (its bytes are as before) and refuses entries that carry one."""
+    import dataclasses
+
+    m = _manifest()
+    path = write_manifest(tmp_path, m)
+    assert "oversample_of" not in path.read_text()
+    assert read_manifest(tmp_path).shards[0].oversample_of is None
+    view = dataclasses.replace(m.shards[0], name="boxed-f0-0000+pos1", oversample_of="boxed-f0-0000")
+    assert view.oversample_of == "boxed-f0-0000" and view != m.shards[0]
+    with pytest.raises(ValueError, match="oversampled copies"):
+        write_manifest(tmp_path / "bad", dataclasses.replace(m, shards=[m.shards[0], view]))

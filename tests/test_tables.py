@@ -46,6 +46,13 @@ def test_study_and_slice_tables_round_trip_with_their_dtypes(tmp_path):
     slices.drop(columns="z").to_parquet(tmp_path / "old.parquet")
     with pytest.raises(ValueError, match=r"old\.parquet: missing column\(s\) \['z'\]"):
         read_slice_table(tmp_path / "old.parquet")
+    # reading some columns only: they are checked like the whole table
+    part = read_slice_table(tmp_path / "slices.parquet", columns=["slice_id", "cohort"])
+    assert list(part.columns) == ["slice_id", "cohort"] and part.slice_id.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"old\.parquet: missing column\(s\) \['z'\]"):
+        read_slice_table(tmp_path / "old.parquet", columns=["slice_id", "z"])
+    with pytest.raises(ValueError, match=r"\['slices'\] are not columns of this table"):
+        read_study_table(tmp_path / "studies.parquet", columns=["StudyInstanceUID", "slices"])
 
 
 def test_label_table_round_trip_with_extras_and_metadata(tmp_path):
@@ -70,6 +77,13 @@ def test_label_table_round_trip_with_extras_and_metadata(tmp_path):
     # a plain parquet without the metadata still reads (metadata {})
     hard.to_parquet(tmp_path / "plain.parquet", index=False)
     assert read_label_table(tmp_path / "plain.parquet").metadata == {}
+    # a table pandas made (float64 targets) reads; text targets do not
+    floats = pd.DataFrame({"slice_id": [0, 1], **{t: [0.0, 0.5] for t in TARGETS}})
+    floats.to_parquet(tmp_path / "float64.parquet", index=False)
+    assert read_label_table(tmp_path / "float64.parquet").frame["any"].tolist() == [0.0, 0.5]
+    floats.astype({"C3": str}).to_parquet(tmp_path / "text.parquet", index=False)
+    with pytest.raises(ValueError, match=r"\['C3'\] are not numeric"):
+        read_label_table(tmp_path / "text.parquet")
 
 
 def test_volume_attrs_and_affine_round_trip(tmp_path):

@@ -14,11 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from shards.layout import COHORTS, TARGETS, Layout, load_manifest
+from shards.layout import COHORTS, TARGETS, Layout
+from shards.manifest import ShardEntry, read_manifest
+from shards.tables import read_label_table, read_slice_table
 from shards.wds import ShardError, read_index, write_subset_index
+
+
+class SelectedShard(ShardEntry):
+    """A manifest :class:`~shards.manifest.ShardEntry` in a :class:`Selection` (read its fields as
+    attributes: ``s.samples``, ``s.cohort``, ``s.oversample_of``).
+
+    COMPATIBILITY: ``s["samples"]`` / ``s.get("oversample_of")`` still work for the readers not yet
+    converted to attributes (engine/build.py, engine/train.py, tests/test_pseudo.py,
+    tests/test_trainer_config.py when this was written); delete ``__getitem__`` and ``get`` (and
+    use ShardEntry itself) once they read attributes."""
+
+    def __getitem__(self, key: str):
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
+
+def _selected(s: ShardEntry) -> SelectedShard:
+    return SelectedShard(**{f.name: getattr(s, f.name) for f in dataclasses.fields(ShardEntry)})
 
 
 @dataclass
@@ -28,34 +52,34 @@ class Selection:
     root: Path
     cohorts: tuple[str, ...]
     folds: tuple[int, ...] | None
-    shards: list[dict]  # manifest entries
+    shards: list[ShardEntry]  # manifest entries (SelectedShard), then any oversampled copies
     n_total: int  # slices in the whole shard set (the label table's length)
     image_size: int  # side of the shard images
 
     @property
     def tars(self) -> list[str]:
-        return [str(self.root / s["path"]) for s in self.shards]
+        return [str(self.root / s.path) for s in self.shards]
 
     @property
     def indexes(self) -> list[str]:
-        return [str(self.root / s["index"]) for s in self.shards]
+        return [str(self.root / s.index) for s in self.shards]
 
     @property
     def samples(self) -> int:
-        return sum(int(s["samples"]) for s in self.shards)
+        return sum(s.samples for s in self.shards)
 
     @property
     def oversampled(self) -> int:
         """Extra reads per epoch added by :func:`oversample_positives` (0 without it)."""
-        return sum(int(s["samples"]) for s in self.shards if s.get("oversample_of"))
+        return sum(s.samples for s in self.shards if s.oversample_of is not None)
 
     def records(self) -> dict[str, np.ndarray]:
         """Every sample's (shard number, jpg offset, jpg size, slice_id), from the ``.idx`` files."""
         shard, off, size, sid = [], [], [], []
         for k, (s, idx) in enumerate(zip(self.shards, self.indexes)):
             entries = read_index(idx)
-            if len(entries) != s["samples"]:
-                raise ShardError(f"{idx}: {len(entries)} samples, manifest says {s['samples']}")
+            if len(entries) != s.samples:
+                raise ShardError(f"{idx}: {len(entries)} samples, manifest says {s.samples}")
             for comps in entries:
                 jpg = next((c for c in comps if c[0] == "jpg"), None)
                 if jpg is None:
@@ -75,33 +99,33 @@ def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequen
            exclude_folds: Sequence[int] | None = None) -> Selection:
     """Choose shard groups; every chosen tar and index must exist. Never returns an empty selection."""
     root = Path(root)
-    m = load_manifest(root)
+    m = read_manifest(root)
     cohorts = tuple(cohorts) if cohorts else COHORTS
     unknown = [c for c in cohorts if c not in COHORTS]
     if unknown:
         raise ValueError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
     chosen = [
-        s for s in m["shards"]
-        if s["cohort"] in cohorts
-        and (folds is None or s["fold"] in folds)
-        and (exclude_folds is None or s["fold"] not in exclude_folds)
+        _selected(s) for s in m.shards
+        if s.cohort in cohorts
+        and (folds is None or s.fold in folds)
+        and (exclude_folds is None or s.fold not in exclude_folds)
     ]
     what = f"cohorts {list(cohorts)}" + (f", folds {list(folds)}" if folds is not None else "") + (
         f", excluding folds {list(exclude_folds)}" if exclude_folds else "")
     if not chosen:
         raise ValueError(f"{root}: no shards for {what} (the manifest has groups "
-                         f"{sorted({(s['cohort'], s['fold']) for s in m['shards']})})")
+                         f"{sorted({(s.cohort, s.fold) for s in m.shards})})")
     for s in chosen:
-        for key in ("path", "index"):
-            p = root / s[key]
+        for rel in (s.path, s.index):
+            p = root / rel
             if not p.is_file():
                 raise ShardError(f"{p}: listed in the manifest but missing (run `spinestream verify {root}`)")
-        size = (root / s["path"]).stat().st_size
-        if size != s["bytes"]:
-            raise ShardError(f"{root / s['path']}: {size} bytes, the manifest says {s['bytes']} "
+        size = (root / s.path).stat().st_size
+        if size != s.bytes:
+            raise ShardError(f"{root / s.path}: {size} bytes, the manifest says {s.bytes} "
                              f"(truncated or replaced; run `spinestream verify {root}`)")
     return Selection(root, cohorts, tuple(folds) if folds is not None else None, chosen,
-                     int(m["counts"]["slices"]), int(m["image"]["size"]))
+                     m.counts.slices, m.image.size)
 
 
 def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_dir: str | Path,
@@ -124,17 +148,17 @@ def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     rec = sel.records()  # samples shard by shard, each in index order
     positive = (labels[torch.from_numpy(rec["slice_id"])][:, -1] >= threshold).numpy()
-    per_shard = np.split(positive, np.cumsum([int(s["samples"]) for s in sel.shards])[:-1])
-    shards: list[dict] = []
+    per_shard = np.split(positive, np.cumsum([s.samples for s in sel.shards])[:-1])
+    shards: list[ShardEntry] = []
     for s, idx, pos in zip(sel.shards, sel.indexes, per_shard):
         shards.append(s)
         if not pos.any():
             continue
-        dst = out_dir / f"{s['name']}.pos.idx"
+        dst = out_dir / f"{s.name}.pos.idx"
         n = write_subset_index(idx, dst, pos)
-        view = {k: v for k, v in s.items() if k != "index_sha256"}  # the subset index is not the manifest's
-        shards += [{**view, "name": f"{s['name']}+pos{r}", "index": str(dst.resolve()), "samples": n,
-                    "oversample_of": s["name"]} for r in range(1, factor)]
+        # the subset index is not the manifest's: no index_sha256 for it
+        shards += [dataclasses.replace(s, name=f"{s.name}+pos{r}", index=str(dst.resolve()), samples=n,
+                                       index_sha256="", oversample_of=s.name) for r in range(1, factor)]
     return dataclasses.replace(sel, shards=shards)
 
 
@@ -155,16 +179,13 @@ class LabelTable:
         """
         root = Path(root)
         if n_total is None:
-            n_total = int(load_manifest(root)["counts"]["slices"])
+            n_total = read_manifest(root).counts.slices
         out = torch.full((n_total, len(TARGETS)), float("nan"), dtype=torch.float32)
         for t in tables:
             path = Path(t) if Path(t).is_absolute() else root / t
             if not path.is_file():
                 raise FileNotFoundError(f"label table {path} does not exist")
-            df = pd.read_parquet(path)
-            missing = [c for c in ("slice_id", *TARGETS) if c not in df.columns]
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}")
+            df = read_label_table(path).frame  # names a missing column
             ids = df.slice_id.to_numpy(np.int64)
             if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
                 raise ValueError(f"{path}: slice_ids outside 0..{n_total - 1}; this table belongs to another shard set")
@@ -183,7 +204,7 @@ class LabelTable:
         ids = torch.from_numpy(sel.slice_ids())
         missing = torch.isnan(self.targets[ids, 0])
         if missing.any():
-            slices = pd.read_parquet(Layout(sel.root).slices, columns=["slice_id", "cohort"]).set_index("slice_id")
+            slices = read_slice_table(Layout(sel.root).slices, columns=["slice_id", "cohort"]).set_index("slice_id")
             bad_ids = ids[missing].numpy()
             by = slices.loc[bad_ids, "cohort"].value_counts().to_dict()
             raise ValueError(

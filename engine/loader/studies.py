@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.layout import Layout, load_manifest
+from shards.layout import Layout
+from shards.manifest import read_manifest
+from shards.tables import read_study_table
 from shards.sample import neighbour_index, sample_image
-from shards.volumes import open_volume
+from shards.volumes import open_volume, read_attrs
 
 from .augment import normalize
 from .config import LoaderConfig, torch_dtype
@@ -40,8 +41,8 @@ class StudyReader:
     def __init__(self, root: str | Path, cfg: LoaderConfig, *, folds: Sequence[int] | None = None,
                  cohorts: Sequence[str] | None = None, studies: Sequence[str] | None = None, device="cpu"):
         self.root, self.cfg, self.device = Path(root), cfg, torch.device(device)
-        self.manifest = load_manifest(self.root)
-        table = pd.read_parquet(Layout(self.root).studies)
+        self.manifest = read_manifest(self.root)
+        table = read_study_table(Layout(self.root).studies)
         if studies is not None:
             unknown = sorted(set(studies) - set(table.StudyInstanceUID))
             if unknown:
@@ -60,15 +61,17 @@ class StudyReader:
 
     def volume(self, study: str) -> tuple[np.ndarray, np.ndarray, int]:
         """(uint8 volume, (Z, 3) neighbour index or None, slice_id offset) of one study."""
-        vol = open_volume(Layout(self.root).volumes, study)
-        arr = vol[...]
-        img = self.manifest["image"]
-        nbr = neighbour_index(np.asarray(vol.attrs["z"]), img["offset_mm"]) if img["channels"] == "neighbours" else None
-        return arr, nbr, int(vol.attrs["slice_id_offset"])
+        volumes = Layout(self.root).volumes
+        arr = open_volume(volumes, study)[...]
+        attrs, img = read_attrs(volumes / study), self.manifest.image
+        nbr = neighbour_index(np.asarray(attrs.z), img.offset_mm) if img.channels == "neighbours" else None
+        if attrs.slice_id_offset is None:
+            raise ValueError(f"{volumes / study}: the volume has no slice_id_offset (its shard job did not finish)")
+        return arr, nbr, attrs.slice_id_offset
 
     def __iter__(self) -> Iterator[StudyBatch]:
         cfg, dev = self.cfg, self.device
-        channels = self.manifest["image"]["channels"]
+        channels = self.manifest.image.channels
         for uid in self.table.StudyInstanceUID:
             arr, nbr, offset = self.volume(uid)
             n = arr.shape[0]
