@@ -25,14 +25,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.layout import TARGETS
+from shards.layout import ROW_TYPES, TARGETS, VERTEBRAE
 
 __all__ = ["EPS", "ROW_TYPES", "RULES", "TARGETS", "VERTEBRAE", "classification_report", "constant_baseline",
            "row_weights", "score_submission", "slice_loss_weights", "solution_from_train", "study_probabilities",
            "submission_frame", "weighted_bce"]
 
-VERTEBRAE = TARGETS[:7]  # C1..C7
-ROW_TYPES = (*VERTEBRAE, "patient_overall")
 RULES = ("max", "mean_top_k", "quantile", "noisy_or")
 EPS = 1e-15  # the clipping of the public re-implementations
 

@@ -39,11 +39,9 @@ NOT_YET_CONVERTED: dict[str, set[str]] = {
 """File -> the kinds of string-key read it still has (see :func:`reads`)."""
 
 NOT_YET_POINTED: dict[str, set[str]] = {
-    "engine/metrics.py": {"VERTEBRAE", "ROW_TYPES"},
     "engine/trainer.py": {"C1..C7"},
     "engine/infer.py": {"C1..C7"},
     "spinestream/predict.py": {"ROW_TYPES", "C1..C7"},
-    "preprocess/synth/spec.py": {"VERTEBRAE", "C1..C7"},
 }
 """File -> the constants it still defines itself instead of importing them from shards.layout."""
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from shards.layout import ROW_TYPES, VERTEBRAE
+
 from .config import CRACK_WIDTH_MM, SynthConfig
 
 UID_ROOT = "1.2.826.0.1.3680043."  # the competition's UID prefix
-VERTEBRAE = tuple(f"C{k}" for k in range(1, 8))
-PREDICTION_TYPES = (*VERTEBRAE, "patient_overall")
+PREDICTION_TYPES = ROW_TYPES
 #: share of studies per syntax in a "mixed" dataset (the real shares are unpublished;
 #: most real files are uncompressed, a minority JPEG Lossless / JPEG 2000)
 MIXED_SHARES: dict[str, float] = {"explicit": 0.55, "jpeg-lossless": 0.20, "j2k": 0.15, "rle": 0.10}
@@ -111,7 +112,7 @@ class StudySpec:
     def labels(self) -> dict[str, int]:
         """train.csv's row: patient_overall and C1..C7 (0/1)."""
         row = {"patient_overall": int(bool(self.fractured))}
-        row.update({f"C{k}": int(k in self.fractured) for k in range(1, 8)})
+        row.update({v: int(k in self.fractured) for k, v in enumerate(VERTEBRAE, start=1)})
         return row
 
     def file_number(self, z: int) -> int:
