@@ -41,7 +41,7 @@ export OUT WORK DRY_RUN START PYTHON="$PY"
 
 if [ "$DRY_RUN" = 1 ]; then
   # the CPU has no fast half precision (fp16/bf16 autocast crawls there): fp32, float32 batches
-  : "${PRECISIONS:=fp32}" "${LAYOUTS:=cl nocl}" "${STEPS:=2}" "${WARMUP:=1}" "${STUDIES:=6}"
+  : "${PRECISIONS:=fp32}" "${LAYOUTS:=cl nocl}" "${STEPS:=2}" "${WARMUP:=1}" "${STUDIES:=16}"
   SIZE=64 SLICES=12:16 SHARD_SAMPLES=32
   TRAIN_SET=(--set model.name=test_efficientnet --set loader.image_size=64 --set train.device=cpu
              --set loader.batch_size=4 --set loader.dtype=float32 --set loader.num_threads=1)
