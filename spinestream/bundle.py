@@ -105,7 +105,7 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
     from engine.config import RunConfig
     from shards.config import load_config
 
-    from .predict import SPEC_FILE
+    from shards.spec import SPEC_FILE
 
     names = [Path(r).resolve().name for r in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
@@ -131,7 +131,7 @@ def write_runs(run_dirs: list[Path], out: Path) -> None:
     from engine.config import RunConfig
     from shards.config import load_config
 
-    from .predict import ShardSpec
+    from shards.spec import ShardSpec
 
     for src, dst, _ in run_files(run_dirs):
         (out / dst).parent.mkdir(parents=True, exist_ok=True)

@@ -47,85 +47,10 @@ from preprocess.config import ShardConfig
 from preprocess.dicom import DicomError, read_series
 from preprocess.errors import DataWarning
 from preprocess.window import make_slice_fn
-from shards.fsutil import atomic_write_bytes, atomic_write_json
-from shards.layout import Layout, load_manifest
+from shards.fsutil import atomic_write_bytes
+from shards.layout import ROW_TYPES
 from shards.sample import neighbour_index
-
-SPEC_FILE = "shard_spec.json"
-ROW_TYPES = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall")  # = engine.metrics.ROW_TYPES
-SPEC_KEYS = ("size", "channels", "windows", "offset_mm")  # what an ensemble's runs must share
-
-
-# --------------------------------------------------------------------------- the run's image spec
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What predict needs of the shard set a run trained on, small enough to live in the run dir.
-
-    ``config``: the shard job's ``ShardConfig`` fields (manifest ``config``); ``image``: the
-    manifest's image spec; ``prevalence``: per row type (C1..C7, patient_overall), the share of
-    positive studies among the shard set's studies (the fill for studies that cannot be read);
-    ``source``: where it was read from (named in messages).
-    """
-
-    config: dict
-    image: dict
-    prevalence: dict[str, float]
-    source: str = ""
-
-    @classmethod
-    def from_shards(cls, root: str | Path) -> ShardSpec:
-        """The spec of a finished shard directory (its manifest and studies table)."""
-        lay = Layout(Path(root))
-        m = load_manifest(root)
-        studies = pd.read_parquet(lay.studies, columns=list(ROW_TYPES))
-        if studies.empty:
-            raise ValueError(f"{lay.studies}: no studies, so no training prevalence")
-        prev = {t: float(studies[t].mean()) for t in ROW_TYPES}
-        return cls(config=m["config"], image=m["image"], prevalence=prev, source=str(lay.root))
-
-    def save(self, run_dir: str | Path) -> Path:
-        """Write ``RUN_DIR/shard_spec.json`` atomically (the trainer's copy for predict)."""
-        path = Path(run_dir) / SPEC_FILE
-        atomic_write_json(path, {"format": "spinestream-shard-spec", "version": 1, "config": self.config,
-                                 "image": self.image, "prevalence": self.prevalence})
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ShardSpec:
-        import json
-
-        path = Path(path)
-        d = json.loads(path.read_text())
-        if d.get("format") != "spinestream-shard-spec" or d.get("version") != 1:
-            raise ValueError(f"{path}: not a spinestream shard spec (format/version {d.get('format')}, "
-                             f"{d.get('version')})")
-        missing = [t for t in ROW_TYPES if t not in d["prevalence"]]
-        if missing:
-            raise ValueError(f"{path}: prevalence lacks {missing}")
-        return cls(config=d["config"], image=d["image"], prevalence={t: float(d["prevalence"][t]) for t in ROW_TYPES},
-                   source=str(path))
-
-    def shard_config(self) -> ShardConfig:
-        """The shard job's config, as ``convert.process_study`` rebuilds it in each worker."""
-        return _shard_config(self.config)
-
-    def key(self) -> dict:
-        """The part that decides the model's input images (an ensemble must agree on it)."""
-        return {k: self.image[k] for k in SPEC_KEYS}
-
-
-def run_shard_spec(run_dir: str | Path, data_root: str | Path) -> ShardSpec:
-    """``RUN_DIR/shard_spec.json`` if the run has one, else the spec of its ``data.root``."""
-    own = Path(run_dir) / SPEC_FILE
-    if own.is_file():
-        return ShardSpec.load(own)
-    if not Layout(Path(data_root)).manifest.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {SPEC_FILE} and its data.root {data_root} has no manifest.json; "
-                                f"predict needs the image spec the run trained on (write it with "
-                                f"ShardSpec.from_shards(SHARDS).save(RUN_DIR) where the shards are)")
-    return ShardSpec.from_shards(data_root)
+from shards.spec import ShardSpec, run_shard_spec
 
 
 # --------------------------------------------------------------------------- decoding (worker processes)
@@ -168,6 +93,11 @@ def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
 
 def _shard_config(d: dict) -> ShardConfig:
     return ShardConfig(**{k: (tuple(tuple(w) for w in v) if k == "windows" else v) for k, v in d.items()})
+
+
+def shard_config(spec: ShardSpec) -> ShardConfig:
+    """The shard job's config of a run's spec, as ``convert.process_study`` rebuilds it in each worker."""
+    return _shard_config(spec.config)
 
 
 def _decode_task(args: tuple[str, str, dict]) -> Decoded:
@@ -221,8 +151,8 @@ def study_volume(d: Decoded, spec: ShardSpec):
     """A decoded study as ``engine.infer.StudyVolume`` (neighbour index from its z, as the shard job)."""
     from engine.infer import StudyVolume
 
-    channels = spec.image["channels"]
-    nbr = neighbour_index(d.z, float(spec.image["offset_mm"])) if channels == "neighbours" else None
+    channels = spec.image.channels
+    nbr = neighbour_index(d.z, float(spec.image.offset_mm)) if channels == "neighbours" else None
     return StudyVolume(d.uid, d.volume, nbr, channels, slice_id_offset=-1)  # -1: not from a shard set
 
 
@@ -336,7 +266,7 @@ def predict_study_probs(runs: Sequence[Run], studies: Sequence[tuple[str, Path]]
     stats = {"studies": len(studies), "slices": 0, "bad_files": 0, "unreadable_studies": [], "decode_s": 0.0}
     with decoding_pool(min(workers, len(studies))) as pool:
         t0 = time.perf_counter()
-        _run_studies(runs, decoded_studies(studies, spec.shard_config(), pool, ahead=workers + prefetch),
+        _run_studies(runs, decoded_studies(studies, shard_config(spec), pool, ahead=workers + prefetch),
                      rule, prev, out, stats, progress)
     stats["seconds"] = time.perf_counter() - t0
     return out, stats

@@ -1,0 +1,102 @@
+"""``RUN_DIR/shard_spec.json``: what a trained run needs of its shard set once the shards are gone.
+
+A run's model only makes sense on images made the way its shards were (windows, image size,
+2.5D neighbours), and a study that cannot be read is predicted with the training prevalence.
+The trainer copies both into the run directory, so ``spinestream predict`` (on Kaggle, with no
+shards) rebuilds the same inputs from raw DICOM::
+
+    spec = ShardSpec.from_shards("shards-512")     # the manifest's config and image spec + prevalence
+    spec.save(run_dir)                               # RUN_DIR/shard_spec.json, atomically
+    spec = ShardSpec.load(run_dir / SPEC_FILE)      # format and version checked
+
+Writer beside reader, as for the rest of the contract (manifest.py, tables.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write_json
+from .layout import ROW_TYPES, Layout
+from .manifest import ImageSpec, ManifestError, _parse, read_manifest
+from .tables import read_study_table
+
+SPEC_FILE = "shard_spec.json"
+SPEC_FORMAT = "spinestream-shard-spec"
+SPEC_VERSION = 1
+SPEC_KEYS = ("size", "channels", "windows", "offset_mm")
+"""The image-spec fields that decide a model's input images (an ensemble's runs must agree on them)."""
+
+__all__ = ["SPEC_FILE", "SPEC_KEYS", "ShardSpec", "run_shard_spec"]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """The shard job's resolved config (manifest ``config``), its image spec, and per row type
+    (C1..C7, patient_overall) the share of positive studies in the shard set. ``source``: where it
+    was read from (named in messages)."""
+
+    config: dict[str, Any]
+    image: ImageSpec
+    prevalence: dict[str, float]
+    source: str = ""
+
+    @classmethod
+    def from_shards(cls, root: str | Path) -> ShardSpec:
+        """The spec of a finished shard directory (its manifest and study table)."""
+        lay = Layout(Path(root))
+        m = read_manifest(root)
+        studies = read_study_table(lay.studies, columns=list(ROW_TYPES))
+        if studies.empty:
+            raise ValueError(f"{lay.studies}: no studies, so no training prevalence")
+        prev = {t: float(studies[t].mean()) for t in ROW_TYPES}
+        return cls(config=dict(m.config), image=m.image, prevalence=prev, source=str(lay.root))
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``RUN_DIR/shard_spec.json`` atomically."""
+        path = Path(run_dir) / SPEC_FILE
+        atomic_write_json(path, {"format": SPEC_FORMAT, "version": SPEC_VERSION, "config": self.config,
+                                 "image": dataclasses.asdict(self.image), "prevalence": self.prevalence})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShardSpec:
+        """Read a ``shard_spec.json``; a file of another format or version, or one that lacks a field, is an
+        error naming the file."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e}); delete it and rerun, or copy it again") from None
+        if not isinstance(d, dict) or d.get("format") != SPEC_FORMAT or d.get("version") != SPEC_VERSION:
+            got = (d.get("format"), d.get("version")) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{path}: not a {SPEC_FORMAT} version {SPEC_VERSION} file (got {got})")
+        missing = [k for k in ("config", "image", "prevalence") if k not in d]
+        missing += [t for t in ROW_TYPES if t not in d.get("prevalence", {})]
+        if missing:
+            raise ValueError(f"{path}: lacks {missing}")
+        try:
+            image = _parse(ImageSpec, d["image"], f"{path}: image")
+        except ManifestError as e:
+            raise ValueError(str(e)) from None
+        return cls(config=dict(d["config"]), image=image,
+                   prevalence={t: float(d["prevalence"][t]) for t in ROW_TYPES}, source=str(path))
+
+    def key(self) -> dict[str, Any]:
+        """The part that decides the model's input images (an ensemble must agree on it)."""
+        return {k: getattr(self.image, k) for k in SPEC_KEYS}
+
+
+def run_shard_spec(run_dir: str | Path, data_root: str | Path) -> ShardSpec:
+    """``RUN_DIR/shard_spec.json`` if the run has one, else the spec of its ``data.root``."""
+    own = Path(run_dir) / SPEC_FILE
+    if own.is_file():
+        return ShardSpec.load(own)
+    if not Layout(Path(data_root)).manifest.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {SPEC_FILE} and its data.root {data_root} has no manifest.json; "
+                                f"predict needs the image spec the run trained on (write it with "
+                                f"ShardSpec.from_shards(SHARDS).save(RUN_DIR) where the shards are)")
+    return ShardSpec.from_shards(data_root)
