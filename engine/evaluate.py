@@ -3,8 +3,9 @@ per-vertebra report (accuracy, sensitivity, specificity, AUC) on a held-out fold
 Zarr volumes, plus a PNG of per-study slice probabilities (slices × C1..C7 + any heat maps,
 as in the reference's figure).
 
-Writes RUN_DIR/eval-f<k>/: report.csv, slice_probs.parquet, submission.csv (Kaggle format),
-heatmaps.png.
+Writes RUN_DIR/eval-f<k>/: summary.json (competition loss, constant baseline, accuracy, rule, fold,
+checkpoint: what the pipeline's report reads), report.csv, slice_probs.parquet, submission.csv
+(Kaggle format), heatmaps.png.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import numpy as np
 import pandas as pd
 
 from shards.config import ConfigError, load_config
+from shards.fsutil import atomic_write_json
 from shards.layout import TARGETS, Layout
+from shards.tables import read_study_table
 
 from . import checkpoint as ck
 from .config import RunConfig
-from .metrics import study_probabilities, submission_frame
-from .model import build_model, check_state_dict, data_config, model_fingerprint
+from .metrics import constant_baseline, study_probabilities, submission_frame
+from .model import build_model, check_state_dict, model_fingerprint
 
 
 def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
@@ -83,26 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     from .device import pick_device, resolve_precision
-    from .trainer import predict_studies, score_studies
+    from .infer import predict_run, score_studies
 
     try:
         dev = pick_device(args.device)
         model, cfg, path = load_run_model(args.run, args.checkpoint, dev)
         fold = cfg.data.val_fold if args.fold is None else args.fold
         rule = args.rule or cfg.train.study_rule
-        studies = pd.read_parquet(Layout(Path(cfg.data.root)).studies)
+        studies = read_study_table(Layout(Path(cfg.data.root)).studies)
         chosen = studies[(studies.fold == fold) & studies.cohort.isin(cfg.data.val_cohorts)]
         if chosen.empty:
             raise ValueError(f"no studies in fold {fold} of {cfg.data.root}")
         if fold != cfg.data.val_fold:
             print(f"warning: fold {fold} is not the run's validation fold ({cfg.data.val_fold}): "
                   f"the model may have trained on it", file=sys.stderr)
-        dc = data_config(model)
-        lcfg = dataclasses.replace(cfg.loader, batch_size=args.batch_size, mean=tuple(dc["mean"]),
-                                   std=tuple(dc["std"]))
-        probs = predict_studies(model, cfg, lcfg, chosen.StudyInstanceUID.tolist(), dev,
-                                resolve_precision(cfg.train.precision, dev))
+        precision = resolve_precision(cfg.train.precision, dev)
+        probs = predict_run(model, cfg, chosen.StudyInstanceUID.tolist(), dev, precision,
+                            batch_size=args.batch_size, progress=True)
         result = score_studies(probs, studies, rule)
+        baseline = constant_baseline(chosen, prevalence_from=studies[studies.fold != fold])
     except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"spinestream evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -117,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()}).to_csv(out / "submission.csv",
                                                                                         index=False)
     heatmaps(probs, studies, out / "heatmaps.png")
+    atomic_write_json(out / "summary.json", {
+        "run": str(args.run), "checkpoint": str(path), "fold": int(fold), "rule": rule,
+        "studies": result["studies"], "competition_loss": result["competition_loss"],
+        "constant_baseline": float(baseline), "accuracy": result["accuracy"],
+        "validation_fold": fold == cfg.data.val_fold})
     with pd.option_context("display.width", 120, "display.precision", 3):
         print(report[["accuracy", "sensitivity", "specificity", "auc", "n_pos", "n_neg"]])
     print(f"\n{path.name}, fold {fold}, {result['studies']} studies, rule={rule}: "
-          f"competition loss {result['competition_loss']:.4f}, accuracy {result['accuracy']:.3f} -> {out}")
+          f"competition loss {result['competition_loss']:.4f} (constant baseline {baseline:.4f}), accuracy {result['accuracy']:.3f} -> {out}")
     return 0
 
 

@@ -40,9 +40,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.layout import Layout, load_manifest
+from shards.layout import ROW_TYPES, Layout
+from shards.manifest import ImageSpec, read_manifest
 from shards.sample import CHANNEL_MODES, neighbour_index
-from shards.volumes import open_volume
+from shards.volumes import VolumeAttrs, open_volume
 
 from .device import autocast
 from .loader.augment import normalize
@@ -69,24 +70,24 @@ class StudyVolume:
         return int(self.volume.shape[0])
 
 
-def image_spec(root: str | Path) -> dict:
+def image_spec(root: str | Path) -> ImageSpec:
     """The manifest's image spec (``channels``, ``offset_mm``, ``size``), checked."""
-    img = load_manifest(root)["image"]
-    if img["channels"] not in CHANNEL_MODES:
-        raise ValueError(f"{root}/manifest.json: image.channels={img['channels']!r} is not one of {CHANNEL_MODES}")
+    img = read_manifest(root).image
+    if img.channels not in CHANNEL_MODES:
+        raise ValueError(f"{root}/manifest.json: image.channels={img.channels!r} is not one of {CHANNEL_MODES}")
     return img
 
 
-def read_study(root: str | Path, uid: str, spec: dict | None = None) -> StudyVolume:
+def read_study(root: str | Path, uid: str, spec: ImageSpec | None = None) -> StudyVolume:
     """Read one study's whole volume (one decompression pass) and its neighbour index."""
     spec = spec or image_spec(root)
     vol = open_volume(Layout(Path(root)).volumes, uid)
     arr = np.ascontiguousarray(vol[...])
-    attrs = vol.attrs
-    if "slice_id_offset" not in attrs:
+    attrs = VolumeAttrs.from_json(vol.attrs, f"{root}: volume {uid}")
+    if attrs.slice_id_offset is None:
         raise ValueError(f"{root}: volume {uid} has no slice_id_offset (the shard job did not finish it; rerun it)")
-    nbr = neighbour_index(np.asarray(attrs["z"]), spec["offset_mm"]) if spec["channels"] == "neighbours" else None
-    return StudyVolume(uid, arr, nbr, spec["channels"], int(attrs["slice_id_offset"]))
+    nbr = neighbour_index(np.asarray(attrs.z), spec.offset_mm) if spec.channels == "neighbours" else None
+    return StudyVolume(uid, arr, nbr, spec.channels, int(attrs.slice_id_offset))
 
 
 def _gather(vol: torch.Tensor, nbr: torch.Tensor | None, idx: torch.Tensor, channels: str) -> torch.Tensor:
@@ -246,8 +247,7 @@ def score_studies(probs: dict[str, np.ndarray], studies: pd.DataFrame, rule: str
     """Study-level competition loss, accuracy and the per-vertebra report for these predictions."""
     uids = sorted(probs)
     study_p = {u: study_probabilities(probs[u], rule) for u in uids}
-    cols = [f"C{i}" for i in range(1, 8)] + ["patient_overall"]
-    truth = studies.set_index("StudyInstanceUID").loc[uids, cols]
+    truth = studies.set_index("StudyInstanceUID").loc[uids, list(ROW_TYPES)]
     loss = score_submission(solution_from_train(truth.reset_index()), submission_frame(study_p))
     report = classification_report(truth.to_numpy(), np.stack([study_p[u] for u in uids]))
     return {"competition_loss": float(loss), "studies": len(uids),

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, run_dir, resume_from=resume_from)
         sel = trainer.train_sel
         extra = sel.oversampled
-        n_shards = sum(not s.get("oversample_of") for s in sel.shards)
+        n_shards = sum(s.oversample_of is None for s in sel.shards)
         print(f"spinestream train: {cfg.model.name} on {trainer.device} ({trainer.precision}), "
               f"{trainer.loader.backend} loader, batch {trainer.loader_cfg.batch_size}, "
               f"{sel.samples - extra} training slices in {n_shards} shards"

@@ -74,32 +74,3 @@ class Layout:
     @property
     def work(self) -> Path:
         return self.root / "_work"
-
-
-def load_manifest(root: str | Path) -> dict:
-    """COMPATIBILITY, kept only for the callers not yet converted to :func:`shards.manifest.read_manifest`:
-    engine/build.py, engine/infer.py, spinestream/predict.py (their owner converts them), and the tests
-    tests/test_convert.py, tests/test_pseudo.py, tests/test_trainer_config.py. Delete it (and
-    tests/test_manifest.py's compatibility test) once ``grep -rn load_manifest`` finds none of them;
-    tests/test_typed_reads.py's NOT_YET_CONVERTED lists the code ones.
-
-    The manifest as a plain dict, read and checked by ``read_manifest`` (so a missing file, bad JSON
-    or an unknown version fails the same way). New code uses ``read_manifest``."""
-    from .manifest import read_manifest
-
-    return read_manifest(root).to_dict()
-
-
-def select_shards(manifest: dict, cohorts=None, folds=None) -> list[dict]:
-    """COMPATIBILITY, no code calls it any more: only README.md's reading recipe still shows it (with
-    ``load_manifest``). Delete both once that recipe uses ``read_manifest(root).select(...)``.
-
-    Shard entries of a dict manifest for the given cohorts/folds (None = all); never empty
-    (see :meth:`shards.manifest.Manifest.select`)."""
-    out = [
-        s for s in manifest["shards"]
-        if (cohorts is None or s["cohort"] in cohorts) and (folds is None or s["fold"] in folds)
-    ]
-    if not out:
-        raise ValueError(f"no shards for cohorts={cohorts} folds={folds} in this manifest")
-    return out

@@ -18,7 +18,8 @@ import pytest
 
 from preprocess.config import ShardConfig
 from preprocess.convert import run
-from shards.layout import COHORTS, TARGETS, load_manifest
+from shards.layout import COHORTS, TARGETS
+from shards.manifest import read_manifest
 from shards.sample import decode_jpeg, neighbour_index, sample_image
 from shards.verify import VerifyError, verify
 from shards.volumes import open_volume
@@ -38,7 +39,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_outputs_are_consistent(raw, shards):
-    m = load_manifest(shards)
+    m = read_manifest(shards).to_dict()
     studies = pd.read_parquet(shards / "studies.parquet")
     slices = pd.read_parquet(shards / "slices.parquet")
     truth = pd.read_parquet(shards / "labels" / "truth.parquet")
@@ -68,7 +69,7 @@ def test_outputs_are_consistent(raw, shards):
 def test_volume_rebuilds_the_shard_images(shards):
     """Inputs built from a Zarr volume equal the shard images up to JPEG error."""
     slices = pd.read_parquet(shards / "slices.parquet").set_index("slice_id")
-    m = load_manifest(shards)
+    m = read_manifest(shards).to_dict()
     first = m["shards"][0]
     for sid, data in list(iter_samples(shards / first["path"]))[:10]:
         row = slices.loc[sid]
@@ -84,7 +85,7 @@ def test_volume_rebuilds_the_shard_images(shards):
 
 def test_groups_are_shuffled_across_studies(shards):
     slices = pd.read_parquet(shards / "slices.parquet").set_index("slice_id")
-    m = load_manifest(shards)
+    m = read_manifest(shards).to_dict()
     big = max(m["shards"], key=lambda s: s["samples"])
     ids = [sid for sid, _ in iter_samples(shards / big["path"])]
     assert slices.loc[ids].StudyInstanceUID.nunique() > 1
@@ -143,7 +144,7 @@ def test_crash_in_the_group_phase_then_rerun(raw, shards, tmp_path):
 def test_verify_names_the_damaged_file(shards, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(shards, out)
-    m = load_manifest(out)
+    m = read_manifest(out).to_dict()
     tar = out / m["shards"][1]["path"]
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF
@@ -181,7 +182,7 @@ def test_dali_cpu_reads_every_sample_through_the_index(shards):
     dali = pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
-    m = load_manifest(shards)
+    m = read_manifest(shards).to_dict()
     tars = [str(shards / s["path"]) for s in m["shards"]]
     idxs = [str(shards / s["index"]) for s in m["shards"]]
     bs = 16

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shards.layout import VERSION, load_manifest
+from shards.layout import VERSION
 from shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
 
@@ -50,8 +50,6 @@ def test_unknown_version_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ManifestError, match=rf"version {VERSION + 1} is not supported.*reads version {VERSION}"):
         read_manifest(tmp_path)
-    with pytest.raises(ValueError, match="not supported"):  # the compatibility reader too
-        load_manifest(tmp_path)
     d["version"], d["format"] = VERSION, "something-else"
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ManifestError, match="not a spinestream manifest"):
@@ -74,18 +72,6 @@ def test_missing_or_mistyped_fields_name_the_key(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a finished shard directory"):
         read_manifest(tmp_path / "nothing")
-
-
-def test_the_compatibility_dict_has_every_key_engine_reads(shards):
-    """engine/ and benchmarks/ read these keys today (grep m[...] / s[...]); load_manifest keeps them."""
-    m = load_manifest(shards)
-    typed = read_manifest(shards)
-    assert m == typed.to_dict()
-    assert m["counts"]["slices"] == typed.counts.slices and m["counts"]["studies"] == typed.counts.studies
-    assert m["image"]["size"] == 48 and m["image"]["channels"] == "neighbours" and m["image"]["offset_mm"] == 1.0
-    for s in m["shards"]:
-        assert {"name", "path", "index", "samples", "bytes", "cohort", "fold", "sha256", "index_sha256"} <= set(s)
-    assert m["warnings"] == [] and m["counts"]["warnings"] == 0
 
 
 def test_an_oversampled_copy_is_a_view_never_written(tmp_path):

@@ -205,10 +205,10 @@ def test_round2_config_trains_on_every_cohort_with_truth_then_pseudo(tables, sha
     # the pseudo table the verb wrote, with truth, labels every slice of round 2's training selection
     sel = select(shards, cohorts=r2.data.train_cohorts, exclude_folds=[r2.data.val_fold])
     LabelTable.load(shards, r2.data.label_tables).check_covers(sel)
-    from shards.layout import load_manifest
+    from shards.manifest import read_manifest
 
-    outside = {(s["cohort"], s["fold"]) for s in load_manifest(shards)["shards"] if s["fold"] != r2.data.val_fold}
-    assert {(s["cohort"], s["fold"]) for s in sel.shards} == outside  # every group but the validation fold's
+    outside = {(s.cohort, s.fold) for s in read_manifest(shards).shards if s.fold != r2.data.val_fold}
+    assert {(s.cohort, s.fold) for s in sel.shards} == outside  # every group but the validation fold's
 
 
 # --------------------------------------------------------------------------- a trained round 1 on synthetic data

@@ -84,17 +84,17 @@ def test_round1_never_trains_on_the_validation_fold(shards, tmp_path):
 def test_negatives_are_balanced_as_configured(shards, tmp_path, ratio):
     from engine.trainer import select_training_shards
 
-    from shards.layout import load_manifest
+    from shards.manifest import read_manifest
 
     cfg = _cfg(shards, tmp_path, **{"data.negatives_per_positive": ratio})
     sel = select_training_shards(cfg)
-    neg = [s for s in sel.shards if s["cohort"] == "negative"]
-    n_neg, n_pos = sum(s["samples"] for s in neg), sum(s["samples"] for s in sel.shards if s["cohort"] != "negative")
+    neg = [s for s in sel.shards if s.cohort == "negative"]
+    n_neg, n_pos = sum(s.samples for s in neg), sum(s.samples for s in sel.shards if s.cohort != "negative")
     assert n_pos > 0 and neg
-    assert all(s["fold"] != cfg.data.val_fold for s in neg)
-    available = sum(s["samples"] for s in load_manifest(shards)["shards"]
-                    if s["cohort"] == "negative" and s["fold"] != cfg.data.val_fold)
+    assert all(s.fold != cfg.data.val_fold for s in neg)
+    available = sum(s.samples for s in read_manifest(shards).shards
+                    if s.cohort == "negative" and s.fold != cfg.data.val_fold)
     want = ratio * n_pos
     # whole shards are added until the negatives reach the wanted multiple, and not one shard more
     assert n_neg >= min(want, available)
-    assert n_neg - max(s["samples"] for s in neg) < want
+    assert n_neg - max(s.samples for s in neg) < want

@@ -30,19 +30,10 @@ from shards.layout import DROPPED_STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NOT_YET_CONVERTED: dict[str, set[str]] = {
-    "engine/build.py": {"dict-manifest", "table-read"},
-    "engine/evaluate.py": {"table-read"},
-    "engine/infer.py": {"dict-manifest"},
-    "spinestream/predict.py": {"dict-manifest", "table-read"},
-}
+NOT_YET_CONVERTED: dict[str, set[str]] = {}
 """File -> the kinds of string-key read it still has (see :func:`reads`)."""
 
-NOT_YET_POINTED: dict[str, set[str]] = {
-    "engine/trainer.py": {"C1..C7"},
-    "engine/infer.py": {"C1..C7"},
-    "spinestream/predict.py": {"ROW_TYPES", "C1..C7"},
-}
+NOT_YET_POINTED: dict[str, set[str]] = {}
 """File -> the constants it still defines itself instead of importing them from shards.layout."""
 
 SHARD_FILES = {"manifest.json", "studies.parquet", "slices.parquet", "truth.parquet"}

@@ -22,29 +22,6 @@ from shards.tables import read_label_table, read_slice_table
 from shards.wds import ShardError, read_index, write_subset_index
 
 
-class SelectedShard(ShardEntry):
-    """A manifest :class:`~shards.manifest.ShardEntry` in a :class:`Selection` (read its fields as
-    attributes: ``s.samples``, ``s.cohort``, ``s.oversample_of``).
-
-    COMPATIBILITY: ``s["samples"]`` / ``s.get("oversample_of")`` still work for the readers not yet
-    converted to attributes (engine/build.py, engine/train.py, tests/test_pseudo.py,
-    tests/test_trainer_config.py when this was written); delete ``__getitem__`` and ``get`` (and
-    use ShardEntry itself) once they read attributes."""
-
-    def __getitem__(self, key: str):
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default=None):
-        return getattr(self, key, default)
-
-
-def _selected(s: ShardEntry) -> SelectedShard:
-    return SelectedShard(**{f.name: getattr(s, f.name) for f in dataclasses.fields(ShardEntry)})
-
-
 @dataclass
 class Selection:
     """A set of shards chosen by cohort and fold, with the slice ids they hold."""
@@ -52,7 +29,7 @@ class Selection:
     root: Path
     cohorts: tuple[str, ...]
     folds: tuple[int, ...] | None
-    shards: list[ShardEntry]  # manifest entries (SelectedShard), then any oversampled copies
+    shards: list[ShardEntry]  # manifest entries (copies), then any oversampled copies
     n_total: int  # slices in the whole shard set (the label table's length)
     image_size: int  # side of the shard images
 
@@ -105,7 +82,7 @@ def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequen
     if unknown:
         raise ValueError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
     chosen = [
-        _selected(s) for s in m.shards
+        dataclasses.replace(s) for s in m.shards
         if s.cohort in cohorts
         and (folds is None or s.fold in folds)
         and (exclude_folds is None or s.fold not in exclude_folds)
