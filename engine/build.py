@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shards.layout import Layout, load_manifest
+from shards.layout import Layout
+from shards.manifest import read_manifest
+from shards.tables import read_study_table
 
 from . import checkpoint as ck
 from .config import RunConfig
@@ -44,11 +46,18 @@ def build_device(cfg: RunConfig) -> tuple[torch.device, str]:
     return device, precision
 
 
-def build_model_for(cfg: RunConfig, device: torch.device, state: dict | None = None, source: str = ""
-                    ) -> tuple[torch.nn.Module, bool]:
-    """The model on ``device`` (a checkpoint's weights when ``state`` is given) and whether it is channels_last."""
-    # on resume the checkpoint has the weights: never fetch pretrained ones just to overwrite them
-    mcfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None) if state else cfg.model
+def build_model_for(cfg: RunConfig, device: torch.device, state: dict | None = None, source: str = "", *,
+                    init: dict | None = None) -> tuple[torch.nn.Module, bool]:
+    """The model on ``device`` and whether it is channels_last: a checkpoint's weights when ``state`` is given
+    (resume), else ``model.init_from``'s (round 2 from round 1; ``init``: that checkpoint if already read),
+    else pretrained or random ones."""
+    if state is None and init is None:
+        init = init_weights(cfg)
+    elif state is not None:
+        init = None
+    # a checkpoint has the weights: never fetch pretrained ones just to overwrite them
+    mcfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None) \
+        if state is not None or init is not None else cfg.model
     model = build_model(mcfg, image_size=cfg.loader.image_size).to(device)
     if state is not None:
         fp = model_fingerprint(model)
@@ -57,10 +66,51 @@ def build_model_for(cfg: RunConfig, device: torch.device, state: dict | None = N
                               f"checkpoint; this config builds {fp['name']} (model.* must not change on resume)")
         check_state_dict(model, state["model"], source=source)
         model.load_state_dict(state["model"])
+    elif init is not None:
+        _load_init(model, init, cfg.model.init_from)
     channels_last = channels_last_default(device, cfg.train.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, channels_last
+
+
+def init_weights(cfg: RunConfig) -> dict | None:
+    """``model.init_from``'s checkpoint (read with ``weights_only=True``), or None when not set."""
+    path = cfg.model.init_from
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.init_from={path}: no such checkpoint (train round 1 first, or set "
+                                f"model.init_from=null to start from pretrained weights)")
+    return ck.load(Path(path))
+
+
+def _load_init(model: torch.nn.Module, state: dict, path: str) -> None:
+    """The EMA weights of ``state`` (else its weights) into ``model``, refusing another model's checkpoint."""
+    fp = model_fingerprint(model)
+    theirs = state.get("model_fingerprint") or {}
+    if theirs != fp:
+        raise ck.RunError(f"model.init_from={path} holds a {theirs.get('name')} checkpoint "
+                          f"({theirs.get('n_params')} parameters); this config builds {fp['name']} "
+                          f"({fp['n_params']}): set model.name to the round-1 run's model, or drop model.init_from")
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    check_state_dict(model, weights, source=path)
+    model.load_state_dict(weights)
+
+
+def init_reference(cfg: RunConfig, state: dict | None) -> dict | None:
+    """What ``model.init_from``'s run reached on the same validation fold (``{"name", "competition_loss",
+    "step", "fold"}``), for the log and curves.png; None when not set, or validated on another fold."""
+    if state is None:
+        return None
+    run_cfg = state.get("config") or {}
+    fold = (run_cfg.get("data") or {}).get("val_fold")
+    best = state.get("best") or {}
+    metric = best.get("metric")
+    if fold != cfg.data.val_fold or metric is None or not math.isfinite(float(metric)):
+        return None
+    return {"name": str(run_cfg.get("name") or Path(cfg.model.init_from).parent.name),
+            "competition_loss": float(metric), "step": int(best.get("step", -1)), "fold": int(fold)}
 
 
 # --------------------------------------------------------------------------- data
@@ -79,7 +129,7 @@ class TrainData:
 def check_cohorts(cfg: RunConfig, studies: pd.DataFrame) -> None:
     """Every configured cohort must exist in this shard set (before any step, not as a silent empty group)."""
     d = cfg.data
-    shard_cohorts = {s["cohort"] for s in load_manifest(d.root)["shards"] if s["fold"] != d.val_fold}
+    shard_cohorts = {s.cohort for s in read_manifest(d.root).shards if s.fold != d.val_fold}
     missing = [c for c in d.train_cohorts if c not in shard_cohorts]
     if missing:
         raise ValueError(f"data.train_cohorts: {d.root} has no training shards (outside data.val_fold="
@@ -107,8 +157,8 @@ def select_training_shards(cfg: RunConfig) -> Selection:
             if n >= want:
                 break
             chosen.append(neg.shards[k])
-            n += neg.shards[k]["samples"]
-        neg.shards = sorted(chosen, key=lambda s: s["name"])
+            n += neg.shards[k].samples
+        neg.shards = sorted(chosen, key=lambda s: s.name)
     if sel is None:
         return neg
     sel.shards = sel.shards + neg.shards
@@ -119,7 +169,7 @@ def select_training_shards(cfg: RunConfig) -> Selection:
 def build_data(cfg: RunConfig, run_dir: Path) -> TrainData:
     """Shard groups for training, whole studies of the validation fold for the metric."""
     d = cfg.data
-    studies = pd.read_parquet(Layout(Path(d.root)).studies)
+    studies = read_study_table(Layout(Path(d.root)).studies)
     check_cohorts(cfg, studies)
     sel = select_training_shards(cfg)
     labels = LabelTable.load(d.root, d.label_tables, n_total=sel.n_total)

@@ -74,11 +74,17 @@ class ModelConfig:
     """ImageNet weights from timm's hub (needs the network) ..."""
     pretrained_path: str | None = None
     """... or from a local file (.pth/.pt/.safetensors); used instead of the hub when set."""
+    init_from: str | None = None
+    """Start from a run's checkpoint (round 2: runs/round1/best.pt): its EMA weights when it has them, else
+    its weights; it must be of the model this config builds (fingerprint-checked). Replaces pretrained
+    weights; ignored on resume (the run's own checkpoint has the weights)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a timm model name")
         _require(0 <= self.drop_rate < 1, "model.drop_rate", self.drop_rate, "in [0, 1)")
         _require(self.num_classes == 8, "model.num_classes", self.num_classes, "8 (C1..C7 + any)")
+        _require(self.init_from is None or bool(self.init_from), "model.init_from", self.init_from,
+                 "a checkpoint path or null")
 
 
 @dataclass(kw_only=True)
@@ -131,6 +137,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     seed: int = 0
     val_every_epochs: int = 1
+    val_every_steps: int = 0
+    """Also validate every this many optimizer steps, mid-epoch (0 = at epoch ends only): round 2's epochs
+    are ~630k slices, hours on one card."""
     checkpoint_every_steps: int = 500
     keep_last: int = 2
     early_stopping_patience: int = 0
@@ -149,6 +158,8 @@ class TrainConfig:
         _require(0 <= self.memory_headroom_gb < self.max_memory_gb, "train.memory_headroom_gb",
                  self.memory_headroom_gb, "in [0, train.max_memory_gb)")
         _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, ">= 1")
+        _require(self.val_every_steps >= 0, "train.val_every_steps", self.val_every_steps,
+                 ">= 0 (0 = at epoch ends only)")
         _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", self.checkpoint_every_steps,
                  ">= 1")
         _require(self.keep_last >= 1, "train.keep_last", self.keep_last, ">= 1")

@@ -25,7 +25,6 @@ Guarantees (tests/test_train.py, tests/test_trainer_*.py):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import sys
@@ -42,19 +41,27 @@ from shards.config import to_dict
 
 from . import checkpoint as ck
 from .autobatch import resolve_batch_size
-from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, \
-    select_training_shards, steps_per_epoch
+from shards.spec import ShardSpec
+
+from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, init_reference, \
+    init_weights, select_training_shards, steps_per_epoch
 from .config import RunConfig
 from .device import autocast
+from .infer import predict_run, score_studies
 from .loader import build_loader
-from .loader.studies import StudyReader
-from .metrics import classification_report, constant_baseline, score_submission, solution_from_train, \
-    study_probabilities, submission_frame, weighted_bce
+from .metrics import constant_baseline, weighted_bce
 from .model import model_fingerprint
 from .skips import StepFlags
 
-__all__ = ["Trainer", "constant_baseline_score", "plot_curves", "predict_studies", "rng_state", "score_studies",
-           "select_training_shards", "set_rng_state", "write_config"]
+__all__ = ["Trainer", "constant_baseline_score", "plot_curves", "rng_state", "select_training_shards",
+           "set_rng_state", "write_config"]
+
+PROJECT_WARMUP_STEPS = 5
+"""Steps left out of the epoch-time projection (model warm-up, cudnn autotuning, the loader's first fill)."""
+PROJECT_STEPS = 20
+"""Steps the projection is measured over (at the first log line after warm-up + these)."""
+VAL_SHARE_WARN = 0.25
+"""Validation taking more than this share of the run's time gets one warning."""
 
 
 def rng_state() -> dict:
@@ -101,10 +108,16 @@ class Trainer:
             ck.clean_stale(self.run_dir)
         self.device, self.precision = build_device(cfg)
         state = ck.load(resume_from, map_location="cpu") if resume_from else None
-        self.model, self.channels_last = build_model_for(cfg, self.device, state, str(resume_from))
+        init = init_weights(cfg) if state is None else None  # model.init_from (ignored on resume)
+        self.model, self.channels_last = build_model_for(cfg, self.device, state, str(resume_from), init=init)
+        # round 1's best on this validation fold, drawn beside this run's curve (kept across resumes)
+        self.reference = state.get("reference") if state is not None else init_reference(cfg, init)
+        del init
         data = build_data(cfg, self.run_dir)
         self.train_sel, self.labels, self.val_studies, self.baseline = \
             data.train_sel, data.labels, data.val_studies, data.baseline
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ShardSpec.from_shards(cfg.data.root).save(self.run_dir)  # predict's copy: it needs no shards
         bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
                                 channels_last=self.channels_last, resuming=state is not None)
         self.loader_cfg = build_loader_cfg(cfg, self.model, self.device, self.precision, self.channels_last, bs)
@@ -120,6 +133,8 @@ class Trainer:
         self._flags = StepFlags(self.device)
         self._last_loss, self._wandb, self._bar = None, None, None
         self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
+        self._t_fit, self._val_seconds, self._val_warned, self._last_val_step = None, 0.0, False, -1
+        self._proj_mark, self.projection, self._early_stop, self._fit_step0 = None, None, False, 0
         if state is not None:
             self._restore(state)
             ck.truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
@@ -145,6 +160,7 @@ class Trainer:
             "nan_total": self.nan_total,
             "nan_streak": self.nan_streak,
             "rng": rng_state(),
+            "reference": self.reference,
         }
 
     def _restore(self, s: dict) -> None:
@@ -199,13 +215,40 @@ class Trainer:
         self.log(rec)
         self._bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
                               wait=f"{rec['data_wait']:.0%}")
+        self._project()
         self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
+
+    def _project(self) -> None:
+        """Once, at a log line (the host has just synced): the epoch and run time projected from the steps
+        since warm-up, validation excluded; printed and logged (``{"projection": ...}``)."""
+        if self.projection is not None:
+            return
+        now = time.perf_counter() - self._val_seconds
+        if self._proj_mark is None:
+            if self.step - self._fit_step0 >= PROJECT_WARMUP_STEPS:
+                self._proj_mark = (self.step, now)
+            return
+        s0, t0 = self._proj_mark
+        if self.step - s0 < PROJECT_STEPS:
+            return
+        per_step = (now - t0) / (self.step - s0)
+        left = max(0, self.total_steps - self.step)
+        self.projection = {"seconds_per_step": per_step, "steps_per_epoch": self.steps_per_epoch,
+                           "epoch_seconds": per_step * self.steps_per_epoch, "remaining_seconds": per_step * left,
+                           "measured_steps": self.step - s0}
+        self.log({"projection": self.projection})
+        tqdm.write(f"projected: {_hms(self.projection['epoch_seconds'])} per epoch "
+                   f"({self.steps_per_epoch} steps at {per_step:.3g} s/step), {_hms(per_step * left)} for the "
+                   f"{left} steps left, validation not included")
 
     # ----------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
         """Train until train.max_steps / train.epochs or early stopping; the best validation result."""
         self._start_wandb()
+        self._t_fit, self._fit_step0 = time.perf_counter(), self.step
+        if self.step == 0 and self.reference is not None:
+            self.log({"reference": self.reference})
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step",
                          dynamic_ncols=True)
         try:
@@ -307,12 +350,21 @@ class Trainer:
                                    f"lower optim.lr, or resume from an earlier checkpoint with a new lr")
 
     def _after_step(self) -> bool:
-        """Log and checkpoint on schedule; True when the run has reached its last step."""
+        """Log, validate (train.val_every_steps) and checkpoint on schedule; True when the run has reached its
+        last step or early stopping says stop."""
+        t = self.cfg.train
         if self.step % self.cfg.log.every_steps == 0:
             self._log_train()
-        if self.step % self.cfg.train.checkpoint_every_steps == 0:
+        last = self.step >= self.total_steps  # the last step validates in _end_epoch
+        if t.val_every_steps and self.step % t.val_every_steps == 0 and not last:
+            self._settle(block=True)
+            if self.step % t.val_every_steps == 0 and self.step != self._last_val_step:
+                self._early_stop = self._validate_and_checkpoint()
+                self.model.train()
+                return self._early_stop
+        if self.step % t.checkpoint_every_steps == 0:
             self._settle(block=True)  # note: CPU-GPU sync point, once per checkpoint
-            if self.step % self.cfg.train.checkpoint_every_steps == 0:  # a skip may have taken the step back
+            if self.step % t.checkpoint_every_steps == 0:  # a skip may have taken the step back
                 self.save()
         return self.step >= self.total_steps
 
@@ -325,10 +377,11 @@ class Trainer:
             self._after_step()
         self._settle(block=True)
         finished = self.step >= self.total_steps
-        stop = finished
-        if epoch_done and (self.loader.epoch % self.cfg.train.val_every_epochs == 0 or finished):
+        stop = finished or self._early_stop
+        fresh = self.step != self._last_val_step  # not validated at this step already (val_every_steps)
+        if fresh and epoch_done and (self.loader.epoch % self.cfg.train.val_every_epochs == 0 or finished):
             stop = self._validate_and_checkpoint() or stop
-        elif finished:
+        elif fresh and finished:
             self._validate_and_checkpoint()
         if self.loader.epoch >= self.cfg.train.epochs and not self.cfg.train.max_steps:
             stop = True
@@ -336,8 +389,15 @@ class Trainer:
 
     def _validate_and_checkpoint(self) -> bool:
         """Validate, save (best too when improved); True when early stopping says stop."""
+        t0 = time.perf_counter()
         result = self.validate()
+        seconds = time.perf_counter() - t0
+        self._val_seconds += seconds
+        self._last_val_step = self.step
         result["constant_baseline"] = self.baseline
+        result["seconds"] = seconds
+        if self.reference is not None:
+            result["reference"] = self.reference["competition_loss"]
         improved = result["competition_loss"] < self.best["metric"]
         if improved:
             self.best = {"metric": result["competition_loss"], "step": self.step}
@@ -345,66 +405,47 @@ class Trainer:
         else:
             self.bad_vals += 1
         self.log({"val": result})
+        ref = "" if self.reference is None else (f"; {self.reference['name']} best "
+                                                 f"{self.reference['competition_loss']:.4f}")
         tqdm.write(f"step {self.step}: val competition loss {result['competition_loss']:.4f} "
-                   f"(best {self.best['metric']:.4f} @ {self.best['step']}; constant baseline {self.baseline:.4f}), "
-                   f"accuracy {result['accuracy']:.3f}")
+                   f"(best {self.best['metric']:.4f} @ {self.best['step']}; constant baseline {self.baseline:.4f}"
+                   f"{ref}), accuracy {result['accuracy']:.3f}, {seconds:.1f} s")
+        self._check_val_share()
         self.save(best=improved)
         p = self.cfg.train.early_stopping_patience
         return bool(p and self.bad_vals >= p)
 
-    @torch.no_grad()
-    def predict_studies(self, model=None) -> dict[str, np.ndarray]:
-        """Slice probabilities (n_slices, 8) for every validation study, head to feet."""
-        model = model or (self.ema.module if self.ema else self.model)
-        return predict_studies(model, self.cfg, self.loader_cfg, self.val_studies.StudyInstanceUID.tolist(),
-                               self.device, self.precision)
+    def _check_val_share(self) -> None:
+        """One warning when validation has taken more than VAL_SHARE_WARN of this process's run time."""
+        if self._val_warned or self._t_fit is None:
+            return
+        total = time.perf_counter() - self._t_fit
+        share = self._val_seconds / total if total > 0 else 0.0
+        if share > VAL_SHARE_WARN:
+            self._val_warned = True
+            t = self.cfg.train
+            every = f"train.val_every_steps={t.val_every_steps}" if t.val_every_steps else \
+                f"train.val_every_epochs={t.val_every_epochs}"
+            tqdm.write(f"warning: validation has taken {share:.0%} of the run so far ({self._val_seconds:.0f} s of "
+                       f"{total:.0f} s, {len(self.val_studies)} studies each time): validate less often "
+                       f"(now {every}) or on fewer studies (data.val_cohorts)")
+            self.log({"warning": f"validation share {share:.2f}"})
 
     def validate(self) -> dict:
-        probs = self.predict_studies()
+        """The study-level competition loss on the validation fold, with the EMA weights when on (study
+        inference on the device: :mod:`engine.infer`)."""
+        model = self.ema.module if self.ema else self.model
+        probs = predict_run(model, self.cfg, self.val_studies.StudyInstanceUID.tolist(), self.device,
+                            self.precision, batch_size=self.loader_cfg.batch_size)
         return score_studies(probs, self.val_studies, self.cfg.train.study_rule)
 
     def plot(self) -> None:
         plot_curves(self.run_dir)
 
 
-# --------------------------------------------------------------------------- shared with evaluate
-
-
-@torch.no_grad()
-def predict_studies(model, cfg: RunConfig, loader_cfg, studies: list[str], device, precision: str
-                    ) -> dict[str, np.ndarray]:
-    """Slice probabilities (n_slices, 8) of each study, head to feet, from its volume.
-
-    cudnn.benchmark is off while it runs: every study's last batch has a new shape, and benchmark mode
-    would autotune each of them again (up to batch-size shapes in the first validation)."""
-    model.eval()
-    out: dict[str, list] = {}
-    reader = StudyReader(cfg.data.root, dataclasses.replace(loader_cfg, backend="torch"), studies=studies,
-                         device=device)
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        for b in reader:
-            with autocast(precision, device):
-                logits = model(b.images)
-            # note: CPU-GPU sync point per batch (the probabilities are wanted on the host)
-            out.setdefault(b.study, []).append(torch.sigmoid(logits.float()).cpu().numpy())
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def score_studies(probs: dict[str, np.ndarray], studies: pd.DataFrame, rule: str) -> dict:
-    """Study-level competition loss, accuracy and the per-vertebra report for these predictions."""
-    uids = sorted(probs)
-    study_p = {u: study_probabilities(probs[u], rule) for u in uids}
-    cols = [f"C{i}" for i in range(1, 8)] + ["patient_overall"]
-    truth = studies.set_index("StudyInstanceUID").loc[uids, cols]
-    loss = score_submission(solution_from_train(truth.reset_index()), submission_frame(study_p))
-    report = classification_report(truth.to_numpy(), np.stack([study_p[u] for u in uids]))
-    return {"competition_loss": float(loss), "studies": len(uids),
-            "accuracy": float(report.loc["overall", "accuracy"]),
-            "report": json.loads(report.reset_index().to_json(orient="records"))}
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def plot_curves(run_dir: Path) -> None:
@@ -427,6 +468,11 @@ def plot_curves(run_dir: Path) -> None:
         axes[1].plot([r["step"] for r in va], [r["val"]["competition_loss"] for r in va], "o-", label="model")
         if "constant_baseline" in va[-1]["val"]:
             axes[1].axhline(va[-1]["val"]["constant_baseline"], color="grey", ls="--", label="constant baseline")
+    ref = next((r["reference"] for r in rows if "reference" in r), None)
+    if ref is not None:  # round 1's best on the same fold (a run started with model.init_from)
+        axes[1].axhline(ref["competition_loss"], color="tab:green", ls=":",
+                        label=f"{ref['name']} best (fold {ref['fold']})")
+    if va or ref is not None:
         axes[1].legend(fontsize=8)
     axes[1].set(title="validation: competition loss (study level)", xlabel="step")
     fig.tight_layout()

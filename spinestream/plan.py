@@ -194,7 +194,9 @@ def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
 def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     stage: TrainStage = getattr(cfg, name)
     rc, run_dir, resolved = configs[name], paths.run(name), paths.stages / f"{name}.yaml"
-    init = [] if stage.init_from is None else ["--set", f"model.init_from={paths.run(stage.init_from) / 'best.pt'}"]
+    # init_from: null overrides a config's own model.init_from (the stage says: no round-1 weights)
+    init = ["--set", "model.init_from=null" if stage.init_from is None else
+            f"model.init_from={paths.run(stage.init_from) / 'best.pt'}"]
 
     def run():
         write_yaml(resolved, rc)

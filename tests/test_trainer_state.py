@@ -210,23 +210,26 @@ def test_resume_leaves_no_repeated_steps_in_metrics_and_no_stale_tmp(shards, tmp
     assert len(val_steps) == len(set(val_steps)) == 1
 
 
-def test_study_inference_turns_cudnn_benchmark_off(shards, tmp_path, monkeypatch):
-    from engine.trainer import predict_studies
+def test_validation_runs_study_inference_in_fixed_size_batches(shards, tmp_path, monkeypatch):
+    """The trainer validates through engine.infer (inputs built where the model runs): every model call has
+    loader.batch_size rows, so cudnn.benchmark tunes one shape, and the EMA weights are the ones scored."""
+    import engine.infer as infer
 
     t = _trainer(_cfg(shards, tmp_path))
-    seen = []
+    shapes, calls = [], []
+    real = infer.predict_studies
 
-    class Spy(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
+    def spy(model, *a, **k):
+        calls.append(model)
+        hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+        try:
+            return real(model, *a, **k)
+        finally:
+            hook.remove()
 
-        def forward(self, x):
-            seen.append(torch.backends.cudnn.benchmark)
-            return self.m(x)
-
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    probs = predict_studies(Spy(t.model), t.cfg, t.loader_cfg, t.val_studies.StudyInstanceUID.tolist()[:2],
-                            t.device, t.precision)
-    assert len(probs) == 2 and seen and not any(seen)
-    assert torch.backends.cudnn.benchmark is True  # restored for training
+    monkeypatch.setattr(infer, "predict_studies", spy)
+    result = t.validate()
+    assert calls == [t.ema.module]
+    assert result["studies"] == len(t.val_studies)
+    bs, size = t.loader_cfg.batch_size, t.cfg.loader.image_size
+    assert shapes and set(shapes) == {(bs, 3, size, size)}
