@@ -15,7 +15,6 @@ and model (slices / rate). Figures go to ``benchmarks/results/predict.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys

@@ -69,7 +69,6 @@ class AugParams:
 def draw_params(aug: AugmentConfig, u: np.ndarray) -> AugParams:
     """The augmentation parameters of ``len(u)`` samples from their uniforms (:func:`sample_uniforms`),
     with ``aug``'s distributions (the reference pipeline's)."""
-    n = len(u)
     coin = lambda k, p: u[:, k] < p  # noqa: E731
     crop = coin(0, aug.p_crop)
     area = aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * u[:, 1]
