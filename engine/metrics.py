@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from shards.layout import ROW_TYPES, TARGETS, VERTEBRAE
 
 __all__ = ["EPS", "ROW_TYPES", "RULES", "TARGETS", "VERTEBRAE", "classification_report", "constant_baseline",
-           "row_weights", "score_submission", "slice_loss_weights", "solution_from_train", "study_probabilities",
-           "submission_frame", "weighted_bce"]
+           "row_weights", "score_submission", "slice_loss_weights", "solution_from_train", "study_losses",
+           "study_probabilities", "submission_frame", "weighted_bce"]
 
 RULES = ("max", "mean_top_k", "quantile", "noisy_or")
 EPS = 1e-15  # the clipping of the public re-implementations
@@ -230,19 +230,10 @@ def _long_solution(solution: pd.DataFrame) -> pd.DataFrame:
     return sol
 
 
-def score_submission(solution: pd.DataFrame, submission: pd.DataFrame, *, eps: float = EPS) -> float:
-    """The competition metric (lower is better).
-
-    ``solution``: ``row_id`` + ``fractured`` (0/1), or the wide ``train.csv`` form, converted with
-    :func:`solution_from_train`; every study must have all 8 rows. ``submission``: ``row_id`` + ``fractured``
-    (probability); other columns are ignored. Per study, ``sum(w * L) / sum(w)`` over its 8 rows with
-    ``w`` = 1 / 2 for a negative / positive vertebra row and 7 / 14 for patient_overall, ``L`` the log loss of the
-    probability clipped to ``[eps, 1 - eps]``; the score is the mean over studies (each study counts equally).
-
-    Raises ValueError for submission rows missing from the solution's (naming a few), duplicated row_ids,
-    probabilities that are NaN/non-numeric or outside [0, 1], and malformed row_ids. Extra submission rows are
-    ignored: Kaggle's test.csv lists studies absent from the scored set.
-    """
+def study_losses(solution: pd.DataFrame, submission: pd.DataFrame, *, eps: float = EPS) -> pd.Series:
+    """Each study's weighted log loss (indexed by StudyInstanceUID): the competition metric before its mean
+    over studies, so two models on the same studies can be compared pair by pair (a paired bootstrap).
+    Inputs and errors as :func:`score_submission`."""
     sol = _long_solution(solution)
     if not {"row_id", "fractured"} <= set(submission.columns):
         raise ValueError(f"submission must have columns row_id, fractured; got {list(submission.columns)}")
@@ -267,7 +258,23 @@ def score_submission(solution: pd.DataFrame, submission: pd.DataFrame, *, eps: f
     loss = -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
     w = row_weights(sol["kind"].to_numpy(), y)
     per = pd.DataFrame({"uid": sol["uid"], "wl": w * loss, "w": w}).groupby("uid", sort=False).sum()
-    return float((per["wl"] / per["w"]).mean())
+    return per["wl"] / per["w"]
+
+
+def score_submission(solution: pd.DataFrame, submission: pd.DataFrame, *, eps: float = EPS) -> float:
+    """The competition metric (lower is better): the mean of :func:`study_losses` (each study counts equally).
+
+    ``solution``: ``row_id`` + ``fractured`` (0/1), or the wide ``train.csv`` form, converted with
+    :func:`solution_from_train`; every study must have all 8 rows. ``submission``: ``row_id`` + ``fractured``
+    (probability); other columns are ignored. Per study, ``sum(w * L) / sum(w)`` over its 8 rows with
+    ``w`` = 1 / 2 for a negative / positive vertebra row and 7 / 14 for patient_overall, ``L`` the log loss of the
+    probability clipped to ``[eps, 1 - eps]``.
+
+    Raises ValueError for submission rows missing from the solution's (naming a few), duplicated row_ids,
+    probabilities that are NaN/non-numeric or outside [0, 1], and malformed row_ids. Extra submission rows are
+    ignored: Kaggle's test.csv lists studies absent from the scored set.
+    """
+    return float(study_losses(solution, submission, eps=eps).mean())
 
 
 def submission_frame(study_probs: Mapping[str, np.ndarray]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "verify": ("shards.verify", "check every shard against the manifest"),
     "train": ("engine.train", "train the slice classifier (round 1 / round 2), resumable"),
     "evaluate": ("engine.evaluate", "study-level metric, per-vertebra report and heat maps of a run"),
+    "compare": ("engine.compare", "two evaluations on the same studies: loss difference and its bootstrap interval"),
     "pseudo-label": ("engine.pseudo", "round-1 model over the positive-unboxed studies -> a pseudo-label table"),
     "synth-truth": ("preprocess.synth_truth", "where the synthetic cracks are, per slice (to measure pseudo-labels)"),
     "bench": ("benchmarks.cli", "run a benchmark suite (shard, loader, train, infer, predict)"),

@@ -81,6 +81,21 @@ def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path) -> 
             "heatmaps": str(heat) if heat.is_file() else None}
 
 
+def comparison(evals: list[dict], shards: Path) -> dict:
+    """Round 2 against round 1 on the same studies (engine.compare's paired bootstrap), when both evaluated
+    the same fold."""
+    from engine.compare import compare_evals
+
+    done = [e for e in evals if e.get("competition_loss") is not None]
+    if len(done) != 2 or done[0]["fold"] != done[1]["fold"]:
+        return {"missing": "needs evaluate1 and evaluate2 on the same fold"}
+    try:
+        r = compare_evals(done[0]["dir"], done[1]["dir"], shards)
+        return {"a_run": done[0]["run"], "b_run": done[1]["run"], **r}
+    except (OSError, ValueError) as e:
+        return {"missing": str(e)}
+
+
 # --------------------------------------------------------------------------- the other pieces
 
 
@@ -160,6 +175,7 @@ def collect(paths, cfg, configs: dict) -> dict:
     return {
         "out": str(paths.root),
         "evaluations": evals,
+        "comparison": comparison(evals, paths.shards),
         "pseudo_labels": pseudo_labels(paths.pseudo) if "pseudo" in cfg.stages else {"missing": "no pseudo stage"},
         "throughput": {"loader": loader_throughput(paths.bench / "loader.json") if "bench" in cfg.stages
                        else {"missing": "no bench stage"},
@@ -217,6 +233,11 @@ def markdown(rep: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {e['name']} | {e['run']} | {e['fold']} | {e['rule']} | {_f(e.get('studies'), 'd')} | "
               f"{_f(e.get('competition_loss'))} | {_f(e.get('constant_baseline'))} |" for e in rep["evaluations"]]
+    c = rep.get("comparison") or {}
+    if "diff" in c:
+        from engine.compare import describe
+
+        lines += ["", describe(c, a=c["a_run"], b=c["b_run"]) + " (`spinestream compare`)."]
     if "losses.png" in rep.get("report_figures", []):
         lines += ["", "![losses](report/losses.png)"]
     for e in rep["evaluations"]:

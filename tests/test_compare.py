@@ -1,0 +1,77 @@
+"""engine.compare: per-study losses average to the competition metric, the paired bootstrap separates a real
+difference from noise, the verb and the pipeline report use it on two evaluation directories."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine.compare import compare_evals, main, paired_bootstrap
+from engine.metrics import score_submission, solution_from_train, study_losses, submission_frame
+from shards.layout import ROW_TYPES, Layout
+from shards.tables import read_study_table
+
+
+def _truth(shards) -> pd.DataFrame:
+    return read_study_table(Layout(shards).studies, columns=["StudyInstanceUID", *ROW_TYPES])
+
+
+def _write_eval(d, truth: pd.DataFrame, skill: float, seed: int):
+    """An evaluation directory whose submission leans ``skill`` of the way from 0.5 to the truth, with noise."""
+    rng = np.random.default_rng(seed)
+    y = truth[list(ROW_TYPES)].to_numpy(dtype=float)
+    p = np.clip(0.5 + skill * (y - 0.5) + rng.normal(0, 0.1, y.shape), 0.01, 0.99)
+    d.mkdir(parents=True)
+    submission_frame(dict(zip(truth.StudyInstanceUID, p))).to_csv(d / "submission.csv", index=False)
+    return d
+
+
+def test_study_losses_average_to_the_metric():
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(30)],
+                          **{t: rng.integers(0, 2, 30) for t in ROW_TYPES}})
+    sub = submission_frame({u: rng.uniform(0.05, 0.95, 8) for u in truth.StudyInstanceUID})
+    per = study_losses(solution_from_train(truth), sub)
+    assert len(per) == 30 and set(per.index) == set(truth.StudyInstanceUID)
+    assert per.mean() == pytest.approx(score_submission(solution_from_train(truth), sub))
+
+
+def test_the_bootstrap_separates_a_real_difference_from_noise():
+    rng = np.random.default_rng(1)
+    a = pd.Series(rng.uniform(0.1, 0.6, 200), index=[f"s{i}" for i in range(200)])
+    same = paired_bootstrap(a, a.copy())
+    assert same["diff"] == 0 and same["ci95"] == [0, 0]
+    better = paired_bootstrap(a, a - 0.02 + rng.normal(0, 0.01, 200))
+    assert better["ci95"][1] < 0 and better["p_b_lower"] == 1.0
+    noise = paired_bootstrap(a, a + rng.normal(0, 0.05, 200))  # no real difference
+    assert noise["ci95"][0] < 0 < noise["ci95"][1] and 0.05 < noise["p_b_lower"] < 0.95
+    with pytest.raises(ValueError, match="different studies"):
+        paired_bootstrap(a, a.iloc[:-1])
+
+
+def test_compare_two_evaluation_dirs_and_the_verb(shards, tmp_path, capsys):
+    truth = _truth(shards)
+    weak, strong = _write_eval(tmp_path / "r1" / "eval-f0", truth, 0.2, 0), _write_eval(
+        tmp_path / "r2" / "eval-f0", truth, 0.8, 1)
+    r = compare_evals(weak, strong, shards)
+    assert r["studies"] == len(truth) and r["b"] < r["a"] and r["ci95"][1] < 0
+    assert r["a"] == pytest.approx(score_submission(solution_from_train(truth), pd.read_csv(weak / "submission.csv")))
+    out = tmp_path / "cmp.json"
+    assert main([str(weak), str(strong), "--shards", str(shards), "--out", str(out)]) == 0
+    assert "is lower" in capsys.readouterr().out and json.loads(out.read_text())["diff"] == pytest.approx(r["diff"])
+    assert main([str(weak), str(tmp_path / "nowhere"), "--shards", str(shards)]) == 2
+    assert "spinestream evaluate" in capsys.readouterr().err
+
+
+def test_the_report_compares_round_two_with_round_one_on_the_same_fold(shards, tmp_path):
+    from spinestream.report import comparison
+
+    truth = _truth(shards)
+    d1, d2 = _write_eval(tmp_path / "a", truth, 0.5, 0), _write_eval(tmp_path / "b", truth, 0.5, 1)
+    e = lambda run, d, fold=0: {"run": run, "dir": str(d), "fold": fold, "competition_loss": 0.1}  # noqa: E731
+    c = comparison([e("round1", d1), e("round2", d2)], shards)
+    assert c["a_run"] == "round1" and c["b_run"] == "round2" and c["ci95"][0] < c["diff"] < c["ci95"][1]
+    assert "missing" in comparison([e("round1", d1), e("round2", d2, fold=1)], shards)
+    assert "missing" in comparison([e("round1", d1)], shards)
