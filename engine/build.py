@@ -49,12 +49,10 @@ def build_device(cfg: RunConfig) -> tuple[torch.device, str]:
 def build_model_for(cfg: RunConfig, device: torch.device, state: dict | None = None, source: str = "", *,
                     init: dict | None = None) -> tuple[torch.nn.Module, bool]:
     """The model on ``device`` and whether it is channels_last: a checkpoint's weights when ``state`` is given
-    (resume), else ``model.init_from``'s (round 2 from round 1; ``init``: that checkpoint if already read),
-    else pretrained or random ones."""
-    if state is None and init is None:
-        init = init_weights(cfg)
-    elif state is not None:
-        init = None
+    (resume), else those of ``init`` (``model.init_from``'s checkpoint, :func:`init_weights`; round 2 from
+    round 1), else pretrained or random ones."""
+    if state is not None:
+        init = None  # resume: the run's own checkpoint wins
     # a checkpoint has the weights: never fetch pretrained ones just to overwrite them
     mcfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None) \
         if state is not None or init is not None else cfg.model

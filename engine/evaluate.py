@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 120, "display.precision", 3):
         print(report[["accuracy", "sensitivity", "specificity", "auc", "n_pos", "n_neg"]])
     print(f"\n{path.name}, fold {fold}, {result['studies']} studies, rule={rule}: "
-          f"competition loss {result['competition_loss']:.4f} (constant baseline {baseline:.4f}), accuracy {result['accuracy']:.3f} -> {out}")
+          f"competition loss {result['competition_loss']:.4f} (constant baseline {baseline:.4f}), "
+          f"accuracy {result['accuracy']:.3f} -> {out}")
     return 0
 
 

@@ -360,7 +360,6 @@ class Trainer:
             self._settle(block=True)
             if self.step % t.val_every_steps == 0 and self.step != self._last_val_step:
                 self._early_stop = self._validate_and_checkpoint()
-                self.model.train()
                 return self._early_stop
         if self.step % t.checkpoint_every_steps == 0:
             self._settle(block=True)  # note: CPU-GPU sync point, once per checkpoint
@@ -437,6 +436,7 @@ class Trainer:
         model = self.ema.module if self.ema else self.model
         probs = predict_run(model, self.cfg, self.val_studies.StudyInstanceUID.tolist(), self.device,
                             self.precision, batch_size=self.loader_cfg.batch_size)
+        self.model.train()  # inference left it in eval mode; training may go on mid-epoch (val_every_steps)
         return score_studies(probs, self.val_studies, self.cfg.train.study_rule)
 
     def plot(self) -> None:

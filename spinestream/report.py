@@ -42,20 +42,17 @@ def _read_json(path: Path) -> dict | None:
 
 def recompute_scores(eval_dir: Path, shards: Path, fold: int) -> dict:
     """(competition loss, constant baseline) of an evaluation from its submission.csv and the study labels."""
-    import pandas as pd
-
-    from engine.metrics import score_submission, solution_from_train, submission_frame
+    from engine.compare import eval_study_losses
+    from engine.metrics import constant_baseline
     from shards.tables import read_study_table
 
+    losses = eval_study_losses(eval_dir, shards)
     studies = read_study_table(Layout(shards).studies, columns=["StudyInstanceUID", "fold", *ROW_TYPES])
-    sub = pd.read_csv(eval_dir / "submission.csv")
-    uids = sub.row_id.str.extract(r"^(.+)_(?:C[1-7]|patient_overall)$")[0].unique()  # uids hold dots, not "_"
-    chosen = studies.set_index("StudyInstanceUID").loc[uids].reset_index()
-    solution = solution_from_train(chosen[["StudyInstanceUID", *ROW_TYPES]])
-    prev = studies[studies.fold != fold][list(ROW_TYPES)].mean().to_numpy(dtype=float)
-    baseline = score_submission(solution, submission_frame({u: prev for u in uids}))
-    return {"competition_loss": score_submission(solution, sub), "constant_baseline": baseline,
-            "studies": len(uids), "source": f"recomputed from {eval_dir / 'submission.csv'} and the study labels"}
+    chosen = studies[studies.StudyInstanceUID.isin(losses.index)]
+    baseline = constant_baseline(chosen[["StudyInstanceUID", *ROW_TYPES]],
+                                 prevalence_from=studies[studies.fold != fold][["StudyInstanceUID", *ROW_TYPES]])
+    return {"competition_loss": float(losses.mean()), "constant_baseline": baseline, "studies": len(losses),
+            "source": f"recomputed from {eval_dir / 'submission.csv'} and the study labels"}
 
 
 def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path) -> dict:
