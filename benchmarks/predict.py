@@ -3,7 +3,8 @@ submission, per transfer syntax, and whether 1,500 hidden test studies fit Kaggl
 
 Per syntax (explicit, JPEG Lossless, JPEG 2000, RLE; a synthetic test set each):
 
-* **decode** -- slices/s on one core of predict's ingest (``decode_study``: read, HU, resize, window);
+* **decode** -- slices/s on one core of predict's ingest (``preprocess.ingest.ingest_study``, the shard
+  job's too: read, HU, resize, window, neighbour index);
 * **model** -- slices/s of the model alone on in-memory volumes (here a tiny CPU model, ``test_resnet``
   by default: a stand-in, not the GPU figure of the real backbone);
 * **end to end** -- studies/min of ``predict`` with ``--workers`` decoding processes.
@@ -36,8 +37,9 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     from engine.model import build_model, model_fingerprint
     from preprocess.config import ShardConfig
     from shards.config import load_config, to_dict
-    from shards.fsutil import atomic_write_json
     from shards.layout import ROW_TYPES
+    from shards.manifest import ImageSpec
+    from shards.spec import ShardSpec
 
     import yaml
 
@@ -49,13 +51,10 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     ck.save(run_dir / "best.pt", {"model_fingerprint": model_fingerprint(net), "model": net.state_dict(),
                                   "ema": None, "step": 0})
     sc = ShardConfig(image_size=out_size)
-    image = {"size": sc.image_size, "channels": sc.channels, "windows": [list(w) for w in sc.windows],
-             "offset_mm": sc.offset_mm}
-    # spinestream.predict.ShardSpec's file, written here because benchmarks may not import spinestream
-    # (DESIGN.md layering); once ShardSpec lives in shards/ this is ShardSpec(...).save(run_dir)
-    atomic_write_json(run_dir / "shard_spec.json", {"format": "spinestream-shard-spec", "version": 1,
-                                                    "config": to_dict(sc), "image": image,
-                                                    "prevalence": {t: 0.1 for t in ROW_TYPES}})
+    image = ImageSpec(size=sc.image_size, channels=sc.channels, windows=[list(w) for w in sc.windows],
+                      offset_mm=sc.offset_mm, jpeg_quality=sc.jpeg_quality,
+                      channel_order=["above", "slice", "below"] if sc.channels == "neighbours" else "windows")
+    ShardSpec(config=to_dict(sc), image=image, prevalence={t: 0.1 for t in ROW_TYPES}).save(run_dir)
     return run_dir, cfg, sc
 
 
@@ -64,10 +63,8 @@ def bench_syntax(syntax: str, work: Path, run: Path, model, cfg, sc, args, dev) 
     benchmarks may not import the application layer)."""
     from engine.infer import StudyVolume, predict_volumes
     from engine.model import data_config
-    from preprocess.dicom import read_series
+    from preprocess.ingest import ingest_study
     from preprocess.synth import make_dataset
-    from preprocess.window import make_slice_fn
-    from shards.sample import neighbour_index
 
     d = work / syntax
     make_dataset(d, studies=1, test_studies=args.studies, seed=1, size=args.size,
@@ -78,9 +75,10 @@ def bench_syntax(syntax: str, work: Path, run: Path, model, cfg, sc, args, dev) 
     n = 0
     for study in sorted(images.iterdir()):
         t0 = time.perf_counter()
-        vol, meta = read_series(study, slice_fn=make_slice_fn(sc.windows, sc.image_size))  # predict's ingest
+        ing = ingest_study(study, sc)  # predict's ingest (and the shard job's)
         t1 = time.perf_counter()
-        sv = StudyVolume(study.name, vol, neighbour_index(meta.z, sc.offset_mm), sc.channels, -1)
+        vol = ing.volume
+        sv = StudyVolume(study.name, vol, ing.nbr, sc.channels, -1)
         next(predict_volumes(model, [sv], image_size=cfg.loader.image_size, mean=dc["mean"], std=dc["std"],
                              batch_size=cfg.loader.batch_size, device=dev))
         t2 = time.perf_counter()

@@ -112,17 +112,18 @@ def _studies(data: Path) -> list[Path]:
 
 
 def _floor_study(args: tuple[str, int, float]) -> int:
-    """Decode every slice (read once, windowed to uint8), build each 2.5D image, JPEG-encode it. Nothing else."""
-    from preprocess.dicom import read_series
-    from preprocess.window import make_slice_fn
-    from shards.sample import encode_jpeg, neighbour_index, sample_image
+    """Ingest the study (the shard job's ``ingest_study``: every slice decoded once, windowed to uint8,
+    the neighbour index), build each 2.5D image, JPEG-encode it. Nothing else."""
+    from preprocess.config import ShardConfig
+    from preprocess.ingest import ingest_study
+    from shards.sample import encode_jpeg, sample_image
 
     study, size, offset_mm = args
-    vol, meta = read_series(study, slice_fn=make_slice_fn([(400, 1800)], size))
-    nb = neighbour_index(meta.z, offset_mm)
-    for i in range(len(vol)):
-        encode_jpeg(sample_image(vol, i, nb, "neighbours"), 95)
-    return len(vol)
+    cfg = ShardConfig(image_size=size, windows=[(400.0, 1800.0)], offset_mm=offset_mm)
+    ing = ingest_study(study, cfg)
+    for i in range(ing.n_slices):
+        encode_jpeg(sample_image(ing.volume, i, ing.nbr, cfg.channels), cfg.jpeg_quality)
+    return ing.n_slices
 
 
 def run_floor(data: Path, size: int, workers: int) -> dict:

@@ -5,9 +5,10 @@
 
 Two resumable phases:
 
-1. **per study** (parallel): read the DICOM series (sorted along the slice normal, head to
-   feet), window it to uint8 at the output size, write the Zarr volume, JPEG-encode every
-   slice's 2.5D image and compute the slice labels. Output goes to
+1. **per study** (parallel): ingest the DICOM series (``preprocess.ingest.ingest_study``, which
+   predict calls too: sorted along the slice normal, head to feet, windowed to uint8 at the
+   output size), write the Zarr volume, JPEG-encode every slice's 2.5D image and compute the
+   slice labels. Output goes to
    ``_work/studies/<uid>.tmp`` and is committed by renaming the directory; the volume is
    moved into ``volumes.zarr`` just before. A committed study is never redone.
 2. **the group phase** (:func:`finalize`), named steps on the storage contract in shards/:
@@ -53,7 +54,7 @@ from shards import layout as L
 from shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
 from shards.fsutil import atomic_write_json, replace_dir
-from shards.sample import encode_jpeg, neighbour_index, sample_image
+from shards.sample import encode_jpeg, sample_image
 from shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
 from shards.tables import LabelTable, label_frame, write_label_table, write_slice_table, write_study_table
@@ -61,11 +62,11 @@ from shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
 from shards.wds import ShardWriter
 
 from .config import ShardConfig
-from .dicom import DicomError, read_series
+from .dicom import DicomError
 from .errors import DataWarning, JobError, LabelError
+from .ingest import ingest_study
 from .labels import boxes_to_index, build_study_table, slice_labels
 from .segmentation import read_segmentation
-from .window import make_slice_fn
 
 TOOL = "spinestream 0.1.0"
 
@@ -158,7 +159,8 @@ def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
     # study.json and listed in the manifest (the error policy, preprocess/errors.py)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
-        volume, meta, labels, sizes, used_seg = _convert_study(task, cfg, tmp)
+        study, labels, sizes, used_seg = _convert_study(task, cfg, tmp)
+    volume, meta = study.volume, study.meta
     info = {
         "uid": task.uid,
         "n_slices": int(volume.shape[0]),
@@ -171,7 +173,7 @@ def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
         "transfer_syntaxes": list(meta.transfer_syntaxes),
         "bad_files": [[str(a), str(b)] for a, b in meta.bad_files],
         "has_segmentation": used_seg,
-        "warnings": study_warnings(task, caught),
+        "warnings": study_warnings(task, caught, first=study.warnings),
     }
     attrs = VolumeAttrs(
         study=task.uid, z=info["z"], slice_numbers=info["slice_numbers"], spacing=info["spacing"],
@@ -190,33 +192,27 @@ def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
 
 
 def _convert_study(task: StudyTask, cfg: ShardConfig, tmp: Path):
-    """Read, label and JPEG-encode one study into ``tmp`` -> (volume, meta, labels, sample sizes,
-    whether a segmentation decided labels)."""
-    volume, meta = read_series(task.image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size),
-                               ragged="resize")
-    n = volume.shape[0]
-    if not np.all(np.isfinite(meta.z)):
-        # no ImagePositionPatient anywhere: read_series ordered by InstanceNumber/file number;
-        # stand in evenly spaced positions so neighbours in mm still work
-        meta.z = -np.arange(n, dtype=np.float64) * float(meta.spacing[0])
+    """Ingest, label and JPEG-encode one study into ``tmp`` -> (the ingested study, labels, sample
+    sizes, whether a segmentation decided labels)."""
+    study = ingest_study(task.image_dir, cfg)  # the one ingest, predict's too (preprocess/ingest.py)
+    volume, meta, n = study.volume, study.meta, study.n_slices
     labels, used_seg = study_labels(task, meta, n, cfg)
-
-    nbr = neighbour_index(meta.z, cfg.offset_mm) if cfg.channels == "neighbours" else None
     sizes = np.empty(n, dtype=np.int64)
     with open(tmp / "samples.bin", "wb") as f:
         for i in range(n):
-            data = encode_jpeg(sample_image(volume, i, nbr, cfg.channels), cfg.jpeg_quality)
+            data = encode_jpeg(sample_image(volume, i, study.nbr, cfg.channels), cfg.jpeg_quality)
             sizes[i] = len(data)
             f.write(data)
     if labels is not None:
         np.save(tmp / "labels.npy", labels)
-    return volume, meta, labels, sizes, used_seg
+    return study, labels, sizes, used_seg
 
 
-def study_warnings(task: StudyTask, caught: list[warnings.WarningMessage]) -> list[str]:
-    """The DataWarning messages of one study, with the dataset path made relative (the manifest
-    must not depend on where the data lies); other warnings are re-emitted as they were."""
-    out = []
+def study_warnings(task: StudyTask, caught: list[warnings.WarningMessage], first: list[str] = ()) -> list[str]:
+    """The DataWarning messages of one study (``first``: those ingest returned, then those
+    ``caught`` after it), with the dataset path made relative (the manifest must not depend on
+    where the data lies); other warnings are re-emitted as they were."""
+    out = [m.replace(task.image_dir, f"train_images/{task.uid}") for m in first]
     for w in caught:
         if issubclass(w.category, DataWarning):
             out.append(str(w.message).replace(task.image_dir, f"train_images/{task.uid}"))

@@ -4,10 +4,10 @@
         --out submission.csv
     spinestream predict --run runs/f0 --run runs/f1 --run runs/f2 --images test_images --out submission.csv
 
-Each study goes through the shard job's own ingest: ``preprocess.dicom.read_series`` with
-``preprocess.window.make_slice_fn`` (the windows and image size the shards were made with), the
-same stand-in z positions when a series has none, and ``shards.sample.neighbour_index`` for the
-2.5D neighbours; then ``engine.infer.predict_volumes`` runs each model as validation does (its
+Each study goes through the shard job's own ingest, the one function ``preprocess.ingest.ingest_study``
+(the series read with ragged slices resized, windowed at the size the shards were made with,
+stand-in z positions when a series has none, the 2.5D neighbour index), so predict's model inputs
+equal the shards' by construction; then ``engine.infer.predict_volumes`` runs each model as validation does (its
 loader image size and mean/std, fixed-size batches) and ``engine.metrics.study_probabilities``
 applies the run's slice-to-study rule. Several ``--run``s are an ensemble: their slice
 probabilities are averaged before the rule (they must share one image spec).
@@ -24,6 +24,8 @@ study with no readable slice gets the training prevalence (a warning names it), 
 sample submission whose study is not in ``--images`` get the prevalence (one warning counts and
 names them). With ``--sample-submission`` the output has exactly its rows, in its order; a row_id
 it cannot parse is an error. Without it: every study directory in ``--images``, sorted, 8 rows each.
+``--images`` must hold study directories of ``.dcm`` files: a folder with none (e.g. the dataset root,
+whose ``test_images/`` is the one to pass) is refused with exit status 2.
 """
 from __future__ import annotations
 
@@ -44,12 +46,11 @@ import numpy as np
 import pandas as pd
 
 from preprocess.config import ShardConfig
-from preprocess.dicom import DicomError, read_series
+from preprocess.dicom import DicomError
 from preprocess.errors import DataWarning
-from preprocess.window import make_slice_fn
+from preprocess.ingest import ingest_study
 from shards.fsutil import atomic_write_bytes
 from shards.layout import ROW_TYPES
-from shards.sample import neighbour_index
 from shards.spec import ShardSpec, run_shard_spec
 
 
@@ -63,32 +64,29 @@ class Decoded:
     uid: str
     volume: np.ndarray | None  # (Z, S, S) neighbours | (Z, S, S, 3) windows, uint8, head to feet
     z: np.ndarray | None  # (Z,) float64, descending
+    nbr: np.ndarray | None = None  # (Z, 3) the shard job's 2.5D neighbour index ('neighbours'), else None
     bad_files: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # DataWarnings raised while reading (re-issued by the parent)
+    notes: list[str] = field(default_factory=list)  # warnings raised while reading (re-issued by the parent)
     error: str | None = None  # set when no slice was readable
     seconds: float = 0.0
 
 
 def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
-    """Read one study exactly as ``preprocess.convert.process_study`` does, keeping the volume in memory.
+    """Ingest one study with the shard job's own function (``preprocess.ingest.ingest_study``),
+    keeping the volume in memory.
 
     Never raises for bad input: a study without a readable slice comes back with ``error`` set.
     """
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # the warnings ingest passes on
         warnings.simplefilter("always")
         try:
-            volume, meta = read_series(image_dir, slice_fn=make_slice_fn(cfg.windows, cfg.image_size))
+            study = ingest_study(image_dir, cfg)
         except (DicomError, OSError) as e:  # the shard job's bad-input policy (preprocess/errors.py)
             return Decoded(uid, None, None, error=str(e), notes=[str(w.message) for w in caught],
                            seconds=time.perf_counter() - t0)
-    z = meta.z
-    if not np.all(np.isfinite(z)):
-        # the same stand-in as convert.process_study (copied until it is a function there): no
-        # ImagePositionPatient anywhere -> evenly spaced positions, so neighbours in mm still work
-        z = -np.arange(volume.shape[0], dtype=np.float64) * float(meta.spacing[0])
-    return Decoded(uid, volume, z, bad_files=[(str(a), str(b)) for a, b in meta.bad_files],
-                   notes=[str(w.message) for w in caught], seconds=time.perf_counter() - t0)
+    return Decoded(uid, study.volume, study.z, study.nbr, bad_files=[(str(a), str(b)) for a, b in study.bad_files],
+                   notes=study.warnings + [str(w.message) for w in caught], seconds=time.perf_counter() - t0)
 
 
 def _shard_config(d: dict) -> ShardConfig:
@@ -148,12 +146,10 @@ def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool,
 
 
 def study_volume(d: Decoded, spec: ShardSpec):
-    """A decoded study as ``engine.infer.StudyVolume`` (neighbour index from its z, as the shard job)."""
+    """A decoded study as ``engine.infer.StudyVolume`` (with ingest's neighbour index, the shard job's)."""
     from engine.infer import StudyVolume
 
-    channels = spec.image.channels
-    nbr = neighbour_index(d.z, float(spec.image.offset_mm)) if channels == "neighbours" else None
-    return StudyVolume(d.uid, d.volume, nbr, channels, slice_id_offset=-1)  # -1: not from a shard set
+    return StudyVolume(d.uid, d.volume, d.nbr, spec.image.channels, slice_id_offset=-1)  # -1: not from a shard set
 
 
 # --------------------------------------------------------------------------- the runs
@@ -222,11 +218,36 @@ def prevalence(runs: Sequence[Run]) -> np.ndarray:
 # --------------------------------------------------------------------------- the submission
 
 
+DATASET_DIRS = ("test_images", "train_images")
+"""Subfolders that make a folder a dataset root in the Kaggle layout, not a folder of studies."""
+
+
 def list_studies(images: Path) -> dict[str, Path]:
-    """``{uid: directory}`` of every study directory in ``images``, sorted by uid."""
+    """``{uid: directory}`` of every study directory in ``images``, sorted by uid.
+
+    Raises FileNotFoundError when ``images`` is not a directory or no subfolder of it holds
+    ``.dcm`` files (an empty folder, or a dataset root: the message then names its test_images/).
+    """
     if not images.is_dir():
         raise FileNotFoundError(f"--images {images}: no such directory (expected <StudyInstanceUID>/<n>.dcm)")
-    return {p.name: p for p in sorted(images.iterdir(), key=lambda p: p.name) if p.is_dir()}
+    found = {p.name: p for p in sorted(images.iterdir(), key=lambda p: p.name) if p.is_dir()}
+    if not any(_holds_dicom(p) for p in found.values()):
+        raise FileNotFoundError(_no_studies_message(images, found))
+    return found
+
+
+def _holds_dicom(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``.dcm`` file (as ``read_series`` lists them); stops at the first."""
+    return any(p.suffix.lower() == ".dcm" and p.is_file() for p in directory.iterdir())
+
+
+def _no_studies_message(images: Path, found: dict[str, Path]) -> str:
+    msg = f"--images {images}: no study directory (none of its {len(found)} subfolder(s) holds .dcm files); " \
+          f"expected {images}/<StudyInstanceUID>/<n>.dcm"
+    if any(d in found for d in DATASET_DIRS):
+        msg += (f". {images} looks like a dataset root ({', '.join(d + '/' for d in DATASET_DIRS if d in found)}): "
+                f"pass --images {images / 'test_images'}")
+    return msg
 
 
 def read_sample(path: Path) -> pd.DataFrame:
@@ -322,8 +343,6 @@ def predict(runs: Sequence[Run], images: Path, *, sample: Path | None = None, ru
     found = list_studies(Path(images))
     prev = prevalence(runs)
     if sample is None:
-        if not found:
-            raise ValueError(f"--images {images}: no study directories")
         probs, stats = predict_study_probs(runs, list(found.items()), rule=rule, workers=workers, prefetch=prefetch,
                                            progress=progress)
         frame = submission_frame({u: probs[u] for u in sorted(probs)})
@@ -392,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.simplefilter("always", DataWarning)  # every bad file and study is named, not the first only
     try:
+        list_studies(args.images)  # a wrong --images is refused before any model is loaded
         dev = pick_device(args.device)
         runs = load_runs(args.run, dev, checkpoint=args.checkpoint, batch_size=args.batch_size, tta=args.tta)
         print(f"spinestream predict: {len(runs)} run(s) on {dev}, image spec {runs[0].spec.key()} "
