@@ -12,11 +12,21 @@ that decide its outputs, and the paths it writes, in one layout::
 Verbs are called through a ``verb(argv) -> exit status`` function (the CLI table in production, fakes in
 tests), so the application imports no job module. What each stage's inputs fingerprint:
 
-* the dataset: ``SYNTH_COMPLETE``, ``train.csv``, ``train_bounding_boxes.csv`` (sha256) and the number of
-  study directories: the DICOMs themselves (343 GB) are not hashed;
+* the dataset: ``SYNTH_COMPLETE``, ``train.csv``, ``train_bounding_boxes.csv`` and every file of
+  ``segmentations/`` (sha256: a changed segmentation changes slice labels; 87 NIfTIs on the real data, about
+  a second per GB to hash, where size + mtime would flag a copied dataset and reshard 100 GB for nothing) and
+  the number of study directories: the DICOMs themselves (343 GB) are not hashed;
 * a shard set: ``manifest.json`` (it holds every shard's sha256) and the study, slice and truth tables;
 * a run: ``best.pt``'s sha256 (written once per improvement, by an atomic rename);
+* a training round: its resolved config, the shard set, round 1's ``best.pt`` (init_from) and every table
+  its ``data.label_tables`` lists (relative to the shard set, or absolute), whoever made it;
 * a label table, sample submission or report input: its sha256; test images: the sorted file names.
+
+A training stage keeps what it cost: when it is redone its run directory is moved aside to
+``DIR/runs/superseded/<round>-<UTC time>-<hash>/`` (see :mod:`spinestream.stages`), and an unrecorded run
+directory is resumed only when its ``config.yaml`` is the config this round would train with. Both rounds
+must validate on the same fold (``data.val_fold``): round 2 starts from round 1's weights and pseudo-labels,
+which were fitted on every other fold.
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ from shards.fsutil import atomic_write_bytes
 from shards.layout import Layout
 
 from .config import EvaluateStage, PipelineConfig, TrainStage
-from .stages import Stage, StageError, fingerprint
+from .stages import Stage, StageError, canonical, changed_key_list, changed_keys, fingerprint
 
 Verb = Callable[[list[str]], int]
 
@@ -74,10 +84,11 @@ def expand(path: str | None, root: Path) -> Path | None:
 
 
 def dataset_fp(data: Path) -> dict:
-    imgs = data / "train_images"
+    imgs, segs = data / "train_images", data / "segmentations"
     n = sum(1 for e in os.scandir(imgs) if e.is_dir()) if imgs.is_dir() else 0
-    return {"path": str(data), "studies": n, **{f: fingerprint(data / f) for f in
-                                                ("SYNTH_COMPLETE", "train.csv", "train_bounding_boxes.csv")}}
+    seg = {p.name: fingerprint(p) for p in sorted(segs.iterdir()) if p.is_file()} if segs.is_dir() else {}
+    return {"path": str(data), "studies": n, "segmentations": seg,
+            **{f: fingerprint(data / f) for f in ("SYNTH_COMPLETE", "train.csv", "train_bounding_boxes.csv")}}
 
 
 def shards_fp(shards: Path) -> dict:
@@ -144,6 +155,14 @@ def build_stages(cfg: PipelineConfig, root: Path, verb: Verb = cli_verb) -> list
     for r in ("round1", "round2"):
         if r in cfg.stages or f"evaluate{r[-1]}" in cfg.stages:
             configs[r] = run_config(r, getattr(cfg, r), paths, needs_pseudo=r == "round2" and "pseudo" in cfg.stages)
+    if "round1" in configs and "round2" in configs:
+        f1, f2 = configs["round1"].data.val_fold, configs["round2"].data.val_fold
+        if f1 != f2:
+            raise ValueError(
+                f"round1 holds out fold {f1} (data.val_fold) but round2 would validate on fold {f2}: round 2 "
+                f"starts from round 1's weights and pseudo-labels, fitted on every fold but {f1}, so it must be "
+                f"validated on fold {f1} too. Set data.val_fold: {f1} in {cfg.round2.config} (or --set "
+                f"\"round2.set=[data.val_fold={f1}]\"), or change both rounds' folds")
     makers = {"synth": _synth, "shard": _shard, "verify": _verify, "bench": _bench, "round1": _train,
               "round2": _train, "evaluate1": _evaluate, "evaluate2": _evaluate, "pseudo": _pseudo,
               "predict": _predict, "report": _report}
@@ -191,12 +210,32 @@ def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
                  outputs=[paths.bench], required=[paths.bench / "loader.json"])
 
 
+def trained_config(rc, init_from: Path | None) -> dict:
+    """The config ``spinestream train -c <rc> --set model.init_from=...`` runs with, as it writes it to
+    ``RUN_DIR/config.yaml`` (engine/train.py: the loaded config, then ``write_config``), paths normalised."""
+    import dataclasses
+
+    return same_paths(to_dict(dataclasses.replace(rc, model=dataclasses.replace(
+        rc.model, init_from=None if init_from is None else str(init_from)))))
+
+
+def same_paths(d: dict) -> dict:
+    """A run config dict with ``data.root``, ``out_dir`` and ``model.init_from`` absolute and resolved (the
+    trainer may store them either way), so that two configs compare equal when they name the same files."""
+    out = canonical(d)
+    for sect, key in ((None, "out_dir"), ("data", "root"), ("model", "init_from")):
+        holder = out.get(sect) if sect else out
+        if isinstance(holder, dict) and isinstance(holder.get(key), str):
+            holder[key] = str(Path(holder[key]).expanduser().resolve())
+    return out
+
+
 def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     stage: TrainStage = getattr(cfg, name)
     rc, run_dir, resolved = configs[name], paths.run(name), paths.stages / f"{name}.yaml"
     # init_from: null overrides a config's own model.init_from (the stage says: no round-1 weights)
-    init = ["--set", "model.init_from=null" if stage.init_from is None else
-            f"model.init_from={paths.run(stage.init_from) / 'best.pt'}"]
+    init_path = None if stage.init_from is None else paths.run(stage.init_from) / "best.pt"
+    init = ["--set", "model.init_from=null" if init_path is None else f"model.init_from={init_path}"]
 
     def run():
         write_yaml(resolved, rc)
@@ -209,9 +248,32 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
             out["init_from"] = fingerprint(paths.run(stage.init_from) / "best.pt")
         if "pseudo" in cfg.stages and name == "round2":
             out["pseudo"] = fingerprint(paths.pseudo)
+        out["label_tables"] = {t: fingerprint(Path(t) if Path(t).is_absolute() else paths.shards / t)
+                               for t in rc.data.label_tables}
         return out
 
-    return Stage(name, run, inputs, outputs=[run_dir], required=[run_dir / "best.pt"])
+    def check_resume() -> tuple[str, list[str]]:
+        """('', []) when the run directory was made by this round's config (or holds nothing to resume), else
+        (why not, the differing config keys)."""
+        ckpts = list(run_dir.glob("ckpt-*.pt"))
+        if not ckpts and not (run_dir / "best.pt").exists():
+            return "", []  # nothing trained: the trainer starts afresh
+        if not ckpts:
+            return f"{run_dir} holds a best.pt but no checkpoint to resume from", []
+        path = run_dir / "config.yaml"
+        try:
+            made_by = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            return f"its config {path} cannot be read ({type(e).__name__}): which config made it is unknown", []
+        want = trained_config(rc, init_path)
+        if not isinstance(made_by, dict) or same_paths(made_by) != want:
+            made_by = same_paths(made_by) if isinstance(made_by, dict) else {}
+            keys = changed_key_list(made_by, want, "config.")
+            return f"{path} differs from this round's config ({changed_keys(made_by, want, 'config.')})", keys
+        return "", []
+
+    return Stage(name, run, inputs, outputs=[run_dir], required=[run_dir / "best.pt"], keep=True,
+                 check_resume=check_resume)
 
 
 def eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""``spinestream run -c configs/pipeline.yaml [--out DIR] [--from STAGE]``: the whole pipeline, resumable.
+"""``spinestream run -c configs/pipeline.yaml [--out DIR] [--from STAGE] [--no-retrain]``: the whole pipeline.
 
     synth (demo) -> shard -> verify -> bench (demo) -> round1 -> evaluate1 -> pseudo -> round2 -> evaluate2
     -> predict -> report
@@ -6,15 +6,28 @@
     spinestream run -c configs/pipeline.yaml --out /data/spine     # run, or finish an interrupted run
     spinestream run -c configs/pipeline.yaml --from round2         # redo round 2 and everything after it
     spinestream run -c configs/pipeline.yaml --set round2.set='[optim.lr=3e-4]'
+    spinestream run -c configs/pipeline.yaml --no-retrain          # refuse if a finished run would be redone
     spinestream run -c configs/pipeline.yaml --print-config
 
 Every stage is a spinestream verb. Its completion record DIR/stages/<stage>.json holds its inputs (resolved
-config and arguments, sha256 fingerprints of the upstream outputs it read). A complete stage with the same
-inputs is skipped; an interrupted one resumes (shard skips committed studies; training continues with
-`spinestream train --resume DIR/runs/<round>` from its last checkpoint); one whose inputs changed is redone
-with every stage after it. --from STAGE redoes that stage and the rest on purpose: their outputs are moved
-aside and deleted first (only paths inside DIR). One status line per stage: skipped / run / resumed / redone.
-Writes DIR/report.md, DIR/report.json and the submission DIR/submission.csv.
+config and arguments, sha256 fingerprints of the upstream outputs it read: the dataset's CSVs and
+segmentations, the shard set's manifest and tables, every label table a round lists, round 1's best.pt). A
+complete stage with the same inputs is skipped; an interrupted one resumes (shard skips committed studies;
+training continues with `spinestream train --resume DIR/runs/<round>` from its last checkpoint, and only when
+the run's config.yaml is the config the round would train with); one whose inputs changed is redone with
+every stage after it. --from STAGE redoes that stage and the rest on purpose.
+
+A redo never deletes a training run. By default a round that must be redone (its inputs changed, something
+before it ran, --from, or an unrecorded run made by another config) has its run directory moved aside, whole,
+to DIR/runs/superseded/<round>-<UTC time>-<hash of its old inputs>/, with superseded.json naming the reason
+and the changed input keys; the status line says where it was kept. Rounds take days of GPU time: keeping
+them costs only disk, and a run that goes ahead unattended does not stop at a question. Delete superseded
+runs yourself once they are no longer wanted. With --no-retrain the pipeline refuses instead (exit 2, before
+any stage runs or anything is moved) when a round with a run directory would be redone. Other stages'
+outputs are deleted on a redo (shard: DIR/shards, which can be ~100 GB), each named with its file count and
+size in the status line. Nothing outside DIR is moved or deleted. Rounds 1 and 2 must validate on the same
+data.val_fold. One status line per stage: skipped / run / resumed / redone. Writes DIR/report.md,
+DIR/report.json and the submission DIR/submission.csv.
 """
 from __future__ import annotations
 
@@ -26,7 +39,7 @@ from pathlib import Path
 from shards.config import ConfigError, HelpFormatter, add_print_config, load_config, plain, print_config
 
 from .config import STAGES, PipelineConfig
-from .stages import StageError, check_stage, run_stages
+from .stages import RetrainRefused, StageError, check_stage, run_stages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", type=Path, default=None, help="pipeline YAML (configs/pipeline.yaml)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the config's out)")
     p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
-                   help=f"redo from this stage on: {' '.join(STAGES)}")
+                   help=f"redo from this stage on: {' '.join(STAGES)} (a round's run is moved aside, not deleted)")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="refuse (exit 2, nothing run or moved) when round1/round2 would be redone over an existing "
+                        "run; default: move that run aside to DIR/runs/superseded/ and retrain")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set round1.config=configs/round1.yaml")
     add_print_config(p)
@@ -67,7 +83,11 @@ def main(argv: list[str] | None = None, verb=None) -> int:
     t0 = time.perf_counter()
     log = lambda line: print(f"spinestream run: {line}", flush=True)  # noqa: E731
     try:
-        results = run_stages(stages, root / "stages", root, from_stage=args.from_stage, log=log)
+        results = run_stages(stages, root / "stages", root, from_stage=args.from_stage, log=log,
+                             refuse_retrain=args.no_retrain)
+    except RetrainRefused as e:
+        print(f"spinestream run: error: {e}", file=sys.stderr)
+        return 2
     except (StageError, ValueError, FileNotFoundError) as e:
         print(f"spinestream run: error: {e}; fix it and rerun the same command: finished stages are skipped",
               file=sys.stderr)

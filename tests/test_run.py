@@ -51,6 +51,7 @@ class FakeVerbs:
         _write(out / "train.csv", "StudyInstanceUID\n")
         _write(out / "test_images" / "1.2.3" / "1.dcm", "dicom")
         _write(out / "sample_submission.csv", "row_id,fractured\n")
+        _write(out / "segmentations" / "1.2.3.nii", "segmentation v1")
         return 0
 
     def shard(self, a):
@@ -58,6 +59,7 @@ class FakeVerbs:
         cfg = Path(_arg(a, "-c")).read_text()
         _write(out / "manifest.json", json.dumps({"config": cfg}))
         _write(out / "labels" / "truth.parquet", "truth")
+        _write(out / "labels" / "extra.parquet", "a hand-made table, v1")  # listed by round 2 in some tests
         return 0
 
     def verify(self, a):
@@ -70,6 +72,9 @@ class FakeVerbs:
         return 0
 
     def train(self, a):
+        from engine.config import RunConfig
+        from shards.config import load_config, to_dict
+
         cfg = yaml.safe_load(Path(_arg(a, "-c")).read_text())
         run = Path(cfg["out_dir"]) / cfg["name"]
         if "--resume" in a:
@@ -77,6 +82,12 @@ class FakeVerbs:
         else:
             assert not any(run.glob("ckpt-*.pt")), "a fresh run over an old checkpoint"
         _write(run / "run.json", "{}")
+        # what engine/train.py writes: the -c config with the --set overrides (model.init_from), its paths absolute
+        d = to_dict(load_config(RunConfig, _arg(a, "-c"), [v for i, v in enumerate(a) if i and a[i - 1] == "--set"]))
+        d["out_dir"], d["data"]["root"] = str(Path(d["out_dir"]).resolve()), str(Path(d["data"]["root"]).resolve())
+        if d["model"]["init_from"]:
+            d["model"]["init_from"] = str(Path(d["model"]["init_from"]).resolve())
+        _write(run / "config.yaml", yaml.safe_dump(d, sort_keys=False))
         _write(run / "ckpt-000000001.pt", "step 1")
         if self.kill_in == cfg["name"]:
             self.kill_in = None
@@ -122,8 +133,12 @@ def pipeline(tmp_path):
 
 def _statuses(capsys) -> dict[str, str]:
     """Stage -> its final status line's word, from spinestream run's output."""
+    return _statuses_of(capsys.readouterr().out)
+
+
+def _statuses_of(out: str) -> dict[str, str]:
     found = {}
-    for line in capsys.readouterr().out.splitlines():
+    for line in out.splitlines():
         if line.startswith("spinestream run: ["):
             name, rest = line.split("[", 1)[1].split("]", 1)
             found[name.strip()] = rest.split()[0].rstrip(":")
@@ -210,6 +225,7 @@ def test_from_round2_redoes_from_round2(pipeline, capsys):
     assert [st[s] for s in ALL[:7]] == ["skipped"] * 7 and [st[s] for s in ALL[7:]] == ["redone"] * 4
     assert fakes.verbs() == ["train", "evaluate", "predict"]
     assert not (out / "runs/round2/stray.txt").exists()
+    assert (_kept(out, "round2") / "stray.txt").is_file()  # --from moves a round's run aside too
     assert _files(out / "runs/round1") == r1
 
 
@@ -222,6 +238,130 @@ def test_changed_shard_setting_redoes_everything_after_shard(pipeline, capsys):
     st = _statuses(capsys)
     assert st["synth"] == "skipped" and all(st[s] == "redone" for s in ALL[1:])
     assert fakes.verbs()[:2] == ["shard", "verify"]
+
+
+def _kept(out: Path, run: str) -> Path:
+    """The one superseded copy of ``run`` (DIR/runs/superseded/<run>-<UTC time>-<hash>)."""
+    (kept,) = sorted((out / "runs/superseded").glob(f"{run}-*"))
+    return kept
+
+
+def test_changed_shard_setting_keeps_the_finished_runs_aside(pipeline, capsys):
+    """Issue 16 item 3: a redo never deletes a finished training run; it moves it aside and says where."""
+    run, fakes, out = pipeline
+    assert run() == 0
+    best = {r: (out / f"runs/{r}/best.pt").read_bytes() for r in ("round1", "round2")}
+    old = {r: _files(out / f"runs/{r}") for r in ("round1", "round2")}
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "shard.fields.image_size=48") == 0
+    log = capsys.readouterr().out
+    for r in ("round1", "round2"):
+        kept = _kept(out, r)
+        assert (kept / "best.pt").read_bytes() == best[r]
+        assert {k: v for k, v in _files(kept).items() if k != "superseded.json"} == old[r]  # moved, not copied
+        note = json.loads((kept / "superseded.json").read_text())
+        assert note["stage"] == r and note["moved_from"] == str(out / "runs" / r)
+        assert any(k.startswith("shards.") for k in note["changed"]), note["changed"]
+        line = next(x for x in log.splitlines() if x.startswith(f"spinestream run: [{r}") and "kept at" in x)
+        assert f"the finished run was kept at {kept}" in line and "inputs changed (shards." in line
+        assert (out / f"runs/{r}/best.pt").is_file()  # and trained again
+    assert "removed " + str(out / "shards") in log  # the shard set is deleted, and the log says so
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["round1", "round2", "superseded"]
+
+
+def test_no_retrain_refuses_before_touching_anything(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    before = _files(out)
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "shard.fields.image_size=48", "--no-retrain") == 2
+    err = capsys.readouterr().err
+    assert "round1" in err and "--no-retrain" in err
+    assert fakes.calls == [] and _files(out) == before
+
+
+def test_changed_segmentation_file_reruns_shard(pipeline, capsys):
+    """Issue 16 item 11a: segmentations/ decide slice labels, so they are part of the dataset's fingerprint."""
+    run, fakes, out = pipeline
+    assert run() == 0
+    capsys.readouterr()
+    fakes.calls.clear()
+    (out / "raw/segmentations/1.2.3.nii").write_text("segmentation v2")  # same size, new content
+    assert run() == 0
+    st = _statuses(capsys)
+    assert st["synth"] == "skipped" and st["shard"] == "redone"
+    assert fakes.verbs()[:2] == ["shard", "verify"]
+
+
+EXTRA = ["--set", "round2.set=['data.label_tables=[labels/truth.parquet, labels/pseudo-round1.parquet, "
+                  "labels/extra.parquet]']"]
+
+
+def test_rewritten_label_table_of_round2_reruns_round2(pipeline, capsys):
+    """Issue 16 item 11b: every table a round lists is fingerprinted, not only the pseudo stage's."""
+    run, fakes, out = pipeline
+    assert run(*EXTRA) == 0
+    capsys.readouterr()
+    fakes.calls.clear()
+    (out / "shards/labels/extra.parquet").write_text("a hand-made table, v2")
+    assert run(*EXTRA) == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:7]] == ["skipped"] * 7 and st["round2"] == "redone"
+    assert fakes.verbs() == ["train", "evaluate", "predict"]
+
+
+def test_checkpoints_without_a_record_resume_only_under_the_same_config(pipeline, capsys, monkeypatch):
+    """Issue 16 item 11c: no record, checkpoints made by another config: moved aside and trained afresh.
+    A relative --out: the trainer's config.yaml holds absolute paths, and that is the same config."""
+    run0, fakes, out = pipeline
+    monkeypatch.chdir(out.parent)
+    run = lambda *a: run0("--out", out.name, *a)  # noqa: E731
+    assert run() == 0
+    (out / "stages/round2.json").unlink()
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run() == 0  # same config: resumed
+    assert _statuses(capsys)["round2"] == "resumed" and "--resume" in fakes.calls[0]
+    assert not (out / "runs/superseded").exists()
+    best = (out / "runs/round2/best.pt").read_bytes()
+    (out / "stages/round2.json").unlink()
+    fakes.calls.clear()
+    assert run("--set", "round2.set=[optim.lr=0.0005]") == 0
+    log = capsys.readouterr().out
+    assert _statuses_of(log)["round2"] == "redone"
+    assert fakes.verbs()[0] == "train" and "--resume" not in fakes.calls[0]
+    kept = _kept(out, "round2")
+    assert (kept / "best.pt").read_bytes() == best
+    assert "config.optim.lr" in json.loads((kept / "superseded.json").read_text())["changed"]
+    assert f"kept at {kept.relative_to(out.parent)}" in log and "config.yaml" in log
+
+
+def test_round2_on_another_fold_than_round1_is_refused(pipeline, capsys):
+    """Issue 16 item 8: round 2 is validated on the fold round 1 held out."""
+    run, fakes, out = pipeline
+    assert run("--set", "round2.set=[data.val_fold=1]") == 2
+    err = capsys.readouterr().err
+    assert "fold 0" in err and "fold 1" in err and "data.val_fold" in err
+    assert fakes.calls == [] and not (out / "stages").exists()
+
+
+def test_record_from_before_segmentations_were_fingerprinted_is_adopted(pipeline, capsys):
+    """Upgrading spinestream does not redo a finished shard stage (or retrain) for a key it newly fingerprints."""
+    run, fakes, out = pipeline
+    assert run() == 0
+    rec_path = out / "stages/shard.json"
+    rec = json.loads(rec_path.read_text())
+    del rec["inputs"]["dataset"]["segmentations"]
+    rec_path.write_text(json.dumps(rec))
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run() == 0
+    log = capsys.readouterr().out
+    assert _statuses_of(log)["shard"] == "skipped" and "--from shard" in log
+    assert fakes.calls == []
+    assert "segmentations" in json.loads(rec_path.read_text())["inputs"]["dataset"]
 
 
 def test_deleted_output_of_a_complete_stage_is_redone(pipeline, capsys):
@@ -266,7 +406,9 @@ def test_print_config_round_trips(pipeline, capsys, tmp_path):
 
 
 def test_runner_with_fake_stages_and_safe_removal(tmp_path):
-    """The runner alone: a table of stage callables; a redo never deletes outside the pipeline dir."""
+    """The runner alone: a table of stage callables; a redo never deletes (or moves) outside the pipeline dir."""
+    from spinestream.stages import supersede
+
     ran = []
     knob = {"b": 1}
     out = tmp_path / "o"
@@ -288,7 +430,9 @@ def test_runner_with_fake_stages_and_safe_removal(tmp_path):
         remove_outputs([outside], out, out / "stages/.trash")
     with pytest.raises(ValueError, match="not inside the pipeline directory"):
         remove_outputs([out], out, out / "stages/.trash")
-    assert outside.is_dir() and out.is_dir()
+    with pytest.raises(ValueError, match="not inside the pipeline directory"):
+        supersede(outside, out, {})
+    assert outside.is_dir() and out.is_dir() and not (tmp_path / "superseded").exists()
 
 
 def _report_fixture(root: Path):
@@ -412,3 +556,8 @@ def test_demo_pipeline_end_to_end_on_a_tiny_synthetic_set(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert _statuses(capsys) == dict.fromkeys(ALL, "skipped")
+    # without its record, round 2's run is resumed: the real trainer's config.yaml is what the pipeline expects
+    (out / "stages/round2.json").unlink()
+    assert main(args) == 0
+    st = _statuses(capsys)
+    assert st["round1"] == "skipped" and st["round2"] == "resumed" and not (out / "runs/superseded").exists()
