@@ -7,6 +7,12 @@ the means gets a paired bootstrap over studies: a 95% interval and the share of 
 which B scores lower. On a fold of ~60-400 studies a difference of a few thousandths is often
 inside the noise; this says whether it is.
 
+It says nothing about how each checkpoint was chosen. ``best.pt`` is the lowest loss among a run's
+validations on its validation fold, so on that fold it is optimistic, the more so the more often the run
+validated (round 2's ``train.val_every_steps``): compare best.pt files on another fold, or compare the
+runs' last checkpoints (``spinestream evaluate --checkpoint last --out RUN/eval-f<k>-last``), as the
+pipeline's report does for its verdict (:mod:`spinestream.report`).
+
     spinestream compare runs/round1/eval-f0 runs/round2/eval-f0 --shards shards-512
     spinestream compare A B --shards S --out compare.json --bootstrap 10000
 """
@@ -25,7 +31,7 @@ from shards.tables import read_study_table
 
 from .metrics import solution_from_train, study_losses
 
-__all__ = ["compare_evals", "eval_study_losses", "main", "paired_bootstrap"]
+__all__ = ["compare_evals", "describe", "eval_study_losses", "main", "paired_bootstrap", "verdict"]
 
 
 def eval_study_losses(eval_dir: str | Path, shards: str | Path) -> pd.Series:
@@ -69,13 +75,19 @@ def compare_evals(eval_a: str | Path, eval_b: str | Path, shards: str | Path, *,
     return {"a_dir": str(eval_a), "b_dir": str(eval_b), **out}
 
 
+def verdict(r: dict, b: str = "B") -> str:
+    """``"<b> is lower"`` / ``"<b> is higher"`` when the 95% interval of ``b - a`` excludes 0, else
+    ``"within the noise"``."""
+    lo, hi = r["ci95"]
+    return f"{b} is lower" if hi < 0 else f"{b} is higher" if lo > 0 else "within the noise"
+
+
 def describe(r: dict, a: str = "A", b: str = "B") -> str:
     """One line: the two losses, the difference and its interval."""
     lo, hi = r["ci95"]
-    verdict = (f"{b} is lower" if hi < 0 else f"{b} is higher" if lo > 0 else "within the noise")
     return (f"{b} {r['b']:.4f} vs {a} {r['a']:.4f} on {r['studies']} studies: {b} - {a} = {r['diff']:+.4f}, "
             f"95% paired bootstrap interval [{lo:+.4f}, {hi:+.4f}] ({b} lower in {r['p_b_lower']:.0%} of "
-            f"{r['bootstrap']} resamples): {verdict}")
+            f"{r['bootstrap']} resamples): {verdict(r, b)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from preprocess.synth import SynthConfig
 
 #: every stage, in the only order they can run (a pipeline lists a subsequence of it)
 STAGES = ("synth", "shard", "verify", "bench", "round1", "evaluate1", "pseudo", "round2", "evaluate2",
-          "predict", "report")
+          "predict", "compare", "report")
 
 
 @dataclass(kw_only=True)
@@ -79,6 +79,9 @@ class EvaluateStage:
     rule: str | None = None
     """Slice -> study rule; unset: the run's train.study_rule."""
     checkpoint: Literal["best", "last"] = "best"
+    """The checkpoint evaluated into RUN/eval-f<k>/. best.pt is the run's lowest loss among its validations
+    on this same fold, so its loss here is optimistic; the compare stage also evaluates the last checkpoint
+    (RUN/eval-f<k>-last/, with this stage's fold, rule and batch size) for the report's verdict."""
     batch_size: int = 32
 
 
@@ -116,7 +119,8 @@ class PipelineConfig:
     """Output directory (spinestream run --out wins): raw/, shards/, runs/, stages/, submission.csv, report.md."""
     stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s not in ("synth", "bench")])
     """The stages to run, a subsequence of: synth shard verify bench round1 evaluate1 pseudo round2 evaluate2
-    predict report."""
+    predict compare report. compare evaluates both rounds' last checkpoints (RUN/eval-f<k>-last/): the
+    report's round 2 vs round 1 verdict compares those, not best.pt (picked on the reported fold)."""
     workers: int = 0
     """Processes / threads for synth, shard and bench (0 = every CPU); not part of any stage's inputs."""
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -3,7 +3,7 @@
     spinestream demo            # = spinestream run -c configs/demo.yaml --out demo-data
 
 synth -> shard -> verify -> bench loader -> round 1 -> evaluate -> pseudo-label -> round 2 -> evaluate
--> predict -> report, every stage a ``spinestream`` verb run by ``spinestream run`` (resumable: rerunning
+-> predict -> compare -> report, every stage a ``spinestream`` verb run by ``spinestream run`` (resumable: rerunning
 the demo skips what is done). A demo directory whose synthetic data was made with other settings is
 refused (with what differs) instead of being rebuilt under the user's feet.
 """

@@ -4,7 +4,8 @@ that decide its outputs, and the paths it writes, in one layout::
     DIR/raw/                     the synthetic dataset (the demo's synth stage)
     DIR/shards/                  spinestream shard (+ labels/pseudo-round1.parquet from the pseudo stage)
     DIR/bench/loader.json        spinestream bench loader
-    DIR/runs/round1, round2      spinestream train (eval-f<k>/ inside, from spinestream evaluate)
+    DIR/runs/round1, round2      spinestream train (eval-f<k>/ inside, from spinestream evaluate;
+                                 eval-f<k>-last/ from the compare stage)
     DIR/submission.csv           spinestream predict
     DIR/report.md, report.json, report/*.png
     DIR/stages/<stage>.json      completion records; <stage>.yaml the resolved config a verb was given
@@ -27,6 +28,12 @@ A training stage keeps what it cost: when it is redone its run directory is move
 directory is resumed only when its ``config.yaml`` is the config this round would train with. Both rounds
 must validate on the same fold (``data.val_fold``): round 2 starts from round 1's weights and pseudo-labels,
 which were fitted on every other fold.
+
+The compare stage evaluates each round's last checkpoint (``spinestream evaluate --checkpoint last --out
+RUN/eval-f<k>-last``, with its evaluate stage's fold, rule and batch size) for the report's round 2 vs
+round 1 verdict (:mod:`spinestream.report` says why not best.pt). Only the report reads it, so it runs
+after predict: adding it to a finished pipeline, or redoing it, redoes the report alone (an evaluate stage
+that changed would redo everything after it, round 2's training included).
 """
 from __future__ import annotations
 
@@ -153,7 +160,7 @@ def build_stages(cfg: PipelineConfig, root: Path, verb: Verb = cli_verb) -> list
     workers = str(cfg.workers or os.cpu_count() or 1)
     configs = {"shard": shard_config(cfg)} if "shard" in cfg.stages else {}
     for r in ("round1", "round2"):
-        if r in cfg.stages or f"evaluate{r[-1]}" in cfg.stages:
+        if r in cfg.stages or f"evaluate{r[-1]}" in cfg.stages or "compare" in cfg.stages:
             configs[r] = run_config(r, getattr(cfg, r), paths, needs_pseudo=r == "round2" and "pseudo" in cfg.stages)
     if "round1" in configs and "round2" in configs:
         f1, f2 = configs["round1"].data.val_fold, configs["round2"].data.val_fold
@@ -165,7 +172,7 @@ def build_stages(cfg: PipelineConfig, root: Path, verb: Verb = cli_verb) -> list
                 f"\"round2.set=[data.val_fold={f1}]\"), or change both rounds' folds")
     makers = {"synth": _synth, "shard": _shard, "verify": _verify, "bench": _bench, "round1": _train,
               "round2": _train, "evaluate1": _evaluate, "evaluate2": _evaluate, "pseudo": _pseudo,
-              "predict": _predict, "report": _report}
+              "predict": _predict, "compare": _compare, "report": _report}
     return [makers[name](name, cfg, paths, configs, verb, workers) for name in cfg.stages]
 
 
@@ -276,8 +283,22 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
                  check_resume=check_resume)
 
 
+def eval_fold(stage: EvaluateStage, run_cfg) -> int:
+    return run_cfg.data.val_fold if stage.fold is None else stage.fold
+
+
 def eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
-    return run_dir / f"eval-f{run_cfg.data.val_fold if stage.fold is None else stage.fold}"
+    """Where the evaluate stage writes (its ``checkpoint``, best.pt by default): RUN/eval-f<k>."""
+    return run_dir / f"eval-f{eval_fold(stage, run_cfg)}"
+
+
+def last_eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
+    """Where the compare stage writes the run's last checkpoint's evaluation: RUN/eval-f<k>-last."""
+    return run_dir / f"eval-f{eval_fold(stage, run_cfg)}-last"
+
+
+def latest_checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
 
 
 def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -291,10 +312,32 @@ def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
     ckpt = "best.pt" if e.checkpoint == "best" else None
 
     def inputs():
-        run_fp = fingerprint(run_dir / ckpt) if ckpt else {"latest": sorted(p.name for p in run_dir.glob("ckpt-*.pt"))}
+        run_fp = fingerprint(run_dir / ckpt) if ckpt else {"latest": latest_checkpoints(run_dir)}
         return {"run": run_fp, "args": args, "shards": shards_fp(paths.shards)}
 
     return Stage(name, lambda: call(verb, argv), inputs, outputs=[out], required=[out / "report.csv"])
+
+
+def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
+    """Both rounds' last checkpoints evaluated as their evaluate stages evaluate best.pt, into eval-f<k>-last."""
+    jobs = {}
+    for run in ("round1", "round2"):
+        e: EvaluateStage = getattr(cfg, f"evaluate{run[-1]}")
+        run_dir = paths.run(run)
+        args = ["--checkpoint", "last", "--batch-size", str(e.batch_size)]
+        args += (["--fold", str(e.fold)] if e.fold is not None else []) + (["--rule", e.rule] if e.rule else [])
+        jobs[run] = (run_dir, last_eval_dir(e, configs[run], run_dir), args)
+
+    def run():
+        for run_dir, out, args in jobs.values():
+            call(verb, ["evaluate", "--run", str(run_dir), *args, "--out", str(out)])
+
+    def inputs():
+        return {r: {"latest": latest_checkpoints(run_dir), "args": args}
+                for r, (run_dir, _, args) in jobs.items()} | {"shards": shards_fp(paths.shards)}
+
+    outs = [out for _, out, _ in jobs.values()]
+    return Stage(name, run, inputs, outputs=outs, required=[o / "report.csv" for o in outs])
 
 
 def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:

@@ -3,11 +3,24 @@
 Everything is read from what the stages wrote; a piece that is not there is reported as missing
 (``{"missing": "<the file looked for>"}``), never invented:
 
-* ``evaluations``: per evaluate stage its run, fold, slice-to-study rule, competition loss, the constant
-  baseline and the per-vertebra table (``RUN/eval-f<k>/report.csv``). When the evaluation wrote a
-  ``summary.json`` its numbers are used; otherwise the loss is scored from its ``submission.csv`` against the
-  shard set's study labels, and the baseline is the trainer's: the prevalence of each row type among the
-  studies outside fold k, predicted for every evaluated study (``"source"`` says which);
+* ``evaluations``: per evaluation its stage, run, ``checkpoint`` (``best``: the evaluate stages'
+  ``RUN/eval-f<k>/``; ``last``: the compare stage's ``RUN/eval-f<k>-last/``), fold, slice-to-study rule,
+  competition loss, the constant baseline and the per-vertebra table (``report.csv``). When the evaluation
+  wrote a ``summary.json`` its numbers are used; otherwise the loss is scored from its ``submission.csv``
+  against the shard set's study labels, and the baseline is the trainer's: the prevalence of each row type
+  among the studies outside fold k, predicted for every evaluated study (``"source"`` says which);
+* ``comparison``: round 2 against round 1 on the same studies (:mod:`engine.compare`'s paired bootstrap),
+  for the best.pt evaluations (``"best"``) and for the last checkpoints (``"last"``), side by side, with
+  how each round's best.pt was chosen (``"selection"``: its number of validations, the ``"val"`` records of
+  ``metrics.jsonl``, and the steps of the best and the last). The ``"verdict"`` ("round2 is lower" /
+  "within the noise" / "round2 is higher") is the last checkpoints' (``"verdict_on": "last"``), never
+  best.pt's: best.pt is the minimum of a run's validations on the very fold reported here, so its loss
+  there is biased low by the selection, and the more validations it was picked from, the more; round 2
+  validates 4-5 times an epoch (``train.val_every_steps``), round 1 once, so best against best favours
+  round 2 whether or not it is better. The last checkpoint is the run's end, not chosen by its loss on the
+  fold (early stopping, when on, does look at the fold, but stops ``early_stopping_patience`` validations
+  *after* the best: a mild effect, against the run). Without both last evaluations (no compare stage)
+  there is no verdict, and the report says why rather than falling back on best.pt;
 * ``pseudo_labels``: the pseudo-label summary (counts; precision/recall/F1 on synthetic data);
 * ``throughput``: loader images/s per line (``DIR/bench/loader.json``) and training images/s (median of the
   runs' ``metrics.jsonl`` log windows);
@@ -55,12 +68,12 @@ def recompute_scores(eval_dir: Path, shards: Path, fold: int) -> dict:
             "source": f"recomputed from {eval_dir / 'submission.csv'} and the study labels"}
 
 
-def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path) -> dict:
+def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path, *, fold: int,
+               checkpoint: str = "best") -> dict:
     """One entry of ``evaluations``."""
     import pandas as pd
 
-    fold = int(eval_dir.name.removeprefix("eval-f"))
-    out = {"name": name, "run": run, "fold": fold, "rule": rule, "dir": str(eval_dir)}
+    out = {"name": name, "run": run, "checkpoint": checkpoint, "fold": fold, "rule": rule, "dir": str(eval_dir)}
     if not (eval_dir / "report.csv").is_file():
         return {**out, "competition_loss": None, "constant_baseline": None, **_missing(eval_dir / "report.csv")}
     summary = _read_json(eval_dir / "summary.json")
@@ -78,19 +91,64 @@ def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path) -> 
             "heatmaps": str(heat) if heat.is_file() else None}
 
 
-def comparison(evals: list[dict], shards: Path) -> dict:
-    """Round 2 against round 1 on the same studies (engine.compare's paired bootstrap), when both evaluated
-    the same fold."""
+def paired(evals: list[dict], shards: Path, checkpoint: str) -> dict:
+    """Round 2 against round 1 on the same studies (engine.compare's paired bootstrap) for one kind of
+    checkpoint (``best`` / ``last``), when both rounds evaluated it on the same fold."""
     from engine.compare import compare_evals
 
-    done = [e for e in evals if e.get("competition_loss") is not None]
-    if len(done) != 2 or done[0]["fold"] != done[1]["fold"]:
-        return {"missing": "needs evaluate1 and evaluate2 on the same fold"}
+    done = {}
+    for e in evals:
+        if e.get("checkpoint") == checkpoint and e.get("competition_loss") is not None:
+            done.setdefault(e["run"], e)
+    stage = "the compare stage" if checkpoint == "last" else "evaluate1 and evaluate2"
+    if set(done) != {"round1", "round2"} or done["round1"]["fold"] != done["round2"]["fold"]:
+        return {"missing": f"needs round1's and round2's {checkpoint} checkpoint evaluated on the same fold "
+                           f"({stage})"}
     try:
-        r = compare_evals(done[0]["dir"], done[1]["dir"], shards)
-        return {"a_run": done[0]["run"], "b_run": done[1]["run"], **r}
+        r = compare_evals(done["round1"]["dir"], done["round2"]["dir"], shards)
+        return {"a_run": "round1", "b_run": "round2", **r}
     except (OSError, ValueError) as e:
         return {"missing": str(e)}
+
+
+def comparison(evals: list[dict], shards: Path, selection: dict | None = None) -> dict:
+    """Round 2 against round 1, best.pt and last checkpoint side by side; the verdict is the last's (see the
+    module docstring). ``selection``: :func:`selection` per round."""
+    from engine.compare import verdict
+
+    last, best = paired(evals, shards, "last"), paired(evals, shards, "best")
+    out = {"verdict_on": "last", "verdict": verdict(last, "round2") if "diff" in last else None,
+           "last": last, "best": best, "selection": selection or {}}
+    if out["verdict"] is None:
+        out["no_verdict"] = (f"no last-checkpoint comparison ({last['missing']}); best.pt against best.pt is not "
+                             f"a verdict: each was picked on this fold, from as many validations as its round made")
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def selection(run_dir: Path) -> dict:
+    """How the run's best.pt was chosen: the number of its validations (``"val"`` records of metrics.jsonl,
+    epoch-end and ``train.val_every_steps`` ones alike), the step of the best (the first lowest loss: the
+    trainer keeps a strictly lower one) and of the last."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return _missing(path)
+    vals = [r for r in _jsonl(path) if isinstance(r.get("val"), dict) and "competition_loss" in r["val"]]
+    if not vals:
+        return {"validations": 0, "missing": f"no val records in {path}"}
+    best = min(vals, key=lambda r: r["val"]["competition_loss"])
+    return {"validations": len(vals), "best_step": best.get("step"), "best_val_loss": best["val"]["competition_loss"],
+            "last_step": vals[-1].get("step"), "source": str(path)}
 
 
 # --------------------------------------------------------------------------- the other pieces
@@ -116,7 +174,7 @@ def training_throughput(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return _missing(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _jsonl(path)
     ips = [r["images_per_s"] for r in rows if "images_per_s" in r]
     if not ips:
         return {"missing": f"no images_per_s in {path}"}
@@ -159,20 +217,23 @@ def submission(path: Path) -> dict:
 def collect(paths, cfg, configs: dict) -> dict:
     """The report as a dict (what report.json holds); ``paths`` is a plan.Paths, ``configs`` the resolved run
     configs by round (for the validation fold and the study rule)."""
-    from .plan import eval_dir
+    from .plan import eval_dir, eval_fold, last_eval_dir
 
     evals = []
-    for name in ("evaluate1", "evaluate2"):
-        if name not in cfg.stages:
-            continue
-        run, stage = f"round{name[-1]}", getattr(cfg, name)
-        rule = stage.rule or configs[run].train.study_rule
-        evals.append(evaluation(name, run, eval_dir(stage, configs[run], paths.run(run)), rule, paths.shards))
+    todo = [(name, f"round{name[-1]}", False) for name in ("evaluate1", "evaluate2") if name in cfg.stages]
+    todo += [("compare", run, True) for run in ("round1", "round2") if "compare" in cfg.stages]
+    for name, run, last in todo:
+        stage, rc, run_dir = getattr(cfg, f"evaluate{run[-1]}"), configs[run], paths.run(run)
+        rule = stage.rule or rc.train.study_rule
+        d = last_eval_dir(stage, rc, run_dir) if last else eval_dir(stage, rc, run_dir)
+        evals.append(evaluation(name, run, d, rule, paths.shards, fold=eval_fold(stage, rc),
+                                checkpoint="last" if last else stage.checkpoint))
     runs = [r for r in ("round1", "round2") if r in cfg.stages]
+    chosen = {r: selection(paths.run(r)) for r in ("round1", "round2") if r in configs}
     return {
         "out": str(paths.root),
         "evaluations": evals,
-        "comparison": comparison(evals, paths.shards),
+        "comparison": comparison(evals, paths.shards, chosen),
         "pseudo_labels": pseudo_labels(paths.pseudo) if "pseudo" in cfg.stages else {"missing": "no pseudo stage"},
         "throughput": {"loader": loader_throughput(paths.bench / "loader.json") if "bench" in cfg.stages
                        else {"missing": "no bench stage"},
@@ -205,7 +266,8 @@ def loss_chart(evals: list[dict], path: Path) -> bool:
     ax.bar([x - 0.2 for x in xs], [e["competition_loss"] for e in have], 0.4, label="model")
     ax.bar([x + 0.2 for x in xs], [e["constant_baseline"] or 0 for e in have], 0.4, label="constant baseline",
            color="grey")
-    ax.set_xticks(list(xs), [f"{e['run']}\nfold {e['fold']}" for e in have], fontsize=8)
+    ax.set_xticks(list(xs), [f"{e['run']} {e.get('checkpoint', 'best')}\nfold {e['fold']}" for e in have],
+                  fontsize=8)
     ax.set(title="competition loss (lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -226,19 +288,17 @@ def markdown(rep: dict) -> str:
     root = Path(rep["out"])
     rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731
     lines = [f"# spinestream pipeline report: {root}", "", "## Evaluations", ""]
-    lines += ["| stage | run | fold | rule | studies | competition loss | constant baseline |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['name']} | {e['run']} | {e['fold']} | {e['rule']} | {_f(e.get('studies'), 'd')} | "
-              f"{_f(e.get('competition_loss'))} | {_f(e.get('constant_baseline'))} |" for e in rep["evaluations"]]
-    c = rep.get("comparison") or {}
-    if "diff" in c:
-        from engine.compare import describe
-
-        lines += ["", describe(c, a=c["a_run"], b=c["b_run"]) + " (`spinestream compare`)."]
+    lines += ["| stage | run | checkpoint | fold | rule | studies | competition loss | constant baseline |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['name']} | {e['run']} | {e.get('checkpoint', 'best')} | {e['fold']} | {e['rule']} | "
+              f"{_f(e.get('studies'), 'd')} | {_f(e.get('competition_loss'))} | {_f(e.get('constant_baseline'))} |"
+              for e in rep["evaluations"]]
+    lines += _comparison_md(rep.get("comparison") or {})
     if "losses.png" in rep.get("report_figures", []):
         lines += ["", "![losses](report/losses.png)"]
     for e in rep["evaluations"]:
-        lines += ["", f"### {e['name']}: {e['run']}, fold {e['fold']} per vertebra", ""]
+        lines += ["", f"### {e['name']}: {e['run']} {e.get('checkpoint', 'best')} checkpoint, fold {e['fold']} "
+                      f"per vertebra", ""]
         if "per_vertebra" not in e:
             lines.append(f"missing: {e.get('missing')}")
             continue
@@ -257,6 +317,41 @@ def markdown(rep: dict) -> str:
               if "path" in sub else f"missing: {sub['missing']}"]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in rep["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_md(c: dict) -> list[str]:
+    """Round 2 against round 1: best.pt and last checkpoint side by side, the verdict on the last."""
+    if "last" not in c:
+        return []
+    from engine.compare import describe
+
+    sel = c.get("selection") or {}
+    n = {r: (sel.get(r) or {}).get("validations") for r in ("round1", "round2")}
+    step = {r: (sel.get(r) or {}).get("last_step") for r in ("round1", "round2")}
+    picked = f"lowest of round1's {_f(n['round1'], 'd')} / round2's {_f(n['round2'], 'd')} validations on this fold"
+    lines = ["", "## Round 2 against round 1 (competition loss, lower is better)", "",
+             "| checkpoint | round1 | round2 | round2 - round1 | 95% paired bootstrap interval | round2 lower in |",
+             "|---|---|---|---|---|---|"]
+    for key, label in (("best", f"best.pt ({picked})"),
+                       ("last", f"last (steps {_f(step['round1'], 'd')} / {_f(step['round2'], 'd')}; not picked "
+                                "on this fold)")):
+        r = c[key]
+        if "diff" in r:
+            lines.append(f"| {label} | {r['a']:.4f} | {r['b']:.4f} | {r['diff']:+.4f} | [{r['ci95'][0]:+.4f}, "
+                         f"{r['ci95'][1]:+.4f}] | {r['p_b_lower']:.0%} of {r['bootstrap']} |")
+        else:
+            lines.append(f"| {label} | missing: {r.get('missing')} | | | | |")
+    why = (f"best.pt is each round's lowest loss among its validations on this same fold (round1: "
+           f"{_f(n['round1'], 'd')}, round2: {_f(n['round2'], 'd')}), so its figures are optimistic, the more so "
+           f"for the round that validated more; the last checkpoints were not picked on the fold, so the verdict "
+           f"compares them.")
+    if c.get("verdict"):
+        last = c["last"]
+        lines += ["", f"**Verdict, on the last checkpoints: {c['verdict']}.** "
+                      f"{describe(last, a=last['a_run'], b=last['b_run'])} (`spinestream compare`).", "", why]
+    else:
+        lines += ["", f"**No verdict**: {c.get('no_verdict')}.", "", why]
+    return lines
 
 
 def _pseudo_md(p: dict) -> list[str]:

@@ -66,12 +66,25 @@ def test_compare_two_evaluation_dirs_and_the_verb(shards, tmp_path, capsys):
 
 
 def test_the_report_compares_round_two_with_round_one_on_the_same_fold(shards, tmp_path):
+    """best.pt against best.pt and last against last, side by side; the verdict is the last checkpoints'
+    (best.pt was picked on this fold, round 2's from more validations), never best.pt's."""
     from spinestream.report import comparison
 
     truth = _truth(shards)
     d1, d2 = _write_eval(tmp_path / "a", truth, 0.5, 0), _write_eval(tmp_path / "b", truth, 0.5, 1)
-    e = lambda run, d, fold=0: {"run": run, "dir": str(d), "fold": fold, "competition_loss": 0.1}  # noqa: E731
-    c = comparison([e("round1", d1), e("round2", d2)], shards)
-    assert c["a_run"] == "round1" and c["b_run"] == "round2" and c["ci95"][0] < c["diff"] < c["ci95"][1]
-    assert "missing" in comparison([e("round1", d1), e("round2", d2, fold=1)], shards)
-    assert "missing" in comparison([e("round1", d1)], shards)
+    weak, strong = _write_eval(tmp_path / "w", truth, 0.1, 2), _write_eval(tmp_path / "s", truth, 0.9, 3)
+
+    def e(run, d, checkpoint, fold=0):
+        return {"run": run, "dir": str(d), "fold": fold, "checkpoint": checkpoint, "competition_loss": 0.1}
+
+    c = comparison([e("round1", weak, "best"), e("round2", strong, "best"), e("round1", d1, "last"),
+                    e("round2", d2, "last")], shards, {"round1": {"validations": 4}, "round2": {"validations": 13}})
+    assert c["best"]["a_run"] == "round1" and c["best"]["b_run"] == "round2" and c["best"]["ci95"][1] < 0
+    last = c["last"]
+    assert (last["a_dir"], last["b_dir"]) == (str(d1), str(d2)) and last["ci95"][0] < last["diff"] < last["ci95"][1]
+    assert (c["verdict_on"], c["verdict"]) == ("last", "within the noise")  # not best.pt's "round2 is lower"
+    assert c["selection"]["round2"]["validations"] == 13
+    only_best = comparison([e("round1", weak, "best"), e("round2", strong, "best")], shards)
+    assert only_best["verdict"] is None and "missing" in only_best["last"] and "diff" in only_best["best"]
+    other_fold = comparison([e("round1", d1, "last"), e("round2", d2, "last", fold=1)], shards)
+    assert other_fold["verdict"] is None and "missing" in other_fold["last"]

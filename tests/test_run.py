@@ -18,7 +18,7 @@ from spinestream.stages import Stage, fingerprint, remove_outputs, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["synth", "shard", "verify", "bench", "round1", "evaluate1", "pseudo", "round2", "evaluate2", "predict",
-       "report"]
+       "compare", "report"]
 
 
 def _arg(argv: list[str], flag: str) -> str:
@@ -98,7 +98,8 @@ class FakeVerbs:
         return 0
 
     def evaluate(self, a):
-        _write(Path(_arg(a, "--run")) / "eval-f0" / "report.csv", "target,accuracy\nC1,0.9\n")
+        out = Path(_arg(a, "--out")) if "--out" in a else Path(_arg(a, "--run")) / "eval-f0"
+        _write(out / "report.csv", "target,accuracy\nC1,0.9\n")
         return 0
 
     def synth_truth(self, a):
@@ -151,11 +152,20 @@ def _files(d: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def _round1_files(out: Path) -> dict[str, tuple[str, int | None]]:
+    """:func:`_files` of round 1's run, but eval-f0-last/ by content only: the compare stage, after round 2,
+    rewrites round 1's last-checkpoint evaluation whenever round 2 changed (the same figures)."""
+    return {k: (h, None if k.startswith("eval-f0-last/") else t) for k, (h, t) in _files(out / "runs/round1").items()}
+
+
 def test_full_run_runs_every_stage_once_and_a_rerun_skips_all(pipeline, capsys):
     run, fakes, out = pipeline
     assert run() == 0
     assert fakes.verbs() == ["synth", "shard", "verify", "bench", "train", "evaluate", "synth-truth",
-                             "pseudo-label", "train", "evaluate", "predict"]
+                             "pseudo-label", "train", "evaluate", "predict", "evaluate", "evaluate"]
+    for call, r in zip(fakes.calls[-2:], ("round1", "round2")):  # compare: each round's last checkpoint
+        assert _arg(call, "--run") == str(out / "runs" / r) and _arg(call, "--checkpoint") == "last"
+        assert _arg(call, "--out") == str(out / "runs" / r / "eval-f0-last")
     assert _statuses(capsys) == dict.fromkeys(ALL, "run")
     for s in ALL:
         assert json.loads((out / "stages" / f"{s}.json").read_text())["state"] == "complete"
@@ -188,26 +198,30 @@ def test_killed_in_round2_resumes_round2_with_round1_untouched(pipeline, capsys,
     st = _statuses(capsys)
     assert [st[s] for s in ALL[:7]] == ["skipped"] * 7
     assert st["round2"] == "resumed" and all(st[s] == "redone" or st[s] == "run" for s in ALL[8:])
-    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert fakes.verbs() == ["train", "evaluate", "predict", "evaluate", "evaluate"]
     assert _arg(fakes.calls[0], "--resume") == str(out / "runs/round2")
-    assert {d: _files(out / d) for d in upstream} == upstream
+    now = {d: _files(out / d) for d in upstream}
+    # the compare stage (after predict) ran for the first time: it adds round 1's last-checkpoint evaluation
+    assert sorted(k for k in now["runs/round1"] if k not in upstream["runs/round1"]) == ["eval-f0-last/report.csv"]
+    now["runs/round1"] = {k: v for k, v in now["runs/round1"].items() if not k.startswith("eval-f0-last/")}
+    assert now == upstream
     assert (out / "runs/round2/best.pt").is_file()
 
 
 def test_changed_round2_setting_redoes_round2_and_after_not_round1(pipeline, capsys):
     run, fakes, out = pipeline
     assert run() == 0
-    r1 = _files(out / "runs/round1")
+    r1 = _round1_files(out)
     old_best = fingerprint(out / "runs/round2/best.pt")
     capsys.readouterr()
     fakes.calls.clear()
     assert run("--set", "round2.set=[optim.lr=0.0005]") == 0
     st = _statuses(capsys)
     assert [st[s] for s in ALL[:7]] == ["skipped"] * 7
-    assert [st[s] for s in ALL[7:]] == ["redone"] * 4
-    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert [st[s] for s in ALL[7:]] == ["redone"] * 5
+    assert fakes.verbs() == ["train", "evaluate", "predict", "evaluate", "evaluate"]
     assert "--resume" not in fakes.calls[0]  # redone from scratch: the old checkpoints were removed
-    assert _files(out / "runs/round1") == r1
+    assert _round1_files(out) == r1
     assert fingerprint(out / "runs/round2/best.pt") != old_best
     rec = json.loads((out / "stages/round2.json").read_text())
     assert rec["inputs"]["config"]["optim"]["lr"] == 0.0005
@@ -216,17 +230,17 @@ def test_changed_round2_setting_redoes_round2_and_after_not_round1(pipeline, cap
 def test_from_round2_redoes_from_round2(pipeline, capsys):
     run, fakes, out = pipeline
     assert run() == 0
-    r1 = _files(out / "runs/round1")
+    r1 = _round1_files(out)
     (out / "runs/round2/stray.txt").write_text("an output of the old round 2")
     capsys.readouterr()
     fakes.calls.clear()
     assert run("--from", "round2") == 0
     st = _statuses(capsys)
-    assert [st[s] for s in ALL[:7]] == ["skipped"] * 7 and [st[s] for s in ALL[7:]] == ["redone"] * 4
-    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert [st[s] for s in ALL[:7]] == ["skipped"] * 7 and [st[s] for s in ALL[7:]] == ["redone"] * 5
+    assert fakes.verbs() == ["train", "evaluate", "predict", "evaluate", "evaluate"]
     assert not (out / "runs/round2/stray.txt").exists()
     assert (_kept(out, "round2") / "stray.txt").is_file()  # --from moves a round's run aside too
-    assert _files(out / "runs/round1") == r1
+    assert _round1_files(out) == r1
 
 
 def test_changed_shard_setting_redoes_everything_after_shard(pipeline, capsys):
@@ -309,7 +323,7 @@ def test_rewritten_label_table_of_round2_reruns_round2(pipeline, capsys):
     assert run(*EXTRA) == 0
     st = _statuses(capsys)
     assert [st[s] for s in ALL[:7]] == ["skipped"] * 7 and st["round2"] == "redone"
-    assert fakes.verbs() == ["train", "evaluate", "predict"]
+    assert fakes.verbs() == ["train", "evaluate", "predict", "evaluate", "evaluate"]
 
 
 def test_checkpoints_without_a_record_resume_only_under_the_same_config(pipeline, capsys, monkeypatch):
@@ -528,6 +542,115 @@ def test_report_says_missing_for_an_evaluation_that_did_not_run(tmp_path):
     assert not (tmp_path / "report/losses.png").exists()
 
 
+def test_adding_the_compare_stage_to_a_finished_pipeline_redoes_the_report_only(pipeline, capsys):
+    """Issue 16: the last-checkpoint evaluations come from a stage of their own, after predict: a finished
+    pipeline gets them without its evaluate stages (and so round 2's training and predict) being redone."""
+    run, fakes, out = pipeline
+    assert run("--set", f"stages=[{', '.join(s for s in ALL if s != 'compare')}]") == 0
+    assert not (out / "runs/round1/eval-f0-last").exists()
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run() == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:10]] == ["skipped"] * 10 and (st["compare"], st["report"]) == ("run", "redone")
+    assert [(c[0], _arg(c, "--checkpoint")) for c in fakes.calls] == [("evaluate", "last")] * 2
+    assert all((out / f"runs/{r}/eval-f0-last/report.csv").is_file() for r in ("round1", "round2"))
+
+
+def _metrics(run_dir: Path, val_losses: list[float], every: int) -> None:
+    """A metrics.jsonl with a training log window and one "val" record per loss, ``every`` steps apart."""
+    rows = [{"step": 1, "loss": 0.5, "images_per_s": 50.0, "data_wait": 0.1}]
+    rows += [{"step": every * (i + 1), "epoch": 0, "val": {"competition_loss": v}} for i, v in enumerate(val_losses)]
+    _write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_shows_best_and_last_and_its_verdict_is_the_last_checkpoints(tmp_path):
+    """Issue 16: best.pt is picked on the reported fold, from more validations in round 2 (val_every_steps):
+    the report shows best and last side by side, how many validations each best was picked from, and its
+    verdict compares the last checkpoints. Here round 2's best.pt beats round 1's, its last checkpoint
+    loses: the verdict says round 2 is higher."""
+    import numpy as np
+    import pandas as pd
+
+    from engine.config import RunConfig
+    from engine.metrics import submission_frame
+    from shards.config import load_config
+    from shards.layout import ROW_TYPES
+    from spinestream.config import PipelineConfig
+    from spinestream.plan import Paths
+    from spinestream.report import write_report
+
+    root = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(80, 8))
+    studies = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(80)], "fold": [0, 1] * 40,
+                            "cohort": "boxed", **{c: y[:, k] for k, c in enumerate(ROW_TYPES)}})
+    (root / "shards").mkdir(parents=True)
+    studies.to_parquet(root / "shards/studies.parquet")
+    val = studies[studies.fold == 0]
+    truth = val[list(ROW_TYPES)].to_numpy(dtype=float)
+    table = pd.DataFrame({"target": ["overall"], "accuracy": [0.8], "auc": [0.7], "n_pos": [3], "n_neg": [3]})
+    skill = {("round1", "eval-f0"): 0.2, ("round2", "eval-f0"): 0.8,  # best.pt: round 2 far better
+             ("round1", "eval-f0-last"): 0.8, ("round2", "eval-f0-last"): 0.2}  # last: round 2 far worse
+    for (run, d), k in skill.items():
+        p = np.clip(0.5 + k * (truth - 0.5) + rng.normal(0, 0.05, truth.shape), 0.01, 0.99)
+        _write(root / "runs" / run / d / "report.csv", table.to_csv(index=False))
+        submission_frame(dict(zip(val.StudyInstanceUID, p))).to_csv(root / "runs" / run / d / "submission.csv",
+                                                                     index=False)
+    _metrics(root / "runs/round1", [0.5, 0.4, 0.45, 0.46], every=100)  # once an epoch: best @ 200 of 4
+    _metrics(root / "runs/round2", [0.4, 0.35, 0.3] + [0.31] * 10, every=25)  # val_every_steps: best @ 75 of 13
+    stages = "stages=[round1,evaluate1,round2,evaluate2,compare,report]"
+    cfg = load_config(PipelineConfig, None, [stages])
+    rep = write_report(Paths(root), cfg, {"round1": RunConfig(), "round2": RunConfig()})
+    assert [(e["name"], e["run"], e["checkpoint"]) for e in rep["evaluations"]] == [
+        ("evaluate1", "round1", "best"), ("evaluate2", "round2", "best"),
+        ("compare", "round1", "last"), ("compare", "round2", "last")]
+    assert rep["evaluations"][2]["dir"] == str(root / "runs/round1/eval-f0-last")
+    c = rep["comparison"]
+    assert c["best"]["ci95"][1] < 0 and c["last"]["ci95"][0] > 0  # best says round 2 wins, last says it loses
+    assert (c["verdict_on"], c["verdict"]) == ("last", "round2 is higher")
+    assert c["selection"]["round1"]["validations"] == 4 and c["selection"]["round2"]["validations"] == 13
+    assert (c["selection"]["round1"]["best_step"], c["selection"]["round2"]["best_step"]) == (200, 75)
+    md = (root / "report.md").read_text()
+    for k in ("best", "last"):
+        assert f"| {c[k]['a']:.4f} | {c[k]['b']:.4f} | {c[k]['diff']:+.4f} |" in md
+    assert "lowest of round1's 4 / round2's 13 validations" in md
+    assert "**Verdict, on the last checkpoints: round2 is higher.**" in md and "round2 is lower" not in md
+    # without the compare stage there is no verdict, and best against best is not passed off as one
+    cfg = load_config(PipelineConfig, None, [stages.replace("compare,", "")])
+    rep = write_report(Paths(root), cfg, {"round1": RunConfig(), "round2": RunConfig()})
+    c = rep["comparison"]
+    assert c["verdict"] is None and "compare stage" in c["no_verdict"] and c["best"]["diff"] < 0
+    md = (root / "report.md").read_text()
+    assert "**No verdict**" in md and "round2 is lower" not in md
+
+
+def _val_steps(epoch_steps: int, every: int, epochs: int) -> list[int]:
+    """The trainer's validation steps: every ``every`` steps and at each epoch's end, a step at most once."""
+    return sorted(set(range(every, epochs * epoch_steps + 1, every)) | {epoch_steps * e for e in range(1, epochs + 1)})
+
+
+def test_early_stopping_patience_counts_validations_and_round2_cannot_stop_in_its_first_epoch():
+    """Issue 16: the patience unit is validations, val_every_steps ones included (documented), and
+    configs/round2.yaml's patience cannot end round 2 inside its first epoch (~630k slices) at any batch size
+    from 8 to 64, nor before about round 1's 3 epochs of no improvement at batch 32."""
+    from engine.config import RunConfig, TrainConfig
+    from shards.config import field_docs, load_config
+
+    doc = field_docs(TrainConfig)["early_stopping_patience"]
+    assert "validations" in doc and "val_every_steps" in doc and "epoch-end" in doc
+    t = load_config(RunConfig, ROOT / "configs/round2.yaml").train
+    assert t.val_every_steps and t.early_stopping_patience
+    for batch in (8, 16, 24, 32, 48, 64):
+        epoch = 630_000 // batch
+        # the first validation always improves: the earliest stop is the (patience + 1)-th validation
+        earliest = _val_steps(epoch, t.val_every_steps, t.epochs)[t.early_stopping_patience]
+        assert earliest >= epoch, (batch, earliest, epoch)
+    epoch = 630_000 // 32
+    vals = _val_steps(epoch, t.val_every_steps, t.epochs)
+    assert vals[t.early_stopping_patience] - vals[0] >= 2.5 * epoch  # round 1: patience 3, once an epoch
+
+
 TINY = ["synth.studies=24", "synth.size=64", "synth.slices=[16, 20]", "synth.test_studies=1",
         "shard.fields.image_size=64", "shard.fields.folds=2", "shard.fields.shard_max_samples=64",
         "bench.batches=2", "bench.warmup=1", "bench.lines=torch",
@@ -549,8 +672,12 @@ def test_demo_pipeline_end_to_end_on_a_tiny_synthetic_set(tmp_path, capsys):
         args += ["--set", s]
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert [e["name"] for e in rep["evaluations"]] == ["evaluate1", "evaluate2"]
+    assert [(e["name"], e["checkpoint"]) for e in rep["evaluations"]] == [
+        ("evaluate1", "best"), ("evaluate2", "best"), ("compare", "last"), ("compare", "last")]
     assert all(e["competition_loss"] is not None and e["constant_baseline"] is not None for e in rep["evaluations"])
+    c = rep["comparison"]  # the real evaluate --checkpoint last --out ...-last, and the verdict on it
+    assert c["verdict"] in ("round2 is lower", "within the noise", "round2 is higher") and "diff" in c["best"]
+    assert all(c["selection"][r]["validations"] >= 1 for r in ("round1", "round2"))
     assert rep["submission"]["rows"] == 8 * rep["submission"]["studies"] > 0
     assert (out / "report.md").is_file()
     capsys.readouterr()
