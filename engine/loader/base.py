@@ -29,7 +29,10 @@ each backend; DALI in its CPU-only mode):
   this rank has consumed in it; a loader built with the same config and selection and
   given that state continues with exactly the samples not yet seen, in the same order and
   with the same augmented pixels an uninterrupted run would have produced (a seek: no
-  replay, no DALI checkpoint).
+  replay, no DALI checkpoint). A state taken after the epoch's last batch (every finished run's
+  last checkpoint, and any checkpoint that lands on an epoch end) is the start of the next epoch:
+  :meth:`Loader.state_dict` records it so, :meth:`Loader.load_state_dict` reads an older
+  checkpoint's "position == end of epoch" so too, and the next epoch draws its own permutation.
 """
 from __future__ import annotations
 
@@ -99,6 +102,28 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+    positions: int  # positions this rank yields per epoch (samples + padded)
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """Every position of the current epoch has been yielded (the epoch has not rolled over yet)."""
+        return self.position >= self.positions
+
+    def _state(self, **extra) -> dict:
+        """The resumable position: after the epoch's last batch that is (epoch + 1, 0), the same place the
+        loader is once its iterator has finished."""
+        epoch, position = (self.epoch + 1, 0) if self.at_epoch_end else (self.epoch, self.position)
+        return {"backend": self.backend, **extra, "epoch": epoch, "position": position, "seed": self.cfg.seed,
+                "n": self.n, "rank": self.rank, "world": self.world}
+
+    def _seek(self, state: dict) -> None:
+        """Go to a :meth:`_state` position (an old checkpoint's end-of-epoch position is the next epoch's start)."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not 0 <= position <= self.positions:
+            raise ValueError(f"loader state position {position} is outside this rank's epoch of {self.positions} "
+                             f"positions")
+        self.epoch, self.position = (epoch + 1, 0) if position == self.positions else (epoch, position)
 
     def _check_state(self, state: dict) -> None:
         """A saved position only means something for the same backend, selection, ranks and seed."""

@@ -224,8 +224,7 @@ class DaliLoader(Loader):
         return Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
 
     def state_dict(self) -> dict:
-        return {"backend": self.backend, "reader": self.reader, "epoch": self.epoch, "position": self.position,
-                "seed": self.cfg.seed, "n": self.n, "rank": self.rank, "world": self.world}
+        return self._state(reader=self.reader)
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state)
@@ -233,5 +232,5 @@ class DaliLoader(Loader):
             raise ValueError(f"loader state was written by DALI's {state.get('reader', 'webdataset')!r} reader; "
                              f"its position means nothing to the {self.reader!r} one "
                              f"(resume with loader.dali_reader={state.get('reader', 'webdataset')})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._seek(state)
         self._it = None

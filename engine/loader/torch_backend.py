@@ -120,9 +120,14 @@ class TorchLoader(Loader):
         cfg, dev = self.cfg, self.device
         order = rank_order(self.n, cfg.seed, self.epoch, self.rank, self.world, shuffle=self.train)
         workers = cfg.num_threads
+        # its own generator: a DataLoader iterator otherwise draws its workers' base seed from torch's global RNG,
+        # so a mid-epoch resume (a second iterator in the epoch) would shift the dropout masks that follow
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, self.epoch, self.rank])
+                                                .generate_state(1, np.uint64)[0] >> 1))
         dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(order, self.position, cfg.batch_size),
                         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
-                        prefetch_factor=cfg.prefetch if workers > 0 else None, persistent_workers=False)
+                        prefetch_factor=cfg.prefetch if workers > 0 else None, persistent_workers=False,
+                        generator=gen)
         dtype = torch_dtype(cfg.dtype)
         key = sample_key(cfg.seed, self.epoch, self.rank)
         for imgs, ids in dl:
@@ -146,9 +151,8 @@ class TorchLoader(Loader):
         self.position = 0
 
     def state_dict(self) -> dict:
-        return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
-                "n": self.n, "rank": self.rank, "world": self.world}
+        return self._state()
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state)
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._seek(state)
