@@ -18,13 +18,16 @@ Guarantees (tested in tests/test_checkpoint.py): :func:`latest` returns the newe
 that can be read, with a warning naming every newer one that cannot; :func:`save_step` keeps
 the newest ``keep_last`` *readable* checkpoints (an unreadable newest file never costs an older
 good one); :func:`clean_stale` removes the ``*.tmp-*`` files a killed save left;
-:func:`truncate_metrics` drops the log lines past the step a resumed run continues from.
+:func:`truncate_metrics` drops the log lines past the step a resumed run continues from;
+:func:`sync_best` makes ``best.pt`` the checkpoint the newest record names as best after a kill
+between the two writes (the trainer writes the step checkpoint first).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import torch
 
 from shards.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
+BEST = "best.pt"
 RUN_FORMAT = "spinestream-run"
 RUN_VERSION = 1
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -118,6 +122,39 @@ def save_step(run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
             good += 1
         # an unreadable file newer than the keep_last-th good one stays (latest() skips it, naming it)
     return path
+
+
+def _steps(path: Path) -> tuple[int, int] | None:
+    """(step, best step) of a checkpoint, reading no tensor data; None when it cannot be read."""
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(s["step"]), int((s.get("best") or {}).get("step", -1))
+    except Exception:  # truncated, foreign, missing: as readable() does
+        return None
+
+
+def sync_best(run_dir: Path) -> bool:
+    """Repair ``best.pt`` after a kill between a step checkpoint and ``best.pt``: when the newest readable
+    checkpoint's record says it is the best and ``best.pt`` is missing or holds another step, copy it there
+    (atomically). True when it repaired; a note goes to stderr."""
+    run_dir = Path(run_dir)
+    newest = next((p for p in reversed(checkpoints(run_dir)) if readable(p)), None) if run_dir.is_dir() else None
+    steps = _steps(newest) if newest is not None else None
+    if steps is None or steps[0] != steps[1]:
+        return False
+    best = run_dir / BEST
+    held = _steps(best) if best.is_file() else None
+    if held is not None and held[0] == steps[0]:
+        return False
+    tmp = best.with_name(f"{best.name}.tmp-{os.getpid()}")
+    shutil.copyfile(newest, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, best)
+    fsync_dir(run_dir)
+    print(f"spinestream: {best} did not hold the best checkpoint its record names (step {steps[0]}; interrupted "
+          f"between the two writes); restored it from {newest.name}", file=sys.stderr)
+    return True
 
 
 def clean_stale(run_dir: Path) -> list[Path]:
