@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +99,34 @@ def _load_init(model: torch.nn.Module, state: dict, path: str) -> None:
 
 def init_reference(cfg: RunConfig, state: dict | None) -> dict | None:
     """What ``model.init_from``'s run reached on the same validation fold (``{"name", "competition_loss",
-    "step", "fold"}``), for the log and curves.png; None when not set, or validated on another fold."""
+    "step", "fold"}``), for the log and curves.png; None when not set.
+
+    That run must have held out this run's ``data.val_fold``: it trained on every other fold, so another
+    held-out fold means this run validates on studies its starting weights were trained on. Refused
+    (:class:`engine.checkpoint.RunError` naming both folds and the fix), as is a checkpoint that does not
+    record its fold, unless ``model.init_from_any_fold`` accepts it (then with a warning, and no reference:
+    a loss on another fold is none)."""
     if state is None:
         return None
     run_cfg = state.get("config") or {}
     fold = (run_cfg.get("data") or {}).get("val_fold")
+    if fold != cfg.data.val_fold:
+        held = (f"its run held out data.val_fold={fold}, so it trained on fold {cfg.data.val_fold}"
+                if fold is not None else "it does not record which fold its run held out (no config in it)")
+        if not cfg.model.init_from_any_fold:
+            fix = f"set data.val_fold={fold} (the fold it held out)" if fold is not None else \
+                "start from a checkpoint `spinestream train` wrote"
+            raise ck.RunError(
+                f"model.init_from={cfg.model.init_from}: {held}, the fold this run validates on "
+                f"(data.val_fold={cfg.data.val_fold}): its validation loss would be measured on studies the "
+                f"starting weights were trained on. {fix[0].upper() + fix[1:]}, or set "
+                f"model.init_from_any_fold=true to accept an optimistic validation")
+        print(f"warning: model.init_from={cfg.model.init_from}: {held}; model.init_from_any_fold=true: "
+              f"this run's validation on fold {cfg.data.val_fold} is optimistic", file=sys.stderr)
+        return None
     best = state.get("best") or {}
     metric = best.get("metric")
-    if fold != cfg.data.val_fold or metric is None or not math.isfinite(float(metric)):
+    if metric is None or not math.isfinite(float(metric)):
         return None
     return {"name": str(run_cfg.get("name") or Path(cfg.model.init_from).parent.name),
             "competition_loss": float(metric), "step": int(best.get("step", -1)), "fold": int(fold)}

@@ -77,7 +77,13 @@ class ModelConfig:
     init_from: str | None = None
     """Start from a run's checkpoint (round 2: runs/round1/best.pt): its EMA weights when it has them, else
     its weights; it must be of the model this config builds (fingerprint-checked). Replaces pretrained
-    weights; ignored on resume (the run's own checkpoint has the weights)."""
+    weights; ignored on resume (the run's own checkpoint has the weights). Its run must have held out this
+    run's data.val_fold (see init_from_any_fold)."""
+    init_from_any_fold: bool = False
+    """Allow model.init_from's run to have held out another fold than data.val_fold. Dangerous: that run
+    trained on this run's validation fold, so the validation loss (best.pt's choice, early stopping, the
+    comparison with round 1) is measured on studies the starting weights have already fitted, and is
+    optimistic. Off: such a checkpoint is refused, naming both folds."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a timm model name")
@@ -143,7 +149,10 @@ class TrainConfig:
     checkpoint_every_steps: int = 500
     keep_last: int = 2
     early_stopping_patience: int = 0
-    """Stop after this many validations without improvement (0 = never)."""
+    """Stop after this many validations in a row without improvement (0 = never). The unit is validations,
+    not epochs: epoch-end and train.val_every_steps validations count alike, so with val_every_steps it spans
+    at most patience x val_every_steps steps, maybe less than an epoch (configs/round2.yaml sets 15: about
+    round 1's 3 epochs)."""
     max_nan_steps: int = 10
     """Non-finite losses in a row before the run stops (each one skips its step)."""
     study_rule: Literal["max", "mean_top_k", "quantile", "noisy_or"] = "max"

@@ -1,11 +1,18 @@
-"""``spinestream evaluate --run RUN_DIR [--fold k]``: the study-level competition metric and the
-per-vertebra report (accuracy, sensitivity, specificity, AUC) on a held-out fold, from the
+"""``spinestream evaluate --run RUN_DIR [--fold k] [--shards DIR]``: the study-level competition metric and
+the per-vertebra report (accuracy, sensitivity, specificity, AUC) on a held-out fold, from the
 Zarr volumes, plus a PNG of per-study slice probabilities (slices × C1..C7 + any heat maps,
 as in the reference's figure).
 
-Writes RUN_DIR/eval-f<k>/: summary.json (competition loss, constant baseline, accuracy, rule, fold,
-checkpoint: what the pipeline's report reads), report.csv, slice_probs.parquet, submission.csv
+Writes RUN_DIR/eval-f<k>/ (or ``--out DIR``): summary.json (competition loss, constant baseline, accuracy,
+rule, fold, checkpoint: what the pipeline's report reads), report.csv, slice_probs.parquet, submission.csv
 (Kaggle format), heatmaps.png.
+
+The shards are the run's ``data.root`` unless ``--shards DIR`` names them (the run moved, or was trained
+elsewhere); either way they must make the images the run trained on (``RUN_DIR/shard_spec.json``,
+:meth:`shards.spec.ShardSpec.check_same_images`), else the run is refused. A relative ``data.root`` is
+relative to the directory ``spinestream train`` ran in; when it does not exist from the current directory
+the error says so and names ``--shards``. A model that gives non-finite probabilities on a study is an
+error naming the study (:func:`engine.infer.check_finite`): nothing is scored.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from shards.fsutil import atomic_write_json
 from shards.layout import TARGETS, Layout
 from shards.tables import read_study_table
 
+from shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
+
 from . import checkpoint as ck
 from .config import RunConfig
 from .metrics import constant_baseline, study_probabilities, submission_frame
@@ -29,20 +38,55 @@ from .model import build_model, check_state_dict, model_fingerprint
 
 
 def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
-    """(model with the checkpoint's EMA weights if it has them, config, checkpoint path)."""
+    """(model with the checkpoint's EMA weights if it has them, config, checkpoint path).
+
+    The model is built as the trainer builds it (:func:`engine.build.build_model_for`): at the run's
+    ``loader.image_size``, which a fixed-input-size model (a ViT) needs to have the checkpoint's shapes."""
     ck.check_run_dir(run_dir)
+    if which == "best":
+        ck.sync_best(run_dir)  # a kill between the step checkpoint and best.pt: best.pt is what the record names
     path = Path(which) if which not in ("best", "last") else (
-        run_dir / "best.pt" if which == "best" else ck.latest(run_dir))
+        run_dir / ck.BEST if which == "best" else ck.latest(run_dir))
     state = ck.load(path)
     cfg = load_config(RunConfig, run_dir / "config.yaml")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, image_size=cfg.loader.image_size)
     if state.get("model_fingerprint") != model_fingerprint(model):
         raise ck.RunError(f"{path} was written by a different model than {run_dir / 'config.yaml'} describes")
     weights = state["ema"] if state.get("ema") is not None else state["model"]
     check_state_dict(model, weights, source=str(path))
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg, path
+
+
+def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -> RunConfig:
+    """``cfg`` with ``data.root`` set to the shard set ``verb`` (``evaluate``, ``pseudo-label``) reads: ``shards``
+    (its ``--shards``) when given, else the run's own ``data.root``.
+
+    The shard set must make the images the run trained on: its spec is checked against the run's
+    (``RUN_DIR/shard_spec.json``; a run without one is checked against its ``data.root`` when that is there,
+    else it cannot be and a warning says so). A relative ``data.root`` that does not exist from the current
+    directory is a FileNotFoundError naming ``--shards``."""
+    if shards is None:
+        root = Path(cfg.data.root)
+        if not root.is_absolute() and not root.exists():
+            raise FileNotFoundError(
+                f"{run_dir}: data.root={cfg.data.root} is relative to the directory the run was trained in, and "
+                f"{Path.cwd()} has no {root}: run {verb} from that directory, or pass --shards DIR (the run's "
+                f"shard directory)")
+    else:
+        root = Path(shards)
+    other = ShardSpec.from_shards(root)
+    try:
+        own = run_shard_spec(run_dir, cfg.data.root)
+    except FileNotFoundError:
+        own = None
+    if own is None:
+        print(f"warning: {run_dir} has no {SPEC_FILE} and its data.root {cfg.data.root} is not there: "
+              f"cannot check that {root} makes the images it trained on", file=sys.stderr)
+    else:
+        own.check_same_images(other, f"{verb} --shards {root}" if shards is not None else f"{verb}: {run_dir}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
 def heatmaps(probs: dict[str, np.ndarray], studies: pd.DataFrame, path: Path, max_studies: int = 12) -> None:
@@ -82,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", type=int, default=None, help="fold to evaluate (default: the run's validation fold)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--rule", default=None, help="slice -> study rule (default: the run's train.study_rule)")
+    p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root); "
+                   "it must make the images the run trained on")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN/eval-f<k>; the "
+                   "pipeline's compare stage writes --checkpoint last to RUN/eval-f<k>-last)")
     args = p.parse_args(argv)
     from .device import pick_device, resolve_precision
     from .infer import predict_run, score_studies
@@ -91,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dev = pick_device(args.device)
         model, cfg, path = load_run_model(args.run, args.checkpoint, dev)
+        cfg = with_shards(args.run, cfg, args.shards, "evaluate")
         fold = cfg.data.val_fold if args.fold is None else args.fold
         rule = args.rule or cfg.train.study_rule
         studies = read_study_table(Layout(Path(cfg.data.root)).studies)
@@ -108,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"spinestream evaluate: error: {e}", file=sys.stderr)
         return 2
-    out = args.run / f"eval-f{fold}"
+    out = args.out or args.run / f"eval-f{fold}"
     out.mkdir(parents=True, exist_ok=True)
     report = pd.DataFrame(result["report"]).set_index("target")
     report.to_csv(out / "report.csv")
@@ -120,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                         index=False)
     heatmaps(probs, studies, out / "heatmaps.png")
     atomic_write_json(out / "summary.json", {
-        "run": str(args.run), "checkpoint": str(path), "fold": int(fold), "rule": rule,
+        "run": str(args.run), "checkpoint": str(path), "shards": str(cfg.data.root), "fold": int(fold), "rule": rule,
         "studies": result["studies"], "competition_loss": result["competition_loss"],
         "constant_baseline": float(baseline), "accuracy": result["accuracy"],
         "validation_fold": fold == cfg.data.val_fold})

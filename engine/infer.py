@@ -25,13 +25,20 @@ every new length).
 
 Overlap: a background thread reads (and decompresses) the next study while the current one
 runs; the queue holds at most ``prefetch`` studies, so memory stays bounded on long runs.
+
+Non-finite probabilities (one policy, :func:`describe_nonfinite`): a study whose slice probabilities are
+not all finite means a broken model (a diverged or damaged checkpoint), never data to score or learn
+from. :func:`predict_run` -- the path of validation, ``evaluate`` and ``pseudo-label`` -- raises
+:class:`NonFiniteProbabilities` (a ValueError) naming the studies (:func:`check_finite`), so nothing is
+scored and no pseudo-label is written from NaN. ``predict`` alone goes on, because a competition
+submission must be written: such a study gets the training prevalence, with a warning naming it.
 """
 from __future__ import annotations
 
 import json
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +47,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.layout import ROW_TYPES, Layout
+from shards.layout import ROW_TYPES, TARGETS, Layout
 from shards.manifest import ImageSpec, read_manifest
 from shards.sample import CHANNEL_MODES, neighbour_index
 from shards.volumes import VolumeAttrs, open_volume
@@ -50,8 +57,39 @@ from .loader.augment import normalize
 from .metrics import classification_report, score_submission, solution_from_train, study_probabilities, \
     submission_frame
 
-__all__ = ["StudyVolume", "build_inputs", "inputs", "predict_run", "predict_studies", "predict_volumes", "read_study",
-           "score_studies"]
+__all__ = ["NonFiniteProbabilities", "StudyVolume", "build_inputs", "check_finite", "describe_nonfinite", "inputs",
+           "predict_run", "predict_studies", "predict_volumes", "read_study", "score_studies"]
+
+
+class NonFiniteProbabilities(ValueError):
+    """The model gave NaN/inf probabilities on some studies (named in the message)."""
+
+
+def describe_nonfinite(probs: np.ndarray) -> str | None:
+    """None when one study's ``(n_slices, 8)`` probabilities are all finite, else what is wrong with them
+    (``"3 of 36 slices have non-finite probabilities (first: slice 4, C2)"``): the one test of the policy
+    in the module doc, shared by :func:`check_finite` and ``predict``'s prevalence fallback."""
+    p = np.asarray(probs)
+    bad = ~np.isfinite(p)
+    if not bad.any():
+        return None
+    rows = bad.reshape(len(p), -1).any(axis=1)
+    i, j = np.argwhere(bad.reshape(len(p), -1))[0]
+    col = TARGETS[j] if p.ndim == 2 and p.shape[1] == len(TARGETS) else f"column {j}"
+    return (f"{int(rows.sum())} of {len(p)} slices have non-finite probabilities (first: slice {i}, {col} = "
+            f"{p.reshape(len(p), -1)[i, j]})")
+
+
+def check_finite(probs: Mapping[str, np.ndarray], what: str, *, show: int = 5) -> None:
+    """Raise :class:`NonFiniteProbabilities` naming the studies (``show`` of them) whose probabilities are not
+    all finite: the model is broken, so ``what`` (validation, evaluate, pseudo-label) must not go on."""
+    bad = [(u, d) for u, p in probs.items() if (d := describe_nonfinite(p)) is not None]
+    if bad:
+        more = f"; and {len(bad) - show} more" if len(bad) > show else ""
+        raise NonFiniteProbabilities(
+            f"{what}: the model gave non-finite probabilities on {len(bad)} of {len(probs)} studies: "
+            + "; ".join(f"study {u}: {d}" for u, d in bad[:show]) + more
+            + " -- the checkpoint is broken (diverged or damaged weights); use another one (--checkpoint)")
 
 
 @dataclass
@@ -231,20 +269,26 @@ def predict_studies(model: torch.nn.Module, root: str | Path, studies: Sequence[
 def predict_run(model: torch.nn.Module, cfg, studies: Sequence[str], device, precision: str, *,
                 batch_size: int | None = None, tta: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
     """:func:`predict_studies` with a run's settings: ``cfg.data.root``, ``cfg.loader.image_size``, the
-    model's mean/std, channels_last when the model's weights are in that format."""
+    model's mean/std, channels_last when the model's weights are in that format. Non-finite probabilities
+    on any study raise :class:`NonFiniteProbabilities` naming it (:func:`check_finite`): this is the path of
+    validation, ``evaluate`` and ``pseudo-label``."""
     from .model import data_config
 
     dc = data_config(model)
     first = next(model.parameters(), None)
     cl = first is not None and first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) \
         and not first.is_contiguous()
-    return predict_studies(model, cfg.data.root, studies, image_size=cfg.loader.image_size, mean=tuple(dc["mean"]),
-                           std=tuple(dc["std"]), batch_size=batch_size or cfg.loader.batch_size, device=device,
-                           precision=precision, tta=tta, channels_last=cl, progress=progress)
+    probs = predict_studies(model, cfg.data.root, studies, image_size=cfg.loader.image_size, mean=tuple(dc["mean"]),
+                            std=tuple(dc["std"]), batch_size=batch_size or cfg.loader.batch_size, device=device,
+                            precision=precision, tta=tta, channels_last=cl, progress=progress)
+    check_finite(probs, f"{cfg.name} ({len(probs)} studies of {cfg.data.root})")
+    return probs
 
 
 def score_studies(probs: dict[str, np.ndarray], studies: pd.DataFrame, rule: str) -> dict:
-    """Study-level competition loss, accuracy and the per-vertebra report for these predictions."""
+    """Study-level competition loss, accuracy and the per-vertebra report for these predictions (non-finite
+    ones are refused, naming the study: :func:`check_finite`)."""
+    check_finite(probs, "scoring")
     uids = sorted(probs)
     study_p = {u: study_probabilities(probs[u], rule) for u in uids}
     truth = studies.set_index("StudyInstanceUID").loc[uids, list(ROW_TYPES)]

@@ -4,6 +4,7 @@
     spinestream pseudo-label --run runs/round1 --mode soft --tta
     spinestream pseudo-label --run runs/round1 --threshold 0.4       # one global threshold
     spinestream pseudo-label --run runs/round1 --truth crack-truth.parquet   # synthetic data: measured quality
+    spinestream pseudo-label --run /abs/runs/round1 --shards /abs/shards-512  # shards checked against the run's
 
 The round-1 model (its EMA weights when the checkpoint has them) runs over every slice of
 every ``positive-unboxed`` study (``engine.infer``, inputs built on the device) and the
@@ -13,14 +14,42 @@ probabilities), written as a :mod:`shards.tables` label table whose metadata rec
 checkpoint, mode, rule and thresholds (:func:`read_table` returns it).
 
 Targets. ``hard`` (the default, as the reference): vertebra v of a slice is 1 when
-``p_v >= t_v``; the thresholds are one global value, seven given values, or (``val``, the
-default) chosen on round 1's validation fold: for each vertebra the threshold that maximises
-slice-level F1 over the boxed validation studies fractured at v (their truth labels come
-from the boxes), 0.5 when none is. ``soft``: the probabilities themselves (the loss
-interpolates its weights for soft targets). In both modes the study labels of train.csv
-hold: a vertebra negative for the study is 0 on every slice; a positive vertebra is 1 on
-at least its most likely slice; ``any`` is the max of C1..C7. Negative studies need no
+``p_v >= t_v``; the thresholds are one global value, seven given values, or chosen by a method
+(``--threshold train-share``, the default, or ``val``). ``soft``: the probabilities themselves
+(the loss interpolates its weights for soft targets). In both modes the study labels of
+train.csv hold: a vertebra negative for the study is 0 on every slice; a positive vertebra is
+1 on at least its most likely slice; ``any`` is the max of C1..C7. Negative studies need no
 pseudo-labels (truth already says 0 on every slice).
+
+Where the thresholds come from. Round 2 validates on round 1's validation fold (``model.init_from``
+refuses another), so thresholds tuned on that fold's labels leak them into round 2's training
+targets and its validation loss is optimistic. Round 1 trained on every boxed study outside that fold,
+so no labelled study is unseen by both rounds; of the leakage-free choices:
+
+* ``train-share`` (the default): per vertebra v, the share of positive slices among the slices of
+  the boxed *training* studies fractured at v (their truth, from the boxes; the validation fold's
+  studies are never read) is matched in the pseudo-labelled studies fractured at v: ``t_v`` is the
+  probability of the ``round(share x slices)``-th most likely of their slices (at least one). It
+  uses labels round 1 already trained on, but no model output on them, so it is not biased by
+  the model's in-sample confidence (best-F1 thresholds on training studies would be: round 1 is
+  surer of slices it trained on, which pushes the F1 optimum up and the recall on unseen studies
+  down); it assumes what the competition's boxing suggests, that a fracture spans a similar share
+  of a study's slices with or without boxes -- class-balanced self-training (Zou et al., ECCV 2018)
+  picks its per-class thresholds by the same proportion rule. It needs no extra inference. No boxed
+  training study fractured at v (or none pseudo-labelled) -> 0.5 for v, said in ``threshold_detail``.
+* ``val``: best slice F1 per vertebra on the boxed studies of round 1's validation fold (0.5 for a
+  vertebra none is fractured at) -- the old default, kept for comparison; it warns, because round 2
+  is scored on those studies.
+* a given value (or seven): no labels at all.
+
+The metadata (and the summary) record it: ``threshold_method``, ``threshold_source`` (in words),
+``threshold_studies`` (the studies whose labels were used), ``threshold_folds`` and
+``threshold_excludes_fold`` (the validation fold, never used by ``train-share``), and
+``threshold_detail`` per vertebra.
+
+Shards: the run's ``data.root``, or ``--shards DIR``; either must make the images the run trained on
+(:func:`engine.evaluate.with_shards`). A model that gives non-finite probabilities on a study is an
+error naming it (:func:`engine.infer.check_finite`): no label is ever written from NaN.
 
 Beside the table: ``<name>.summary.json`` (positive slices per vertebra and per study, the
 thresholds, and the slice-level precision/recall/F1 against ``--truth`` when given: the
@@ -31,7 +60,6 @@ the labels).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -43,6 +71,7 @@ from shards.layout import TARGETS, VERTEBRAE, Layout
 from shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
 PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
+THRESHOLD_METHODS = ("train-share", "val")  # --threshold words; the first is the default
 COHORT = "positive-unboxed"  # the shards.layout.COHORTS member it labels
 RULE = ("hard: C_v = p_v >= threshold_v; soft: C_v = p_v. Then: a vertebra negative in the study labels is 0 on "
         "every slice; a positive one is 1 on at least its most likely slice; any = max(C1..C7)")
@@ -70,6 +99,9 @@ def pseudo_table(probs: dict[str, np.ndarray], studies: pd.DataFrame, *, mode: s
     """One row per slice of the studies in ``probs``: ``slice_id, C1..C7, any, p_C1..p_any``, by slice_id."""
     if mode == "hard" and (thresholds is None or len(thresholds) != 7):
         raise ValueError("hard pseudo-labels need 7 thresholds (one per vertebra)")
+    from .infer import check_finite
+
+    check_finite(probs, "pseudo-label")  # never labels from NaN
     table = studies.set_index("StudyInstanceUID")
     parts = []
     for uid, p in probs.items():
@@ -130,14 +162,50 @@ def choose_thresholds(probs: dict[str, np.ndarray], studies: pd.DataFrame, truth
     return thr, detail
 
 
+def share_thresholds(probs: dict[str, np.ndarray], studies: pd.DataFrame, truth: pd.DataFrame,
+                     tune: list[str]) -> tuple[np.ndarray, dict]:
+    """``train-share`` (module doc): per vertebra v, the threshold at which the studies of ``probs`` fractured
+    at v have the share of positive slices that the ``tune`` studies fractured at v have in ``truth``
+    (pooled over their slices); 0.5 where either side has no study fractured at v."""
+    table = studies.set_index("StudyInstanceUID")
+    t = truth.set_index("slice_id")
+    pos, n, count = np.zeros(7), np.zeros(7), np.zeros(7, int)
+    for uid in tune:
+        row = table.loc[uid]
+        ids = int(row.slice_id_offset) + np.arange(int(row.n_slices))
+        y = t.reindex(ids)[list(VERTEBRAE)].to_numpy(np.float64)
+        if np.isnan(y).any():
+            raise ValueError(f"study {uid}: the truth table lacks some of its {len(ids)} slices (made for another "
+                             f"shard set?)")
+        fractured = row[list(VERTEBRAE)].to_numpy(int) == 1
+        pos += np.where(fractured, (y >= 0.5).sum(axis=0), 0)
+        n += np.where(fractured, len(ids), 0)
+        count += fractured
+    thr, detail = np.full(7, 0.5), {}
+    for v, name in enumerate(VERTEBRAE):
+        ps = [p[:, v] for uid, p in probs.items() if int(table.loc[uid, name]) == 1]
+        info = {"tuning_studies": int(count[v]), "tuning_slices": int(n[v]), "labelled_studies": len(ps)}
+        if n[v] == 0 or not ps:
+            detail[name] = {"threshold": 0.5, "share": None, **info, "fallback": True}
+            continue
+        share = float(pos[v] / n[v])
+        p = np.sort(np.concatenate(ps).astype(np.float64))[::-1]
+        k = min(len(p), max(1, round(share * len(p))))
+        thr[v] = float(p[k - 1])
+        detail[name] = {"threshold": thr[v], "share": share, **info, "positive_slices": k}
+    return thr, detail
+
+
 def parse_thresholds(text: str) -> np.ndarray | None:
-    """``val`` -> None (choose on the validation fold); ``t`` -> 7 x t; ``t1,..,t7`` -> those."""
-    if text == "val":
+    """A method of :data:`THRESHOLD_METHODS` -> None (chosen by that method); ``t`` -> 7 x t; ``t1,..,t7`` ->
+    those."""
+    if text in THRESHOLD_METHODS:
         return None
     try:
         vals = [float(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--threshold: 'val', one number, or 7 comma-separated numbers; got {text!r}") from None
+        raise ValueError(f"--threshold: {' or '.join(map(repr, THRESHOLD_METHODS))}, one number, or 7 "
+                         f"comma-separated numbers; got {text!r}") from None
     if len(vals) not in (1, 7) or not all(0.0 <= v <= 1.0 for v in vals):
         raise ValueError(f"--threshold: one or 7 values in [0, 1] (C1..C7), got {text!r}")
     return np.array(vals * 7 if len(vals) == 1 else vals, np.float64)
@@ -238,10 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="the round-1 run directory")
     p.add_argument("--out", type=Path, default=None, help="table path (default <shards>/labels/pseudo-<run>.parquet)")
     p.add_argument("--mode", choices=("hard", "soft"), default="hard")
-    p.add_argument("--threshold", default="val", help="hard mode: 'val' (per vertebra, best F1 on the run's "
-                   "validation fold; the default), one global value, or 7 values C1..C7 separated by commas")
+    p.add_argument("--threshold", default=THRESHOLD_METHODS[0], help="hard mode: 'train-share' (the default: per "
+                   "vertebra, the share of positive slices of the boxed training studies; never the validation "
+                   "fold), 'val' (best F1 on the run's validation fold: leaks it into round 2), one global value, "
+                   "or 7 values C1..C7 separated by commas")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
-    p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root)")
+    p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root); "
+                   "it must make the images the run trained on")
     p.add_argument("--truth", type=Path, default=None, help="a slice truth table (slice_id, C1..C7, any), e.g. "
                    "from `python -m preprocess.synth_truth`: adds precision/recall/F1 to the summary")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
@@ -256,40 +327,64 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from .device import pick_device, resolve_precision
-    from .evaluate import load_run_model
+    from .evaluate import load_run_model, with_shards
     from .infer import predict_run
 
     dev = pick_device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes (engine.infer): tuned once
     model, cfg, ckpt = load_run_model(args.run, args.checkpoint, dev)
-    root = Path(args.shards or cfg.data.root)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    cfg = with_shards(args.run, cfg, args.shards, "pseudo-label")
+    root = Path(cfg.data.root)
     studies = read_study_table(Layout(root).studies)
     targets = studies[studies.cohort == COHORT]
     if targets.empty:
         raise ValueError(f"{root}: no {COHORT} studies to pseudo-label")
     thresholds = parse_thresholds(args.threshold) if args.mode == "hard" else None
-    val = studies[(studies.cohort == "boxed") & (studies.fold == cfg.data.val_fold)]
-    choose = args.mode == "hard" and thresholds is None
-    uids = targets.StudyInstanceUID.tolist() + (val.StudyInstanceUID.tolist() if choose else [])
+    method = (args.threshold if thresholds is None else "given") if args.mode == "hard" else None
+    k = cfg.data.val_fold
+    boxed = studies[studies.cohort == "boxed"]
+    tune = boxed[boxed.fold == k] if method == "val" else boxed[boxed.fold != k] if method == "train-share" \
+        else boxed.iloc[:0]
+    if method == "val":
+        print(f"warning: --threshold val tunes the thresholds on the {len(tune)} boxed studies of validation fold "
+              f"{k}, the fold round 2 is scored on: its validation loss will be optimistic (the default, "
+              f"train-share, never reads that fold)", file=sys.stderr)
+    uids = targets.StudyInstanceUID.tolist() + (tune.StudyInstanceUID.tolist() if method == "val" else [])
     probs = predict_run(model, cfg, uids, dev, resolve_precision(cfg.train.precision, dev),
                         batch_size=args.batch_size, tta=args.tta, progress=sys.stderr.isatty())
-    source, detail = "given", None
-    if choose:
-        vp = {u: probs.pop(u) for u in val.StudyInstanceUID}
+    source, detail = method, None
+    if method == "val":
+        vp = {u: probs.pop(u) for u in tune.StudyInstanceUID}
         thresholds, detail = choose_thresholds(vp, studies, read_label_table(Layout(root).truth).frame)
-        source = f"best slice F1 per vertebra on {len(vp)} boxed studies of validation fold {cfg.data.val_fold}"
+        source = (f"val: best slice F1 per vertebra on {len(vp)} boxed studies of validation fold {k} (leaks "
+                  f"that fold's labels into round 2, which is scored on it)")
+    elif method == "train-share":
+        thresholds, detail = share_thresholds(probs, studies, read_label_table(Layout(root).truth).frame,
+                                              tune.StudyInstanceUID.tolist())
+        folds = sorted(int(f) for f in set(tune.fold))
+        source = (f"train-share: per vertebra, the share of positive slices in the truth of {len(tune)} boxed "
+                  f"training studies (folds {folds}; validation fold {k} not used), matched in the "
+                  f"pseudo-labelled studies" if len(tune) else
+                  f"train-share: no boxed study outside validation fold {k} to take the shares from: 0.5 for "
+                  f"every vertebra")
+        if not len(tune):
+            print(f"warning: {root} has no boxed study outside validation fold {k}: thresholds 0.5", file=sys.stderr)
     df = pseudo_table(probs, studies, mode=args.mode, thresholds=thresholds)
     out = args.out or Layout(root).root / "labels" / f"pseudo-{args.run.resolve().name}.parquet"
     meta = {"kind": "pseudo-labels", "run": str(args.run), "checkpoint": str(ckpt), "model": cfg.model.name,
             "mode": args.mode, "rule": RULE, "tta": bool(args.tta), "shards": str(root), "cohort": COHORT,
             "thresholds": None if thresholds is None else dict(zip(VERTEBRAE, map(float, thresholds))),
-            "threshold_source": source if args.mode == "hard" else None, "threshold_detail": detail}
+            "threshold_method": method, "threshold_source": source,
+            "threshold_studies": None if method is None else sorted(tune.StudyInstanceUID),
+            "threshold_folds": None if method is None else sorted(int(f) for f in set(tune.fold)),
+            "threshold_excludes_fold": int(k) if method == "train-share" else None,
+            "threshold_detail": detail}
     write_table(out, df, meta)
     slices = read_slice_table(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
-    summary = {"table": str(out), **{k: meta[k] for k in ("run", "checkpoint", "mode", "thresholds",
-                                                           "threshold_source")}, **summarize(df, slices)}
+    keys = ("run", "checkpoint", "shards", "mode", "thresholds", "threshold_method", "threshold_source",
+            "threshold_studies", "threshold_folds", "threshold_excludes_fold")
+    summary = {"table": str(out), **{k: meta[k] for k in keys}, **summarize(df, slices)}
     if args.truth is not None:
         summary["quality"] = quality(df, read_label_table(args.truth).frame)
     from shards.fsutil import atomic_write_json

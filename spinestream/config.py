@@ -90,8 +90,10 @@ class PseudoStage:
     """``spinestream pseudo-label --run DIR/runs/round1 --out DIR/shards/labels/pseudo-round1.parquet``."""
 
     mode: Literal["hard", "soft"] = "hard"
-    threshold: str = "val"
-    """'val' (per vertebra, best F1 on round 1's validation fold), one value, or 7 comma-separated values."""
+    threshold: str = "train-share"
+    """'train-share' (per vertebra, the positive-slice share of round 1's boxed training studies: never reads the
+    validation fold round 2 is scored on), 'val' (best F1 on that fold: leaks it into round 2's score), one
+    value, or 7 comma-separated values."""
     tta: bool = False
     batch_size: int = 64
     synth_truth: bool = False

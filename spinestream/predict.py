@@ -313,6 +313,7 @@ def _run_studies(runs, decoded, rule: str, prev: np.ndarray, out: dict, stats: d
 
 def _study(runs, d: Decoded, rule: str, prev: np.ndarray, stats: dict) -> np.ndarray:
     """One decoded study's ``(8,)`` probabilities; its warnings issued, ``stats`` updated."""
+    from engine.infer import describe_nonfinite
     from engine.metrics import study_probabilities
 
     stats["decode_s"] += d.seconds
@@ -328,8 +329,8 @@ def _study(runs, d: Decoded, rule: str, prev: np.ndarray, stats: dict) -> np.nda
         return prev.copy()
     stats["slices"] += int(d.volume.shape[0])
     p = slice_probabilities(runs, study_volume(d, runs[0].spec))
-    if not np.isfinite(p).all():
-        _warn(f"study {d.uid}: the model gave non-finite probabilities; predicting the training prevalence")
+    if (why := describe_nonfinite(p)) is not None:  # the one check (engine.infer); predict must still write a row
+        _warn(f"study {d.uid}: {why}; predicting the training prevalence")
         return prev.copy()
     return study_probabilities(p, rule)
 
@@ -376,9 +377,23 @@ def check_submission(frame: pd.DataFrame) -> None:
     assert np.isfinite(v).all() and ((v >= 0) & (v <= 1)).all(), "submission values must be finite in [0, 1]"
 
 
+SUBMISSION_CLIP = 1e-4
+"""The submission's probabilities are clipped to [SUBMISSION_CLIP, 1 - SUBMISSION_CLIP] (see write_submission)."""
+
+
 def write_submission(frame: pd.DataFrame, out: Path) -> None:
-    """``row_id,fractured`` CSV, written atomically (a temporary file renamed)."""
-    atomic_write_bytes(out, frame.to_csv(index=False, float_format="%.6g").encode())
+    """``row_id,fractured`` CSV, written atomically (a temporary file renamed), probabilities clipped to
+    ``[SUBMISSION_CLIP, 1 - SUBMISSION_CLIP]``.
+
+    Why: float32 sigmoid saturates to exactly 1.0 (and ``%.6g`` writes anything above 0.9999995 as ``1``);
+    the metric clips at 1e-15, so a wrong "1" costs -log(1e-15) = 34.5 times its weight (up to 14 for a
+    patient_overall row, in a study whose weights sum to 14-28). Clipped, a wrong row costs at most -log(1e-4) = 9.2 and a
+    right one -log(1 - 1e-4) = 1e-4: clipping pays as soon as more than about 1 in 250,000 of the clipped
+    rows is wrong (1e-4 / (34.5 - 9.2)), and a model that is that sure and that right loses 1e-4 per row.
+    The caller's frame is not changed; ``predict``'s own frame and scores are unclipped."""
+    clipped = frame.assign(fractured=np.clip(frame["fractured"].to_numpy(np.float64), SUBMISSION_CLIP,
+                                             1.0 - SUBMISSION_CLIP))
+    atomic_write_bytes(out, clipped.to_csv(index=False, float_format="%.6g").encode())
 
 
 # --------------------------------------------------------------------------- the verb

@@ -7,6 +7,8 @@ rows in an order of its own. The submission has exactly the sample's rows, in or
 damaged study equals the same study without the bad file; two runs ensemble as the mean of their
 slice probabilities before the study rule; and predict's model inputs equal those engine.infer
 builds from the shard job's Zarr volume for the same (training) study: the same ingest and window.
+An ``--images`` with no study directory (empty, or a dataset root, where the message names its
+test_images/) is refused with exit status 2.
 
 The runs are run directories as ``spinestream train`` leaves them with untrained weights (as
 tests/test_pseudo.py writes them): predict's properties do not depend on what a model learnt, and
@@ -216,3 +218,47 @@ def test_the_run_dirs_spec_is_preferred_and_an_ensemble_needs_one_spec(run_dirs,
         load_runs([own, other], torch.device("cpu"))
     assert main(["--run", str(own), "--run", str(other), "--images", str(tmp_path), "--out",
                  str(tmp_path / "s.csv"), "--device", "cpu"]) == 2
+
+
+def test_a_dataset_root_as_images_is_refused_naming_its_test_images(run_dirs, raw, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert main(["--run", str(run_dirs[0]), "--images", str(raw), "--out", str(out), "--device", "cpu",
+                 "--workers", "0", "--no-progress"]) == 2  # was 0, with rows like test_images_C1
+    err = capsys.readouterr().err
+    assert "dataset root" in err and f"--images {raw / 'test_images'}" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", ["empty", "no-dcm"])
+def test_images_without_a_study_directory_are_refused(run_dirs, test_set, tmp_path, capsys, content):
+    images = tmp_path / "images"
+    images.mkdir()
+    if content == "no-dcm":  # subfolders, none holding .dcm files (e.g. segmentations/)
+        (images / "segmentations").mkdir()
+        (images / "segmentations" / "1.2.3.nii").write_bytes(b"")
+    out = tmp_path / "s.csv"
+    assert main(["--run", str(run_dirs[0]), "--images", str(images), "--sample-submission", str(test_set["sample"]),
+                 "--out", str(out), "--device", "cpu", "--workers", "0", "--no-progress"]) == 2  # was 0: all prevalence
+    err = capsys.readouterr().err
+    assert "no study directory" in err and "dataset root" not in err, err
+    assert not out.exists()
+
+
+def test_the_submission_is_clipped_away_from_0_and_1(tmp_path):
+    """float32 sigmoid saturates to exactly 1.0 (and `%.6g` writes anything above 0.9999995 as "1"); a
+    wrong "1" costs -log(1e-15) = 34.5 x its weight. The writer clips to [SUBMISSION_CLIP, 1 - SUBMISSION_CLIP]:
+    a wrong row then costs at most -log(1e-4) = 9.2, a right one at most 1e-4."""
+    from engine.metrics import score_submission
+    from spinestream.predict import SUBMISSION_CLIP, write_submission
+
+    assert SUBMISSION_CLIP == 1e-4
+    frame = pd.DataFrame({"row_id": [f"s_{k}" for k in ROW_TYPES],
+                          "fractured": [1.0, 0.9999999, 0.0, 1e-9, 0.25, 0.5, 0.75, 1.0]})
+    out = tmp_path / "s.csv"
+    write_submission(frame, out)
+    got = pd.read_csv(out)
+    np.testing.assert_allclose(got.fractured, [0.9999, 0.9999, 1e-4, 1e-4, 0.25, 0.5, 0.75, 0.9999], rtol=0,
+                               atol=1e-12)
+    assert (frame.fractured.iloc[[0, 2]] == [1.0, 0.0]).all()  # the caller's frame is left alone
+    truth = pd.DataFrame({"row_id": got.row_id, "fractured": [0, 0, 1, 1, 0, 1, 0, 0]})  # four confident misses
+    assert score_submission(truth, got) < score_submission(truth, frame) / 3

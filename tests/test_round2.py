@@ -1,5 +1,6 @@
 """Round 2's engine features on the tiny shard set: ``model.init_from`` starts from round 1's EMA weights
-(and refuses another model's checkpoint, and gives way to the run's own checkpoint on resume), round 1's
+(and refuses another model's checkpoint, and one that trained on this run's validation fold unless
+``model.init_from_any_fold``, and gives way to the run's own checkpoint on resume), round 1's
 best on the same fold is logged and drawn as the reference, ``train.val_every_steps`` validates inside an
 epoch without validating a step twice, the run projects its epoch time, warns once when validation takes
 too much of the run, and keeps ``shard_spec.json``; ``evaluate`` writes ``summary.json``."""
@@ -52,14 +53,24 @@ def test_init_from_loads_round_ones_ema_weights_and_its_reference(shards, tmp_pa
     assert (t.run_dir / "curves.png").is_file()
 
 
-def test_no_reference_when_round_one_held_out_another_fold(shards, tmp_path, round1):
+def test_init_from_a_run_that_trained_on_the_validation_fold_is_refused(shards, tmp_path, round1):
+    """Round 1 held out fold 0 and trained on fold 1: round 2 validated on fold 1 would be scored on studies
+    its starting weights were trained on. Refused, naming both folds and the fix, unless
+    model.init_from_any_fold says so (then no reference line either: round 1's loss is of another fold)."""
     from engine.build import init_reference
 
     cfg = _round2(shards, tmp_path, round1 / "best.pt")
     state = ck.load(round1 / "best.pt")
     assert init_reference(cfg, state) is not None
-    state["config"]["data"]["val_fold"] = 0  # round 1 validated elsewhere: its loss is no reference here
-    assert init_reference(cfg, state) is None
+    state["config"]["data"]["val_fold"] = 0
+    with pytest.raises(ck.RunError, match=r"val_fold=0.*data\.val_fold=1.*data\.val_fold=0.*init_from_any_fold"):
+        init_reference(cfg, state)
+    anyway = _round2(shards, tmp_path, round1 / "best.pt", **{"model.init_from_any_fold": "true"})
+    assert anyway.model.init_from_any_fold is True
+    assert init_reference(anyway, state) is None
+    del state["config"]  # a checkpoint that does not say which fold it held out: refused too
+    with pytest.raises(ck.RunError, match="does not record"):
+        init_reference(cfg, state)
     assert init_reference(cfg, None) is None
 
 
@@ -119,8 +130,9 @@ def test_projection_and_one_validation_share_warning(shards, tmp_path, round1, m
 def test_every_run_keeps_its_shard_spec(shards, tmp_path):
     t = _trainer(_cfg(shards, tmp_path, name="spec"))
     spec = ShardSpec.load(t.run_dir / SPEC_FILE)
-    want = ShardSpec.from_shards(shards)
+    want = ShardSpec.from_shards(shards, exclude_fold=1)  # the training prevalence: without the validation fold
     assert (spec.config, spec.image, spec.prevalence) == (want.config, want.image, want.prevalence)
+    assert spec.prevalence_excludes_fold == 1
     assert spec.image.size == 48
 
 
