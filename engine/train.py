@@ -10,6 +10,8 @@ ckpt-<step>.pt (last keep_last), best.pt; wandb offline files under wandb/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             if run_dir.exists() and any(ck.checkpoints(run_dir)):
                 raise ck.RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                                   f"or choose another name (--set name=...)")
+        cfg = absolute_paths(cfg)  # the run directory works from any directory later (evaluate, predict)
+        trainer = Trainer(cfg, run_dir, resume_from=resume_from)  # checks everything before it writes
         ck.mark_run(run_dir)
-        write_config(run_dir, cfg)
-        trainer = Trainer(cfg, run_dir, resume_from=resume_from)
+        write_config(run_dir, cfg)  # only once the config is known to fit the run: a failed resume changes nothing
         sel = trainer.train_sel
         extra = sel.oversampled
         n_shards = sum(s.oversample_of is None for s in sel.shards)
@@ -72,8 +75,35 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"spinestream train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # TrainingInterrupted (Ctrl-C: the step in flight finished and was saved)
+        print(interrupted_message(e, run_dir), file=sys.stderr)
+        return 130
     print(f"done: best validation competition loss {best['metric']:.4f} at step {best['step']} -> {run_dir / 'best.pt'}")
     return 0
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``data.root``, ``out_dir`` and ``model.init_from`` made absolute (against the current directory), as the
+    run's config.yaml stores them."""
+    def a(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    return dataclasses.replace(cfg, out_dir=a(cfg.out_dir), data=dataclasses.replace(cfg.data, root=a(cfg.data.root)),
+                               model=dataclasses.replace(cfg.model, init_from=a(cfg.model.init_from)))
+
+
+def interrupted_message(e: KeyboardInterrupt, run_dir: Path) -> str:
+    """One line for Ctrl-C: where the run stands and the exact command that continues it."""
+    step, path = getattr(e, "step", None), getattr(e, "checkpoint", None)
+    if path is None and run_dir.is_dir():
+        found = ck.checkpoints(run_dir)
+        path = found[-1] if found else None
+    where = f" at step {step}" if step is not None else ""
+    if path is None:
+        return f"spinestream train: interrupted{where} before the first checkpoint; start it again with the same command"
+    saved = "saved" if getattr(e, "saved_now", False) else "the last checkpoint is"
+    return (f"spinestream train: interrupted{where}; {saved} {path}. Continue with: "
+            f"spinestream train --resume {shlex.quote(str(run_dir))}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,21 @@ Guarantees (tests/test_train.py, tests/test_trainer_*.py):
   crosses a checkpoint (they are written right after an optimizer step) or an epoch end (the
   epoch's last window is stepped short, its gradient the mean of its micro-batches), so no
   pending gradient exists when the state is saved.
+* **Resume works from any checkpoint**: mid-epoch, at an epoch end, or a finished run's last one. A
+  checkpoint is never taken between an epoch's last batch and its end-of-epoch validation (that
+  validation and the checkpoint after it come first), and the loader records the end of an epoch as
+  the next one's start; a finished run resumed with the same config trains nothing, and with more
+  ``train.epochs`` continues with the next epoch's permutation.
 * **A skipped step is not a step.** A non-finite loss or gradient (and GradScaler's overflow in
-  fp16) skips the update on the device; the step counter, the schedule and the EMA do not advance
-  and the step is counted in ``nan_total``; ``train.max_nan_steps`` in a row stop the run.
+  fp16) skips the update on the device; the step counter, the schedule and the EMA do not advance,
+  every buffer the window's forward passes changed (BatchNorm statistics) is put back
+  (:mod:`engine.buffers`), and the step is counted in ``nan_total``; ``train.max_nan_steps`` in a row
+  stop the run.
+* **best.pt follows the record.** ``best.pt`` is written right after the step checkpoint whose record
+  names it; a kill between the two is repaired from that checkpoint when the run is resumed or its
+  best is read (:func:`engine.checkpoint.sync_best`).
+* **Ctrl-C** finishes the step in flight, saves a checkpoint and raises :class:`TrainingInterrupted`
+  (``spinestream train`` prints the resume command); a second Ctrl-C stops at once.
 * **No host sync per step** in bf16/fp32 beyond the log line every ``log.every_steps`` steps
   (``loss.item()``), checkpoints and validation: the skip is decided on the device and learned by
   the host a step or more late (:mod:`engine.skips`). fp16 adds none either (fused Adam takes
@@ -25,9 +37,12 @@ Guarantees (tests/test_train.py, tests/test_trainer_*.py):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +56,9 @@ from shards.config import to_dict
 
 from . import checkpoint as ck
 from .autobatch import resolve_batch_size
-from shards.spec import ShardSpec
+from shards.spec import SPEC_FILE, ShardSpec
 
+from .buffers import BufferSnapshot
 from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, init_reference, \
     init_weights, select_training_shards, steps_per_epoch
 from .config import RunConfig
@@ -53,7 +69,7 @@ from .metrics import constant_baseline, weighted_bce
 from .model import model_fingerprint
 from .skips import StepFlags
 
-__all__ = ["Trainer", "constant_baseline_score", "plot_curves", "rng_state", "select_training_shards",
+__all__ = ["Trainer", "TrainingInterrupted", "constant_baseline_score", "plot_curves", "rng_state", "select_training_shards",
            "set_rng_state", "write_config"]
 
 PROJECT_WARMUP_STEPS = 5
@@ -96,6 +112,14 @@ def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFra
     return constant_baseline(val_studies, prevalence_from=train_studies)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at ``step``; ``checkpoint`` is the checkpoint to resume from (None: none yet)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, saved_now: bool):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint, self.saved_now = step, checkpoint, saved_now
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -104,6 +128,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # every check before anything in the run directory is written (a failed resume leaves it as it was)
+        spec = self._check_shard_spec(cfg, resume_from)
         if self.run_dir.is_dir():
             ck.clean_stale(self.run_dir)
         self.device, self.precision = build_device(cfg)
@@ -117,7 +143,8 @@ class Trainer:
         self.train_sel, self.labels, self.val_studies, self.baseline = \
             data.train_sel, data.labels, data.val_studies, data.baseline
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ShardSpec.from_shards(cfg.data.root).save(self.run_dir)  # predict's copy: it needs no shards
+        if not (self.run_dir / SPEC_FILE).is_file():  # predict's copy (it needs no shards); never rewritten
+            spec.save(self.run_dir)
         bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
                                 channels_last=self.channels_last, resuming=state is not None)
         self.loader_cfg = build_loader_cfg(cfg, self.model, self.device, self.precision, self.channels_last, bs)
@@ -131,6 +158,8 @@ class Trainer:
         self.best = {"metric": float("inf"), "step": -1}
         self._micro, self._window_bad = 0, torch.zeros((), dtype=torch.bool, device=self.device)
         self._flags = StepFlags(self.device)
+        self._buffers = BufferSnapshot(self.model)
+        self._saved_step, self._interrupt = -1, False
         self._last_loss, self._wandb, self._bar = None, None, None
         self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
         self._t_fit, self._val_seconds, self._val_warned, self._last_val_step = None, 0.0, False, -1
@@ -138,7 +167,17 @@ class Trainer:
         if state is not None:
             self._restore(state)
             ck.truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
+            ck.sync_best(self.run_dir)  # a kill between this checkpoint and best.pt
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
+
+    def _check_shard_spec(self, cfg: RunConfig, resume_from: Path | None) -> ShardSpec:
+        """The shard set's spec; on resume it must make the images the run's ``shard_spec.json`` records."""
+        spec = ShardSpec.from_shards(cfg.data.root, exclude_fold=cfg.data.val_fold)  # prevalence: training folds
+        own = self.run_dir / SPEC_FILE
+        if resume_from is not None and own.is_file():
+            ShardSpec.load(own).check_same_images(spec, f"cannot resume {self.run_dir} with data.root="
+                                                        f"{cfg.data.root}")
+        return spec
 
     # ----------------------------------------------------------------------- state
 
@@ -181,10 +220,19 @@ class Trainer:
         set_rng_state(s["rng"] if "rng" in s else s["torch_rng"])
 
     def save(self, best: bool = False) -> None:
+        """The step checkpoint, then best.pt (a kill between the two: :func:`engine.checkpoint.sync_best`)."""
         state = self.state()
         ck.save_step(self.run_dir, self.step, state, self.cfg.train.keep_last)
         if best:
-            ck.save(self.run_dir / "best.pt", state)
+            ck.save(self.run_dir / ck.BEST, state)
+        self._saved_step = self.step
+
+    def finished(self) -> bool:
+        """Nothing left to train: the last step reached, the epochs done, or early stopping's patience used up."""
+        t = self.cfg.train
+        if self.step >= self.total_steps or (not t.max_steps and self.loader.epoch >= t.epochs):
+            return True
+        return bool(t.early_stopping_patience and self.bad_vals >= t.early_stopping_patience)
 
     # ----------------------------------------------------------------------- logging
 
@@ -249,22 +297,72 @@ class Trainer:
         self._t_fit, self._fit_step0 = time.perf_counter(), self.step
         if self.step == 0 and self.reference is not None:
             self.log({"reference": self.reference})
+        if self.finished():
+            tqdm.write(f"{self.run_dir}: already complete at step {self.step} (best {self.best['metric']:.4f} at step "
+                       f"{self.best['step']}); nothing to train: raise train.epochs or train.max_steps to continue")
+            return dict(self.best)
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step",
                          dynamic_ncols=True)
         try:
-            stop = False
-            while not stop:
-                self.model.train()
-                for batch in self._timed(self.loader):
-                    if self._step(batch) and self._after_step():
-                        break
-                stop = self._end_epoch()
+            with self._sigint_deferred():
+                self._loop()
         finally:
             self._bar.close()
             self.plot()
             if self._wandb is not None:
                 self._wandb.finish()
         return dict(self.best)
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            self.model.train()
+            try:
+                for batch in self._timed(self.loader):
+                    end = self.loader.at_epoch_end  # then Ctrl-C waits for the epoch's validation and checkpoint
+                    if self._step(batch) and (self._after_step(epoch_end=end) or (self._interrupt and not end)):
+                        break
+            except Exception:
+                if self._interrupt:  # Ctrl-C also reached the loader's worker processes
+                    self._stop_interrupted()
+                raise
+            if self._interrupt and self.loader.position != 0:  # mid-epoch
+                self._stop_interrupted()
+            stop = self._end_epoch()
+            if self._interrupt and not stop:
+                self._stop_interrupted()
+
+    @contextlib.contextmanager
+    def _sigint_deferred(self):
+        """Ctrl-C sets a flag the loop reads after the step in flight (a consistent place to checkpoint);
+        a second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (signals go there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._interrupt:
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self._interrupt = True
+            tqdm.write("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_interrupted(self) -> None:
+        """Save where the run stands (outside an accumulation window) and raise :class:`TrainingInterrupted`."""
+        saved_now = False
+        if self._micro == 0 and self._saved_step != self.step and self.step > 0 and not self.loader.at_epoch_end:
+            self._settle(block=True)
+            if self._saved_step != self.step:
+                self.save()
+                saved_now = True
+        found = [p for p in ck.checkpoints(self.run_dir)]
+        raise TrainingInterrupted(self.step, found[-1] if found else None, saved_now)
 
     def _timed(self, loader):
         """The loader's batches, with the time the step waited for each one added to the log line."""
@@ -282,6 +380,8 @@ class Trainer:
         """One micro-batch (forward, loss, backward); at the end of an accumulation window the optimizer
         step. True when an optimizer step was issued (the device may still skip it: see :meth:`_settle`)."""
         o = self.cfg.optim
+        if self._micro == 0 and self._buffers:
+            self._buffers.take()  # a skipped window gives back what its forward passes did to BatchNorm
         with autocast(self.precision, self.device):
             logits = self.train_model(batch.images)
         loss = weighted_bce(logits.float(), batch.targets, valid=batch.valid, focal_gamma=o.focal_gamma,
@@ -320,6 +420,8 @@ class Trainer:
             finally:
                 del self.opt.found_inf, self.opt.grad_scale
         self.opt.zero_grad(set_to_none=True)
+        if self._buffers:
+            self._buffers.restore_if(skipped)  # before the EMA reads the model's buffers
         if self.ema is not None:
             self.ema.update(self.step, applied=(~skipped).float())
         self._flags.push(skipped)
@@ -349,12 +451,15 @@ class Trainer:
                 raise RuntimeError(f"{self.nan_streak} non-finite losses in a row at step {self.step}; "
                                    f"lower optim.lr, or resume from an earlier checkpoint with a new lr")
 
-    def _after_step(self) -> bool:
+    def _after_step(self, epoch_end: bool = False) -> bool:
         """Log, validate (train.val_every_steps) and checkpoint on schedule; True when the run has reached its
-        last step or early stopping says stop."""
+        last step or early stopping says stop. After the epoch's last batch (``epoch_end``) only the log: the
+        epoch's end validates and checkpoints (:meth:`_end_epoch`), so no checkpoint falls between the two."""
         t = self.cfg.train
         if self.step % self.cfg.log.every_steps == 0:
             self._log_train()
+        if epoch_end:
+            return False
         last = self.step >= self.total_steps  # the last step validates in _end_epoch
         if t.val_every_steps and self.step % t.val_every_steps == 0 and not last:
             self._settle(block=True)
@@ -370,19 +475,22 @@ class Trainer:
     def _end_epoch(self) -> bool:
         """After the loader stopped (epoch end, or the last step): step a short last window, validate and
         checkpoint when due; True when the run is over."""
-        epoch_done = self.loader.position == 0
+        t = self.cfg.train
+        epoch_done = self.loader.position == 0  # the iterator finished: the loader is at the next epoch's start
         if epoch_done and self._micro:
             self._optimizer_step()
-            self._after_step()
+            self._after_step(epoch_end=True)
         self._settle(block=True)
         finished = self.step >= self.total_steps
         stop = finished or self._early_stop
         fresh = self.step != self._last_val_step  # not validated at this step already (val_every_steps)
-        if fresh and epoch_done and (self.loader.epoch % self.cfg.train.val_every_epochs == 0 or finished):
+        due = finished or (epoch_done and (self.loader.epoch % t.val_every_epochs == 0
+                                           or bool(t.val_every_steps and self.step % t.val_every_steps == 0)))
+        if fresh and due:
             stop = self._validate_and_checkpoint() or stop
-        elif fresh and finished:
-            self._validate_and_checkpoint()
-        if self.loader.epoch >= self.cfg.train.epochs and not self.cfg.train.max_steps:
+        elif epoch_done and self.step % t.checkpoint_every_steps == 0 and self._saved_step != self.step:
+            self.save()
+        if self.loader.epoch >= t.epochs and not t.max_steps:
             stop = True
         return stop
 

@@ -115,6 +115,7 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
     for rd, name in zip(run_dirs, names):
         rd = Path(rd)
         ck.check_run_dir(rd)
+        ck.sync_best(rd)  # a kill between the step checkpoint and best.pt: bundle the best the record names
         for f in RUN_FILES:
             if not (rd / f).is_file():
                 raise FileNotFoundError(f"--run {rd}: no {f} (a finished `spinestream train` run has one)")
@@ -139,7 +140,8 @@ def write_runs(run_dirs: list[Path], out: Path) -> None:
             shutil.copy2(src, out / dst)
         else:
             rd = next(Path(r) for r in run_dirs if Path(r).resolve().name == Path(dst).parent.name)
-            ShardSpec.from_shards(load_config(RunConfig, rd / "config.yaml").data.root).save(out / dst.rsplit("/", 1)[0])
+            data = load_config(RunConfig, rd / "config.yaml").data
+            ShardSpec.from_shards(data.root, exclude_fold=data.val_fold).save(out / dst.rsplit("/", 1)[0])
 
 
 def main(argv: list[str] | None = None) -> int:
