@@ -144,7 +144,7 @@ def sync_best(run_dir: Path) -> bool:
         return False
     best = run_dir / BEST
     held = _steps(best) if best.is_file() else None
-    if held is not None and held[0] == steps[0]:
+    if held is not None and held[0] >= steps[0]:  # (a newer best.pt, when the newest checkpoint is unreadable)
         return False
     tmp = best.with_name(f"{best.name}.tmp-{os.getpid()}")
     shutil.copyfile(newest, tmp)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -143,7 +144,7 @@ class Trainer:
         self.train_sel, self.labels, self.val_studies, self.baseline = \
             data.train_sel, data.labels, data.val_studies, data.baseline
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / SPEC_FILE).is_file():  # predict's copy (it needs no shards); never rewritten
+        if resume_from is None or not (self.run_dir / SPEC_FILE).is_file():  # predict's copy; never rewritten on resume
             spec.save(self.run_dir)
         bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
                                 channels_last=self.channels_last, resuming=state is not None)
@@ -319,14 +320,15 @@ class Trainer:
             self.model.train()
             try:
                 for batch in self._timed(self.loader):
-                    end = self.loader.at_epoch_end  # then Ctrl-C waits for the epoch's validation and checkpoint
+                    # at an epoch end or the last step, Ctrl-C waits for the validation and checkpoint due there
+                    end = self.loader.at_epoch_end
                     if self._step(batch) and (self._after_step(epoch_end=end) or (self._interrupt and not end)):
                         break
-            except Exception:
-                if self._interrupt:  # Ctrl-C also reached the loader's worker processes
+            except Exception as e:
+                if self._interrupt and "DataLoader worker" in str(e):  # Ctrl-C also reached the loader's workers
                     self._stop_interrupted()
                 raise
-            if self._interrupt and self.loader.position != 0:  # mid-epoch
+            if self._interrupt and self.loader.position != 0 and self.step < self.total_steps:  # mid-epoch
                 self._stop_interrupted()
             stop = self._end_epoch()
             if self._interrupt and not stop:
@@ -336,11 +338,16 @@ class Trainer:
     def _sigint_deferred(self):
         """Ctrl-C sets a flag the loop reads after the step in flight (a consistent place to checkpoint);
         a second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (signals go there)."""
-        if threading.current_thread() is not threading.main_thread():
+        self._interrupt = False
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started with `&` from a script
             yield
             return
+        owner = os.getpid()
 
         def handler(signum, frame):
+            if os.getpid() != owner:  # a forked DataLoader worker inherited the handler: the trainer decides
+                return
             if self._interrupt:
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
@@ -400,9 +407,12 @@ class Trainer:
         """Unscale, clip, Adam, EMA, schedule for the window's accumulated gradients (skipped on the device
         when the window had a non-finite loss or gradient)."""
         o = self.cfg.optim
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.opt)  # found-inf recorded on the device
         grads = [p.grad for p in self._params if p.grad is not None]
+        if self.scaler.is_enabled():
+            # a non-finite loss with finite gradients (an fp16 logit overflow) must skip Adam too: GradScaler only
+            # sees the gradients, so they are made NaN on the device when the window's loss was not finite
+            torch._foreach_mul_(grads, torch.where(self._window_bad, float("nan"), 1.0))
+            self.scaler.unscale_(self.opt)  # found-inf recorded on the device
         if self._micro < o.grad_accum:  # the epoch's last, short window: the mean of its micro-batches
             torch._foreach_mul_(grads, o.grad_accum / self._micro)
         norm = torch.nn.utils.get_total_norm(grads)
@@ -460,8 +470,9 @@ class Trainer:
             self._log_train()
         if epoch_end:
             return False
-        last = self.step >= self.total_steps  # the last step validates in _end_epoch
-        if t.val_every_steps and self.step % t.val_every_steps == 0 and not last:
+        if self.step >= self.total_steps:
+            return True  # the last step validates and checkpoints in _end_epoch (never a checkpoint before that)
+        if t.val_every_steps and self.step % t.val_every_steps == 0:
             self._settle(block=True)
             if self.step % t.val_every_steps == 0 and self.step != self._last_val_step:
                 self._early_stop = self._validate_and_checkpoint()
@@ -481,8 +492,8 @@ class Trainer:
             self._optimizer_step()
             self._after_step(epoch_end=True)
         self._settle(block=True)
-        finished = self.step >= self.total_steps
-        stop = finished or self._early_stop
+        finished = self.step >= self.total_steps or (not t.max_steps and epoch_done and self.loader.epoch >= t.epochs)
+        stop = finished or self._early_stop  # (skipped steps can leave step < total_steps after the last epoch)
         fresh = self.step != self._last_val_step  # not validated at this step already (val_every_steps)
         due = finished or (epoch_done and (self.loader.epoch % t.val_every_epochs == 0
                                            or bool(t.val_every_steps and self.step % t.val_every_steps == 0)))

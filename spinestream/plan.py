@@ -203,7 +203,8 @@ def _shard(name, cfg, paths, configs, verb, workers) -> Stage:
 def _verify(name, cfg, paths, configs, verb, workers) -> Stage:
     v = cfg.verify
     argv = ["verify", str(paths.shards)] + ["--quick"] * v.quick + ["--decode"] * v.decode
-    return Stage(name, lambda: call(verb, argv), lambda: {"shards": shards_fp(paths.shards), "args": argv[2:]})
+    return Stage(name, lambda: call(verb, argv), lambda: {"shards": shards_fp(paths.shards), "args": argv[2:]},
+                 feeds_later=False)
 
 
 def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -214,7 +215,7 @@ def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
     argv = ["bench", "loader", "--shards", str(paths.shards), *args, "--workers", workers,
             "--results", str(paths.bench)]
     return Stage(name, lambda: call(verb, argv), lambda: {"shards": shards_fp(paths.shards), "args": args},
-                 outputs=[paths.bench], required=[paths.bench / "loader.json"])
+                 outputs=[paths.bench], required=[paths.bench / "loader.json"], feeds_later=False)
 
 
 def trained_config(rc, init_from: Path | None) -> dict:
@@ -315,7 +316,8 @@ def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
         run_fp = fingerprint(run_dir / ckpt) if ckpt else {"latest": latest_checkpoints(run_dir)}
         return {"run": run_fp, "args": args, "shards": shards_fp(paths.shards)}
 
-    return Stage(name, lambda: call(verb, argv), inputs, outputs=[out], required=[out / "report.csv"])
+    return Stage(name, lambda: call(verb, argv), inputs, outputs=[out], required=[out / "report.csv"],
+                 feeds_later=False)
 
 
 def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -337,7 +339,7 @@ def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
                 for r, (run_dir, _, args) in jobs.items()} | {"shards": shards_fp(paths.shards)}
 
     outs = [out for _, out, _ in jobs.values()]
-    return Stage(name, run, inputs, outputs=outs, required=[o / "report.csv" for o in outs])
+    return Stage(name, run, inputs, outputs=outs, required=[o / "report.csv" for o in outs], feeds_later=False)
 
 
 def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:

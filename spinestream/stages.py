@@ -71,6 +71,10 @@ class Stage:
     """Files or directories the stage writes: removed before a redo; all must exist for a skip."""
     required: Sequence[Path] = ()
     """Outputs that must exist after a skip is allowed (default: all of ``outputs``)."""
+    feeds_later: bool = True
+    """Whether later stages read what it writes: when it ran, they are redone. False for checks and reports
+    (verify, bench, evaluate, compare): editing ``verify.quick`` must not retrain anything (the report still
+    reruns, since it fingerprints every stage's record)."""
     keep: bool = False
     """On a redo, move the outputs aside (``<parent>/superseded/...``) instead of deleting them: training runs."""
     check_resume: Callable[[], tuple[str, list[str]]] | None = None
@@ -327,7 +331,8 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, root: Path, *, from_sta
                             outputs={str(p): fingerprint(p) for p in stage.outputs if Path(p).is_file()})
         results.append(StageResult(stage.name, status, seconds, reason, rec))
         log(f"{tag} {status}: done in {seconds:.1f}s")
-        forced = forced or f"{stage.name} ran"
+        if stage.feeds_later:
+            forced = forced or f"{stage.name} ran"
     return results
 
 
@@ -372,5 +377,5 @@ def _refuse_retrain(stages: Sequence[Stage], state_dir: Path, from_stage: str | 
                 f"{stage.name} would be redone ({reason}) and its run {', '.join(map(str, stage.outputs))} moved "
                 f"aside; --no-retrain refuses: nothing was run or moved. Rerun without --no-retrain to retrain "
                 f"(the old run is kept under superseded/), or undo the change")
-        if status not in ("skipped", "adopted"):
+        if status not in ("skipped", "adopted") and stage.feeds_later:
             forced = forced or f"{stage.name} ran"

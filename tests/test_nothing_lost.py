@@ -254,3 +254,94 @@ def test_ctrl_c_saves_and_prints_the_resume_command(shards, tmp_path, monkeypatc
     assert main(["train", "--resume", str(run)]) == 0
     assert ck.load(ck.latest(run))["step"] == 8
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_the_last_checkpoint_is_taken_after_the_final_validation(shards, tmp_path, monkeypatch):
+    """max_steps on a checkpoint step, mid-epoch: no ckpt-<last> before the final validation (a kill during it
+    left a 'finished' checkpoint whose last weights were never validated)."""
+    t = _trainer(_cfg(shards, tmp_path, **{"train.max_steps": 4, "train.checkpoint_every_steps": 2}))
+
+    def killed():
+        raise Killed
+
+    monkeypatch.setattr(t, "validate", killed)
+    with pytest.raises(Killed):
+        t.fit()
+    assert [ck.load(p)["step"] for p in ck.checkpoints(t.run_dir)] == [2]
+
+
+def test_the_last_epoch_validates_and_saves_after_a_skipped_step(shards, tmp_path, monkeypatch):
+    from test_trainer_state import _inf_once
+
+    t = _trainer(_cfg(shards, tmp_path, **{"train.epochs": 1, "train.val_every_epochs": 2,
+                                           "train.checkpoint_every_steps": 100}))
+    _inf_once(t)
+    t.fit()
+    assert t.nan_total == 1 and t.step == t.total_steps - 1
+    assert _val_steps(t.run_dir) == [t.step]  # the run's end is validated and checkpointed all the same
+    assert ck.load(ck.latest(t.run_dir))["step"] == t.step
+
+
+def test_a_fresh_run_in_a_directory_without_checkpoints_writes_its_own_spec(shards, other_shards, tmp_path):
+    from shards.spec import ShardSpec
+
+    a = _trainer(_cfg(other_shards, tmp_path, **{"loader.image_size": 40}))  # built, never trained
+    assert ShardSpec.load(a.run_dir / "shard_spec.json").image.size == 40
+    _trainer(_cfg(shards, tmp_path))  # the same directory, other shards, no checkpoint: a fresh run
+    assert ShardSpec.load(a.run_dir / "shard_spec.json").image.size == 48
+
+
+def test_an_infinite_loss_with_finite_gradients_skips_adam_under_gradscaler(shards, tmp_path, monkeypatch):
+    """fp16: a logit overflow gives an infinite loss whose gradients are finite; GradScaler sees only the
+    gradients, so the trainer makes them NaN first: the step is skipped on the device, as it is counted."""
+    import engine.trainer as tr
+    from tqdm import tqdm
+
+    real = tr.weighted_bce
+    calls = [0]
+
+    def loss(*a, **k):
+        calls[0] += 1
+        out = real(*a, **k)
+        return out + float("inf") if calls[0] == 1 else out
+
+    monkeypatch.setattr(tr, "weighted_bce", loss)
+    t = _trainer(_cfg(shards, tmp_path))
+    t.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 8)
+    t._bar = tqdm(disable=True)
+    params = [p.detach().clone() for p in t.model.parameters()]
+    assert t._step(next(iter(t.loader)))
+    t._settle(block=True)
+    assert (t.step, t.nan_total) == (0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(params, t.model.parameters()))
+
+
+def test_sync_best_never_replaces_a_newer_best(shards, tmp_path):
+    t = _trainer(_cfg(shards, tmp_path, **{"train.max_steps": 2, "train.checkpoint_every_steps": 1}))
+    t.fit()
+    run = t.run_dir
+    newest = ck.checkpoints(run)[-1]
+    assert ck.load(run / ck.BEST)["step"] == 2
+    newest.write_bytes(b"torn")  # the newest checkpoint unreadable: ckpt-1 is the newest readable one
+    first = ck.load(ck.checkpoints(run)[0])
+    first["best"] = {"metric": 0.5, "step": 1}
+    ck.save(ck.checkpoints(run)[0], first)
+    assert not ck.sync_best(run)
+    assert ck.load(run / ck.BEST)["step"] == 2
+
+
+def test_an_ignored_sigint_stays_ignored(shards, tmp_path):
+    """A trainer started with SIGINT ignored (`cmd &` in a script) does not take Ctrl-C meant for another job."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        t = _trainer(_cfg(shards, tmp_path, **{"train.max_steps": 1}))
+        seen = []
+        t._log_train = lambda: seen.append(signal.getsignal(signal.SIGINT))
+        t.cfg.log.every_steps = 1
+        t.fit()
+        assert seen == [signal.SIG_IGN]
+    finally:
+        signal.signal(signal.SIGINT, previous)

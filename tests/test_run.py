@@ -688,3 +688,18 @@ def test_demo_pipeline_end_to_end_on_a_tiny_synthetic_set(tmp_path, capsys):
     assert main(args) == 0
     st = _statuses(capsys)
     assert st["round1"] == "skipped" and st["round2"] == "resumed" and not (out / "runs/superseded").exists()
+
+
+def test_editing_a_check_stage_retrains_nothing(pipeline, capsys):
+    """verify, bench, evaluate and compare write nothing a later stage reads: when one of them is redone (here
+    verify.quick and bench.batches edited), training and pseudo-labels are skipped, only the report reruns."""
+    run, fakes, out = pipeline
+    assert run() == 0
+    capsys.readouterr()
+    assert run("--set", "verify.quick=true", "--set", "bench.batches=3") == 0
+    st = _statuses(capsys)
+    assert st["verify"] == "redone" and st["bench"] == "redone"
+    assert {st[s] for s in ("round1", "evaluate1", "pseudo", "round2", "evaluate2", "predict", "compare")} == \
+        {"skipped"}
+    assert st["report"] in ("redone", "run")
+    assert not (out / "runs" / "superseded").exists()
