@@ -138,8 +138,8 @@ def sync_best(run_dir: Path) -> bool:
     checkpoint's record says it is the best and ``best.pt`` is missing or holds another step, copy it there
     (atomically). True when it repaired; a note goes to stderr."""
     run_dir = Path(run_dir)
-    newest = next((p for p in reversed(checkpoints(run_dir)) if readable(p)), None) if run_dir.is_dir() else None
-    steps = _steps(newest) if newest is not None else None
+    found = ((p, _steps(p)) for p in reversed(checkpoints(run_dir))) if run_dir.is_dir() else iter(())
+    newest, steps = next(((p, s) for p, s in found if s is not None), (None, None))  # the newest readable one
     if steps is None or steps[0] != steps[1]:
         return False
     best = run_dir / BEST

@@ -4,7 +4,9 @@
 checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from shards.config import ConfigError
@@ -206,3 +208,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", self.name, "a run name without '/'")
         _require(bool(self.out_dir), "out_dir", self.out_dir, "a directory")
+
+    def with_absolute_paths(self) -> RunConfig:
+        """This config with ``out_dir``, ``data.root`` and ``model.init_from`` absolute and resolved (against the
+        current directory): how ``spinestream train`` stores them in ``RUN_DIR/config.yaml``, so a run directory
+        works from anywhere, and how ``spinestream run`` compares a run's config with the one it would train."""
+        def a(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser().resolve())
+
+        return dataclasses.replace(self, out_dir=a(self.out_dir),
+                                   data=dataclasses.replace(self.data, root=a(self.data.root)),
+                                   model=dataclasses.replace(self.model, init_from=a(self.model.init_from)))

@@ -10,7 +10,6 @@ ckpt-<step>.pt (last keep_last), best.pt; wandb offline files under wandb/.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             if run_dir.exists() and any(ck.checkpoints(run_dir)):
                 raise ck.RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                                   f"or choose another name (--set name=...)")
-        cfg = absolute_paths(cfg)  # the run directory works from any directory later (evaluate, predict)
+        cfg = cfg.with_absolute_paths()  # the run directory works from any directory later (evaluate, predict)
         trainer = Trainer(cfg, run_dir, resume_from=resume_from)  # checks everything before it writes
         ck.mark_run(run_dir)
         write_config(run_dir, cfg)  # only once the config is known to fit the run: a failed resume changes nothing
@@ -82,25 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``data.root``, ``out_dir`` and ``model.init_from`` made absolute (against the current directory), as the
-    run's config.yaml stores them."""
-    def a(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser().resolve())
-
-    return dataclasses.replace(cfg, out_dir=a(cfg.out_dir), data=dataclasses.replace(cfg.data, root=a(cfg.data.root)),
-                               model=dataclasses.replace(cfg.model, init_from=a(cfg.model.init_from)))
-
-
 def interrupted_message(e: KeyboardInterrupt, run_dir: Path) -> str:
     """One line for Ctrl-C: where the run stands and the exact command that continues it."""
-    step, path = getattr(e, "step", None), getattr(e, "checkpoint", None)
-    if path is None and run_dir.is_dir():
-        found = ck.checkpoints(run_dir)
-        path = found[-1] if found else None
+    step = getattr(e, "step", None)  # TrainingInterrupted; a second Ctrl-C is a plain KeyboardInterrupt
+    found = ck.checkpoints(run_dir) if run_dir.is_dir() else []
+    path = found[-1] if found else None
     where = f" at step {step}" if step is not None else ""
     if path is None:
-        return f"spinestream train: interrupted{where} before the first checkpoint; start it again with the same command"
+        return (f"spinestream train: interrupted{where} before the first checkpoint; start it again with the same "
+                f"command")
     saved = "saved" if getattr(e, "saved_now", False) else "the last checkpoint is"
     return (f"spinestream train: interrupted{where}; {saved} {path}. Continue with: "
             f"spinestream train --resume {shlex.quote(str(run_dir))}")

@@ -70,8 +70,8 @@ from .metrics import constant_baseline, weighted_bce
 from .model import model_fingerprint
 from .skips import StepFlags
 
-__all__ = ["Trainer", "TrainingInterrupted", "constant_baseline_score", "plot_curves", "rng_state", "select_training_shards",
-           "set_rng_state", "write_config"]
+__all__ = ["Trainer", "TrainingInterrupted", "constant_baseline_score", "plot_curves", "rng_state",
+           "select_training_shards", "set_rng_state", "write_config"]
 
 PROJECT_WARMUP_STEPS = 5
 """Steps left out of the epoch-time projection (model warm-up, cudnn autotuning, the loader's first fill)."""
@@ -114,11 +114,11 @@ def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFra
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training at ``step``; ``checkpoint`` is the checkpoint to resume from (None: none yet)."""
+    """Ctrl-C stopped training at ``step``; ``saved_now``: a checkpoint of that step was just written."""
 
-    def __init__(self, step: int, checkpoint: Path | None, saved_now: bool):
+    def __init__(self, step: int, saved_now: bool):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.checkpoint, self.saved_now = step, checkpoint, saved_now
+        self.step, self.saved_now = step, saved_now
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -228,12 +228,16 @@ class Trainer:
             ck.save(self.run_dir / ck.BEST, state)
         self._saved_step = self.step
 
-    def finished(self) -> bool:
-        """Nothing left to train: the last step reached, the epochs done, or early stopping's patience used up."""
+    def _length_reached(self) -> bool:
+        """The run's length is done: its last step, or (without train.max_steps) its epochs, which skipped steps
+        can end with step < total_steps."""
         t = self.cfg.train
-        if self.step >= self.total_steps or (not t.max_steps and self.loader.epoch >= t.epochs):
-            return True
-        return bool(t.early_stopping_patience and self.bad_vals >= t.early_stopping_patience)
+        return self.step >= self.total_steps or (not t.max_steps and self.loader.epoch >= t.epochs)
+
+    def finished(self) -> bool:
+        """Nothing left to train: the run's length done, or early stopping's patience used up."""
+        p = self.cfg.train.early_stopping_patience
+        return self._length_reached() or bool(p and self.bad_vals >= p)
 
     # ----------------------------------------------------------------------- logging
 
@@ -368,8 +372,7 @@ class Trainer:
             if self._saved_step != self.step:
                 self.save()
                 saved_now = True
-        found = [p for p in ck.checkpoints(self.run_dir)]
-        raise TrainingInterrupted(self.step, found[-1] if found else None, saved_now)
+        raise TrainingInterrupted(self.step, saved_now)
 
     def _timed(self, loader):
         """The loader's batches, with the time the step waited for each one added to the log line."""
@@ -387,7 +390,7 @@ class Trainer:
         """One micro-batch (forward, loss, backward); at the end of an accumulation window the optimizer
         step. True when an optimizer step was issued (the device may still skip it: see :meth:`_settle`)."""
         o = self.cfg.optim
-        if self._micro == 0 and self._buffers:
+        if self._micro == 0:
             self._buffers.take()  # a skipped window gives back what its forward passes did to BatchNorm
         with autocast(self.precision, self.device):
             logits = self.train_model(batch.images)
@@ -430,8 +433,7 @@ class Trainer:
             finally:
                 del self.opt.found_inf, self.opt.grad_scale
         self.opt.zero_grad(set_to_none=True)
-        if self._buffers:
-            self._buffers.restore_if(skipped)  # before the EMA reads the model's buffers
+        self._buffers.restore_if(skipped)  # before the EMA reads the model's buffers
         if self.ema is not None:
             self.ema.update(self.step, applied=(~skipped).float())
         self._flags.push(skipped)
@@ -492,8 +494,8 @@ class Trainer:
             self._optimizer_step()
             self._after_step(epoch_end=True)
         self._settle(block=True)
-        finished = self.step >= self.total_steps or (not t.max_steps and epoch_done and self.loader.epoch >= t.epochs)
-        stop = finished or self._early_stop  # (skipped steps can leave step < total_steps after the last epoch)
+        finished = self._length_reached()
+        stop = finished or self._early_stop
         fresh = self.step != self._last_val_step  # not validated at this step already (val_every_steps)
         due = finished or (epoch_done and (self.loader.epoch % t.val_every_epochs == 0
                                            or bool(t.val_every_steps and self.step % t.val_every_steps == 0)))
@@ -501,8 +503,6 @@ class Trainer:
             stop = self._validate_and_checkpoint() or stop
         elif epoch_done and self.step % t.checkpoint_every_steps == 0 and self._saved_step != self.step:
             self.save()
-        if self.loader.epoch >= t.epochs and not t.max_steps:
-            stop = True
         return stop
 
     def _validate_and_checkpoint(self) -> bool:

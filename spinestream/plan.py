@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from shards.config import format_value, load_config, to_dict
+from shards.config import ConfigError, format_value, load_config, to_dict
 from shards.fsutil import atomic_write_bytes
 from shards.layout import Layout
 
@@ -220,22 +220,12 @@ def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
 
 def trained_config(rc, init_from: Path | None) -> dict:
     """The config ``spinestream train -c <rc> --set model.init_from=...`` runs with, as it writes it to
-    ``RUN_DIR/config.yaml`` (engine/train.py: the loaded config, then ``write_config``), paths normalised."""
+    ``RUN_DIR/config.yaml`` (engine/train.py: paths made absolute, then ``write_config``)."""
     import dataclasses
 
-    return same_paths(to_dict(dataclasses.replace(rc, model=dataclasses.replace(
-        rc.model, init_from=None if init_from is None else str(init_from)))))
-
-
-def same_paths(d: dict) -> dict:
-    """A run config dict with ``data.root``, ``out_dir`` and ``model.init_from`` absolute and resolved (the
-    trainer may store them either way), so that two configs compare equal when they name the same files."""
-    out = canonical(d)
-    for sect, key in ((None, "out_dir"), ("data", "root"), ("model", "init_from")):
-        holder = out.get(sect) if sect else out
-        if isinstance(holder, dict) and isinstance(holder.get(key), str):
-            holder[key] = str(Path(holder[key]).expanduser().resolve())
-    return out
+    rc = dataclasses.replace(rc, model=dataclasses.replace(rc.model, init_from=None if init_from is None else
+                                                           str(init_from)))
+    return canonical(to_dict(rc.with_absolute_paths()))
 
 
 def _train(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -268,14 +258,15 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
             return "", []  # nothing trained: the trainer starts afresh
         if not ckpts:
             return f"{run_dir} holds a best.pt but no checkpoint to resume from", []
+        from engine.config import RunConfig
+
         path = run_dir / "config.yaml"
-        try:
-            made_by = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            return f"its config {path} cannot be read ({type(e).__name__}): which config made it is unknown", []
+        try:  # read as the trainer would read it: the same defaults, paths absolute as it stores them
+            made_by = canonical(to_dict(load_config(RunConfig, path).with_absolute_paths()))
+        except (OSError, ConfigError, yaml.YAMLError) as e:
+            return f"its config {path} cannot be read ({e}): which config made it is unknown", []
         want = trained_config(rc, init_path)
-        if not isinstance(made_by, dict) or same_paths(made_by) != want:
-            made_by = same_paths(made_by) if isinstance(made_by, dict) else {}
+        if made_by != want:
             keys = changed_key_list(made_by, want, "config.")
             return f"{path} differs from this round's config ({changed_keys(made_by, want, 'config.')})", keys
         return "", []

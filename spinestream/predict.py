@@ -63,7 +63,6 @@ class Decoded:
 
     uid: str
     volume: np.ndarray | None  # (Z, S, S) neighbours | (Z, S, S, 3) windows, uint8, head to feet
-    z: np.ndarray | None  # (Z,) float64, descending
     nbr: np.ndarray | None = None  # (Z, 3) the shard job's 2.5D neighbour index ('neighbours'), else None
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings raised while reading (re-issued by the parent)
@@ -83,9 +82,9 @@ def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
         try:
             study = ingest_study(image_dir, cfg)
         except (DicomError, OSError) as e:  # the shard job's bad-input policy (preprocess/errors.py)
-            return Decoded(uid, None, None, error=str(e), notes=[str(w.message) for w in caught],
+            return Decoded(uid, None, error=str(e), notes=[str(w.message) for w in caught],
                            seconds=time.perf_counter() - t0)
-    return Decoded(uid, study.volume, study.z, study.nbr, bad_files=[(str(a), str(b)) for a, b in study.bad_files],
+    return Decoded(uid, study.volume, study.nbr, bad_files=[(str(a), str(b)) for a, b in study.bad_files],
                    notes=study.warnings + [str(w.message) for w in caught], seconds=time.perf_counter() - t0)
 
 

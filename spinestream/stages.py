@@ -369,10 +369,8 @@ def _refuse_retrain(stages: Sequence[Stage], state_dir: Path, from_stage: str | 
         if stage.name == from_stage:
             forced = f"--from {from_stage}"
         rec = read_record(state_dir, stage.name)
-        present = any(Path(p).exists() for p in stage.outputs)
-        status, reason = ("redone" if rec or present else "run", forced) if forced else \
-            decide(stage, rec, canonical(stage.inputs()), forced="")
-        if status == "redone" and stage.keep and present:
+        status, reason = decide(stage, rec, canonical(stage.inputs()), forced=forced)
+        if status == "redone" and stage.keep and any(Path(p).exists() for p in stage.outputs):
             raise RetrainRefused(
                 f"{stage.name} would be redone ({reason}) and its run {', '.join(map(str, stage.outputs))} moved "
                 f"aside; --no-retrain refuses: nothing was run or moved. Rerun without --no-retrain to retrain "
