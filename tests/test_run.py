@@ -449,6 +449,21 @@ def test_runner_with_fake_stages_and_safe_removal(tmp_path):
     assert outside.is_dir() and out.is_dir() and not (tmp_path / "superseded").exists()
 
 
+def _fake_study_table(root: Path, n: int, rng):
+    """``root/shards/studies.parquet`` with ``n`` boxed studies in folds 0 and 1 and study labels drawn from
+    ``rng``."""
+    import pandas as pd
+
+    from shards.layout import ROW_TYPES
+
+    y = rng.integers(0, 2, size=(n, len(ROW_TYPES)))
+    studies = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(n)], "fold": [0, 1] * (n // 2),
+                            "cohort": "boxed", **{c: y[:, k] for k, c in enumerate(ROW_TYPES)}})
+    (root / "shards").mkdir(parents=True)
+    studies.to_parquet(root / "shards/studies.parquet")
+    return studies
+
+
 def _report_fixture(root: Path):
     """A pipeline directory as the stages leave it: round 1's evaluation without summary.json, round 2's with
     one, a pseudo-label summary with crack-truth quality, bench and training logs; no submission."""
@@ -460,11 +475,7 @@ def _report_fixture(root: Path):
 
     rows = ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall"]
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, size=(12, 8))
-    studies = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(12)], "fold": [0, 1] * 6,
-                            "cohort": "boxed", **{c: y[:, k] for k, c in enumerate(rows)}})
-    (root / "shards").mkdir(parents=True)
-    studies.to_parquet(root / "shards/studies.parquet")
+    studies = _fake_study_table(root, 12, rng)
     table = pd.DataFrame({"target": rows + ["overall"], "accuracy": 0.8, "sensitivity": 0.5, "specificity": 0.9,
                           "auc": 0.7, "n_pos": 3, "n_neg": 3, "logloss": 0.4, "weighted_logloss": 0.05})
     val = studies[studies.fold == 0]
@@ -582,11 +593,7 @@ def test_report_shows_best_and_last_and_its_verdict_is_the_last_checkpoints(tmp_
 
     root = tmp_path / "out"
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, size=(80, 8))
-    studies = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(80)], "fold": [0, 1] * 40,
-                            "cohort": "boxed", **{c: y[:, k] for k, c in enumerate(ROW_TYPES)}})
-    (root / "shards").mkdir(parents=True)
-    studies.to_parquet(root / "shards/studies.parquet")
+    studies = _fake_study_table(root, 80, rng)
     val = studies[studies.fold == 0]
     truth = val[list(ROW_TYPES)].to_numpy(dtype=float)
     table = pd.DataFrame({"target": ["overall"], "accuracy": [0.8], "auc": [0.7], "n_pos": [3], "n_neg": [3]})
