@@ -54,23 +54,6 @@ class IngestedStudy:
         return int(self.volume.shape[0])
 
     @property
-    def z(self) -> np.ndarray:
-        """(Z,) float64 positions along the slice normal, descending (finite: stand-ins if need be)."""
-        return self.meta.z
-
-    @property
-    def slice_numbers(self) -> np.ndarray:
-        return self.meta.slice_numbers
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return self.meta.spacing
-
-    @property
-    def z_reversed(self) -> bool:
-        return self.meta.z_reversed
-
-    @property
     def bad_files(self) -> list[tuple[str, str]]:
         return self.meta.bad_files
 
