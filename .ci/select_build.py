@@ -9,7 +9,7 @@ Keys: ``torch_index`` (empty = PyPI's default torch, CUDA 13.0; else PyTorch's C
 ``dali_extra`` (dali-cu12 | dali-cu13) and ``system_torch`` (1 when the interpreter running this
 script already has a torch that imports and computes on the visible GPU, as on Kaggle: the
 Makefile then builds the venv with --system-site-packages and installs no torch). The GPU rules
-live in engine/gpu_probe.py, which ``engine.device`` also uses to say at run time which build
+live in engine/gpu_probe.py, which ``spinestream.engine.device`` also uses to say at run time which build
 a card needs; nvidia-smi is found on PATH (tests put a fake one there).
 """
 from __future__ import annotations

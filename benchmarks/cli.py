@@ -6,11 +6,11 @@ import importlib
 import sys
 
 SUITES = {
-    "shard": ("benchmarks.shard", "DICOM -> shards throughput vs the naive PNG way and the decode+encode floor"),
-    "loader": ("benchmarks.loader", "images/s into the training loop: dicom baseline, torch, DALI, decode-only"),
-    "train": ("benchmarks.train", "model-only vs through-the-loader training images/s (saturation), auto batch"),
-    "predict": ("benchmarks.predict", "test DICOM -> submission: studies/min per syntax, 1,500-study projection"),
-    "infer": ("benchmarks.infer", "study inference slices/s from Zarr vs the model alone (saturation), peak memory"),
+    "shard": ("spinestream.benchmarks.shard", "DICOM -> shards throughput vs the naive PNG way and the decode+encode floor"),
+    "loader": ("spinestream.benchmarks.loader", "images/s into the training loop: dicom baseline, torch, DALI, decode-only"),
+    "train": ("spinestream.benchmarks.train", "model-only vs through-the-loader training images/s (saturation), auto batch"),
+    "predict": ("spinestream.benchmarks.predict", "test DICOM -> submission: studies/min per syntax, 1,500-study projection"),
+    "infer": ("spinestream.benchmarks.infer", "study inference slices/s from Zarr vs the model alone (saturation), peak memory"),
 }
 
 

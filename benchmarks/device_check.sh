@@ -131,7 +131,7 @@ for mod in ("torchvision", "timm", "nvidia.dali", "webdataset", "numpy"):
         res.setdefault("versions", {})[mod] = __import__(mod, fromlist=["_"]).__version__
     except Exception as e:  # noqa: BLE001 — a missing package is a figure too
         res.setdefault("versions", {})[mod] = f"missing: {e}"
-from engine import device as dv
+from spinestream.engine import device as dv
 try:
     d = dv.pick_device("auto")
     res["pick_device"] = str(d)

@@ -3,7 +3,7 @@
 Over the same studies it measures:
 
 * **read** — slices/s of reading the Zarr volumes alone (the background thread's work);
-* **module** — slices/s through ``engine.infer.predict_studies`` from Zarr: read-ahead thread,
+* **module** — slices/s through ``spinestream.engine.infer.predict_studies`` from Zarr: read-ahead thread,
   uint8 volume to the device, 2.5D gather, resize, normalise, model, sigmoid, back to the host;
 * **model** — slices/s of the model alone on one batch already on the device, for the same
   number of (padded) batches;
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from shards.layout import Layout
-from shards.tables import read_study_table
+from spinestream.shards.layout import Layout
+from spinestream.shards.tables import read_study_table
 
 
 def _sync(device: torch.device) -> None:
@@ -41,9 +41,9 @@ def _sync(device: torch.device) -> None:
 
 def prepare(cache: Path, size: int, studies: int, slices: int) -> Path:
     """A synthetic shard set (uncompressed DICOM in, one worker per core) cached under ``cache``."""
-    from benchmarks.shard import dataset
-    from preprocess.config import ShardConfig
-    from preprocess.convert import run
+    from spinestream.benchmarks.shard import dataset
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.convert import run
 
     raw = dataset(cache, "explicit", studies, (slices, slices), size)
     out = cache / f"shards-explicit-n{studies}-s{slices}-{size}"
@@ -57,7 +57,7 @@ def prepare(cache: Path, size: int, studies: int, slices: int) -> Path:
 
 
 def time_read(root: Path, uids: list[str]) -> dict:
-    from engine.infer import _read_ahead
+    from spinestream.engine.infer import _read_ahead
 
     t0, n = time.perf_counter(), 0
     for sv in _read_ahead(root, uids, prefetch=2):
@@ -67,7 +67,7 @@ def time_read(root: Path, uids: list[str]) -> dict:
 
 
 def time_module(model, root: Path, uids: list[str], kw: dict, device) -> dict:
-    from engine.infer import predict_studies
+    from spinestream.engine.infer import predict_studies
 
     predict_studies(model, root, uids[:1], **kw)  # warm-up: cudnn autotuning, allocator, thread start
     _sync(device)
@@ -80,7 +80,7 @@ def time_module(model, root: Path, uids: list[str], kw: dict, device) -> dict:
 
 @torch.no_grad()
 def time_model(model, batches: int, slices: int, kw: dict, device, channels_last: bool) -> dict:
-    from engine.device import autocast
+    from spinestream.engine.device import autocast
 
     s, bs = kw["image_size"], kw["batch_size"]
     x = torch.randn(bs, 3, s, s, device=device)
@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.config import ModelConfig
-    from engine.device import channels_last_default, pick_device, resolve_precision
-    from engine.model import build_model, data_config
+    from spinestream.engine.config import ModelConfig
+    from spinestream.engine.device import channels_last_default, pick_device, resolve_precision
+    from spinestream.engine.model import build_model, data_config
 
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  saturation       {res['saturation']:9.2f}" + (f"   peak GPU memory {peak:.2f} GiB" if peak else "")
           + f"   peak RSS {rss:.2f} GiB")
     args.results.mkdir(parents=True, exist_ok=True)
-    from shards.fsutil import atomic_write_bytes
+    from spinestream.shards.fsutil import atomic_write_bytes
 
     atomic_write_bytes(args.results / "infer.json", (json.dumps(res, indent=1) + "\n").encode())
     print(f"saved {args.results / 'infer.json'}")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shape(root: Path, uid: str) -> tuple:
-    from shards.volumes import open_volume
+    from spinestream.shards.volumes import open_volume
 
     return tuple(open_volume(Layout(root).volumes, uid).shape)
 

@@ -102,10 +102,10 @@ class DicomSlices(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from engine.loader.augment import augment, normalize
-        from engine.loader.params import draw_params, sample_key, sample_uniforms
-        from preprocess.dicom import read_hu
-        from preprocess.window import window_u8
+        from spinestream.engine.loader.augment import augment, normalize
+        from spinestream.engine.loader.params import draw_params, sample_key, sample_uniforms
+        from spinestream.preprocess.dicom import read_hu
+        from spinestream.preprocess.window import window_u8
 
         img = torch.from_numpy(window_u8(read_hu(self.files[i]), 400, 1800))[None].expand(3, -1, -1)[None]
         u = sample_uniforms(sample_key(0, 0, 0), i, 1)  # the loaders' host-side parameter sampler
@@ -125,7 +125,7 @@ def dicom_batches(data: Path, cfg, workers: int):
 
 
 def _decode_worker(args) -> tuple[int, float]:
-    from shards.sample import decode_jpeg
+    from spinestream.shards.sample import decode_jpeg
 
     tars, recs, seconds = args
     fds, n, t0 = {}, 0, time.perf_counter()
@@ -140,7 +140,7 @@ def _decode_worker(args) -> tuple[int, float]:
 
 
 def _warm(_) -> int:
-    import shards.sample  # noqa: F401  (the import a spawned worker pays once)
+    import spinestream.shards.sample  # noqa: F401  (the import a spawned worker pays once)
 
     return os.getpid()
 
@@ -171,7 +171,7 @@ def composition(shards: Path, cfg, reader: str, world: int, device: str = "cpu")
     """Share of the first cohort per quarter of one DALI epoch of the round-1 selection, per rank."""
     import dataclasses
 
-    from engine.loader import LabelTable, build_loader, select
+    from spinestream.engine.loader import LabelTable, build_loader, select
 
     sel = select(shards, cohorts=["boxed", "negative"])
     rec = sel.records()
@@ -195,11 +195,11 @@ def composition(shards: Path, cfg, reader: str, world: int, device: str = "cpu")
 
 def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path]:
     """Synthetic DICOM (uncompressed and JPEG 2000) and the shards of the uncompressed set."""
-    from benchmarks.shard import dataset
-    from preprocess.config import ShardConfig
-    from preprocess.convert import run
+    from spinestream.benchmarks.shard import dataset
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.convert import run
 
-    from shards.layout import Layout
+    from spinestream.shards.layout import Layout
 
     raw = {s: dataset(cache, s, studies, (96, 96), size) for s in ("explicit", "j2k")}
     out = cache / f"shards-explicit-n{studies}-{size}"
@@ -261,12 +261,12 @@ def _loader_config(args):
     """The trainer's loader config (``--config``'s, else the defaults) with the benchmark's sizes."""
     import dataclasses
 
-    from engine.loader import LoaderConfig
+    from spinestream.engine.loader import LoaderConfig
 
     base = LoaderConfig()
     if args.config is not None:
-        from engine.config import RunConfig
-        from shards.config import load_config
+        from spinestream.engine.config import RunConfig
+        from spinestream.shards.config import load_config
 
         base = load_config(RunConfig, args.config).loader
     workers = base.num_threads if args.workers is None else args.workers
@@ -277,7 +277,7 @@ def _run_lines(lines, sel, shards, dicoms, cfg, report, results, n: int, w: int)
     """Every asked-for line, forking ones (DataLoader workers) before any DALI thread exists."""
     import dataclasses
 
-    from engine.loader import LabelTable, build_loader, dali_available
+    from spinestream.engine.loader import LabelTable, build_loader, dali_available
 
     labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
 
@@ -335,7 +335,7 @@ def _summary(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from engine.loader import select
+    from spinestream.engine.loader import select
 
     lines = [s.strip() for s in args.lines.split(",") if s.strip()]
     if args.shards is None:

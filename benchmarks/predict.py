@@ -3,7 +3,7 @@ submission, per transfer syntax, and whether 1,500 hidden test studies fit Kaggl
 
 Per syntax (explicit, JPEG Lossless, JPEG 2000, RLE; a synthetic test set each):
 
-* **decode** -- slices/s on one core of predict's ingest (``preprocess.ingest.ingest_study``, the shard
+* **decode** -- slices/s on one core of predict's ingest (``spinestream.preprocess.ingest.ingest_study``, the shard
   job's too: read, HU, resize, window, neighbour index);
 * **model** -- slices/s of the model alone on in-memory volumes (here a tiny CPU model, ``test_resnet``
   by default: a stand-in, not the GPU figure of the real backbone);
@@ -32,14 +32,14 @@ KAGGLE_STUDIES, KAGGLE_SLICES, LIMIT_H = 1500, 350, 9.0
 
 def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Path:
     """A run directory with untrained weights and its own shard spec (no shard set needed)."""
-    from engine import checkpoint as ck
-    from engine.config import RunConfig
-    from engine.model import build_model, model_fingerprint
-    from preprocess.config import ShardConfig
-    from shards.config import load_config, to_dict
-    from shards.layout import ROW_TYPES
-    from shards.manifest import ImageSpec
-    from shards.spec import ShardSpec
+    from spinestream.engine import checkpoint as ck
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.model import build_model, model_fingerprint
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.shards.config import load_config, to_dict
+    from spinestream.shards.layout import ROW_TYPES
+    from spinestream.shards.manifest import ImageSpec
+    from spinestream.shards.spec import ShardSpec
 
     import yaml
 
@@ -61,10 +61,10 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
 def bench_syntax(syntax: str, work: Path, run: Path, model, cfg, sc, args, dev) -> dict:
     """Decode (one core) and model rates on each study, then ``spinestream predict`` end to end (a subprocess:
     benchmarks may not import the application layer)."""
-    from engine.infer import StudyVolume, predict_volumes
-    from engine.model import data_config
-    from preprocess.ingest import ingest_study
-    from preprocess.synth import make_dataset
+    from spinestream.engine.infer import StudyVolume, predict_volumes
+    from spinestream.engine.model import data_config
+    from spinestream.preprocess.ingest import ingest_study
+    from spinestream.preprocess.synth import make_dataset
 
     d = work / syntax
     make_dataset(d, studies=1, test_studies=args.studies, seed=1, size=args.size,
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/predict.json"))
     args = p.parse_args(argv)
-    from engine.device import pick_device
-    from shards.fsutil import atomic_write_json
-    from engine.evaluate import load_run_model
+    from spinestream.engine.device import pick_device
+    from spinestream.shards.fsutil import atomic_write_json
+    from spinestream.engine.evaluate import load_run_model
 
     dev = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:

@@ -114,9 +114,9 @@ def _studies(data: Path) -> list[Path]:
 def _floor_study(args: tuple[str, int, float]) -> int:
     """Ingest the study (the shard job's ``ingest_study``: every slice decoded once, windowed to uint8,
     the neighbour index), build each 2.5D image, JPEG-encode it. Nothing else."""
-    from preprocess.config import ShardConfig
-    from preprocess.ingest import ingest_study
-    from shards.sample import encode_jpeg, sample_image
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.ingest import ingest_study
+    from spinestream.shards.sample import encode_jpeg, sample_image
 
     study, size, offset_mm = args
     cfg = ShardConfig(image_size=size, windows=[(400.0, 1800.0)], offset_mm=offset_mm)
@@ -128,7 +128,7 @@ def _floor_study(args: tuple[str, int, float]) -> int:
 
 def run_floor(data: Path, size: int, workers: int) -> dict:
     tasks = [(str(s), size, 1.0) for s in _studies(data)]
-    from preprocess.convert import start_method
+    from spinestream.preprocess.convert import start_method
 
     t0 = time.perf_counter()
     with PeakRSS() as mem:
@@ -167,9 +167,9 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
     import contextlib
     import io
 
-    from preprocess.config import ShardConfig
-    from preprocess.convert import run
-    from shards.layout import Layout
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.convert import run
+    from spinestream.shards.layout import Layout
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = ShardConfig(image_size=size, folds=4)
@@ -188,7 +188,7 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
 
 
 def dataset(cache: Path, syntax: str, studies: int, slices: tuple[int, int], size: int) -> Path:
-    from preprocess.synth import make_dataset
+    from spinestream.preprocess.synth import make_dataset
 
     d = cache / f"{syntax}-n{studies}-s{slices[0]}_{slices[1]}-{size}"
     if not (d / "SYNTH_COMPLETE").exists():

@@ -1,6 +1,6 @@
 """``spinestream bench train``: is the model or the loader the limit?
 
-For the configured model and input size it builds a real :class:`engine.trainer.Trainer` (the
+For the configured model and input size it builds a real :class:`spinestream.engine.trainer.Trainer` (the
 same ``build_*`` setup a training run uses) and measures, in the same run:
 
 * **model** -- training images/s of the trainer's own step (``Trainer._step``: forward, weighted
@@ -86,8 +86,8 @@ class _Window:
 
 def model_only(t, steps: int, warmup: int) -> dict:
     """The trainer's step on one fixed batch on the device."""
-    from engine.loader import Batch
-    from engine.loader.config import torch_dtype
+    from spinestream.engine.loader import Batch
+    from spinestream.engine.loader.config import torch_dtype
 
     bs, size = t.loader_cfg.batch_size, t.loader_cfg.image_size
     x = torch.randn(bs, 3, size, size, device=t.device).to(dtype=torch_dtype(t.loader_cfg.dtype))
@@ -133,11 +133,11 @@ def through_loader(t, steps: int, warmup: int) -> dict:
 
 
 def build_trainer(args):
-    from engine import checkpoint as ck
-    from engine.config import RunConfig
-    from engine.trainer import Trainer
-    from shards.config import load_config
-    from shards.layout import Layout
+    from spinestream.engine import checkpoint as ck
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.trainer import Trainer
+    from spinestream.shards.config import load_config
+    from spinestream.shards.layout import Layout
 
     gpu = torch.cuda.is_available()
     cpu_defaults = ["model.name=test_efficientnet", "loader.image_size=128", "train.batch_size=16"]
@@ -148,7 +148,7 @@ def build_trainer(args):
         cfg = load_config(RunConfig, config, sets)
         shards = Path(cfg.data.root)
     if not Layout(shards).manifest.is_file():
-        from benchmarks.loader import prepare
+        from spinestream.benchmarks.loader import prepare
 
         _, shards = prepare(Path("/tmp/spinestream-bench"), 512, 16)
     run_dir = Path(tempfile.mkdtemp(prefix="spinestream-bench-train-"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shards.fsutil import atomic_write_json
+from spinestream.shards.fsutil import atomic_write_json
 
 from .config import RunConfig
 from .device import autocast

@@ -1,5 +1,5 @@
 """The pieces a training run is built from, one small function each, shared by the trainer
-(:class:`engine.trainer.Trainer`) and ``spinestream bench train`` so neither retypes the GPU setup.
+(:class:`spinestream.engine.trainer.Trainer`) and ``spinestream bench train`` so neither retypes the GPU setup.
 
     device, precision = build_device(cfg)
     model, channels_last = build_model_for(cfg, device, state)
@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shards.layout import Layout
-from shards.manifest import read_manifest
-from shards.tables import read_study_table
+from spinestream.shards.layout import Layout
+from spinestream.shards.manifest import read_manifest
+from spinestream.shards.tables import read_study_table
 
 from . import checkpoint as ck
 from .config import RunConfig
@@ -103,7 +103,7 @@ def init_reference(cfg: RunConfig, state: dict | None) -> dict | None:
 
     That run must have held out this run's ``data.val_fold``: it trained on every other fold, so another
     held-out fold means this run validates on studies its starting weights were trained on. Refused
-    (:class:`engine.checkpoint.RunError` naming both folds and the fix), as is a checkpoint that does not
+    (:class:`spinestream.engine.checkpoint.RunError` naming both folds and the fix), as is a checkpoint that does not
     record its fold, unless ``model.init_from_any_fold`` accepts it (then with a warning, and no reference:
     a loss on another fold is none)."""
     if state is None:

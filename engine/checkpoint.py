@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from shards.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
 BEST = "best.pt"
 RUN_FORMAT = "spinestream-run"

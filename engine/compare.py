@@ -2,7 +2,7 @@
 
 Two evaluations (``RUN/eval-f<k>/`` directories that ``spinestream evaluate`` wrote, e.g. round 1
 and round 2 on the same held-out fold) are scored study by study with the competition metric
-(its per-study weighted log loss, :func:`engine.metrics.study_losses`), and the difference of
+(its per-study weighted log loss, :func:`spinestream.engine.metrics.study_losses`), and the difference of
 the means gets a paired bootstrap over studies: a 95% interval and the share of resamples in
 which B scores lower. On a fold of ~60-400 studies a difference of a few thousandths is often
 inside the noise; this says whether it is.
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.fsutil import atomic_write_json
-from shards.layout import ROW_TYPES, Layout
-from shards.tables import read_study_table
+from spinestream.shards.fsutil import atomic_write_json
+from spinestream.shards.layout import ROW_TYPES, Layout
+from spinestream.shards.tables import read_study_table
 
 from .metrics import solution_from_train, study_losses
 

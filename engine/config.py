@@ -1,5 +1,5 @@
 """Training configuration: one typed dataclass per component, loaded from YAML with
-``shards.config.load_config`` (unknown keys and wrong types fail with the key path) and
+``spinestream.shards.config.load_config`` (unknown keys and wrong types fail with the key path) and
 ``--set a.b=value`` overrides. The resolved config is saved in every run directory and
 checkpoint."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from shards.config import ConfigError
-from shards.layout import COHORTS
+from spinestream.shards.config import ConfigError
+from spinestream.shards.layout import COHORTS
 
 from .loader.config import LoaderConfig
 

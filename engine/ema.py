@@ -5,7 +5,7 @@ Why not timm's ``ModelEmaV3``: it rebuilds both state dicts on every update and 
 (early on the average follows the model closely: averaging trained weights with the random
 initialisation gives a network that predicts ~0.5 everywhere, and the demo's short runs validate
 with the EMA). And a step the device decided to skip (non-finite loss or gradients, see
-:mod:`engine.trainer`) must leave the average alone without the host knowing yet, so the update
+:mod:`spinestream.engine.trainer`) must leave the average alone without the host knowing yet, so the update
 takes the skip flag as a device tensor.
 """
 from __future__ import annotations

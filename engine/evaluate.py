@@ -9,10 +9,10 @@ rule, fold, checkpoint: what the pipeline's report reads), report.csv, slice_pro
 
 The shards are the run's ``data.root`` unless ``--shards DIR`` names them (the run moved, or was trained
 elsewhere); either way they must make the images the run trained on (``RUN_DIR/shard_spec.json``,
-:meth:`shards.spec.ShardSpec.check_same_images`), else the run is refused. A relative ``data.root`` is
+:meth:`spinestream.shards.spec.ShardSpec.check_same_images`), else the run is refused. A relative ``data.root`` is
 relative to the directory ``spinestream train`` ran in; when it does not exist from the current directory
 the error says so and names ``--shards``. A model that gives non-finite probabilities on a study is an
-error naming the study (:func:`engine.infer.check_finite`): nothing is scored.
+error naming the study (:func:`spinestream.engine.infer.check_finite`): nothing is scored.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.config import ConfigError, load_config
-from shards.fsutil import atomic_write_json
-from shards.layout import TARGETS, Layout
-from shards.tables import read_study_table
+from spinestream.shards.config import ConfigError, load_config
+from spinestream.shards.fsutil import atomic_write_json
+from spinestream.shards.layout import TARGETS, Layout
+from spinestream.shards.tables import read_study_table
 
-from shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
+from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
 
 from . import checkpoint as ck
 from .config import RunConfig
@@ -40,7 +40,7 @@ from .model import build_model, check_state_dict, model_fingerprint
 def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
     """(model with the checkpoint's EMA weights if it has them, config, checkpoint path).
 
-    The model is built as the trainer builds it (:func:`engine.build.build_model_for`): at the run's
+    The model is built as the trainer builds it (:func:`spinestream.engine.build.build_model_for`): at the run's
     ``loader.image_size``, which a fixed-input-size model (a ViT) needs to have the checkpoint's shapes."""
     ck.check_run_dir(run_dir)
     if which == "best":

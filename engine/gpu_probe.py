@@ -2,7 +2,7 @@
 
 Standard library only, and importing nothing of the project: ``.ci/select_build.py`` loads this
 file by path before any virtual environment exists (the Makefile's choice of wheels), and
-``engine.device`` uses it at run time to say why a visible GPU is unusable and which build to
+``spinestream.engine.device`` uses it at run time to say why a visible GPU is unusable and which build to
 install instead. One detection for both, so the advice at run time is what ``make venv`` does.
 
 The two builds (torch 2.14 ships both; 2.15 is planned without the CUDA 12.6 one):

@@ -6,16 +6,16 @@ as uint8 (~90 MB for 350 slices at 512 px); there the 2.5D neighbours are gather
 the batch is resized and normalised exactly as the training loader does with augmentation
 off, and the model runs in the run's precision::
 
-    from engine.infer import predict_studies, score_studies
+    from spinestream.engine.infer import predict_studies, score_studies
     probs = predict_studies(model, "shards-512", uids, image_size=384, mean=dc["mean"], std=dc["std"],
                             batch_size=64, device=dev, precision="bf16")   # {uid: (n_slices, 8) float32}
     result = score_studies(probs, studies_df, rule="max")
 
 Equal to training (tests/test_infer.py): a sample's channels are those of
-``shards.sample.sample_image`` (``neighbours``: the slices ``[above, self, below]`` of
-``shards.sample.neighbour_index``; ``windows``: the slice's three windows), resized with
-bilinear interpolation, ``align_corners=False`` and no antialiasing (``engine.loader.augment.geometry``
-with augmentation off) and normalised with ``engine.loader.augment.normalize``. The shards hold
+``spinestream.shards.sample.sample_image`` (``neighbours``: the slices ``[above, self, below]`` of
+``spinestream.shards.sample.neighbour_index``; ``windows``: the slice's three windows), resized with
+bilinear interpolation, ``align_corners=False`` and no antialiasing (``spinestream.engine.loader.augment.geometry``
+with augmentation off) and normalised with ``spinestream.engine.loader.augment.normalize``. The shards hold
 JPEG and the volumes are lossless, so inference inputs equal the loader's up to JPEG error.
 
 Fixed batch shapes: every batch has ``batch_size`` rows; the last one of a study is padded by
@@ -47,10 +47,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.layout import ROW_TYPES, TARGETS, Layout
-from shards.manifest import ImageSpec, read_manifest
-from shards.sample import CHANNEL_MODES, neighbour_index
-from shards.volumes import VolumeAttrs, open_volume
+from spinestream.shards.layout import ROW_TYPES, TARGETS, Layout
+from spinestream.shards.manifest import ImageSpec, read_manifest
+from spinestream.shards.sample import CHANNEL_MODES, neighbour_index
+from spinestream.shards.volumes import VolumeAttrs, open_volume
 
 from .device import autocast
 from .loader.augment import normalize

@@ -6,7 +6,7 @@ when positive, the patient_overall row 7 / 14; a study's loss is ``sum(w * L) / 
 score is the mean over studies, probabilities clipped to ``[1e-15, 1 - 1e-15]`` (the form the public
 re-implementations agree on -- Kaggle's own scorer code was never published; see FACTS.md).
 
-    from engine.metrics import weighted_bce, study_probabilities, score_submission
+    from spinestream.engine.metrics import weighted_bce, study_probabilities, score_submission
     loss = weighted_bce(logits, batch.targets, valid=batch.valid)          # training, slice level
     probs = study_probabilities(slice_probs, "max")                         # (n_slices, 8) -> (8,)
     score = score_submission(solution_from_train(train), submission_frame({uid: probs}))
@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from shards.layout import ROW_TYPES, TARGETS, VERTEBRAE
+from spinestream.shards.layout import ROW_TYPES, TARGETS, VERTEBRAE
 
 __all__ = ["EPS", "ROW_TYPES", "RULES", "TARGETS", "VERTEBRAE", "classification_report", "constant_baseline",
            "row_weights", "score_submission", "slice_loss_weights", "solution_from_train", "study_losses",

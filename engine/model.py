@@ -1,6 +1,6 @@
 """The classifier: a timm backbone with an 8-way head (C1..C7 + any) and dropout before it, as in the reference.
 
-    from engine.model import build_model, data_config, check_state_dict, model_fingerprint
+    from spinestream.engine.model import build_model, data_config, check_state_dict, model_fingerprint
     model = build_model(cfg.model, image_size=384)       # weights: pretrained_path, else timm's hub, else random
     norm = data_config(model)                             # {'mean', 'std', 'input_size'} for the loader
     check_state_dict(model, ckpt["model"], source=path)   # ValueError naming the keys that do not fit

@@ -7,10 +7,10 @@
     spinestream pseudo-label --run /abs/runs/round1 --shards /abs/shards-512  # shards checked against the run's
 
 The round-1 model (its EMA weights when the checkpoint has them) runs over every slice of
-every ``positive-unboxed`` study (``engine.infer``, inputs built on the device) and the
+every ``positive-unboxed`` study (``spinestream.engine.infer``, inputs built on the device) and the
 result is a label table round 2 unions with ``labels/truth.parquet``: one row per slice with
 ``slice_id, C1..C7, any`` (the targets) and ``p_C1..p_C7, p_any`` (the model's raw
-probabilities), written as a :mod:`shards.tables` label table whose metadata records the run,
+probabilities), written as a :mod:`spinestream.shards.tables` label table whose metadata records the run,
 checkpoint, mode, rule and thresholds (:func:`read_table` returns it).
 
 Targets. ``hard`` (the default, as the reference): vertebra v of a slice is 1 when
@@ -48,8 +48,8 @@ The metadata (and the summary) record it: ``threshold_method``, ``threshold_sour
 ``threshold_detail`` per vertebra.
 
 Shards: the run's ``data.root``, or ``--shards DIR``; either must make the images the run trained on
-(:func:`engine.evaluate.with_shards`). A model that gives non-finite probabilities on a study is an
-error naming it (:func:`engine.infer.check_finite`): no label is ever written from NaN.
+(:func:`spinestream.engine.evaluate.with_shards`). A model that gives non-finite probabilities on a study is an
+error naming it (:func:`spinestream.engine.infer.check_finite`): no label is ever written from NaN.
 
 Beside the table: ``<name>.summary.json`` (positive slices per vertebra and per study, the
 thresholds, and the slice-level precision/recall/F1 against ``--truth`` when given: the
@@ -67,8 +67,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.layout import TARGETS, VERTEBRAE, Layout
-from shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
+from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
+from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
 PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
 THRESHOLD_METHODS = ("train-share", "val")  # --threshold words; the first is the default
@@ -215,7 +215,7 @@ def parse_thresholds(text: str) -> np.ndarray | None:
 
 
 def write_table(path: str | Path, df: pd.DataFrame, meta: dict) -> None:
-    """Write the table (a :func:`shards.tables.write_label_table` label table, ``meta`` as its metadata)."""
+    """Write the table (a :func:`spinestream.shards.tables.write_label_table` label table, ``meta`` as its metadata)."""
     write_label_table(path, LabelTable(df, meta))
 
 
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root); "
                    "it must make the images the run trained on")
     p.add_argument("--truth", type=Path, default=None, help="a slice truth table (slice_id, C1..C7, any), e.g. "
-                   "from `python -m preprocess.synth_truth`: adds precision/recall/F1 to the summary")
+                   "from `python -m spinestream.preprocess.synth_truth`: adds precision/recall/F1 to the summary")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"table": str(out), **{k: meta[k] for k in keys}, **summarize(df, slices)}
     if args.truth is not None:
         summary["quality"] = quality(df, read_label_table(args.truth).frame)
-    from shards.fsutil import atomic_write_json
+    from spinestream.shards.fsutil import atomic_write_json
 
     atomic_write_json(out.with_suffix(".summary.json"), summary)
     if args.heatmap_studies > 0:
@@ -415,7 +415,7 @@ def _print(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from shards.config import ConfigError
+    from spinestream.shards.config import ConfigError
 
     from . import checkpoint as ck
 

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
+from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
     print_config
 
 from . import checkpoint as ck

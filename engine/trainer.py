@@ -1,5 +1,5 @@
 """The trainer both rounds use. ``engine/train.py`` parses the command line and calls
-:class:`Trainer`; setup is the ``build_*`` functions of :mod:`engine.build`, the loop is
+:class:`Trainer`; setup is the ``build_*`` functions of :mod:`spinestream.engine.build`, the loop is
 :meth:`Trainer.fit`.
 
 Mixed precision (bf16 on sm80+, fp16 + GradScaler below, fp32 on CPU), channels_last,
@@ -23,16 +23,16 @@ Guarantees (tests/test_train.py, tests/test_trainer_*.py):
 * **A skipped step is not a step.** A non-finite loss or gradient (and GradScaler's overflow in
   fp16) skips the update on the device; the step counter, the schedule and the EMA do not advance,
   every buffer the window's forward passes changed (BatchNorm statistics) is put back
-  (:mod:`engine.buffers`), and the step is counted in ``nan_total``; ``train.max_nan_steps`` in a row
+  (:mod:`spinestream.engine.buffers`), and the step is counted in ``nan_total``; ``train.max_nan_steps`` in a row
   stop the run.
 * **best.pt follows the record.** ``best.pt`` is written right after the step checkpoint whose record
   names it; a kill between the two is repaired from that checkpoint when the run is resumed or its
-  best is read (:func:`engine.checkpoint.sync_best`).
+  best is read (:func:`spinestream.engine.checkpoint.sync_best`).
 * **Ctrl-C** finishes the step in flight, saves a checkpoint and raises :class:`TrainingInterrupted`
   (``spinestream train`` prints the resume command); a second Ctrl-C stops at once.
 * **No host sync per step** in bf16/fp32 beyond the log line every ``log.every_steps`` steps
   (``loss.item()``), checkpoints and validation: the skip is decided on the device and learned by
-  the host a step or more late (:mod:`engine.skips`). fp16 adds none either (fused Adam takes
+  the host a step or more late (:mod:`spinestream.engine.skips`). fp16 adds none either (fused Adam takes
   GradScaler's found-inf flag on the device).
 """
 from __future__ import annotations
@@ -53,11 +53,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from shards.config import to_dict
+from spinestream.shards.config import to_dict
 
 from . import checkpoint as ck
 from .autobatch import resolve_batch_size
-from shards.spec import SPEC_FILE, ShardSpec
+from spinestream.shards.spec import SPEC_FILE, ShardSpec
 
 from .buffers import BufferSnapshot
 from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, init_reference, \
@@ -109,7 +109,7 @@ def set_rng_state(s: dict | torch.Tensor) -> None:
 
 
 def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFrame) -> float:
-    """:func:`engine.metrics.constant_baseline` of ``val_studies`` with the training studies' prevalence."""
+    """:func:`spinestream.engine.metrics.constant_baseline` of ``val_studies`` with the training studies' prevalence."""
     return constant_baseline(val_studies, prevalence_from=train_studies)
 
 
@@ -125,7 +125,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class Trainer:
-    """One training run in ``run_dir``: build with :mod:`engine.build`, then :meth:`fit`."""
+    """One training run in ``run_dir``: build with :mod:`spinestream.engine.build`, then :meth:`fit`."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -221,7 +221,7 @@ class Trainer:
         set_rng_state(s["rng"] if "rng" in s else s["torch_rng"])
 
     def save(self, best: bool = False) -> None:
-        """The step checkpoint, then best.pt (a kill between the two: :func:`engine.checkpoint.sync_best`)."""
+        """The step checkpoint, then best.pt (a kill between the two: :func:`spinestream.engine.checkpoint.sync_best`)."""
         state = self.state()
         ck.save_step(self.run_dir, self.step, state, self.cfg.train.keep_last)
         if best:
@@ -551,7 +551,7 @@ class Trainer:
 
     def validate(self) -> dict:
         """The study-level competition loss on the validation fold, with the EMA weights when on (study
-        inference on the device: :mod:`engine.infer`)."""
+        inference on the device: :mod:`spinestream.engine.infer`)."""
         model = self.ema.module if self.ema else self.model
         probs = predict_run(model, self.cfg, self.val_studies.StudyInstanceUID.tolist(), self.device,
                             self.precision, batch_size=self.loader_cfg.batch_size)

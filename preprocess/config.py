@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shards.layout import DROPPED_STUDIES
-from shards.sample import CHANNEL_MODES
+from spinestream.shards.layout import DROPPED_STUDIES
+from spinestream.shards.sample import CHANNEL_MODES
 
 
 @dataclass(kw_only=True)

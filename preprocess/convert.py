@@ -5,7 +5,7 @@
 
 Two resumable phases:
 
-1. **per study** (parallel): ingest the DICOM series (``preprocess.ingest.ingest_study``, which
+1. **per study** (parallel): ingest the DICOM series (``spinestream.preprocess.ingest.ingest_study``, which
    predict calls too: sorted along the slice normal, head to feet, windowed to uint8 at the
    output size), write the Zarr volume, JPEG-encode every slice's 2.5D image and compute the
    slice labels. Output goes to
@@ -50,16 +50,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from shards import layout as L
-from shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
+from spinestream.shards import layout as L
+from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
-from shards.fsutil import atomic_write_json, replace_dir
-from shards.sample import encode_jpeg, sample_image
-from shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
+from spinestream.shards.fsutil import atomic_write_json, replace_dir
+from spinestream.shards.sample import encode_jpeg, sample_image
+from spinestream.shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
-from shards.tables import LabelTable, label_frame, write_label_table, write_slice_table, write_study_table
-from shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
-from shards.wds import ShardWriter
+from spinestream.shards.tables import LabelTable, label_frame, write_label_table, write_slice_table, write_study_table
+from spinestream.shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
+from spinestream.shards.wds import ShardWriter
+
+from spinestream import __version__
 
 from .config import ShardConfig
 from .dicom import DicomError
@@ -68,7 +70,7 @@ from .ingest import ingest_study
 from .labels import boxes_to_index, build_study_table, slice_labels
 from .segmentation import read_segmentation
 
-TOOL = "spinestream 0.1.0"
+TOOL = f"spinestream {__version__}"  # written into the manifest (created_by)
 
 
 # --------------------------------------------------------------------------- inputs

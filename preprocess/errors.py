@@ -1,6 +1,6 @@
 """The shard job's error policy, decided once (issue 10 / DESIGN.md "one error policy").
 
-* **Bad input** — :class:`preprocess.dicom.DicomError`, ``OSError``, :class:`LabelError` — is
+* **Bad input** — :class:`spinestream.preprocess.dicom.DicomError`, ``OSError``, :class:`LabelError` — is
   reported per file or per study and the job goes on.
 * **Data-changing warnings** — :class:`DataWarning`: something was kept but changed (a box on a
   slice the study lacks, an ordering fallback, a resized slice, a segmentation left out). Raise

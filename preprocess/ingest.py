@@ -4,16 +4,16 @@
     study.volume    # (Z, S, S) uint8 ('neighbours') | (Z, S, S, 3) ('windows'), head to feet
     study.nbr       # (Z, 3) [above, self, below] volume indices ('neighbours'), else None
 
-The one place a study becomes pixels. The shard job (``preprocess.convert``), ``spinestream
+The one place a study becomes pixels. The shard job (``spinestream.preprocess.convert``), ``spinestream
 predict`` and both benchmarks (``benchmarks/shard.py``'s floor, ``benchmarks/predict.py``'s decode)
 call :func:`ingest_study`, so what predict feeds a model equals what the shards hold by
 construction: the same ``read_series`` settings (ragged slices resized, not dropped), the same
-windows and output size (``preprocess.window.make_slice_fn``), the same stand-in z positions for
-a series without any, and the same neighbour index (``shards.sample.neighbour_index``).
+windows and output size (``spinestream.preprocess.window.make_slice_fn``), the same stand-in z positions for
+a series without any, and the same neighbour index (``spinestream.shards.sample.neighbour_index``).
 
 Warnings follow the error policy (preprocess/errors.py): the DataWarnings raised while reading are
 returned as messages (``IngestedStudy.warnings``), any other warning is passed on as it was. Bad
-input raises :class:`~preprocess.dicom.DicomError` (no readable slice) or ``OSError``, after
+input raises :class:`~spinestream.preprocess.dicom.DicomError` (no readable slice) or ``OSError``, after
 passing on every warning caught so far, so a caller's own recorder still sees them.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.sample import neighbour_index
+from spinestream.shards.sample import neighbour_index
 
 from .config import ShardConfig
 from .dicom import SeriesMeta, read_series
@@ -45,7 +45,7 @@ class IngestedStudy:
     meta: SeriesMeta
     """``read_series``' metadata, with ``meta.z`` the stand-in positions when the series has none."""
     nbr: np.ndarray | None
-    """(Z, 3) int64 [above, self, below] for 'neighbours' (``shards.sample.neighbour_index``), else None."""
+    """(Z, 3) int64 [above, self, below] for 'neighbours' (``spinestream.shards.sample.neighbour_index``), else None."""
     warnings: list[str] = field(default_factory=list)
     """The DataWarning messages raised while reading, in order."""
 

@@ -53,8 +53,8 @@ Which fractured vertebra a boxed slice shows (:func:`assign_vertebrae`)
 Every slice of a boxed study without a box is negative (the reference solution's
 assumption, :func:`slice_labels`). Warnings use :mod:`warnings` so callers decide once
 whether they are errors; the one that changes a study's labels (a box on a slice the
-series lacks) is a :class:`~preprocess.errors.DataWarning`. Bad input (the CSV files, a
-study's boxes) raises :class:`~preprocess.errors.LabelError` (a ValueError); other
+series lacks) is a :class:`~spinestream.preprocess.errors.DataWarning`. Bad input (the CSV files, a
+study's boxes) raises :class:`~spinestream.preprocess.errors.LabelError` (a ValueError); other
 ValueErrors are wrong arguments, i.e. bugs.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ import pandas as pd
 from .errors import DataWarning, LabelError
 
 # One definition, in the storage contract (shards.layout); re-exported here for the label code.
-from shards.layout import COHORTS, DROPPED_STUDIES, TARGETS, VERTEBRAE
+from spinestream.shards.layout import COHORTS, DROPPED_STUDIES, TARGETS, VERTEBRAE
 
 TRAIN_FILE = "train.csv"
 BOXES_FILE = "train_bounding_boxes.csv"

@@ -13,7 +13,7 @@ The stored array's axes are therefore: 0 = DICOM columns (towards the patient's 
 affine that describes those voxels (axial slices with ImageOrientationPatient 1,0,0,0,1,0)
 has ``nibabel.aff2axcodes`` ``EXPECTED_AXCODES`` = ('L', 'A', 'S'); :func:`write_segmentation`
 writes it, so viewers (Slicer, MONAI's ``Orientationd``) show the labels where the bone is.
-:func:`read_segmentation` warns (:class:`preprocess.errors.DataWarning`) when a file's affine
+:func:`read_segmentation` warns (:class:`spinestream.preprocess.errors.DataWarning`) when a file's affine
 says otherwise, and leaves a segmentation out whose vertebrae run feet to head.
 
 Labels: 1..7 = C1..C7, 8..19 = T1..T12, 0 = background.

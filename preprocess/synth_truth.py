@@ -6,7 +6,7 @@ data. The specs are regenerated from the parameters recorded in the raw director
 ``SYNTH_COMPLETE`` marker (no pixels are rendered) and mapped to ``slice_id`` through the
 shard set's ``slices.parquet`` (study + file number)::
 
-    python -m preprocess.synth_truth --raw demo-data/dataset --shards demo-data/shards --out crack-truth.parquet
+    python -m spinestream.preprocess.synth_truth --raw demo-data/dataset --shards demo-data/shards --out crack-truth.parquet
     spinestream pseudo-label --run demo-data/runs/demo-round1 --truth crack-truth.parquet
 
 A slice is positive for vertebra v when v's crack is drawn on it; ``any`` is the max of
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.layout import Layout
-from shards.tables import LabelTable, label_frame, read_slice_table, write_label_table
+from spinestream.shards.layout import Layout
+from spinestream.shards.tables import LabelTable, label_frame, read_slice_table, write_label_table
 
 MARKER = "SYNTH_COMPLETE"  # preprocess.synth's completion marker (its JSON holds the generator's parameters)
 
@@ -43,7 +43,7 @@ def synth_params(raw_dir: str | Path) -> dict:
 
 def crack_truth(raw_dir: str | Path, shards_root: str | Path) -> pd.DataFrame:
     """``DataFrame(slice_id, C1..C7, any)`` (uint8) for every slice of ``shards_root`` from a synthetic study."""
-    from preprocess.synth import study_specs
+    from spinestream.preprocess.synth import study_specs
 
     params = synth_params(raw_dir)
     studies = params.pop("studies")
@@ -65,7 +65,7 @@ def crack_truth(raw_dir: str | Path, shards_root: str | Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m preprocess.synth_truth", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m spinestream.preprocess.synth_truth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", type=Path, required=True, help="the synthetic dataset (spinestream synth --out)")
     p.add_argument("--shards", type=Path, required=True, help="its shard set (spinestream shard --out)")

@@ -11,8 +11,8 @@ OUT/_work/                 resumable job state; removed when the job completes
 ```
 
 The constants below are the one definition of the cohorts, the targets and the studies
-every job leaves out; the files' contents are defined in :mod:`shards.manifest`,
-:mod:`shards.tables` and :mod:`shards.volumes`.
+every job leaves out; the files' contents are defined in :mod:`spinestream.shards.manifest`,
+:mod:`spinestream.shards.tables` and :mod:`spinestream.shards.volumes`.
 """
 from __future__ import annotations
 

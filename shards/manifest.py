@@ -9,7 +9,7 @@ sample count), the image spec they were written with, the counts, what was left 
     m.image.size, m.counts.slices, [s.path for s in m.select(cohorts=["boxed"])]
     write_manifest("shards-512", m)           # atomic, deterministic JSON
 
-Unknown versions are refused (:data:`shards.layout.VERSION` is the one this code reads
+Unknown versions are refused (:data:`spinestream.shards.layout.VERSION` is the one this code reads
 and writes); a field missing from the file names its key path.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
 * **slice table** (``slices.parquet``): one row per slice; ``slice_id`` is ``0..N-1`` in order
   (studies in UID order, slices head to feet) and is the key of every shard sample.
 * **label tables** (``labels/truth.parquet``, ``labels/pseudo-<run>.parquet``): ``slice_id``
-  -> the 8 :data:`~shards.layout.TARGETS`, uint8 (hard labels) or float32 (probabilities),
+  -> the 8 :data:`~spinestream.shards.layout.TARGETS`, uint8 (hard labels) or float32 (probabilities),
   plus optional extra columns (e.g. a pseudo-label table's probabilities beside its binarized
   labels) and free-form metadata (which run made it, thresholds, ...) kept in the parquet
   schema metadata under ``spinestream.label_table``.

@@ -25,7 +25,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from shards.fsutil import atomic_write_json
+from spinestream.shards.fsutil import atomic_write_json
 
 PROJECT = "spinestream"
 ROOT = Path(__file__).resolve().parents[1]  # the source tree the project's wheel is built from
@@ -101,11 +101,11 @@ def commands(out: Path, python: str, platform: str) -> list[list[str]]:
 def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
     """``(source or None, path in the bundle, note)`` for each run's files; the shard spec is the run's
     own copy or made from its ``data.root``."""
-    from engine import checkpoint as ck
-    from engine.config import RunConfig
-    from shards.config import load_config
+    from spinestream.engine import checkpoint as ck
+    from spinestream.engine.config import RunConfig
+    from spinestream.shards.config import load_config
 
-    from shards.spec import SPEC_FILE
+    from spinestream.shards.spec import SPEC_FILE
 
     names = [Path(r).resolve().name for r in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
@@ -129,10 +129,10 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
 
 
 def write_runs(run_dirs: list[Path], out: Path) -> None:
-    from engine.config import RunConfig
-    from shards.config import load_config
+    from spinestream.engine.config import RunConfig
+    from spinestream.shards.config import load_config
 
-    from shards.spec import ShardSpec
+    from spinestream.shards.spec import ShardSpec
 
     for src, dst, _ in run_files(run_dirs):
         (out / dst).parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--platform", default="manylinux2014_x86_64", help="pip --platform tag")
     p.add_argument("--dry-run", action="store_true", help="print the commands and files; download nothing")
     args = p.parse_args(argv)
-    from engine.checkpoint import RunError
+    from spinestream.engine.checkpoint import RunError
 
     try:
         if not re.fullmatch(r"3\.\d+", args.python):

@@ -1,7 +1,7 @@
 """The pipeline's configuration (``configs/pipeline.yaml``): which stages run, in order, and per stage
 its verb's config file, ``--set`` overrides and arguments.
 
-Loaded with ``shards.config.load_config`` (unknown keys and wrong types are errors naming the key's
+Loaded with ``spinestream.shards.config.load_config`` (unknown keys and wrong types are errors naming the key's
 path; ``spinestream run --set a.b=value`` overrides). Paths may hold ``{out}``, replaced by the
 pipeline's output directory (``--out``), e.g. ``data: "{out}/raw"`` for the demo's synthetic data.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from preprocess.synth import SynthConfig
+from spinestream.preprocess.synth import SynthConfig
 
 #: every stage, in the only order they can run (a pipeline lists a subsequence of it)
 STAGES = ("synth", "shard", "verify", "bench", "round1", "evaluate1", "pseudo", "round2", "evaluate2",

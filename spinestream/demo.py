@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shards.config import HelpFormatter, plain
+    from spinestream.shards.config import HelpFormatter, plain
 
     from .run import main as run
 
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _synth_config(args: argparse.Namespace):
     """The SynthConfig the demo's flags ask for (the synth step passes the same values)."""
-    from preprocess.synth import SynthConfig
-    from preprocess.synth.cli import mm_range_arg, slices_arg
+    from spinestream.preprocess.synth import SynthConfig
+    from spinestream.preprocess.synth.cli import mm_range_arg, slices_arg
 
     return SynthConfig(studies=args.studies, seed=args.seed, size=args.size, slices=slices_arg(args.slices),
                        boxed_share=args.boxed_share, crack_width=mm_range_arg(args.crack_width))

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import yaml
 
-from shards.config import ConfigError, format_value, load_config, to_dict
-from shards.fsutil import atomic_write_bytes
-from shards.layout import Layout
+from spinestream.shards.config import ConfigError, format_value, load_config, to_dict
+from spinestream.shards.fsutil import atomic_write_bytes
+from spinestream.shards.layout import Layout
 
 from .config import EvaluateStage, PipelineConfig, TrainStage
 from .stages import Stage, StageError, canonical, changed_key_list, changed_keys, fingerprint
@@ -115,7 +115,7 @@ def files_fp(d: Path) -> dict:
 
 def shard_config(cfg: PipelineConfig):
     """The ShardConfig the shard stage runs with: file, then ``fields``, then ``set``."""
-    from preprocess.config import ShardConfig
+    from spinestream.preprocess.config import ShardConfig
 
     inline = [f"{k}={format_value(v)}" for k, v in cfg.shard.fields.items()]
     return load_config(ShardConfig, cfg.shard.config, inline + cfg.shard.set)
@@ -123,7 +123,7 @@ def shard_config(cfg: PipelineConfig):
 
 def run_config(name: str, stage: TrainStage, paths: Paths, *, needs_pseudo: bool):
     """The RunConfig of a round: the stage's file and ``set``, then the layout (data.root, out_dir, name)."""
-    from engine.config import RunConfig
+    from spinestream.engine.config import RunConfig
 
     layout = [f"data.root={paths.shards}", f"out_dir={paths.runs}", f"name={name}"]
     rc = load_config(RunConfig, stage.config, stage.set + layout)
@@ -258,7 +258,7 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
             return "", []  # nothing trained: the trainer starts afresh
         if not ckpts:
             return f"{run_dir} holds a best.pt but no checkpoint to resume from", []
-        from engine.config import RunConfig
+        from spinestream.engine.config import RunConfig
 
         path = run_dir / "config.yaml"
         try:  # read as the trainer would read it: the same defaults, paths absolute as it stores them

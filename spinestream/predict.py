@@ -4,11 +4,11 @@
         --out submission.csv
     spinestream predict --run runs/f0 --run runs/f1 --run runs/f2 --images test_images --out submission.csv
 
-Each study goes through the shard job's own ingest, the one function ``preprocess.ingest.ingest_study``
+Each study goes through the shard job's own ingest, the one function ``spinestream.preprocess.ingest.ingest_study``
 (the series read with ragged slices resized, windowed at the size the shards were made with,
 stand-in z positions when a series has none, the 2.5D neighbour index), so predict's model inputs
-equal the shards' by construction; then ``engine.infer.predict_volumes`` runs each model as validation does (its
-loader image size and mean/std, fixed-size batches) and ``engine.metrics.study_probabilities``
+equal the shards' by construction; then ``spinestream.engine.infer.predict_volumes`` runs each model as validation does (its
+loader image size and mean/std, fixed-size batches) and ``spinestream.engine.metrics.study_probabilities``
 applies the run's slice-to-study rule. Several ``--run``s are an ensemble: their slice
 probabilities are averaged before the rule (they must share one image spec).
 
@@ -45,13 +45,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocess.config import ShardConfig
-from preprocess.dicom import DicomError
-from preprocess.errors import DataWarning
-from preprocess.ingest import ingest_study
-from shards.fsutil import atomic_write_bytes
-from shards.layout import ROW_TYPES
-from shards.spec import ShardSpec, run_shard_spec
+from spinestream.preprocess.config import ShardConfig
+from spinestream.preprocess.dicom import DicomError
+from spinestream.preprocess.errors import DataWarning
+from spinestream.preprocess.ingest import ingest_study
+from spinestream.shards.fsutil import atomic_write_bytes
+from spinestream.shards.layout import ROW_TYPES
+from spinestream.shards.spec import ShardSpec, run_shard_spec
 
 
 # --------------------------------------------------------------------------- decoding (worker processes)
@@ -71,7 +71,7 @@ class Decoded:
 
 
 def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
-    """Ingest one study with the shard job's own function (``preprocess.ingest.ingest_study``),
+    """Ingest one study with the shard job's own function (``spinestream.preprocess.ingest.ingest_study``),
     keeping the volume in memory.
 
     Never raises for bad input: a study without a readable slice comes back with ``error`` set.
@@ -109,7 +109,7 @@ def decoding_pool(workers: int):
     if workers <= 0:
         yield None
         return
-    from preprocess.convert import start_method
+    from spinestream.preprocess.convert import start_method
 
     pool = mp.get_context(start_method()).Pool(workers)
     try:
@@ -124,7 +124,7 @@ def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool,
     """Yield each ``(uid, directory)`` decoded, in order, by ``pool`` kept busy ahead of the consumer:
     at most ``ahead`` studies are submitted and not yet consumed, which bounds memory. ``pool=None``
     decodes in this process (no overlap)."""
-    from shards.config import to_dict
+    from spinestream.shards.config import to_dict
 
     cfg_d = to_dict(cfg)
     todo = iter([(uid, str(path), cfg_d) for uid, path in studies])
@@ -145,8 +145,8 @@ def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool,
 
 
 def study_volume(d: Decoded, spec: ShardSpec):
-    """A decoded study as ``engine.infer.StudyVolume`` (with ingest's neighbour index, the shard job's)."""
-    from engine.infer import StudyVolume
+    """A decoded study as ``spinestream.engine.infer.StudyVolume`` (with ingest's neighbour index, the shard job's)."""
+    from spinestream.engine.infer import StudyVolume
 
     return StudyVolume(d.uid, d.volume, d.nbr, spec.image.channels, slice_id_offset=-1)  # -1: not from a shard set
 
@@ -168,9 +168,9 @@ class Run:
 def load_runs(run_dirs: Sequence[Path], device, *, checkpoint: str = "best", batch_size: int | None = None,
               tta: bool = False) -> list[Run]:
     """Load each run's model and shard spec; refuse an ensemble whose runs saw different images."""
-    from engine.device import resolve_precision
-    from engine.evaluate import load_run_model
-    from engine.model import data_config
+    from spinestream.engine.device import resolve_precision
+    from spinestream.engine.evaluate import load_run_model
+    from spinestream.engine.model import data_config
 
     if not run_dirs:
         raise ValueError("at least one --run is needed")
@@ -203,7 +203,7 @@ def ensemble_rule(runs: Sequence[Run], rule: str | None) -> str:
 
 def slice_probabilities(runs: Sequence[Run], sv) -> np.ndarray:
     """``(n_slices, 8)``: the mean over the runs of their slice probabilities (the ensemble)."""
-    from engine.infer import predict_volumes
+    from spinestream.engine.infer import predict_volumes
 
     per_run = [next(predict_volumes(r.model, [sv], **r.kwargs))[1] for r in runs]
     return np.mean(np.stack(per_run), axis=0)
@@ -252,7 +252,7 @@ def _no_studies_message(images: Path, found: dict[str, Path]) -> str:
 def read_sample(path: Path) -> pd.DataFrame:
     """A sample submission -> row_id, uid, kind in its row order; a row_id that is not
     ``<uid>_<C1..C7|patient_overall>`` is an error naming it."""
-    from engine.metrics import _ROW_ID
+    from spinestream.engine.metrics import _ROW_ID
 
     df = pd.read_csv(path, dtype={"row_id": str})
     if "row_id" not in df.columns:
@@ -312,8 +312,8 @@ def _run_studies(runs, decoded, rule: str, prev: np.ndarray, out: dict, stats: d
 
 def _study(runs, d: Decoded, rule: str, prev: np.ndarray, stats: dict) -> np.ndarray:
     """One decoded study's ``(8,)`` probabilities; its warnings issued, ``stats`` updated."""
-    from engine.infer import describe_nonfinite
-    from engine.metrics import study_probabilities
+    from spinestream.engine.infer import describe_nonfinite
+    from spinestream.engine.metrics import study_probabilities
 
     stats["decode_s"] += d.seconds
     for note in d.notes:
@@ -337,7 +337,7 @@ def _study(runs, d: Decoded, rule: str, prev: np.ndarray, stats: dict) -> np.nda
 def predict(runs: Sequence[Run], images: Path, *, sample: Path | None = None, rule: str | None = None,
             workers: int = 2, prefetch: int = 2, progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """The submission frame (``row_id, fractured``) and a summary; see the module doc for the rules."""
-    from engine.metrics import submission_frame
+    from spinestream.engine.metrics import submission_frame
 
     rule = ensemble_rule(runs, rule)
     found = list_studies(Path(images))
@@ -419,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.checkpoint import RunError
-    from engine.device import pick_device
-    from shards.config import ConfigError
+    from spinestream.engine.checkpoint import RunError
+    from spinestream.engine.device import pick_device
+    from spinestream.shards.config import ConfigError
 
     warnings.simplefilter("always", DataWarning)  # every bad file and study is named, not the first only
     try:

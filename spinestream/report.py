@@ -9,7 +9,7 @@ Everything is read from what the stages wrote; a piece that is not there is repo
   wrote a ``summary.json`` its numbers are used; otherwise the loss is scored from its ``submission.csv``
   against the shard set's study labels, and the baseline is the trainer's: the prevalence of each row type
   among the studies outside fold k, predicted for every evaluated study (``"source"`` says which);
-* ``comparison``: round 2 against round 1 on the same studies (:mod:`engine.compare`'s paired bootstrap),
+* ``comparison``: round 2 against round 1 on the same studies (:mod:`spinestream.engine.compare`'s paired bootstrap),
   for the best.pt evaluations (``"best"``) and for the last checkpoints (``"last"``), side by side, with
   how each round's best.pt was chosen (``"selection"``: its number of validations, the ``"val"`` records of
   ``metrics.jsonl``, and the steps of the best and the last). The ``"verdict"`` ("round2 is lower" /
@@ -33,8 +33,8 @@ import os
 import statistics
 from pathlib import Path
 
-from shards.fsutil import atomic_write_bytes, atomic_write_json
-from shards.layout import ROW_TYPES, Layout
+from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
+from spinestream.shards.layout import ROW_TYPES, Layout
 
 from .stages import read_record
 
@@ -55,9 +55,9 @@ def _read_json(path: Path) -> dict | None:
 
 def recompute_scores(eval_dir: Path, shards: Path, fold: int) -> dict:
     """(competition loss, constant baseline) of an evaluation from its submission.csv and the study labels."""
-    from engine.compare import eval_study_losses
-    from engine.metrics import constant_baseline
-    from shards.tables import read_study_table
+    from spinestream.engine.compare import eval_study_losses
+    from spinestream.engine.metrics import constant_baseline
+    from spinestream.shards.tables import read_study_table
 
     losses = eval_study_losses(eval_dir, shards)
     studies = read_study_table(Layout(shards).studies, columns=["StudyInstanceUID", "fold", *ROW_TYPES])
@@ -94,7 +94,7 @@ def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path, *, 
 def paired(evals: list[dict], shards: Path, checkpoint: str) -> dict:
     """Round 2 against round 1 on the same studies (engine.compare's paired bootstrap) for one kind of
     checkpoint (``best`` / ``last``), when both rounds evaluated it on the same fold."""
-    from engine.compare import compare_evals
+    from spinestream.engine.compare import compare_evals
 
     done = {}
     for e in evals:
@@ -114,7 +114,7 @@ def paired(evals: list[dict], shards: Path, checkpoint: str) -> dict:
 def comparison(evals: list[dict], shards: Path, selection: dict | None = None) -> dict:
     """Round 2 against round 1, best.pt and last checkpoint side by side; the verdict is the last's (see the
     module docstring). ``selection``: :func:`selection` per round."""
-    from engine.compare import verdict
+    from spinestream.engine.compare import verdict
 
     last, best = paired(evals, shards, "last"), paired(evals, shards, "best")
     out = {"verdict_on": "last", "verdict": verdict(last, "round2") if "diff" in last else None,
@@ -323,7 +323,7 @@ def _comparison_md(c: dict) -> list[str]:
     """Round 2 against round 1: best.pt and last checkpoint side by side, the verdict on the last."""
     if "last" not in c:
         return []
-    from engine.compare import describe
+    from spinestream.engine.compare import describe
 
     sel = c.get("selection") or {}
     n = {r: (sel.get(r) or {}).get("validations") for r in ("round1", "round2")}

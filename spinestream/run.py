@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.config import ConfigError, HelpFormatter, add_print_config, load_config, plain, print_config
+from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, load_config, plain, print_config
 
 from .config import STAGES, PipelineConfig
 from .stages import RetrainRefused, StageError, check_stage, run_stages

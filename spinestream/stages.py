@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards.fsutil import atomic_write_json, sha256_file
+from spinestream.shards.fsutil import atomic_write_json, sha256_file
 
 RECORD_FORMAT = "spinestream-stage"
 SUPERSEDED_FORMAT = "spinestream-superseded"

@@ -19,7 +19,7 @@ CFG = dict(image_size=48, folds=2, shard_max_samples=40)
 
 @pytest.fixture(scope="session")
 def raw(tmp_path_factory) -> Path:
-    from preprocess.synth import make_dataset
+    from spinestream.preprocess.synth import make_dataset
 
     d = tmp_path_factory.mktemp("raw")
     make_dataset(d, studies=10, seed=3, size=64, slices=(32, 40), test_studies=1)
@@ -28,8 +28,8 @@ def raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards(raw, tmp_path_factory) -> Path:
-    from preprocess.config import ShardConfig
-    from preprocess.convert import run
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.convert import run
 
     out = tmp_path_factory.mktemp("shards") / "out"
     run(raw, out, ShardConfig(**CFG), workers=2)
@@ -49,13 +49,13 @@ def learned_round1(tmp_path_factory):
     BENCHMARKS.md, "Round 1 learns", has the runs that chose it."""
     import yaml
 
-    from engine import checkpoint as ck
-    from engine.config import RunConfig
-    from engine.trainer import Trainer
-    from preprocess.config import ShardConfig
-    from preprocess.convert import run
-    from preprocess.synth import make_dataset
-    from shards.config import load_config, to_dict
+    from spinestream.engine import checkpoint as ck
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.trainer import Trainer
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.synth import make_dataset
+    from spinestream.shards.config import load_config, to_dict
 
     raw = tmp_path_factory.mktemp("learn-raw")
     make_dataset(raw, studies=160, seed=0, size=LEARN_SIZE, slices=(16, 24), test_studies=0, syntax="explicit",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import gpu_probe
+from spinestream.engine import gpu_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "select_build.py"

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from engine import checkpoint as ck
+from spinestream.engine import checkpoint as ck
 
 
 def _state(step: int) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.loader.clahe import clahe, clahe_where
+from spinestream.engine.loader.clahe import clahe, clahe_where
 
 
 def structured(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:
@@ -283,7 +283,7 @@ def clahe_luma_reference(img: np.ndarray, lab_ref: LabReference, clip: float, ti
 
 
 def test_lab_conversion_matches_numpy_reference(lab_ref):
-    from engine.loader.clahe import _lab8_to_rgb, _rgb_to_lab8
+    from spinestream.engine.loader.clahe import _lab8_to_rgb, _rgb_to_lab8
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)

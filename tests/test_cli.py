@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shards.config import field_docs
+from spinestream.shards.config import field_docs
 from spinestream import __version__
 from spinestream.cli import VERBS, main
 
@@ -27,30 +27,52 @@ FORBIDDEN = {
 }
 
 
+SUBPACKAGES = ("shards", "preprocess", "engine", "benchmarks")  # installed as spinestream.<name>
+#: what the package root holds for every layer
+ROOT_SHARED = ("__version__", "SpinestreamError")
+
+
+def _layer(dotted: str, alias: str | None = None) -> str | None:
+    """The layer an absolute import ``dotted`` (``from dotted import alias``) reaches: one of PACKAGES,
+    ``"generic <name>"`` for a project folder imported under its bare top-level name (it is not
+    installed that way), or None (not the project, or what the package root shares with every layer: ROOT_SHARED)."""
+    parts = dotted.split(".")
+    if parts[0] in SUBPACKAGES:
+        return f"generic {parts[0]}"
+    if parts[0] != "spinestream":
+        return None
+    if len(parts) == 1:  # from spinestream import X
+        if alias in SUBPACKAGES:
+            return alias
+        return None if alias in (None, *ROOT_SHARED) else "spinestream"
+    return parts[1] if parts[1] in SUBPACKAGES else "spinestream"
+
+
 def _project_imports(path: Path, root: Path = ROOT) -> set[str]:
-    """Top-level project packages a module imports (relative imports resolved against its package)."""
-    parts = path.relative_to(root).with_suffix("").parts
+    """Project layers a module imports (relative imports resolved against its package, which is
+    installed under ``spinestream.``)."""
+    rel = path.relative_to(root).with_suffix("").parts
+    parts = rel if rel[0] == "spinestream" else ("spinestream", *rel)
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found |= {_layer(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # from .x / from ..x: climb from the module's package
-                base = parts[: len(parts) - node.level]
-                names = [".".join((*base, node.module or ""))]
+                base = ".".join(parts[: len(parts) - node.level])
+                module = ".".join(filter(None, (base, node.module)))
             else:
-                names = [node.module or ""]
-        else:
-            continue
-        found |= {n.split(".")[0] for n in names if n.split(".")[0] in PACKAGES}
-    return found
+                module = node.module or ""
+            found |= {_layer(module, a.name) for a in node.names}
+    return found - {None}
 
 
 def test_import_graph_follows_the_layering():
     bad = []
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).rglob("*.py")):
-            hits = _project_imports(path) & FORBIDDEN[pkg]
+            imports = _project_imports(path)
+            hits = (imports & FORBIDDEN[pkg]) | {i for i in imports if i.startswith("generic ")}
             bad += [f"{path.relative_to(ROOT)} imports {h}" for h in sorted(hits)]
     assert not bad, "layering broken (DESIGN.md, Layout):\n" + "\n".join(bad)
 
@@ -60,8 +82,9 @@ def test_the_checker_sees_relative_and_nested_imports(tmp_path):
     # relative import that climbs out of its package
     (tmp_path / "shards" / "sub").mkdir(parents=True)
     probe = tmp_path / "shards" / "sub" / "probe.py"
-    probe.write_text("import numpy\ndef f():\n    from preprocess import synth\n    from .. import wds\n")
-    assert _project_imports(probe, tmp_path) == {"preprocess", "shards"}
+    probe.write_text("import numpy\ndef f():\n    from spinestream.preprocess import synth\n    from .. import wds\n"
+                     "    from spinestream import __version__, engine\n    import shards.x\n")
+    assert _project_imports(probe, tmp_path) == {"preprocess", "shards", "engine", "generic shards"}
 
 
 def test_version(capsys):
@@ -82,7 +105,7 @@ def test_synth_help_lists_its_config_fields_without_noise(capsys):
         main(["synth", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    from preprocess.synth import SynthConfig
+    from spinestream.preprocess.synth import SynthConfig
 
     docs = field_docs(SynthConfig)
     assert set(docs) == {"studies", "seed", "size", "test_studies", "slices", "syntax", "boxed_share", "crack_width"}
@@ -95,7 +118,7 @@ def test_synth_help_lists_its_config_fields_without_noise(capsys):
 def test_synth_print_config_is_the_resolved_config_as_yaml(capsys, tmp_path):
     assert main(["synth", "--print-config", "--studies", "5", "--crack-width", "3:4", "--boxed-share", "0.5"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    from preprocess.synth import SynthConfig
+    from spinestream.preprocess.synth import SynthConfig
 
     assert SynthConfig(**cfg) == SynthConfig(studies=5, crack_width=(3.0, 4.0), boxed_share=0.5)
     assert not any(tmp_path.iterdir())  # nothing written, no --out needed
@@ -103,8 +126,8 @@ def test_synth_print_config_is_the_resolved_config_as_yaml(capsys, tmp_path):
 
 
 def test_every_synth_config_field_is_a_flag():
-    from preprocess.synth import SynthConfig
-    from preprocess.synth.cli import build_parser, config_from_args
+    from spinestream.preprocess.synth import SynthConfig
+    from spinestream.preprocess.synth.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["--studies", "7", "--seed", "2", "--size", "64", "--test-studies", "0",
                                       "--slices", "12:20", "--syntax", "rle", "--boxed-share", "0.3",

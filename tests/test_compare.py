@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.compare import compare_evals, main, paired_bootstrap
-from engine.metrics import score_submission, solution_from_train, study_losses, submission_frame
-from shards.layout import ROW_TYPES, Layout
-from shards.tables import read_study_table
+from spinestream.engine.compare import compare_evals, main, paired_bootstrap
+from spinestream.engine.metrics import score_submission, solution_from_train, study_losses, submission_frame
+from spinestream.shards.layout import ROW_TYPES, Layout
+from spinestream.shards.tables import read_study_table
 
 
 def _truth(shards) -> pd.DataFrame:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from preprocess.config import ShardConfig
-from shards.config import (ConfigError, HelpFormatter, config_fields_help, field_docs, load_config, parse_overrides,
+from spinestream.preprocess.config import ShardConfig
+from spinestream.shards.config import (ConfigError, HelpFormatter, config_fields_help, field_docs, load_config, parse_overrides,
                            plain, print_config, to_dict)
 
 

@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocess.config import ShardConfig
-from preprocess.convert import run
-from shards.layout import COHORTS, TARGETS
-from shards.manifest import read_manifest
-from shards.sample import decode_jpeg, neighbour_index, sample_image
-from shards.verify import VerifyError, verify
-from shards.volumes import open_volume
-from shards.wds import iter_samples
+from spinestream.preprocess.config import ShardConfig
+from spinestream.preprocess.convert import run
+from spinestream.shards.layout import COHORTS, TARGETS
+from spinestream.shards.manifest import read_manifest
+from spinestream.shards.sample import decode_jpeg, neighbour_index, sample_image
+from spinestream.shards.verify import VerifyError, verify
+from spinestream.shards.volumes import open_volume
+from spinestream.shards.wds import iter_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import CFG
@@ -105,7 +105,7 @@ def test_same_input_same_bytes_and_rerun_is_a_noop(raw, shards, tmp_path):
 
 def test_kill_during_shard_then_rerun_gives_the_clean_output(raw, shards, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "preprocess.convert", "--data", str(raw), "--out", str(out), "--workers", "1",
+    cmd = [sys.executable, "-m", "spinestream.preprocess.convert", "--data", str(raw), "--out", str(out), "--workers", "1",
            *[a for k, v in CFG.items() for a in ("--set", f"{k}={v}")]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,7 +151,7 @@ def test_verify_names_the_damaged_file(shards, tmp_path):
     tar.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match=tar.name):
         verify(out, progress=False)
-    rc = subprocess.run([sys.executable, "-m", "shards.verify", str(out)], capture_output=True, text=True,
+    rc = subprocess.run([sys.executable, "-m", "spinestream.shards.verify", str(out)], capture_output=True, text=True,
                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert rc.returncode == 1 and tar.name in rc.stderr
     shutil.copy(shards / m["shards"][1]["path"], tar)
@@ -247,7 +247,7 @@ def test_a_limited_run_is_another_job(raw, tmp_path):
 
 
 def test_a_bug_in_the_worker_stops_the_job_with_its_traceback(raw, tmp_path, monkeypatch):
-    import preprocess.convert as convert
+    import spinestream.preprocess.convert as convert
 
     def buggy(*a, **k):
         raise ValueError("an index bug in the label code")
@@ -279,7 +279,7 @@ def test_bad_boxes_are_bad_input_for_that_study(raw, tmp_path):
 
 
 def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypatch):
-    import preprocess.dicom as dicom
+    import spinestream.preprocess.dicom as dicom
 
     class Panic(BaseException):  # pyo3's PanicException is a BaseException
         pass

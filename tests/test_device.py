@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import device as dv
-from engine import gpu_probe
+from spinestream.engine import device as dv
+from spinestream.engine import gpu_probe
 
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]   # torch 2.14.1+cu130 (this venv)
 CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]

@@ -19,8 +19,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
-import preprocess.dicom as dicom
-from preprocess.dicom import AIR_HU, DicomError, SeriesMeta, read_hu, read_series
+import spinestream.preprocess.dicom as dicom
+from spinestream.preprocess.dicom import AIR_HU, DicomError, SeriesMeta, read_hu, read_series
 
 
 def _testfile(name: str) -> str:

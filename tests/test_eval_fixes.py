@@ -2,7 +2,7 @@
 evaluated at the size it trained at; ``evaluate --shards`` and ``pseudo-label --shards`` refuse a shard set
 that makes other images; a relative ``data.root`` that does not exist from the current directory is an error
 naming ``--shards``; a model giving non-finite probabilities is an error naming the study (one check,
-:func:`engine.infer.check_finite`) and no pseudo-label is written from NaN; the run's shard spec records
+:func:`spinestream.engine.infer.check_finite`) and no pseudo-label is written from NaN; the run's shard spec records
 the prevalence without the validation fold."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 import yaml
 from test_train import _cfg, _trainer
 
-from engine import checkpoint as ck
-from shards.layout import ROW_TYPES, Layout
-from shards.spec import SPEC_FILE, ShardSpec
+from spinestream.engine import checkpoint as ck
+from spinestream.shards.layout import ROW_TYPES, Layout
+from spinestream.shards.spec import SPEC_FILE, ShardSpec
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def other_shards(shards, tmp_path_factory) -> Path:
 
 
 def test_a_fixed_input_size_model_is_evaluated_at_its_trained_size(vit_run, shards):
-    from engine.evaluate import load_run_model, main
+    from spinestream.engine.evaluate import load_run_model, main
 
     model, cfg, _ = load_run_model(vit_run, "best", "cpu")
     assert cfg.loader.image_size == 48 and model.pretrained_cfg["input_size"][-1] == 48
@@ -57,7 +57,7 @@ def test_a_fixed_input_size_model_is_evaluated_at_its_trained_size(vit_run, shar
 
 def test_evaluate_shards_relative_root_and_another_shard_set(vit_run, shards, other_shards, tmp_path,
                                                              monkeypatch, capsys):
-    from engine.evaluate import main
+    from spinestream.engine.evaluate import main
 
     run = tmp_path / "runs" / "r2"
     shutil.copytree(vit_run, run)
@@ -77,7 +77,7 @@ def test_evaluate_shards_relative_root_and_another_shard_set(vit_run, shards, ot
 
 
 def test_pseudo_label_refuses_another_shard_set(vit_run, other_shards, tmp_path, capsys):
-    from engine.pseudo import main
+    from spinestream.engine.pseudo import main
 
     out = tmp_path / "p.parquet"
     assert main(["--run", str(vit_run), "--device", "cpu", "--shards", str(other_shards), "--out", str(out),
@@ -95,9 +95,9 @@ def nan_run(shards, tmp_path_factory) -> Path:
     """A run whose classifier gives NaN on every slice (a diverged checkpoint)."""
     from test_pseudo import _write_run
 
-    from engine.config import RunConfig
-    from engine.model import build_model
-    from shards.config import load_config
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.model import build_model
+    from spinestream.shards.config import load_config
 
     overrides = [f"data.root={shards}", "loader.image_size=48", "log.wandb=disabled", "data.val_fold=1"]
     model = build_model(load_config(RunConfig, "configs/demo-round1.yaml", overrides).model)
@@ -107,7 +107,7 @@ def nan_run(shards, tmp_path_factory) -> Path:
 
 
 def test_check_finite_names_the_studies():
-    from engine.infer import check_finite, describe_nonfinite
+    from spinestream.engine.infer import check_finite, describe_nonfinite
 
     good, bad = np.full((4, 8), 0.5, np.float32), np.full((4, 8), 0.5, np.float32)
     bad[2, 3] = np.nan
@@ -120,9 +120,9 @@ def test_check_finite_names_the_studies():
 
 def test_non_finite_probabilities_are_an_error_naming_the_study(nan_run, shards, tmp_path, capsys):
     """Validation, evaluate and pseudo-label all go through engine.infer.predict_run: one check, one error."""
-    from engine.evaluate import load_run_model, main as evaluate
-    from engine.infer import predict_run
-    from engine.pseudo import main as pseudo
+    from spinestream.engine.evaluate import load_run_model, main as evaluate
+    from spinestream.engine.infer import predict_run
+    from spinestream.engine.pseudo import main as pseudo
 
     studies = pd.read_parquet(Layout(shards).studies)
     model, cfg, _ = load_run_model(nan_run, "best", "cpu")
@@ -143,7 +143,7 @@ def test_non_finite_probabilities_are_an_error_naming_the_study(nan_run, shards,
 
 
 def test_pseudo_table_refuses_nan_probabilities(shards):
-    from engine.pseudo import pseudo_table
+    from spinestream.engine.pseudo import pseudo_table
 
     studies = pd.read_parquet(Layout(shards).studies)
     row = studies[studies.cohort == "positive-unboxed"].iloc[0]

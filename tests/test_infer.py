@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.infer import _gather, build_inputs, inputs, predict_studies
-from engine.loader import LabelTable, LoaderConfig, build_loader, select
-from engine.loader.config import AugmentConfig
-from shards.layout import Layout
-from shards.sample import neighbour_index, sample_image
+from spinestream.engine.infer import _gather, build_inputs, inputs, predict_studies
+from spinestream.engine.loader import LabelTable, LoaderConfig, build_loader, select
+from spinestream.engine.loader.config import AugmentConfig
+from spinestream.shards.layout import Layout
+from spinestream.shards.sample import neighbour_index, sample_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -58,7 +58,7 @@ def test_inputs_equal_the_training_loader_up_to_jpeg_error(shards, size):
 
 
 def test_inputs_equal_the_cpu_study_reader(shards):
-    from engine.loader.studies import StudyReader
+    from spinestream.engine.loader.studies import StudyReader
 
     table = _studies(shards).set_index("StudyInstanceUID")
     uids = table.index.tolist()[:4]
@@ -125,7 +125,7 @@ def test_a_missing_study_raises_in_the_caller_and_early_stop_is_clean(shards, ti
     uids = _studies(shards).StudyInstanceUID.tolist()
     with pytest.raises(FileNotFoundError, match="no volume"):
         predict_studies(tiny_model, shards, [uids[0], "1.2.3.not-a-study"], image_size=40, mean=MEAN, std=STD)
-    from engine.infer import _read_ahead
+    from spinestream.engine.infer import _read_ahead
 
     it = _read_ahead(shards, uids, prefetch=1)
     first = next(it)

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocess.config import ShardConfig
-from preprocess.convert import run
-from shards.manifest import read_manifest
-from shards.sample import encode_jpeg, neighbour_index, sample_image
-from shards.volumes import open_volume
-from shards.wds import iter_samples
+from spinestream.preprocess.config import ShardConfig
+from spinestream.preprocess.convert import run
+from spinestream.shards.manifest import read_manifest
+from spinestream.shards.sample import encode_jpeg, neighbour_index, sample_image
+from spinestream.shards.volumes import open_volume
+from spinestream.shards.wds import iter_samples
 from spinestream.predict import decode_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _shrink_slice(path: Path, size: int) -> None:
 @pytest.fixture(scope="module")
 def ragged(tmp_path_factory) -> dict:
     """A two-study dataset (explicit VR, 64 px) whose first train study has one 56x56 slice, and its shards."""
-    from preprocess.synth import make_dataset
+    from spinestream.preprocess.synth import make_dataset
 
     d = tmp_path_factory.mktemp("ragged-raw")
     make_dataset(d, studies=2, seed=7, size=64, slices=(12, 14), test_studies=0, syntax="explicit")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocess.labels import (
+from spinestream.preprocess.labels import (
     COHORTS,
     DROPPED_STUDIES,
     TARGETS,
@@ -445,9 +445,9 @@ def test_dropped_studies_have_one_definition() -> None:
     """shards.layout holds the list; the label code and the shard config use it (issue 10)."""
     import inspect
 
-    import preprocess.labels as labels_mod
-    from preprocess.config import ShardConfig
-    from shards import layout
+    import spinestream.preprocess.labels as labels_mod
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.shards import layout
 
     assert "1.2.826.0.1.3680043.29952" in layout.DROPPED_STUDIES and "1.2.826.0.1.3680043.20574" in layout.DROPPED_STUDIES
     assert labels_mod.DROPPED_STUDIES is layout.DROPPED_STUDIES and labels_mod.TARGETS is layout.TARGETS
@@ -459,7 +459,7 @@ def test_dropped_studies_have_one_definition() -> None:
 def test_bad_boxes_raise_label_error_and_a_dropped_box_is_a_data_warning() -> None:
     """Bad input is a LabelError (the shard job fails that study, not the job); a box on a slice the
     series lacks is a DataWarning (the shard job lists it in the manifest)."""
-    from preprocess.errors import DataWarning, LabelError
+    from spinestream.preprocess.errors import DataWarning, LabelError
 
     boxes = pd.DataFrame({"StudyInstanceUID": ["1.1"], "x": [1.0], "y": [2.0], "width": [3.0], "height": [4.0],
                           "slice_number": [1.5]})

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import checkpoint as ck
+from spinestream.engine import checkpoint as ck
 
 pytestmark = pytest.mark.dali
 

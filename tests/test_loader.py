@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.loader import LabelTable, LoaderConfig, build_loader, select
-from engine.loader.config import AugmentConfig
-from shards.layout import TARGETS, Layout
-from shards.manifest import read_manifest
-from shards.tables import read_label_table, read_study_table
-from shards.sample import decode_jpeg
-from shards.wds import ShardError, iter_samples
+from spinestream.engine.loader import LabelTable, LoaderConfig, build_loader, select
+from spinestream.engine.loader.config import AugmentConfig
+from spinestream.shards.layout import TARGETS, Layout
+from spinestream.shards.manifest import read_manifest
+from spinestream.shards.tables import read_label_table, read_study_table
+from spinestream.shards.sample import decode_jpeg
+from spinestream.shards.wds import ShardError, iter_samples
 
 BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch"]
 
@@ -189,7 +189,7 @@ def test_bad_input_is_a_clear_error(backend, shards, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_positive_oversampling_reads_positives_k_times(backend, labelled, tmp_path):
-    from engine.loader.data import oversample_positives
+    from spinestream.engine.loader.data import oversample_positives
 
     _need(backend)
     sel, labels = labelled
@@ -221,7 +221,7 @@ def test_state_from_another_selection_is_refused(labelled, shards):
 
 
 def test_study_reader_walks_whole_studies_like_the_training_loader(labelled, shards):
-    from engine.loader.studies import StudyReader
+    from spinestream.engine.loader.studies import StudyReader
 
     sel, labels = labelled
     cfg = _cfg("torch", augment=AugmentConfig().off(), batch_size=8)

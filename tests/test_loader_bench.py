@@ -10,8 +10,8 @@ import pytest
 @pytest.mark.dali
 def test_bench_loader_shows_both_dali_readers_and_their_composition(shards, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from benchmarks.loader import main
-    from engine.loader import LoaderConfig
+    from spinestream.benchmarks.loader import main
+    from spinestream.engine.loader import LoaderConfig
 
     assert main(["--shards", str(shards), "--lines", "dali-cpu,dali-cpu-webdataset,composition",
                  "--image-size", "32", "--batch-size", "8", "--batches", "2", "--warmup", "1",

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.loader import LabelTable, LoaderConfig, build_loader
-from engine.loader.config import AugmentConfig
-from engine.loader.data import Selection
-from shards.manifest import ShardEntry
-from shards.sample import encode_jpeg
-from shards.wds import ShardWriter
+from spinestream.engine.loader import LabelTable, LoaderConfig, build_loader
+from spinestream.engine.loader.config import AugmentConfig
+from spinestream.engine.loader.data import Selection
+from spinestream.shards.manifest import ShardEntry
+from spinestream.shards.sample import encode_jpeg
+from spinestream.shards.wds import ShardWriter
 
 BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch"]
 SIZE = 16
@@ -204,7 +204,7 @@ def test_a_samples_augmentation_does_not_depend_on_the_batching(backend, blocked
 
 
 def test_host_parameters_follow_the_configured_probabilities():
-    from engine.loader.params import draw_params, sample_key, sample_uniforms
+    from spinestream.engine.loader.params import draw_params, sample_key, sample_uniforms
 
     key = sample_key(0, 1, 0)
     u = sample_uniforms(key, 100, 4000)
@@ -225,12 +225,12 @@ def test_host_parameters_follow_the_configured_probabilities():
 
 
 def test_torch_decodes_on_the_cpu_without_a_hardware_jpeg_decoder(monkeypatch):
-    import engine.device
-    from engine.loader.torch_backend import gpu_decode_default
+    import spinestream.engine.device as engine_device
+    from spinestream.engine.loader.torch_backend import gpu_decode_default
 
     cuda = torch.device("cuda", 0)
     for hw in (False, True):
-        monkeypatch.setattr(engine.device, "has_hw_jpeg_decoder", lambda d, hw=hw: hw)
+        monkeypatch.setattr(engine_device, "has_hw_jpeg_decoder", lambda d, hw=hw: hw)
         assert gpu_decode_default(LoaderConfig(), cuda) is hw  # P100/T4: CPU workers; A100/H100: nvJPEG
     assert gpu_decode_default(LoaderConfig(), torch.device("cpu")) is False
     assert gpu_decode_default(LoaderConfig(torch_decode="gpu"), torch.device("cpu")) is True
@@ -238,12 +238,12 @@ def test_torch_decodes_on_the_cpu_without_a_hardware_jpeg_decoder(monkeypatch):
 
 @pytest.mark.dali
 def test_dali_hw_decoder_load_follows_the_card(monkeypatch):
-    import engine.device
-    from engine.loader.dali_backend import hw_decoder_load
+    import spinestream.engine.device as engine_device
+    from spinestream.engine.loader.dali_backend import hw_decoder_load
 
     cuda = torch.device("cuda", 0)
     for hw, want in ((False, 0.0), (True, 0.65)):
-        monkeypatch.setattr(engine.device, "has_hw_jpeg_decoder", lambda d, hw=hw: hw)
+        monkeypatch.setattr(engine_device, "has_hw_jpeg_decoder", lambda d, hw=hw: hw)
         assert hw_decoder_load(LoaderConfig(), cuda) == want
     assert hw_decoder_load(LoaderConfig(hw_decoder_load=0.9), cuda) == 0.9
     with pytest.raises(ValueError, match="hw_decoder_load"):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shards.layout import VERSION
-from shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
+from spinestream.shards.layout import VERSION
+from spinestream.shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
 
 

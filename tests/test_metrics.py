@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.metrics import (ROW_TYPES, TARGETS, classification_report, constant_baseline, score_submission,
+from spinestream.engine.metrics import (ROW_TYPES, TARGETS, classification_report, constant_baseline, score_submission,
                             slice_loss_weights, solution_from_train, study_probabilities, submission_frame,
                             weighted_bce)
 

@@ -8,9 +8,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from engine import model as M
-from engine.config import ModelConfig
-from engine.model import PretrainedUnavailable, build_model, check_state_dict, data_config, model_fingerprint
+from spinestream.engine import model as M
+from spinestream.engine.config import ModelConfig
+from spinestream.engine.model import PretrainedUnavailable, build_model, check_state_dict, data_config, model_fingerprint
 
 TINY = "test_efficientnet"  # ~0.1 M params, builds in milliseconds
 TINY_HUB = "timm/test_efficientnet.r160_in1k"  # its pretrained_cfg['hf_hub_id']

@@ -15,7 +15,7 @@ import torch
 import yaml
 from test_train import _cfg, _trainer
 
-from engine import checkpoint as ck
+from spinestream.engine import checkpoint as ck
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.dali)]
 
@@ -129,8 +129,8 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def other_shards(raw, tmp_path_factory) -> Path:
     """The tiny dataset sharded at another image size and window."""
-    from preprocess.config import ShardConfig
-    from preprocess.convert import run
+    from spinestream.preprocess.config import ShardConfig
+    from spinestream.preprocess.convert import run
 
     out = tmp_path_factory.mktemp("other-shards") / "out"
     run(raw, out, ShardConfig(image_size=40, folds=2, shard_max_samples=40, windows=[[80, 300]]), workers=2)
@@ -189,7 +189,7 @@ def test_a_kill_between_the_checkpoint_and_best_pt_loses_nothing(shards, tmp_pat
     run = t.run_dir
     assert ck.load(ck.latest(run))["best"]["step"] == 4
     assert ck.load(run / ck.BEST)["step"] == 2  # an older best.pt would silently stay in use
-    from engine.evaluate import load_run_model
+    from spinestream.engine.evaluate import load_run_model
 
     load_run_model(run, "best")  # what evaluate, predict and pseudo-label read: repaired first
     assert ck.load(run / ck.BEST)["step"] == 4
@@ -228,7 +228,7 @@ def test_a_skipped_step_leaves_model_buffers_and_ema_as_they_were(shards, tmp_pa
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(shards, tmp_path, monkeypatch, capsys):
-    from engine.trainer import Trainer
+    from spinestream.engine.trainer import Trainer
     from spinestream.cli import main
 
     real = Trainer._after_step
@@ -286,7 +286,7 @@ def test_the_last_epoch_validates_and_saves_after_a_skipped_step(shards, tmp_pat
 
 
 def test_a_fresh_run_in_a_directory_without_checkpoints_writes_its_own_spec(shards, other_shards, tmp_path):
-    from shards.spec import ShardSpec
+    from spinestream.shards.spec import ShardSpec
 
     a = _trainer(_cfg(other_shards, tmp_path, **{"loader.image_size": 40}))  # built, never trained
     assert ShardSpec.load(a.run_dir / "shard_spec.json").image.size == 40
@@ -297,7 +297,7 @@ def test_a_fresh_run_in_a_directory_without_checkpoints_writes_its_own_spec(shar
 def test_an_infinite_loss_with_finite_gradients_skips_adam_under_gradscaler(shards, tmp_path, monkeypatch):
     """fp16: a logit overflow gives an infinite loss whose gradients are finite; GradScaler sees only the
     gradients, so the trainer makes them NaN first: the step is skipped on the device, as it is counted."""
-    import engine.trainer as tr
+    import spinestream.engine.trainer as tr
     from tqdm import tqdm
 
     real = tr.weighted_bce

@@ -26,11 +26,11 @@ import pytest
 import torch
 import yaml
 
-from engine import checkpoint as ck
-from engine.infer import build_inputs, inputs, predict_volumes, read_study
-from engine.metrics import ROW_TYPES, study_probabilities
-from preprocess.errors import DataWarning
-from shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
+from spinestream.engine import checkpoint as ck
+from spinestream.engine.infer import build_inputs, inputs, predict_volumes, read_study
+from spinestream.engine.metrics import ROW_TYPES, study_probabilities
+from spinestream.preprocess.errors import DataWarning
+from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
 from spinestream.predict import decode_study, load_runs, main, predict, shard_config, \
     study_volume
 
@@ -40,9 +40,9 @@ MISSING = "1.2.826.0.1.3680043.999999"
 
 def write_run(run_dir: Path, shards: Path, seed: int, **sets) -> Path:
     """A run directory as `spinestream train` leaves it (run.json, config.yaml, best.pt), untrained weights."""
-    from engine.config import RunConfig
-    from engine.model import build_model, model_fingerprint
-    from shards.config import load_config, to_dict
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.model import build_model, model_fingerprint
+    from spinestream.shards.config import load_config, to_dict
 
     overrides = [f"data.root={shards}", "model.name=test_resnet", "model.pretrained=false", "loader.image_size=40",
                  "loader.batch_size=16", "log.wandb=disabled", *[f"{k}={v}" for k, v in sets.items()]]
@@ -71,9 +71,9 @@ def runs(run_dirs):
 def test_set(tmp_path_factory) -> dict:
     """test_images/ with [j2k study, one truncated slice, every slice truncated, plain] and a sample
     submission that also lists MISSING, rows in reverse order."""
-    from preprocess.synth import make_dataset
-    from preprocess.synth.dicom_io import write_study
-    from preprocess.synth.spec import study_specs
+    from spinestream.preprocess.synth import make_dataset
+    from spinestream.preprocess.synth.dicom_io import write_study
+    from spinestream.preprocess.synth.spec import study_specs
 
     d = tmp_path_factory.mktemp("test-set")
     params = dict(studies=1, seed=11, size=64, slices=(16, 20), test_studies=4, syntax="explicit")
@@ -248,7 +248,7 @@ def test_the_submission_is_clipped_away_from_0_and_1(tmp_path):
     """float32 sigmoid saturates to exactly 1.0 (and `%.6g` writes anything above 0.9999995 as "1"); a
     wrong "1" costs -log(1e-15) = 34.5 x its weight. The writer clips to [SUBMISSION_CLIP, 1 - SUBMISSION_CLIP]:
     a wrong row then costs at most -log(1e-4) = 9.2, a right one at most 1e-4."""
-    from engine.metrics import score_submission
+    from spinestream.engine.metrics import score_submission
     from spinestream.predict import SUBMISSION_CLIP, write_submission
 
     assert SUBMISSION_CLIP == 1e-4

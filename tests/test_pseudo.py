@@ -16,17 +16,17 @@ import pytest
 import torch
 import yaml
 
-from engine import checkpoint as ck
-from engine.pseudo import PROB_COLUMNS, VERTEBRAE, best_f1_threshold, choose_thresholds, main, parse_thresholds, \
+from spinestream.engine import checkpoint as ck
+from spinestream.engine.pseudo import PROB_COLUMNS, VERTEBRAE, best_f1_threshold, choose_thresholds, main, parse_thresholds, \
     quality, read_table, study_targets
-from shards.layout import TARGETS, Layout
+from spinestream.shards.layout import TARGETS, Layout
 
 
 def _write_run(run_dir: Path, overrides: list[str], model=None) -> Path:
     """A run directory as `spinestream train` leaves it (config.yaml, run.json, best.pt), untrained weights."""
-    from engine.config import RunConfig
-    from engine.model import build_model, model_fingerprint
-    from shards.config import load_config, to_dict
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.model import build_model, model_fingerprint
+    from spinestream.shards.config import load_config, to_dict
 
     cfg = load_config(RunConfig, "configs/demo-round1.yaml", overrides)
     ck.mark_run(run_dir)
@@ -57,7 +57,7 @@ def tables(run_dir, shards, tmp_path_factory):
 
 
 def test_the_table_covers_exactly_the_positive_unboxed_slices_once(tables, shards):
-    from engine.loader import LabelTable, select
+    from spinestream.engine.loader import LabelTable, select
 
     slices = pd.read_parquet(Layout(shards).slices)
     want = np.sort(slices.slice_id[slices.cohort == "positive-unboxed"].to_numpy())
@@ -140,7 +140,7 @@ def test_thresholds_are_tuned_without_the_validation_fold(shards, tmp_path):
 
 
 def test_share_thresholds_match_the_tuning_studies_share_and_ignore_others():
-    from engine.pseudo import share_thresholds
+    from spinestream.engine.pseudo import share_thresholds
 
     studies = pd.DataFrame({"StudyInstanceUID": ["tune", "val", "x"], "slice_id_offset": [0, 8, 16],
                             "n_slices": [8, 8, 8], **{v: [1, 1, 1] if v == "C1" else [0, 0, 0] for v in VERTEBRAE}})
@@ -211,7 +211,7 @@ def test_quality_counts():
 
 
 def test_crack_truth_agrees_with_the_boxes_and_the_study_labels(raw, shards):
-    from preprocess.synth_truth import crack_truth
+    from spinestream.preprocess.synth_truth import crack_truth
 
     truth = crack_truth(raw, shards)
     slices = pd.read_parquet(Layout(shards).slices)
@@ -226,10 +226,10 @@ def test_crack_truth_agrees_with_the_boxes_and_the_study_labels(raw, shards):
 
 
 def test_round2_config_trains_on_every_cohort_with_truth_then_pseudo(tables, shards):
-    from engine.config import RunConfig
-    from engine.loader import LabelTable, select
-    from shards.config import load_config
-    from shards.layout import COHORTS
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.loader import LabelTable, select
+    from spinestream.shards.config import load_config
+    from spinestream.shards.layout import COHORTS
 
     r1 = load_config(RunConfig, "configs/round1.yaml")
     r2 = load_config(RunConfig, "configs/round2.yaml", [f"data.root={shards}"])
@@ -240,7 +240,7 @@ def test_round2_config_trains_on_every_cohort_with_truth_then_pseudo(tables, sha
     # the pseudo table the verb wrote, with truth, labels every slice of round 2's training selection
     sel = select(shards, cohorts=r2.data.train_cohorts, exclude_folds=[r2.data.val_fold])
     LabelTable.load(shards, r2.data.label_tables).check_covers(sel)
-    from shards.manifest import read_manifest
+    from spinestream.shards.manifest import read_manifest
 
     outside = {(s.cohort, s.fold) for s in read_manifest(shards).shards if s.fold != r2.data.val_fold}
     assert {(s.cohort, s.fold) for s in sel.shards} == outside  # every group but the validation fold's
@@ -258,7 +258,7 @@ def test_pseudo_labels_find_the_synthetic_cracks(learned_round1, tmp_path):
     (P 0.81, R 0.91; `any` 0.94). Labelling every slice of a fractured
     vertebra scores 0.10; an untrained model's most likely slice about 0.06. The floors leave room for
     machine-to-machine differences in training without letting a model that learned nothing pass."""
-    from preprocess.synth_truth import crack_truth
+    from spinestream.preprocess.synth_truth import crack_truth
 
     raw, shards, run_dir = learned_round1
     truth_path = tmp_path / "crack-truth.parquet"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_train import _cfg, _trainer
 
-from engine import checkpoint as ck
-from engine import trainer as trainer_mod
-from engine.model import build_model, model_fingerprint
-from shards.spec import SPEC_FILE, ShardSpec
+from spinestream.engine import checkpoint as ck
+from spinestream.engine import trainer as trainer_mod
+from spinestream.engine.model import build_model, model_fingerprint
+from spinestream.shards.spec import SPEC_FILE, ShardSpec
 
 
 def _records(run_dir, key: str) -> list[dict]:
@@ -57,7 +57,7 @@ def test_init_from_a_run_that_trained_on_the_validation_fold_is_refused(shards, 
     """Round 1 held out fold 0 and trained on fold 1: round 2 validated on fold 1 would be scored on studies
     its starting weights were trained on. Refused, naming both folds and the fix, unless
     model.init_from_any_fold says so (then no reference line either: round 1's loss is of another fold)."""
-    from engine.build import init_reference
+    from spinestream.engine.build import init_reference
 
     cfg = _round2(shards, tmp_path, round1 / "best.pt")
     state = ck.load(round1 / "best.pt")
@@ -137,7 +137,7 @@ def test_every_run_keeps_its_shard_spec(shards, tmp_path):
 
 
 def test_evaluate_writes_a_summary_beside_the_report(shards, tmp_path, round1):
-    from engine.evaluate import main
+    from spinestream.engine.evaluate import main
 
     assert main(["--run", str(round1), "--device", "cpu"]) == 0
     s = json.loads((round1 / "eval-f1" / "summary.json").read_text())

@@ -72,8 +72,8 @@ class FakeVerbs:
         return 0
 
     def train(self, a):
-        from engine.config import RunConfig
-        from shards.config import load_config, to_dict
+        from spinestream.engine.config import RunConfig
+        from spinestream.shards.config import load_config, to_dict
 
         cfg = yaml.safe_load(Path(_arg(a, "-c")).read_text())
         run = Path(cfg["out_dir"]) / cfg["name"]
@@ -454,7 +454,7 @@ def _fake_study_table(root: Path, n: int, rng):
     ``rng``."""
     import pandas as pd
 
-    from shards.layout import ROW_TYPES
+    from spinestream.shards.layout import ROW_TYPES
 
     y = rng.integers(0, 2, size=(n, len(ROW_TYPES)))
     studies = pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(n)], "fold": [0, 1] * (n // 2),
@@ -470,8 +470,8 @@ def _report_fixture(root: Path):
     import numpy as np
     import pandas as pd
 
-    from engine.metrics import submission_frame
-    from shards.fsutil import atomic_write_json
+    from spinestream.engine.metrics import submission_frame
+    from spinestream.shards.fsutil import atomic_write_json
 
     rows = ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall"]
     rng = np.random.default_rng(0)
@@ -502,9 +502,9 @@ def _report_fixture(root: Path):
 
 
 def test_report_from_fixture_jsons_has_the_required_keys(tmp_path):
-    from engine.config import RunConfig
-    from engine.metrics import score_submission, solution_from_train, submission_frame
-    from shards.config import load_config
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.metrics import score_submission, solution_from_train, submission_frame
+    from spinestream.shards.config import load_config
     from spinestream.config import PipelineConfig
     from spinestream.plan import Paths
     from spinestream.report import write_report
@@ -539,8 +539,8 @@ def test_report_from_fixture_jsons_has_the_required_keys(tmp_path):
 
 
 def test_report_says_missing_for_an_evaluation_that_did_not_run(tmp_path):
-    from engine.config import RunConfig
-    from shards.config import load_config
+    from spinestream.engine.config import RunConfig
+    from spinestream.shards.config import load_config
     from spinestream.config import PipelineConfig
     from spinestream.plan import Paths
     from spinestream.report import write_report
@@ -583,10 +583,10 @@ def test_report_shows_best_and_last_and_its_verdict_is_the_last_checkpoints(tmp_
     import numpy as np
     import pandas as pd
 
-    from engine.config import RunConfig
-    from engine.metrics import submission_frame
-    from shards.config import load_config
-    from shards.layout import ROW_TYPES
+    from spinestream.engine.config import RunConfig
+    from spinestream.engine.metrics import submission_frame
+    from spinestream.shards.config import load_config
+    from spinestream.shards.layout import ROW_TYPES
     from spinestream.config import PipelineConfig
     from spinestream.plan import Paths
     from spinestream.report import write_report
@@ -641,8 +641,8 @@ def test_early_stopping_patience_counts_validations_and_round2_cannot_stop_in_it
     """Issue 16: the patience unit is validations, val_every_steps ones included (documented), and
     configs/round2.yaml's patience cannot end round 2 inside its first epoch (~630k slices) at any batch size
     from 8 to 64, nor before about round 1's 3 epochs of no improvement at batch 32."""
-    from engine.config import RunConfig, TrainConfig
-    from shards.config import field_docs, load_config
+    from spinestream.engine.config import RunConfig, TrainConfig
+    from spinestream.shards.config import field_docs, load_config
 
     doc = field_docs(TrainConfig)["early_stopping_patience"]
     assert "validations" in doc and "val_every_steps" in doc and "epoch-end" in doc

@@ -1,8 +1,8 @@
 """2.5D sample construction and windowing."""
 import numpy as np
 
-from preprocess.window import make_slice_fn, window_u8
-from shards.sample import decode_jpeg, encode_jpeg, neighbour_index, sample_image
+from spinestream.preprocess.window import make_slice_fn, window_u8
+from spinestream.shards.sample import decode_jpeg, encode_jpeg, neighbour_index, sample_image
 
 
 def test_window_endpoints():

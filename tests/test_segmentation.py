@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from preprocess.errors import DataWarning
-from preprocess.segmentation import EXPECTED_AXCODES, axial_to_seg, read_segmentation, write_segmentation
+from spinestream.preprocess.errors import DataWarning
+from spinestream.preprocess.segmentation import EXPECTED_AXCODES, axial_to_seg, read_segmentation, write_segmentation
 
 SPACING = (0.8, 0.3, 0.3)  # dz, dy, dx
 ORIGIN = (-20.0, 10.0, 35.5)  # LPS of the head-most slice's first pixel
@@ -58,7 +58,7 @@ def test_affine_places_every_voxel_at_its_dicom_position(tmp_path):
 
 
 def test_synthetic_segmentation_lies_on_its_dicom_series(tmp_path):
-    from preprocess.synth import make_dataset, study_specs
+    from spinestream.preprocess.synth import make_dataset, study_specs
 
     kw = dict(studies=4, seed=2, size=32, slices=(12, 14), test_studies=0, syntax="explicit")
     make_dataset(tmp_path, **kw)

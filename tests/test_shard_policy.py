@@ -11,13 +11,13 @@ import pydicom
 import pytest
 
 from conftest import CFG
-from preprocess.config import ShardConfig
-from preprocess.convert import run
-from preprocess.errors import DataWarning
-from shards.manifest import read_manifest
-from shards.verify import main as verify_main
-from shards.verify import verify
-from shards.volumes import read_attrs
+from spinestream.preprocess.config import ShardConfig
+from spinestream.preprocess.convert import run
+from spinestream.preprocess.errors import DataWarning
+from spinestream.shards.manifest import read_manifest
+from spinestream.shards.verify import main as verify_main
+from spinestream.shards.verify import verify
+from spinestream.shards.volumes import read_attrs
 from test_convert import subset
 
 
@@ -48,7 +48,7 @@ def test_a_warning_in_a_worker_reaches_the_manifest(raw, tmp_path):
 
 
 def test_a_monkeypatched_worker_warning_names_the_study(raw, tmp_path, monkeypatch):
-    import preprocess.convert as convert
+    import spinestream.preprocess.convert as convert
 
     neg = _negative(raw)
     data = subset(raw, tmp_path / "raw", [neg])
@@ -122,7 +122,7 @@ def test_volume_affine_maps_indices_to_the_dicom_positions(raw, shards):
 def test_a_base_exception_outside_the_decoder_stops_the_job(raw, tmp_path, monkeypatch):
     """Not swallowed as bad input, and re-raised as an Exception (a pool worker dying of a
     BaseException would never return its task)."""
-    import preprocess.convert as convert
+    import spinestream.preprocess.convert as convert
 
     class Panic(BaseException):
         pass

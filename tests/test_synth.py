@@ -14,8 +14,8 @@ import pandas as pd
 import pydicom
 import pytest
 
-from preprocess import synth
-from preprocess.segmentation import read_segmentation
+from spinestream.preprocess import synth
+from spinestream.preprocess.segmentation import read_segmentation
 
 ARGS = dict(studies=10, seed=3, size=64, test_studies=2, slices=(32, 40))
 

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shards.layout import TARGETS
-from shards.tables import (SLICE_COLUMNS, STUDY_COLUMNS, LabelTable, label_frame, read_label_table,
+from spinestream.shards.layout import TARGETS
+from spinestream.shards.tables import (SLICE_COLUMNS, STUDY_COLUMNS, LabelTable, label_frame, read_label_table,
                            read_slice_table, read_study_table, write_label_table, write_slice_table,
                            write_study_table)
-from shards.volumes import VolumeAttrs, read_attrs, write_volume
+from spinestream.shards.volumes import VolumeAttrs, read_attrs, write_volume
 
 
 def _study_rows(n: int = 2) -> pd.DataFrame:

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import checkpoint as ck
-from engine.config import RunConfig
-from engine.trainer import Trainer, write_config
-from shards.config import ConfigError, load_config
+from spinestream.engine import checkpoint as ck
+from spinestream.engine.config import RunConfig
+from spinestream.engine.trainer import Trainer, write_config
+from spinestream.shards.config import ConfigError, load_config
 
 
 def _cfg(shards: Path, out: Path, **sets) -> RunConfig:
@@ -115,7 +115,7 @@ def test_refusals_before_any_training_step(shards, tmp_path):
 
 
 def test_nan_losses_skip_steps_then_stop(shards, tmp_path, monkeypatch):
-    import engine.trainer as tr
+    import spinestream.engine.trainer as tr
 
     monkeypatch.setattr(tr, "weighted_bce", lambda logits, *a, **k: logits.sum() * float("nan"))
     t = _trainer(_cfg(shards, tmp_path, **{"train.max_nan_steps": 3}))

@@ -5,7 +5,7 @@ import json
 
 
 def test_bench_train_on_the_cpu(shards, tmp_path):
-    from benchmarks.train import main
+    from spinestream.benchmarks.train import main
 
     assert main(["--shards", str(shards), "--steps", "3", "--warmup", "1", "--results", str(tmp_path),
                  "--set", "loader.image_size=48", "--set", "loader.batch_size=8", "--set", "train.batch_size=8",

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from test_train import _cfg
 
-from engine.config import RunConfig
-from shards.config import ConfigError, load_config
-from shards.layout import Layout
+from spinestream.engine.config import RunConfig
+from spinestream.shards.config import ConfigError, load_config
+from spinestream.shards.layout import Layout
 
 BAD = [
     ("train.val_every_epochs=0", "train.val_every_epochs"),
@@ -57,7 +57,7 @@ def test_the_shipped_configs_pass():
 
 
 def test_cohorts_are_checked_against_the_shard_set(shards, tmp_path):
-    from engine.build import check_cohorts
+    from spinestream.engine.build import check_cohorts
 
     studies = pd.read_parquet(Layout(shards).studies)
     # the tiny set's boxed study is in fold 0: with fold 0 held out nothing boxed is left to train on
@@ -69,7 +69,7 @@ def test_cohorts_are_checked_against_the_shard_set(shards, tmp_path):
 
 
 def test_round1_never_trains_on_the_validation_fold(shards, tmp_path):
-    from engine.trainer import select_training_shards
+    from spinestream.engine.trainer import select_training_shards
 
     slices = pd.read_parquet(Layout(shards).slices)
     for fold in (1,):
@@ -82,9 +82,9 @@ def test_round1_never_trains_on_the_validation_fold(shards, tmp_path):
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0, 2.0])
 def test_negatives_are_balanced_as_configured(shards, tmp_path, ratio):
-    from engine.trainer import select_training_shards
+    from spinestream.engine.trainer import select_training_shards
 
-    from shards.manifest import read_manifest
+    from spinestream.shards.manifest import read_manifest
 
     cfg = _cfg(shards, tmp_path, **{"data.negatives_per_positive": ratio})
     sel = select_training_shards(cfg)

@@ -12,8 +12,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _fixed_batch(t):
-    from engine.loader import Batch
-    from engine.loader.config import torch_dtype
+    from spinestream.engine.loader import Batch
+    from spinestream.engine.loader.config import torch_dtype
 
     bs, size = t.loader_cfg.batch_size, t.loader_cfg.image_size
     x = torch.randn(bs, 3, size, size, device=t.device).to(torch_dtype(t.loader_cfg.dtype))

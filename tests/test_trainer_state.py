@@ -13,8 +13,8 @@ import torch
 from test_train import _cfg, _trainer
 from tqdm import tqdm
 
-from engine import checkpoint as ck
-from engine.trainer import select_training_shards
+from spinestream.engine import checkpoint as ck
+from spinestream.engine.trainer import select_training_shards
 
 
 def _bn_buffers(model) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def test_auto_batch_probe_leaves_a_fresh_model_and_the_rng_alone(shards, tmp_pat
 
 
 def test_auto_batch_on_resume_reuses_the_record_and_keeps_the_checkpoints_bn(shards, tmp_path, monkeypatch):
-    import engine.autobatch as ab
+    import spinestream.engine.autobatch as ab
 
     cfg = _cfg(shards, tmp_path, **{"train.batch_size": "auto", "train.max_steps": 4})
     a = _trainer(cfg)
@@ -125,7 +125,7 @@ def test_every_rng_is_restored_and_dropout_repeats(shards, tmp_path):
 
 
 def test_cuda_rng_of_every_device_is_saved_and_restored(monkeypatch):
-    from engine.trainer import rng_state, set_rng_state
+    from spinestream.engine.trainer import rng_state, set_rng_state
 
     states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
     restored = []
@@ -213,7 +213,7 @@ def test_resume_leaves_no_repeated_steps_in_metrics_and_no_stale_tmp(shards, tmp
 def test_validation_runs_study_inference_in_fixed_size_batches(shards, tmp_path, monkeypatch):
     """The trainer validates through engine.infer (inputs built where the model runs): every model call has
     loader.batch_size rows, so cudnn.benchmark tunes one shape, and the EMA weights are the ones scored."""
-    import engine.infer as infer
+    import spinestream.engine.infer as infer
 
     t = _trainer(_cfg(shards, tmp_path))
     shapes, calls = [], []

@@ -3,10 +3,10 @@
 Every .py outside shards/ and tests/ is parsed (ast, nothing imported) and must not
 
 * call or import ``load_manifest`` / ``select_shards`` (the dict API; use
-  ``shards.manifest.read_manifest(root)`` and ``Manifest.select``),
+  ``spinestream.shards.manifest.read_manifest(root)`` and ``Manifest.select``),
 * ``read_parquet`` (or pyarrow's ``read_table`` / ``ParquetFile``) a shard-set table: a ``Layout``
   path (``.studies`` / ``.slices`` / ``.truth``) or a path naming ``studies.parquet`` /
-  ``slices.parquet`` / ``truth.parquet`` (use ``shards.tables.read_study_table`` /
+  ``slices.parquet`` / ``truth.parquet`` (use ``spinestream.shards.tables.read_study_table`` /
   ``read_slice_table`` / ``read_label_table``),
 * ``json.load(s)`` the manifest (a ``Layout(...).manifest`` or a path naming ``manifest.json``),
 * build a path to a shard-set file by name (``root / "manifest.json"``; use ``Layout``),
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.layout import DROPPED_STUDIES
+from spinestream.shards.layout import DROPPED_STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import zarr
 
-from shards.volumes import open_volume, set_attrs, write_volume
+from spinestream.shards.volumes import open_volume, set_attrs, write_volume
 
 
 @pytest.mark.parametrize("cname,shuffle", [("lz4", "bitshuffle"), ("zstd", "noshuffle")])

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from shards.wds import ShardError, ShardWriter, check_index, iter_samples, read_index, scan_tar
+from spinestream.shards.wds import ShardError, ShardWriter, check_index, iter_samples, read_index, scan_tar
 
 
 def _write(path, ids):

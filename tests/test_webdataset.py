@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from shards.layout import Layout
-from shards.sample import decode_jpeg
-from shards.wds import iter_samples
+from spinestream.shards.layout import Layout
+from spinestream.shards.sample import decode_jpeg
+from spinestream.shards.wds import iter_samples
 
 
 def _slice_id(data: bytes) -> int:

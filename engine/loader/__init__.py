@@ -1,15 +1,15 @@
 """Loaders: shards -> augmented, normalised GPU batches with targets looked up by slice_id.
 
-    from engine.loader import LoaderConfig, build_loader, select, LabelTable
+    from spinestream.engine.loader import LoaderConfig, build_loader, select, LabelTable
     sel = select("shards-512", cohorts=["boxed", "negative"], exclude_folds=[0])
     loader = build_loader(sel, LabelTable.load("shards-512"), LoaderConfig(), device="cuda")
     for batch in loader: ...   # one epoch of Batch(images, targets, slice_ids, valid)
 
-Backends, one per file behind the same interface (:class:`engine.loader.base.Loader`):
+Backends, one per file behind the same interface (:class:`spinestream.engine.loader.base.Loader`):
 ``dali`` (GPU decode + GPU augmentation; DALI's CPU-only mode without a GPU) and ``torch``
 (DataLoader workers + torch augmentation on the batch). ``backend: auto`` picks DALI when
 it is installed. Both read samples by ``.idx`` offset in one global permutation per epoch
-(the guarantees are in :mod:`engine.loader.base`); ``loader.dali_reader: webdataset`` is the
+(the guarantees are in :mod:`spinestream.engine.loader.base`); ``loader.dali_reader: webdataset`` is the
 legacy DALI reader, kept for the loader benchmark's before/after line only.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ brightness/contrast) follows, each with its own probability per sample. With eve
 probability 0 and the output size equal to the input size the batch comes back
 unchanged (no resampling happens at all).
 
-Every random decision comes in as :class:`engine.loader.params.AugParams`, drawn on the
+Every random decision comes in as :class:`spinestream.engine.loader.params.AugParams`, drawn on the
 host (the DALI backend consumes the same parameters): the branches here test host arrays,
 and the parameters reach the device in one copy per batch, so nothing in this file reads a
 GPU tensor back (no host sync).
@@ -115,7 +115,7 @@ def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype, channels_last: boo
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, mix: MixParams):
-    """Mixup of a batch as ``mix`` says (:func:`engine.loader.params.draw_mixup`): row ``i`` becomes
+    """Mixup of a batch as ``mix`` says (:func:`spinestream.engine.loader.params.draw_mixup`): row ``i`` becomes
     ``lam * row_i + (1 - lam) * row_partner[i]``; padding rows are their own partner, so they are
     never blended into a real sample."""
     if not mix.on:

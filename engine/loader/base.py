@@ -23,7 +23,7 @@ each backend; DALI in its CPU-only mode):
   silently trained on as data, and never mixed into a real sample by mixup.
 * **Seeded.** The order differs from epoch to epoch and is the same for the same seed.
   Every augmentation parameter of a batch is drawn on the host from a generator seeded by
-  (seed, epoch, rank, position) (:mod:`engine.loader.params`): ranks draw different
+  (seed, epoch, rank, position) (:mod:`spinestream.engine.loader.params`): ranks draw different
   augmentations, and a batch's pixels do not depend on what ran before it.
 * **Resumable.** :meth:`Loader.state_dict` records the epoch and the number of samples
   this rank has consumed in it; a loader built with the same config and selection and

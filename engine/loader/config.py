@@ -18,7 +18,7 @@ def torch_dtype(name: str):
 class AugmentConfig:
     """The reference pipeline's augmentations, each with its own probability (0 = off).
 
-    Applied on the GPU: by DALI operators in the DALI backend, by ``engine.loader.augment``
+    Applied on the GPU: by DALI operators in the DALI backend, by ``spinestream.engine.loader.augment``
     on the batch in the torch backend. Geometry is expressed relative to the image so
     both backends draw from the same distributions.
     """

@@ -5,9 +5,9 @@ augmentations as DALI operators, each applied per sample as the host-drawn param
 ``DALIGenericIterator``.
 
 Reading: a batch-mode ``fn.external_source`` whose callable maps the batch number to this
-rank's positions (:func:`engine.loader.base.rank_order`: its part of the epoch's global
-permutation), ``os.pread``s the JPEG bytes (:class:`engine.loader.records.RecordReader`) and
-draws the batch's augmentation parameters (:mod:`engine.loader.params`, seeded by seed, epoch,
+rank's positions (:func:`spinestream.engine.loader.base.rank_order`: its part of the epoch's global
+permutation), ``os.pread``s the JPEG bytes (:class:`spinestream.engine.loader.records.RecordReader`) and
+draws the batch's augmentation parameters (:mod:`spinestream.engine.loader.params`, seeded by seed, epoch,
 rank and position). The callable is deterministic given the batch number; the pipeline holds no
 random state of its own. So an epoch is a global shuffle on every rank (the guarantee in
 engine/loader/base.py), a mid-epoch resume is a seek (the pipeline starts at the saved
@@ -87,7 +87,7 @@ def hw_decoder_load(cfg: LoaderConfig, device: torch.device) -> float:
     """The share of images for nvJPEG's hardware decoder: 0.65 where the card has one, else 0."""
     if cfg.hw_decoder_load != "auto":
         return float(cfg.hw_decoder_load)
-    from engine.device import has_hw_jpeg_decoder
+    from spinestream.engine.device import has_hw_jpeg_decoder
 
     return 0.65 if has_hw_jpeg_decoder(device) else 0.0
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.layout import COHORTS, TARGETS, Layout
-from shards.manifest import ShardEntry, read_manifest
-from shards.tables import read_label_table, read_slice_table
-from shards.wds import ShardError, read_index, write_subset_index
+from spinestream.shards.layout import COHORTS, TARGETS, Layout
+from spinestream.shards.manifest import ShardEntry, read_manifest
+from spinestream.shards.tables import read_label_table, read_slice_table
+from spinestream.shards.wds import ShardError, read_index, write_subset_index
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Validation / inference reader: whole studies in slice order (head to feet) from the Zarr
 volumes, so study-level metrics (max over slices, the heat maps) can be computed.
 
-Each sample is built with ``shards.sample.sample_image`` — the function the shard writer
+Each sample is built with ``spinestream.shards.sample.sample_image`` — the function the shard writer
 used — then resized and normalised like the training loader with augmentation off, so
 it equals (up to JPEG error) what the model saw in training.
 """
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.layout import Layout
-from shards.manifest import read_manifest
-from shards.tables import read_study_table
-from shards.sample import neighbour_index, sample_image
-from shards.volumes import open_volume, read_attrs
+from spinestream.shards.layout import Layout
+from spinestream.shards.manifest import read_manifest
+from spinestream.shards.tables import read_study_table
+from spinestream.shards.sample import neighbour_index, sample_image
+from spinestream.shards.volumes import open_volume, read_attrs
 
 from .augment import normalize
 from .config import LoaderConfig, torch_dtype

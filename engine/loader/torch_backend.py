@@ -1,13 +1,13 @@
 """The torch fallback backend: DataLoader workers read JPEG bytes through the ``.idx`` offsets
 and decode them (or the GPU decodes the batch with nvJPEG via torchvision); augmentation
-runs on the batch on the loader's device (``engine.loader.augment``).
+runs on the batch on the loader's device (``spinestream.engine.loader.augment``).
 
 For machines without DALI (macOS, Windows, no wheel). Samples are read by offset from the
-tar files with ``os.pread`` (:class:`engine.loader.records.RecordReader`, as the DALI backend
-does) in the epoch's global order (:func:`engine.loader.base.rank_order`): a true global
+tar files with ``os.pread`` (:class:`spinestream.engine.loader.records.RecordReader`, as the DALI backend
+does) in the epoch's global order (:func:`spinestream.engine.loader.base.rank_order`): a true global
 shuffle every epoch, an exact split between ranks, and a mid-epoch resume that is a seek.
 The augmentation parameters are drawn on the host by the same sampler as DALI's
-(:mod:`engine.loader.params`, seeded by seed, epoch, rank and position), so a batch needs no
+(:mod:`spinestream.engine.loader.params`, seeded by seed, epoch, rank and position), so a batch needs no
 host sync: coins are CPU arrays, the parameters reach the device in one pinned copy, and the
 normalisation constants are cached per device.
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shards.sample import decode_jpeg
+from spinestream.shards.sample import decode_jpeg
 
 from .augment import augment, mixup, normalize
 from .base import Batch, Loader, per_rank, rank_order, rank_part
@@ -55,7 +55,7 @@ def gpu_decode_default(cfg: LoaderConfig, device: torch.device) -> bool:
     """Whether the torch backend decodes on the GPU: ``torch_decode`` resolved for this device."""
     if cfg.torch_decode != "auto":
         return cfg.torch_decode == "gpu"
-    from engine.device import has_hw_jpeg_decoder
+    from spinestream.engine.device import has_hw_jpeg_decoder
 
     return device.type == "cuda" and has_hw_jpeg_decoder(device)
 

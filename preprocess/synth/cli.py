@@ -8,7 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
-from shards.config import HelpFormatter, add_print_config, field_docs, plain, print_config
+from spinestream.shards.config import HelpFormatter, add_print_config, field_docs, plain, print_config
 
 from .config import SYNTAXES, SynthConfig
 from .dataset import make_dataset

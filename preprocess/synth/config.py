@@ -1,7 +1,7 @@
 """``SynthConfig``: the parameters that define a synthetic dataset, in one place.
 
-The sampler (:func:`preprocess.synth.spec.study_specs`), the writer
-(:func:`preprocess.synth.dataset.make_dataset`), the ``spinestream synth`` flags, the
+The sampler (:func:`spinestream.preprocess.synth.spec.study_specs`), the writer
+(:func:`spinestream.preprocess.synth.dataset.make_dataset`), the ``spinestream synth`` flags, the
 ``params`` recorded in ``SYNTH_COMPLETE`` and the demo's stale check all read these fields.
 Options that do not change a byte of the output (workers, force, progress) are not part of it.
 """

@@ -143,7 +143,7 @@ def write_study(spec: StudySpec, out: str | Path) -> _StudyResult:
     """Write one study's DICOM files (and segmentation); return its boxes and sizes."""
     from pydicom.encaps import encapsulate
 
-    from preprocess.segmentation import write_segmentation
+    from spinestream.preprocess.segmentation import write_segmentation
 
     out = Path(out)
     folder = out / ("train_images" if spec.split == "train" else "test_images") / spec.uid

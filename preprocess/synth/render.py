@@ -1,6 +1,6 @@
 """Phantom rendering: a study's HU slices, vertebra labels and crack masks, head to feet.
 
-:func:`render_study` draws what :mod:`preprocess.synth.spec` describes (the neck, seven
+:func:`render_study` draws what :mod:`spinestream.preprocess.synth.spec` describes (the neck, seven
 vertebrae, discs, cracks, noise); :func:`crack_box` turns a crack mask into the hand-drawn-like
 bounding box the boxed cohort gets.
 """

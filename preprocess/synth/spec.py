@@ -2,7 +2,7 @@
 
 :func:`study_specs` draws the whole dataset from a :class:`SynthConfig`; the phantom's shared
 geometry (vertebra bodies, arches, the C1 ring) lives here too, since crack placement and the
-renderer (:mod:`preprocess.synth.render`) both use it.
+renderer (:mod:`spinestream.preprocess.synth.render`) both use it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shards.layout import ROW_TYPES, VERTEBRAE
+from spinestream.shards.layout import ROW_TYPES, VERTEBRAE
 
 from .config import CRACK_WIDTH_MM, SynthConfig
 
