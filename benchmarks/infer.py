@@ -42,8 +42,8 @@ def _sync(device: torch.device) -> None:
 def prepare(cache: Path, size: int, studies: int, slices: int) -> Path:
     """A synthetic shard set (uncompressed DICOM in, one worker per core) cached under ``cache``."""
     from spinestream.benchmarks.shard import dataset
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.preprocess.convert import run
+    from spinestream.shards.shard_config import ShardConfig
 
     raw = dataset(cache, "explicit", studies, (slices, slices), size)
     out = cache / f"shards-explicit-n{studies}-s{slices}-{size}"

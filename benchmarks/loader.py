@@ -196,8 +196,8 @@ def composition(shards: Path, cfg, reader: str, world: int, device: str = "cpu")
 def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path]:
     """Synthetic DICOM (uncompressed and JPEG 2000) and the shards of the uncompressed set."""
     from spinestream.benchmarks.shard import dataset
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.preprocess.convert import run
+    from spinestream.shards.shard_config import ShardConfig
 
     from spinestream.shards.layout import Layout
 

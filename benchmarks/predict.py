@@ -35,10 +35,10 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     from spinestream.engine import checkpoint as ck
     from spinestream.engine.config import RunConfig
     from spinestream.engine.model import build_model, model_fingerprint
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.shards.config import load_config, to_dict
     from spinestream.shards.layout import ROW_TYPES
     from spinestream.shards.manifest import ImageSpec
+    from spinestream.shards.shard_config import ShardConfig
     from spinestream.shards.spec import ShardSpec
 
     import yaml
@@ -54,7 +54,7 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     image = ImageSpec(size=sc.image_size, channels=sc.channels, windows=[list(w) for w in sc.windows],
                       offset_mm=sc.offset_mm, jpeg_quality=sc.jpeg_quality,
                       channel_order=["above", "slice", "below"] if sc.channels == "neighbours" else "windows")
-    ShardSpec(config=to_dict(sc), image=image, prevalence={t: 0.1 for t in ROW_TYPES}).save(run_dir)
+    ShardSpec(config=sc, image=image, prevalence={t: 0.1 for t in ROW_TYPES}).save(run_dir)
     return run_dir, cfg, sc
 
 

@@ -114,9 +114,9 @@ def _studies(data: Path) -> list[Path]:
 def _floor_study(args: tuple[str, int, float]) -> int:
     """Ingest the study (the shard job's ``ingest_study``: every slice decoded once, windowed to uint8,
     the neighbour index), build each 2.5D image, JPEG-encode it. Nothing else."""
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.preprocess.ingest import ingest_study
     from spinestream.shards.sample import encode_jpeg, sample_image
+    from spinestream.shards.shard_config import ShardConfig
 
     study, size, offset_mm = args
     cfg = ShardConfig(image_size=size, windows=[(400.0, 1800.0)], offset_mm=offset_mm)
@@ -167,9 +167,9 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
     import contextlib
     import io
 
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.preprocess.convert import run
     from spinestream.shards.layout import Layout
+    from spinestream.shards.shard_config import ShardConfig
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = ShardConfig(image_size=size, folds=4)

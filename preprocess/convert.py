@@ -57,13 +57,13 @@ from spinestream.shards.fsutil import atomic_write_json, replace_dir
 from spinestream.shards.sample import encode_jpeg, sample_image
 from spinestream.shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
+from spinestream.shards.shard_config import ShardConfig
 from spinestream.shards.tables import LabelTable, label_frame, write_label_table, write_slice_table, write_study_table
 from spinestream.shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
 from spinestream.shards.wds import ShardWriter
 
 from spinestream import __version__
 
-from .config import ShardConfig
 from .dicom import DicomError
 from .errors import DataWarning, JobError, LabelError
 from .ingest import ingest_study
@@ -113,7 +113,7 @@ class StudyTask:
     seg_path: str | None
     boxes: list[list[float]]  # rows of (slice_number, x, y, width, height)
     out: str
-    cfg: dict
+    cfg: ShardConfig
 
 
 # Bad input: the study is reported as failed and the job goes on (preprocess/errors.py).
@@ -153,7 +153,7 @@ def process_study(task: StudyTask) -> dict:
 
 
 def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
-    cfg = ShardConfig(**{k: (tuple(v) if k == "windows" else v) for k, v in task.cfg.items()})
+    cfg = task.cfg
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -288,12 +288,11 @@ def plan_shards(ids: np.ndarray, sizes: np.ndarray, cfg: ShardConfig) -> list[np
 
 def write_group(args: tuple) -> list[dict]:
     """Write (or find committed) the shards of one (cohort, fold) group."""
-    out, group, cohort, fold, rows, cfg_d = args
+    out, group, cohort, fold, rows, cfg = args
     lay = L.Layout(Path(out))
     done = lay.work / "groups" / f"{group}.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = ShardConfig(**{k: (tuple(v) if k == "windows" else v) for k, v in cfg_d.items()})
     ids, uids, offs, sizes = rows
     perm = _group_rng(cfg.seed, group).permutation(len(ids))
     ids, uids, offs, sizes = ids[perm], uids[perm], offs[perm], sizes[perm]
@@ -391,7 +390,7 @@ def write_groups(out: Path, slices: pd.DataFrame, cfg: ShardConfig, pool=None) -
     for (cohort, fold), g in slices.groupby(["cohort", "fold"], sort=True):
         tasks.append((str(out), L.group_name(cohort, int(fold)), cohort, int(fold),
                       (g.slice_id.to_numpy(), g.StudyInstanceUID.to_numpy(), g._offset.to_numpy(), g._size.to_numpy()),
-                      to_dict(cfg)))
+                      cfg))
     entries: list[dict] = []
     with tqdm(total=len(tasks), desc="shards (groups)", unit="group") as bar:
         for group in (pool.imap(write_group, tasks) if pool else map(write_group, tasks)):
@@ -444,7 +443,7 @@ def build_manifest(table: pd.DataFrame, studies: pd.DataFrame, cfg: ShardConfig,
     return Manifest(
         created_by=TOOL,
         source=Source(train_csv_rows=int(len(table)), selection=StudySelection(**selection)),
-        config=to_dict(cfg),
+        config=cfg,
         image=ImageSpec(
             size=cfg.image_size, channels=cfg.channels, windows=[list(w) for w in cfg.windows],
             offset_mm=cfg.offset_mm, jpeg_quality=cfg.jpeg_quality, subsampling="4:4:4",
@@ -502,7 +501,7 @@ def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -
             seg_path=str(seg) if seg.exists() else None,
             boxes=b[["slice_number", "x", "y", "width", "height"]].to_numpy(float).tolist() if b is not None else [],
             out=str(out),
-            cfg=to_dict(cfg),
+            cfg=cfg,
         ))
     return tasks
 
@@ -545,7 +544,7 @@ def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> Manifest | None
         except ManifestError as e:
             raise JobError(f"{out} holds a shard set this version cannot read ({e}); use another --out "
                            f"or delete it") from e
-        if m.config != cfg_json:
+        if to_dict(m.config) != cfg_json:
             raise JobError(f"{out} already holds shards made with another config; use another --out or delete it")
         held = dataclasses.asdict(m.source.selection)
         if held != selection:

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from spinestream.shards.sample import neighbour_index
+from spinestream.shards.shard_config import ShardConfig
 
-from .config import ShardConfig
 from .dicom import SeriesMeta, read_series
 from .errors import DataWarning
 from .window import make_slice_fn

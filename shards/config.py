@@ -110,12 +110,23 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         if key not in fields:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
         kwargs[key] = _check(value, hints[key], path)
+    missing = [n for n, f in fields.items() if n not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix or cls.__name__}: missing key {missing[0]!r}")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def parse(tp: type[T], value: Any, where: str) -> T:
+    """``value`` (read from JSON or YAML) as ``tp`` by the rules :func:`load_config` applies: the one
+    parser of the records stored inside other files (the manifest, a run's shard spec). Errors are
+    :class:`ConfigError` naming ``where`` and the key path; an instance of ``tp`` passes as it is."""
+    return _check(value, tp, where)
 
 
 def parse_overrides(items: list[str] | None) -> dict:

@@ -10,20 +10,21 @@ sample count), the image spec they were written with, the counts, what was left 
     write_manifest("shards-512", m)           # atomic, deterministic JSON
 
 Unknown versions are refused (:data:`spinestream.shards.layout.VERSION` is the one this code reads
-and writes); a field missing from the file names its key path.
+and writes); a field missing from the file, unknown to this code or of the wrong type names its
+key path.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError, parse, to_dict
 from .fsutil import atomic_write_json
 from .layout import COHORTS, FORMAT, VERSION, Layout
+from .shard_config import ShardConfig
 
 
 class ManifestError(ValueError):
@@ -141,8 +142,8 @@ class Manifest:
 
     created_by: str
     source: Source
-    config: dict[str, Any]
-    """The resolved ShardConfig (a changed config is refused on rerun)."""
+    config: ShardConfig
+    """The config the job ran with (a changed config is refused on rerun); JSON lists read back as it was."""
     image: ImageSpec
     counts: Counts
     shards: list[ShardEntry]
@@ -169,7 +170,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (what :func:`write_manifest` writes); shard entries leave out
         ``oversample_of`` (an in-memory marker, see :class:`ShardEntry`)."""
-        d = dataclasses.asdict(self)
+        d = to_dict(self)
         for s in d["shards"]:
             if s.get("oversample_of") is None:
                 s.pop("oversample_of", None)
@@ -177,7 +178,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest.json") -> Manifest:
-        """Parse and check a dict read from JSON; errors name the key path."""
+        """Parse and check a dict read from JSON with the strict config loader
+        (:func:`spinestream.shards.config.parse`: unknown keys, missing keys and wrong types are
+        errors naming the key path)."""
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
@@ -186,54 +189,10 @@ class Manifest:
             raise ManifestError(
                 f"{where}: manifest version {d.get('version')!r} is not supported by this spinestream "
                 f"(it reads version {VERSION}); re-run `spinestream shard` into a new --out with this version")
-        return _parse(cls, d, where)
-
-
-def _parse(tp: Any, value: Any, path: str) -> Any:
-    """``value`` (from JSON) as type ``tp``: dataclasses, list[...], dict[str, ...], X | None, scalars."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ManifestError(f"{path}: expected an object, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        kw = {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kw[f.name] = _parse(hints[f.name], value[f.name], f"{path}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ManifestError(f"{path}: missing key {f.name!r}")
-        return tp(**kw)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ManifestError(f"{path}: expected a list, got {type(value).__name__}")
-        return [_parse(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ManifestError(f"{path}: expected an object, got {type(value).__name__}")
-        return {k: _parse(args[1], v, f"{path}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        errors = []
-        for a in args:
-            try:
-                return _parse(a, value, path)
-            except ManifestError as e:
-                errors.append(str(e))
-        raise ManifestError(errors[0] if len(errors) == 1 else f"{path}: {value!r} is none of {tp}")
-    return _scalar(tp, value, path)
-
-
-def _scalar(tp: Any, value: Any, path: str) -> Any:
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise ManifestError(f"{path}: expected null, got {value!r}")
-        return None
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ManifestError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+        try:
+            return parse(cls, d, where)
+        except ConfigError as e:
+            raise ManifestError(str(e)) from None
 
 
 def write_manifest(root: str | Path, manifest: Manifest) -> Path:

@@ -13,15 +13,16 @@ Writer beside reader, as for the rest of the contract (manifest.py, tables.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import parse, to_dict
 from .fsutil import atomic_write_json
 from .layout import ROW_TYPES, Layout
-from .manifest import ImageSpec, ManifestError, _parse, read_manifest
+from .manifest import ImageSpec, read_manifest
+from .shard_config import ShardConfig
 from .tables import read_study_table
 
 SPEC_FILE = "shard_spec.json"
@@ -41,7 +42,7 @@ class ShardSpec:
     studies'; None: every study, as specs written before the field were). ``source``: where it was
     read from (named in messages)."""
 
-    config: dict[str, Any]
+    config: ShardConfig
     image: ImageSpec
     prevalence: dict[str, float]
     source: str = ""
@@ -62,21 +63,22 @@ class ShardSpec:
             if studies.empty:
                 raise ValueError(f"{lay.studies}: every study is in fold {exclude_fold}, so no training prevalence")
         prev = {t: float(studies[t].mean()) for t in ROW_TYPES}
-        return cls(config=dict(m.config), image=m.image, prevalence=prev, source=str(lay.root),
+        return cls(config=m.config, image=m.image, prevalence=prev, source=str(lay.root),
                    prevalence_excludes_fold=None if exclude_fold is None else int(exclude_fold))
 
     def save(self, run_dir: str | Path) -> Path:
         """Write ``RUN_DIR/shard_spec.json`` atomically."""
         path = Path(run_dir) / SPEC_FILE
-        atomic_write_json(path, {"format": SPEC_FORMAT, "version": SPEC_VERSION, "config": self.config,
-                                 "image": dataclasses.asdict(self.image), "prevalence": self.prevalence,
+        atomic_write_json(path, {"format": SPEC_FORMAT, "version": SPEC_VERSION, "config": to_dict(self.config),
+                                 "image": to_dict(self.image), "prevalence": self.prevalence,
                                  "prevalence_excludes_fold": self.prevalence_excludes_fold})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ShardSpec:
         """Read a ``shard_spec.json``; a file of another format or version, or one that lacks a field, is an
-        error naming the file. ``prevalence_excludes_fold`` is optional (files written before it: None)."""
+        error naming the file, as is a config or image spec the strict loader refuses (ConfigError, a
+        ValueError). ``prevalence_excludes_fold`` is optional (files written before it: None)."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -89,14 +91,12 @@ class ShardSpec:
         missing += [t for t in ROW_TYPES if t not in d.get("prevalence", {})]
         if missing:
             raise ValueError(f"{path}: lacks {missing}")
-        try:
-            image = _parse(ImageSpec, d["image"], f"{path}: image")
-        except ManifestError as e:
-            raise ValueError(str(e)) from None
+        config = parse(ShardConfig, d["config"], f"{path}: config")
+        image = parse(ImageSpec, d["image"], f"{path}: image")
         excl = d.get("prevalence_excludes_fold")
         if excl is not None and (isinstance(excl, bool) or not isinstance(excl, int)):
             raise ValueError(f"{path}: prevalence_excludes_fold must be a fold number or null, got {excl!r}")
-        return cls(config=dict(d["config"]), image=image,
+        return cls(config=config, image=image,
                    prevalence={t: float(d["prevalence"][t]) for t in ROW_TYPES}, source=str(path),
                    prevalence_excludes_fold=excl)
 

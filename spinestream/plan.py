@@ -115,7 +115,7 @@ def files_fp(d: Path) -> dict:
 
 def shard_config(cfg: PipelineConfig):
     """The ShardConfig the shard stage runs with: file, then ``fields``, then ``set``."""
-    from spinestream.preprocess.config import ShardConfig
+    from spinestream.shards.shard_config import ShardConfig
 
     inline = [f"{k}={format_value(v)}" for k, v in cfg.shard.fields.items()]
     return load_config(ShardConfig, cfg.shard.config, inline + cfg.shard.set)

@@ -45,12 +45,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinestream.preprocess.config import ShardConfig
 from spinestream.preprocess.dicom import DicomError
 from spinestream.preprocess.errors import DataWarning
 from spinestream.preprocess.ingest import ingest_study
+from spinestream.shards.config import parse
 from spinestream.shards.fsutil import atomic_write_bytes
 from spinestream.shards.layout import ROW_TYPES
+from spinestream.shards.shard_config import ShardConfig
 from spinestream.shards.spec import ShardSpec, run_shard_spec
 
 
@@ -88,18 +89,9 @@ def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
                    notes=study.warnings + [str(w.message) for w in caught], seconds=time.perf_counter() - t0)
 
 
-def _shard_config(d: dict) -> ShardConfig:
-    return ShardConfig(**{k: (tuple(tuple(w) for w in v) if k == "windows" else v) for k, v in d.items()})
-
-
-def shard_config(spec: ShardSpec) -> ShardConfig:
-    """The shard job's config of a run's spec, as ``convert.process_study`` rebuilds it in each worker."""
-    return _shard_config(spec.config)
-
-
 def _decode_task(args: tuple[str, str, dict]) -> Decoded:
     uid, path, cfg = args
-    return decode_study(uid, path, _shard_config(cfg))
+    return decode_study(uid, path, parse(ShardConfig, cfg, "shard config"))
 
 
 @contextlib.contextmanager
@@ -286,7 +278,7 @@ def predict_study_probs(runs: Sequence[Run], studies: Sequence[tuple[str, Path]]
     stats = {"studies": len(studies), "slices": 0, "bad_files": 0, "unreadable_studies": [], "decode_s": 0.0}
     with decoding_pool(min(workers, len(studies))) as pool:
         t0 = time.perf_counter()
-        _run_studies(runs, decoded_studies(studies, shard_config(spec), pool, ahead=workers + prefetch),
+        _run_studies(runs, decoded_studies(studies, spec.config, pool, ahead=workers + prefetch),
                      rule, prev, out, stats, progress)
     stats["seconds"] = time.perf_counter() - t0
     return out, stats

@@ -28,8 +28,8 @@ def raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards(raw, tmp_path_factory) -> Path:
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.preprocess.convert import run
+    from spinestream.shards.shard_config import ShardConfig
 
     out = tmp_path_factory.mktemp("shards") / "out"
     run(raw, out, ShardConfig(**CFG), workers=2)
@@ -52,10 +52,10 @@ def learned_round1(tmp_path_factory):
     from spinestream.engine import checkpoint as ck
     from spinestream.engine.config import RunConfig
     from spinestream.engine.trainer import Trainer
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.preprocess.convert import run
     from spinestream.preprocess.synth import make_dataset
     from spinestream.shards.config import load_config, to_dict
+    from spinestream.shards.shard_config import ShardConfig
 
     raw = tmp_path_factory.mktemp("learn-raw")
     make_dataset(raw, studies=160, seed=0, size=LEARN_SIZE, slices=(16, 24), test_studies=0, syntax="explicit",

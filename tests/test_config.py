@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from spinestream.preprocess.config import ShardConfig
 from spinestream.shards.config import (ConfigError, HelpFormatter, config_fields_help, field_docs, load_config, parse_overrides,
                            plain, print_config, to_dict)
+from spinestream.shards.shard_config import ShardConfig
 
 
 @dataclass(kw_only=True)

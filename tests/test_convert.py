@@ -16,11 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinestream.preprocess.config import ShardConfig
 from spinestream.preprocess.convert import run
+from spinestream.shards.config import to_dict
 from spinestream.shards.layout import COHORTS, TARGETS
 from spinestream.shards.manifest import read_manifest
 from spinestream.shards.sample import decode_jpeg, neighbour_index, sample_image
+from spinestream.shards.shard_config import ShardConfig
+from spinestream.shards.spec import ShardSpec
 from spinestream.shards.verify import VerifyError, verify
 from spinestream.shards.volumes import open_volume
 from spinestream.shards.wds import iter_samples
@@ -64,6 +66,26 @@ def test_outputs_are_consistent(raw, shards):
     assert len(boxed) > 0
     assert (truth.set_index("slice_id").loc[boxed.slice_id, "any"] == 1).all()
     assert verify(shards, progress=False)["slices"] == len(slices)
+
+
+def test_the_manifest_and_the_spec_hold_the_config_the_job_ran_with(shards, tmp_path):
+    """Typed on both sides of the JSON: what the job ran with is what a reader gets, and the files keep the
+    form they always had (a plain object, windows as lists), so those on disk read as before."""
+    want = ShardConfig(**CFG)
+    m = read_manifest(shards)
+    assert isinstance(m.config, ShardConfig) and m.config == want
+    on_disk = json.loads((shards / "manifest.json").read_text())["config"]
+    assert on_disk == to_dict(want) and on_disk["windows"] == [[400.0, 1800.0]]
+    spec = ShardSpec.from_shards(shards)
+    path = spec.save(tmp_path)
+    assert json.loads(path.read_text())["config"] == on_disk
+    back = ShardSpec.load(path)
+    assert isinstance(back.config, ShardConfig) and back.config == want
+    d = json.loads(path.read_text())
+    d["config"]["image_sise"] = 64
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"shard_spec\.json: config\.image_sise: unknown key"):
+        ShardSpec.load(path)
 
 
 def test_volume_rebuilds_the_shard_images(shards):

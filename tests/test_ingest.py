@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinestream.preprocess.config import ShardConfig
 from spinestream.preprocess.convert import run
 from spinestream.shards.manifest import read_manifest
 from spinestream.shards.sample import encode_jpeg, neighbour_index, sample_image
+from spinestream.shards.shard_config import ShardConfig
 from spinestream.shards.volumes import open_volume
 from spinestream.shards.wds import iter_samples
 from spinestream.predict import decode_study

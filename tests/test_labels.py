@@ -446,8 +446,8 @@ def test_dropped_studies_have_one_definition() -> None:
     import inspect
 
     import spinestream.preprocess.labels as labels_mod
-    from spinestream.preprocess.config import ShardConfig
     from spinestream.shards import layout
+    from spinestream.shards.shard_config import ShardConfig
 
     assert "1.2.826.0.1.3680043.29952" in layout.DROPPED_STUDIES and "1.2.826.0.1.3680043.20574" in layout.DROPPED_STUDIES
     assert labels_mod.DROPPED_STUDIES is layout.DROPPED_STUDIES and labels_mod.TARGETS is layout.TARGETS

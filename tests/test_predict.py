@@ -31,8 +31,7 @@ from spinestream.engine.infer import build_inputs, inputs, predict_volumes, read
 from spinestream.engine.metrics import ROW_TYPES, study_probabilities
 from spinestream.preprocess.errors import DataWarning
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
-from spinestream.predict import decode_study, load_runs, main, predict, shard_config, \
-    study_volume
+from spinestream.predict import decode_study, load_runs, main, predict, study_volume
 
 J2K = "1.2.840.10008.1.2.4.90"
 MISSING = "1.2.826.0.1.3680043.999999"
@@ -153,7 +152,7 @@ def test_a_damaged_study_is_predicted_from_its_other_slices(predicted, runs, tes
 def test_two_runs_ensemble_slice_probabilities_before_the_rule(runs, test_set):
     uid = test_set["uids"][3]
     spec = runs[0].spec
-    sv = study_volume(decode_study(uid, test_set["images"] / uid, shard_config(spec)), spec)
+    sv = study_volume(decode_study(uid, test_set["images"] / uid, spec.config), spec)
     per_run = [next(predict_volumes(r.model, [sv], **r.kwargs))[1] for r in runs]
     assert not np.allclose(per_run[0], per_run[1])  # two different models
     rule = runs[0].rule
@@ -167,7 +166,7 @@ def test_two_runs_ensemble_slice_probabilities_before_the_rule(runs, test_set):
 def test_inputs_equal_the_shard_jobs_for_a_sharded_study(runs, raw, shards):
     spec = runs[0].spec
     uid = pd.read_parquet(shards / "studies.parquet").StudyInstanceUID.iloc[0]
-    sv = study_volume(decode_study(uid, raw / "train_images" / uid, shard_config(spec)), spec)
+    sv = study_volume(decode_study(uid, raw / "train_images" / uid, spec.config), spec)
     ref = read_study(shards, uid)
     np.testing.assert_array_equal(sv.volume, ref.volume)  # the same ingest and window (Zarr is lossless)
     np.testing.assert_array_equal(sv.nbr, ref.nbr)  # the same 2.5D neighbours
@@ -213,7 +212,7 @@ def test_the_run_dirs_spec_is_preferred_and_an_ensemble_needs_one_spec(run_dirs,
     assert got.source == str(own / SPEC_FILE) and got.key() == spec.key() and got.prevalence == spec.prevalence
     other = tmp_path / "other"
     shutil.copytree(own, other)
-    ShardSpec({**spec.config, "offset_mm": 2.0}, dataclasses.replace(spec.image, offset_mm=2.0), spec.prevalence).save(other)
+    ShardSpec(dataclasses.replace(spec.config, offset_mm=2.0), dataclasses.replace(spec.image, offset_mm=2.0), spec.prevalence).save(other)
     with pytest.raises(ValueError, match="one image spec"):
         load_runs([own, other], torch.device("cpu"))
     assert main(["--run", str(own), "--run", str(other), "--images", str(tmp_path), "--out",

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 
 from conftest import CFG
-from spinestream.preprocess.config import ShardConfig
 from spinestream.preprocess.convert import run
 from spinestream.preprocess.errors import DataWarning
 from spinestream.shards.manifest import read_manifest
+from spinestream.shards.shard_config import ShardConfig
 from spinestream.shards.verify import main as verify_main
 from spinestream.shards.verify import verify
 from spinestream.shards.volumes import read_attrs

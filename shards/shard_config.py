@@ -1,11 +1,16 @@
-"""The shard job's configuration (``configs/shard.yaml``)."""
+"""The shard job's configuration (``configs/shard.yaml``): part of the storage contract.
+
+The manifest and a run's ``shard_spec.json`` store the resolved config (``Manifest.config``,
+``ShardSpec.config``) and read it back through the one strict loader
+(:func:`spinestream.shards.config.parse`), so every reader gets this dataclass, never a dict.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from spinestream.shards.layout import DROPPED_STUDIES
-from spinestream.shards.sample import CHANNEL_MODES
+from .layout import DROPPED_STUDIES
+from .sample import CHANNEL_MODES
 
 
 @dataclass(kw_only=True)
@@ -53,6 +58,10 @@ class ShardConfig:
         for lvl, width in self.windows:
             if width <= 0:
                 raise ValueError(f"window width must be positive, got [{lvl}, {width}]")
+        # one form however it was made (YAML lists, JSON lists, tuples, ints): a config read back from
+        # a manifest equals the one the job ran with, and a changed config is told from a reread one
+        self.windows = [(float(lvl), float(width)) for lvl, width in self.windows]
+        self.exclude_studies = list(self.exclude_studies)
         if self.offset_mm < 0:
             raise ValueError(f"offset_mm must be >= 0, got {self.offset_mm}")
         if not 1 <= self.jpeg_quality <= 100:
