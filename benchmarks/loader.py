@@ -11,8 +11,9 @@ the same cores, warm-up excluded:
 * ``dali-cpu`` — the DALI backend in DALI's CPU-only mode (the index reader: JPEG bytes by
   ``.idx`` offset in one global permutation per epoch); ``dali-gpu`` where CUDA exists.
 * ``dali-cpu-webdataset`` / ``dali-gpu-webdataset`` — the legacy ``fn.readers.webdataset``
-  pipeline on the same shards in the same run (``loader.dali_reader: webdataset``): the
-  before line of the epoch-mix fix, so the fix does not cost throughput silently.
+  pipeline on the same shards in the same run (``loader.dali_reader: webdataset``, which only
+  this benchmark builds: benchmarks/dali_webdataset.py): the before line of the epoch-mix fix,
+  so the fix does not cost throughput silently.
 * ``decode-only`` — bare JPEG decoding of the same shards in as many processes as there
   are workers: the CPU's physical limit for this format.
 
@@ -171,26 +172,38 @@ def composition(shards: Path, cfg, reader: str, world: int, device: str = "cpu")
     """Share of the first cohort per quarter of one DALI epoch of the round-1 selection, per rank."""
     import dataclasses
 
-    from spinestream.engine.loader import LabelTable, build_loader, select
+    from spinestream.engine.loader import DeviceLabels, select
 
     sel = select(shards, cohorts=["boxed", "negative"])
     rec = sel.records()
     first = np.array([s.cohort == sel.shards[0].cohort for s in sel.shards])[rec["shard"]]
     is_first = dict(zip(rec["slice_id"].tolist(), first.tolist()))
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
     # the legacy reader's buffer as a share of the epoch that the default 4096 is of a ~170k-slice round-1 epoch
     fill = max(1, round(sel.samples * cfg.initial_fill / ROUND1_SLICES))
     c = dataclasses.replace(cfg, backend="dali", dali_reader=reader, augment=cfg.augment.off(), image_size=64,
                             initial_fill=fill)
     out = []
     for rank in range(world):
-        loader = build_loader(sel, labels, c, device=device, rank=rank, world=world)
+        loader = dali_loader(sel, labels, c, device=device, rank=rank, world=world)
         ids = np.concatenate([b.slice_ids.cpu().numpy()[: b.n_valid] for b in loader])
         out.append([round(float(np.mean([is_first[i] for i in q])), 3) for q in np.array_split(ids, 4)])
     return out
 
 
 # --------------------------------------------------------------------------- the suite
+
+
+def dali_loader(sel, labels, cfg, *, device: str, rank: int = 0, world: int = 1):
+    """The DALI loader of ``cfg.dali_reader``: the engine's index reader, or the legacy webdataset one,
+    which lives here (training refuses it)."""
+    if cfg.dali_reader == "webdataset":
+        from spinestream.benchmarks.dali_webdataset import DaliWebdatasetLoader
+
+        return DaliWebdatasetLoader(sel, labels, cfg, device=device, rank=rank, world=world)
+    from spinestream.engine.loader import build_loader
+
+    return build_loader(sel, labels, cfg, device=device, rank=rank, world=world)
 
 
 def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path]:
@@ -277,9 +290,9 @@ def _run_lines(lines, sel, shards, dicoms, cfg, report, results, n: int, w: int)
     """Every asked-for line, forking ones (DataLoader workers) before any DALI thread exists."""
     import dataclasses
 
-    from spinestream.engine.loader import LabelTable, build_loader, dali_available
+    from spinestream.engine.loader import DeviceLabels, build_loader, dali_available
 
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros (benchmark)"])
 
     def valid(b) -> int:
         return b.n_valid  # known on the host: counting does not sync
@@ -296,7 +309,7 @@ def _run_lines(lines, sel, shards, dicoms, cfg, report, results, n: int, w: int)
                                   ("dali-gpu", "cuda:0", "index"), ("dali-gpu-webdataset", "cuda:0", "webdataset")):
             if name not in lines or (dev != "cpu" and not torch.cuda.is_available()):
                 continue
-            loader = build_loader(sel, labels, dataclasses.replace(cfg, backend="dali", dali_reader=reader), device=dev)
+            loader = dali_loader(sel, labels, dataclasses.replace(cfg, backend="dali", dali_reader=reader), device=dev)
             report(name, timed(_forever(lambda: loader), w, n, count=valid))
         if "composition" in lines:
             results["composition"] = {}

@@ -28,8 +28,7 @@ from .config import RunConfig
 from .device import channels_last_default, compile_unsupported, pick_device, resolve_loader_dtype, \
     resolve_precision, set_memory_cap
 from .ema import ModelEma
-from .loader import LabelTable, Selection, select
-from .loader.data import oversample_positives
+from .loader import DeviceLabels, Selection, oversample_positives, select
 from .metrics import constant_baseline
 from .model import build_model, check_state_dict, data_config, model_fingerprint
 
@@ -140,7 +139,7 @@ class TrainData:
     """What a run trains and validates on."""
 
     train_sel: Selection  # training shards (validation fold excluded, negatives balanced, positives oversampled)
-    labels: LabelTable
+    labels: DeviceLabels
     val_studies: pd.DataFrame  # whole studies of the validation fold, scored at study level
     baseline: float  # competition loss of predicting the training studies' prevalence on val_studies
 
@@ -191,7 +190,7 @@ def build_data(cfg: RunConfig, run_dir: Path) -> TrainData:
     studies = read_study_table(Layout(Path(d.root)).studies)
     check_cohorts(cfg, studies)
     sel = select_training_shards(cfg)
-    labels = LabelTable.load(d.root, d.label_tables, n_total=sel.n_total)
+    labels = DeviceLabels.load(d.root, d.label_tables, n_total=sel.n_total)
     labels.check_covers(sel)  # before any step: a table that does not fit stops here
     sel = oversample_positives(sel, labels, d.oversample_positives, Path(run_dir) / "oversample")
     val = studies[(studies.fold == d.val_fold) & studies.cohort.isin(d.val_cohorts)]

@@ -82,7 +82,7 @@ class ShardEntry:
     oversample_of: str | None = None
     """Never in a written manifest: the name of the manifest shard this entry re-reads, on the
     in-memory copies positive oversampling adds to a selection (a subset ``.idx`` of that
-    shard; engine.loader.data.oversample_positives). None for the manifest's own entries."""
+    shard; engine.loader.selection.oversample_positives). None for the manifest's own entries."""
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,11 @@ nothing and never needs a second pass over the tar.
 The reader parses headers itself and accepts only regular files named like the
 writer's members: no links, no directories, no paths (so nothing can point outside a
 target directory), and a truncated archive is an error, not a short epoch.
+
+The loaders read samples at random through the index instead (:func:`index_records`: every
+sample's tar, JPEG offset, size and slice_id; :class:`RecordReader`: its bytes by ``os.pread``):
+random access is what gives a true global shuffle every epoch, an exact split between ranks and a
+mid-epoch resume that is a seek instead of re-reading and discarding samples.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ import os
 import re
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking factor
@@ -270,3 +277,70 @@ def check_index(tar_path: str | Path, idx_path: str | Path) -> int:
             f"index {got[first] if first < len(got) else None}, tar {want[first] if first < len(want) else None})"
         )
     return len(members) // 2
+
+
+def index_records(indexes: Sequence[str | Path], samples: Sequence[int]) -> dict[str, np.ndarray]:
+    """Every sample of the shards whose ``.idx`` files are ``indexes`` (``samples``: how many each must
+    hold, the manifest's count), shard by shard in index order: ``shard`` (position in ``indexes``),
+    ``offset`` and ``size`` of its JPEG in the tar, and its ``slice_id`` (from the member name)."""
+    shard, off, size, sid = [], [], [], []
+    for k, (idx, want) in enumerate(zip(indexes, samples, strict=True)):
+        entries = read_index(idx)
+        if len(entries) != want:
+            raise ShardError(f"{idx}: {len(entries)} samples, manifest says {want}")
+        for comps in entries:
+            jpg = next((c for c in comps if c[0] == "jpg"), None)
+            m = MEMBER_RE.match(jpg[3]) if jpg is not None else None
+            if m is None:
+                raise ShardError(f"{idx}: a sample has no <slice_id:09d>.jpg component ({comps})")
+            shard.append(k)
+            off.append(jpg[1])
+            size.append(jpg[2])
+            sid.append(int(m.group(1)))
+    return {"shard": np.asarray(shard, np.int32), "offset": np.asarray(off, np.int64),
+            "size": np.asarray(size, np.int64), "slice_id": np.asarray(sid, np.int64)}
+
+
+class RecordReader:
+    """Record ``i`` of :func:`index_records` -> its JPEG bytes, read with ``os.pread``.
+
+    One descriptor per shard, opened lazily; ``pread`` never moves a file offset, so forked
+    DataLoader workers may share inherited descriptors (spawned ones reopen them)."""
+
+    def __init__(self, tars: list[str], rec: dict[str, np.ndarray]):
+        self.tars, self.rec = tars, rec
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.rec["slice_id"])
+
+    def _fd(self, k: int) -> int:
+        fd = self._fds.get(k)
+        if fd is None:
+            fd = self._fds[k] = os.open(self.tars[k], os.O_RDONLY)
+        return fd
+
+    def read(self, i: int) -> bytes:
+        k = int(self.rec["shard"][i])
+        size, off = int(self.rec["size"][i]), int(self.rec["offset"][i])
+        data = os.pread(self._fd(k), size, off)
+        if len(data) != size:
+            raise OSError(f"{self.tars[k]}: short read at offset {off} (truncated shard?)")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
+
+    def __getstate__(self):  # descriptors do not travel to spawned workers; they reopen
+        return {"tars": self.tars, "rec": self.rec}
+
+    def __setstate__(self, state):
+        self.__init__(state["tars"], state["rec"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spinestream.engine.infer import _gather, build_inputs, inputs, predict_studies
-from spinestream.engine.loader import LabelTable, LoaderConfig, build_loader, select
+from spinestream.engine.loader import DeviceLabels, LoaderConfig, build_loader, select
 from spinestream.engine.loader.config import AugmentConfig
 from spinestream.shards.layout import Layout
 from spinestream.shards.sample import neighbour_index, sample_image
@@ -35,7 +35,7 @@ def test_inputs_equal_the_training_loader_up_to_jpeg_error(shards, size):
     sel = select(shards)  # every cohort
     cfg = LoaderConfig(backend="torch", batch_size=16, image_size=size, num_threads=0, channels_last=False,
                        augment=AugmentConfig().off())
-    loader = build_loader(sel, LabelTable(torch.zeros(sel.n_total, 8), ["zeros"]), cfg, train=False)
+    loader = build_loader(sel, DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"]), cfg, train=False)
     slices = pd.read_parquet(Layout(shards).slices).set_index("slice_id")
     cache: dict[str, torch.Tensor] = {}
     diffs, n = [], 0
@@ -58,7 +58,7 @@ def test_inputs_equal_the_training_loader_up_to_jpeg_error(shards, size):
 
 
 def test_inputs_equal_the_cpu_study_reader(shards):
-    from spinestream.engine.loader.studies import StudyReader
+    from study_reader import StudyReader
 
     table = _studies(shards).set_index("StudyInstanceUID")
     uids = table.index.tolist()[:4]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spinestream.engine.loader import LabelTable, LoaderConfig, build_loader, select
+from spinestream.engine.loader import DeviceLabels, LoaderConfig, build_loader, select
 from spinestream.engine.loader.config import AugmentConfig
 from spinestream.shards.layout import TARGETS, Layout
 from spinestream.shards.manifest import read_manifest
@@ -45,7 +45,7 @@ def _epoch(loader):
 
 @pytest.fixture(scope="module")
 def labelled(shards):
-    return select(shards, cohorts=["boxed", "negative"]), LabelTable.load(shards)
+    return select(shards, cohorts=["boxed", "negative"]), DeviceLabels.load(shards)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,7 +160,7 @@ def test_resume_mid_epoch_continues_with_the_unseen_samples(backend, clahe, labe
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_is_a_clear_error(backend, shards, tmp_path):
     _need(backend)
-    labels = LabelTable.load(shards)
+    labels = DeviceLabels.load(shards)
     with pytest.raises(ValueError, match="positive-unboxed"):
         build_loader(select(shards, cohorts=["positive-unboxed"]), labels, _cfg(backend))
     with pytest.raises(ValueError, match="no shards"):
@@ -184,12 +184,12 @@ def test_bad_input_is_a_clear_error(backend, shards, tmp_path):
     other = tmp_path / "other.parquet"
     pd.DataFrame({"slice_id": [10**6], **{t: [0.0] for t in TARGETS}}).to_parquet(other)
     with pytest.raises(ValueError, match="another shard set"):
-        LabelTable.load(shards, [str(other)])
+        DeviceLabels.load(shards, [str(other)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_positive_oversampling_reads_positives_k_times(backend, labelled, tmp_path):
-    from spinestream.engine.loader.data import oversample_positives
+    from spinestream.engine.loader import oversample_positives
 
     _need(backend)
     sel, labels = labelled
@@ -221,7 +221,7 @@ def test_state_from_another_selection_is_refused(labelled, shards):
 
 
 def test_study_reader_walks_whole_studies_like_the_training_loader(labelled, shards):
-    from spinestream.engine.loader.studies import StudyReader
+    from study_reader import StudyReader
 
     sel, labels = labelled
     cfg = _cfg("torch", augment=AugmentConfig().off(), batch_size=8)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from spinestream.engine.loader import LabelTable, LoaderConfig, build_loader
+from spinestream.engine.loader import DeviceLabels, LoaderConfig, build_loader
 from spinestream.engine.loader.config import AugmentConfig
-from spinestream.engine.loader.data import Selection
+from spinestream.engine.loader import Selection
 from spinestream.shards.manifest import ShardEntry
 from spinestream.shards.sample import encode_jpeg
 from spinestream.shards.wds import ShardWriter
@@ -91,7 +91,7 @@ def test_every_quarter_of_an_epoch_has_the_epochs_composition(backend, world, bl
     share of group A per quarter was about [1, 0.2, 0, 0]; with world=2, rank 0 read 60% A, rank 1 0%."""
     _need(backend)
     sel, group = blocked
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
     p = float((group == 0).mean())
     parts = {}
     for rank in range(world):
@@ -123,7 +123,7 @@ def test_two_ranks_draw_different_augmentations(backend, blocked):
     sel, group = blocked
     aug = AugmentConfig(p_crop=0.5, p_hflip=0.5, p_vflip=0.5, p_rotate=0.5, p_shift=0.5, p_brightness_contrast=0.5,
                         p_clahe=0.0)
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
     first = [next(iter(build_loader(sel, labels, _cfg(backend, augment=aug, batch_size=8), rank=r, world=2)))
              for r in range(2)]
     assert (first[0].images - first[1].images).abs().amax(dim=(1, 2, 3)).max() > 0.1
@@ -134,7 +134,7 @@ def test_two_ranks_draw_different_augmentations(backend, blocked):
     mix = dataclasses.replace(AugmentConfig().off(), p_mixup=1.0)
     weights = []
     for r in range(2):
-        loader = build_loader(sel, LabelTable(onehot, ["groups"]), _cfg(backend, augment=mix, batch_size=16),
+        loader = build_loader(sel, DeviceLabels(onehot, ["groups"]), _cfg(backend, augment=mix, batch_size=16),
                               rank=r, world=2)
         w = []
         for b, _ in zip(loader, range(6)):
@@ -153,7 +153,7 @@ def test_mixup_never_blends_the_padding_row(backend, tmp_path):
     _need(backend)
     sel, _ = _selection(tmp_path, [[10, 17]])
     targets = torch.from_numpy(np.random.default_rng(0).random((sel.n_total, 8)).astype(np.float32))
-    labels = LabelTable(targets, ["random"])
+    labels = DeviceLabels(targets, ["random"])
     cfg = _cfg(backend, augment=dataclasses.replace(AugmentConfig().off(), p_mixup=1.0), batch_size=7, seed=11)
     loader = build_loader(sel, labels, cfg, rank=0, world=2)
     assert loader.padded == 1
@@ -172,7 +172,7 @@ def test_mixup_never_blends_the_padding_row(backend, tmp_path):
 def test_channels_last_batches_equal_nchw_ones(backend, blocked):
     _need(backend)
     sel, _ = blocked
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
     aug = AugmentConfig(p_clahe=0.0)
     a = next(iter(build_loader(sel, labels, _cfg(backend, augment=aug))))
     b = next(iter(build_loader(sel, labels, dataclasses.replace(_cfg(backend, augment=aug), channels_last=True))))
@@ -187,7 +187,7 @@ def test_a_samples_augmentation_does_not_depend_on_the_batching(backend, blocked
     batches of 16 and of 10 gives the same samples with the same pixels, on rank 1 of 2 too."""
     _need(backend)
     sel, _ = blocked
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
     aug = AugmentConfig(p_crop=0.5, p_hflip=0.5, p_vflip=0.5, p_rotate=0.5, p_shift=0.5, p_brightness_contrast=0.5,
                         p_clahe=0.5)
     got = []
@@ -250,14 +250,24 @@ def test_dali_hw_decoder_load_follows_the_card(monkeypatch):
         LoaderConfig(hw_decoder_load=1.5)
 
 
+def test_training_refuses_the_legacy_webdataset_reader(blocked):
+    """It does not mix across shards: only ``bench loader`` builds it (benchmarks/dali_webdataset.py)."""
+    sel, _ = blocked
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
+    with pytest.raises(ValueError, match="dali_reader=webdataset.*bench loader"):
+        build_loader(sel, labels, _cfg("dali", dali_reader="webdataset"))
+
+
 @pytest.mark.dali
 def test_legacy_webdataset_reader_still_reads_every_sample_and_its_state_stays_its_own(blocked):
     """The before line of ``bench loader``: it still yields each sample once; a state it wrote is refused by
     the index reader (its position means another order)."""
     pytest.importorskip("nvidia.dali")
+    from spinestream.benchmarks.loader import dali_loader
+
     sel, _ = blocked
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros"])
-    old = build_loader(sel, labels, _cfg("dali", dali_reader="webdataset"))
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
+    old = dali_loader(sel, labels, _cfg("dali", dali_reader="webdataset"), device="cpu")
     ids = _epoch_ids(old)
     assert sorted(ids.tolist()) == list(range(sel.samples))
     new = build_loader(sel, labels, _cfg("dali"))
@@ -274,7 +284,7 @@ def test_a_cuda_batch_needs_no_host_sync(backend, blocked):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     sel, _ = blocked
-    labels = LabelTable(torch.zeros(sel.n_total, 8), ["zeros"])
+    labels = DeviceLabels(torch.zeros(sel.n_total, 8), ["zeros"])
     aug = AugmentConfig(p_clahe=0.5, p_mixup=0.5)
     loader = build_loader(sel, labels, _cfg(backend, augment=aug, num_threads=2), device=torch.device("cuda", 0))
     it = iter(loader)

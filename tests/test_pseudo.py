@@ -57,7 +57,7 @@ def tables(run_dir, shards, tmp_path_factory):
 
 
 def test_the_table_covers_exactly_the_positive_unboxed_slices_once(tables, shards):
-    from spinestream.engine.loader import LabelTable, select
+    from spinestream.engine.loader import DeviceLabels, select
 
     slices = pd.read_parquet(Layout(shards).slices)
     want = np.sort(slices.slice_id[slices.cohort == "positive-unboxed"].to_numpy())
@@ -67,7 +67,7 @@ def test_the_table_covers_exactly_the_positive_unboxed_slices_once(tables, shard
         assert list(df.columns) == ["slice_id", *TARGETS, *PROB_COLUMNS]
         np.testing.assert_array_equal(df.slice_id.to_numpy(), want)  # sorted, no duplicate, none missing
     # round 2: truth + pseudo cover every cohort's slices (the loader's own check)
-    labels = LabelTable.load(shards, ["labels/truth.parquet", "labels/pseudo-round1.parquet"])
+    labels = DeviceLabels.load(shards, ["labels/truth.parquet", "labels/pseudo-round1.parquet"])
     labels.check_covers(select(shards))
 
 
@@ -227,7 +227,7 @@ def test_crack_truth_agrees_with_the_boxes_and_the_study_labels(raw, shards):
 
 def test_round2_config_trains_on_every_cohort_with_truth_then_pseudo(tables, shards):
     from spinestream.engine.config import RunConfig
-    from spinestream.engine.loader import LabelTable, select
+    from spinestream.engine.loader import DeviceLabels, select
     from spinestream.shards.config import load_config
     from spinestream.shards.layout import COHORTS
 
@@ -239,7 +239,7 @@ def test_round2_config_trains_on_every_cohort_with_truth_then_pseudo(tables, sha
     assert all(getattr(r1.loader.augment, p) == 0.3 and getattr(r2.loader.augment, p) == 0.4 for p in probs)
     # the pseudo table the verb wrote, with truth, labels every slice of round 2's training selection
     sel = select(shards, cohorts=r2.data.train_cohorts, exclude_folds=[r2.data.val_fold])
-    LabelTable.load(shards, r2.data.label_tables).check_covers(sel)
+    DeviceLabels.load(shards, r2.data.label_tables).check_covers(sel)
     from spinestream.shards.manifest import read_manifest
 
     outside = {(s.cohort, s.fold) for s in read_manifest(shards).shards if s.fold != r2.data.val_fold}

@@ -4,9 +4,12 @@ import struct
 import subprocess
 import tarfile
 
+import pickle
+
 import pytest
 
-from spinestream.shards.wds import ShardError, ShardWriter, check_index, iter_samples, read_index, scan_tar
+from spinestream.shards.wds import (RecordReader, ShardError, ShardWriter, check_index, index_records, iter_samples,
+                                    read_index, scan_tar)
 
 
 def _write(path, ids):
@@ -93,3 +96,22 @@ def test_index_problems(tmp_path):
     (tmp_path / "c.idx").write_text("v1.2 5\n" + "\n".join(lines[1:]) + "\n")
     with pytest.raises(ShardError, match="header says 5"):
         read_index(tmp_path / "c.idx")
+
+
+def test_records_read_every_sample_by_its_index_offset(tmp_path):
+    """The loaders' random access: the records of two shards name each sample's shard, JPEG offset, size and
+    slice_id, and the reader returns the bytes the writer got, in any order, also after pickling (a worker)."""
+    _write(tmp_path / "a.tar", [7, 3])
+    _write(tmp_path / "b.tar", [123456789])
+    rec = index_records([tmp_path / "a.idx", tmp_path / "b.idx"], [2, 1])
+    assert rec["shard"].tolist() == [0, 0, 1] and rec["slice_id"].tolist() == [7, 3, 123456789]
+    reader = RecordReader([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], rec)
+    want = {sid: data for t in ("a.tar", "b.tar") for sid, data in iter_samples(tmp_path / t)}
+    for r in (reader, pickle.loads(pickle.dumps(reader))):
+        assert [r.read(i) for i in (2, 0, 1)] == [want[123456789], want[7], want[3]]
+    reader.close()
+    with pytest.raises(ShardError, match="2 samples, manifest says 3"):
+        index_records([tmp_path / "a.idx"], [3])
+    (tmp_path / "c.idx").write_text("v1.2 1\nid 512 8 000000007.id\n")
+    with pytest.raises(ShardError, match="no <slice_id:09d>.jpg component"):
+        index_records([tmp_path / "c.idx"], [1])

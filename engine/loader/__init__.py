@@ -1,16 +1,19 @@
 """Loaders: shards -> augmented, normalised GPU batches with targets looked up by slice_id.
 
-    from spinestream.engine.loader import LoaderConfig, build_loader, select, LabelTable
+    from spinestream.engine.loader import DeviceLabels, LoaderConfig, build_loader, select
     sel = select("shards-512", cohorts=["boxed", "negative"], exclude_folds=[0])
-    loader = build_loader(sel, LabelTable.load("shards-512"), LoaderConfig(), device="cuda")
+    loader = build_loader(sel, DeviceLabels.load("shards-512"), LoaderConfig(), device="cuda")
     for batch in loader: ...   # one epoch of Batch(images, targets, slice_ids, valid)
 
 Backends, one per file behind the same interface (:class:`spinestream.engine.loader.base.Loader`):
 ``dali`` (GPU decode + GPU augmentation; DALI's CPU-only mode without a GPU) and ``torch``
 (DataLoader workers + torch augmentation on the batch). ``backend: auto`` picks DALI when
 it is installed. Both read samples by ``.idx`` offset in one global permutation per epoch
-(the guarantees are in :mod:`spinestream.engine.loader.base`); ``loader.dali_reader: webdataset`` is the
-legacy DALI reader, kept for the loader benchmark's before/after line only.
+(the guarantees are in :mod:`spinestream.engine.loader.base`), through
+:class:`spinestream.shards.wds.RecordReader`. What they read: :mod:`.selection` (shard groups
+chosen through the manifest) and :mod:`.labels` (the targets, on the device). The legacy DALI
+reader (``loader.dali_reader: webdataset``) is not here: only the loader benchmark builds it
+(benchmarks/dali_webdataset.py).
 """
 from __future__ import annotations
 
@@ -19,19 +22,21 @@ import sys
 
 from .base import Batch, Loader
 from .config import AugmentConfig, LoaderConfig
-from .data import LabelTable, Selection, select
+from .labels import DeviceLabels
+from .selection import Selection, oversample_positives, select
 
-__all__ = ["AugmentConfig", "Batch", "LabelTable", "Loader", "LoaderConfig", "Selection", "build_loader",
-           "dali_available", "select"]
+__all__ = ["AugmentConfig", "Batch", "DeviceLabels", "Loader", "LoaderConfig", "Selection", "build_loader",
+           "dali_available", "oversample_positives", "select"]
 
 
 def dali_available() -> bool:
     return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
-def build_loader(sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
+def build_loader(sel: Selection, labels: DeviceLabels, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
                  world: int = 1, train: bool = True) -> Loader:
-    """The configured backend (``auto``: DALI if installed, else torch with a one-line notice)."""
+    """The configured backend (``auto``: DALI if installed, else torch with a one-line notice). The legacy
+    DALI reader is refused: it does not mix across shards and only ``bench loader`` builds it."""
     backend = cfg.backend
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"
@@ -39,13 +44,13 @@ def build_loader(sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, devic
             print("spinestream: nvidia-dali is not installed; using the torch loader "
                   "(pip install -e '.[dali-cu12]' or '.[dali-cu13]' for the DALI one)", file=sys.stderr)
     if backend == "dali":
+        if cfg.dali_reader == "webdataset":
+            raise ValueError("loader.dali_reader=webdataset: the legacy DALI reader does not mix across shards "
+                             "and is kept only for `spinestream bench loader`; use loader.dali_reader=index")
         if not dali_available():
             raise RuntimeError("loader.backend=dali but nvidia-dali is not installed "
                                "(pip install -e '.[dali-cu13]', or '.[dali-cu12]' for Pascal/CUDA 12)")
-        if cfg.dali_reader == "webdataset":  # legacy, no cross-shard mix: for the benchmark's before line
-            from .dali_webdataset import DaliWebdatasetLoader as DaliLoader
-        else:
-            from .dali_backend import DaliLoader
+        from .dali_backend import DaliLoader
 
         return DaliLoader(sel, labels, cfg, device=device, rank=rank, world=world, train=train)
     from .torch_backend import TorchLoader

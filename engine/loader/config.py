@@ -91,8 +91,8 @@ class LoaderConfig:
     """DALI: 'index' = JPEG bytes read by ``.idx`` offset in one global permutation per epoch (an
     external source; every stretch of an epoch has the epoch's composition, engine/loader/base.py).
     'webdataset' = the legacy ``fn.readers.webdataset`` pipeline, which walks the shard list in order
-    and mixes only inside initial_fill: it does not mix across shards. Kept for the loader benchmark's
-    before/after line only."""
+    and mixes only inside initial_fill: it does not mix across shards. Only the loader benchmark's
+    before/after line builds it (benchmarks/dali_webdataset.py); training refuses it."""
     initial_fill: int = 4096
     """The legacy webdataset reader's shuffle buffer (samples); unused by the index reader."""
     hw_decoder_load: float | Literal["auto"] = "auto"

@@ -6,7 +6,7 @@ augmentations as DALI operators, each applied per sample as the host-drawn param
 
 Reading: a batch-mode ``fn.external_source`` whose callable maps the batch number to this
 rank's positions (:func:`spinestream.engine.loader.base.rank_order`: its part of the epoch's global
-permutation), ``os.pread``s the JPEG bytes (:class:`spinestream.engine.loader.records.RecordReader`) and
+permutation), ``os.pread``s the JPEG bytes (:class:`spinestream.shards.wds.RecordReader`) and
 draws the batch's augmentation parameters (:mod:`spinestream.engine.loader.params`, seeded by seed, epoch,
 rank and position). The callable is deterministic given the batch number; the pipeline holds no
 random state of its own. So an epoch is a global shuffle on every rank (the guarantee in
@@ -27,20 +27,22 @@ bit). DALI's GPU ``fn.clahe`` is a different implementation (float Lab, no refle
 its difference from the CPU operator is unmeasured until a GPU run.
 
 The same pipeline runs on the CPU with ``device_id=None`` (DALI's CPU-only mode), which is
-how CI tests it. ``loader.dali_reader: webdataset`` selects the legacy reader
-(engine/loader/dali_webdataset.py), which does not mix across shards.
+how CI tests it. The legacy ``fn.readers.webdataset`` reader, which does not mix across shards,
+lives in benchmarks/dali_webdataset.py (``bench loader``'s before line), outside engine/.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from spinestream.shards.wds import RecordReader
+
 from .augment import mixup
 from .base import Batch, Loader, per_rank, rank_order, rank_part
 from .config import AugmentConfig, LoaderConfig, torch_dtype
-from .data import LabelTable, Selection
+from .labels import DeviceLabels
 from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
-from .records import RecordReader
+from .selection import Selection
 
 # the columns of the packed parameter output (float32 (B, 14)): name -> column slice
 _COLS = {"roi_start": slice(0, 2), "roi_end": slice(2, 4), "vflip": slice(4, 5), "rotate": slice(5, 6),
@@ -153,7 +155,7 @@ class DaliLoader(Loader):
     backend = "dali"
     reader = "index"
 
-    def __init__(self, sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
+    def __init__(self, sel: Selection, labels: DeviceLabels, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
                  world: int = 1, train: bool = True, state: dict | None = None):
         self.sel, self.cfg, self.device = sel, cfg, torch.device(device)
         self.rank, self.world, self.train = rank, world, train

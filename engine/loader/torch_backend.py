@@ -3,7 +3,7 @@ and decode them (or the GPU decodes the batch with nvJPEG via torchvision); augm
 runs on the batch on the loader's device (``spinestream.engine.loader.augment``).
 
 For machines without DALI (macOS, Windows, no wheel). Samples are read by offset from the
-tar files with ``os.pread`` (:class:`spinestream.engine.loader.records.RecordReader`, as the DALI backend
+tar files with ``os.pread`` (:class:`spinestream.shards.wds.RecordReader`, as the DALI backend
 does) in the epoch's global order (:func:`spinestream.engine.loader.base.rank_order`): a true global
 shuffle every epoch, an exact split between ranks, and a mid-epoch resume that is a seek.
 The augmentation parameters are drawn on the host by the same sampler as DALI's
@@ -23,13 +23,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spinestream.shards.sample import decode_jpeg
+from spinestream.shards.wds import RecordReader
 
 from .augment import augment, mixup, normalize
 from .base import Batch, Loader, per_rank, rank_order, rank_part
 from .config import LoaderConfig, torch_dtype
-from .data import LabelTable, Selection
+from .labels import DeviceLabels
 from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
-from .records import RecordReader
+from .selection import Selection
 
 
 
@@ -96,7 +97,7 @@ def _collate(items):
 class TorchLoader(Loader):
     backend = "torch"
 
-    def __init__(self, sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
+    def __init__(self, sel: Selection, labels: DeviceLabels, cfg: LoaderConfig, *, device="cpu", rank: int = 0,
                  world: int = 1, train: bool = True):
         self.sel, self.cfg, self.device = sel, cfg, torch.device(device)
         self.rank, self.world, self.train = rank, world, train

@@ -1,5 +1,7 @@
-"""Validation / inference reader: whole studies in slice order (head to feet) from the Zarr
-volumes, so study-level metrics (max over slices, the heat maps) can be computed.
+"""A reference reader for the tests: whole studies in slice order (head to feet) from the Zarr
+volumes, built sample by sample on the CPU. Production reads studies with
+:mod:`spinestream.engine.infer` (batched, on the device); tests/test_infer.py checks it against
+this reader, and tests/test_loader.py checks this reader against the training loader.
 
 Each sample is built with ``spinestream.shards.sample.sample_image`` — the function the shard writer
 used — then resized and normalised like the training loader with augmentation off, so
@@ -15,15 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spinestream.engine.loader.augment import normalize
+from spinestream.engine.loader.config import LoaderConfig, torch_dtype
 from spinestream.shards.layout import Layout
 from spinestream.shards.manifest import read_manifest
-from spinestream.shards.tables import read_study_table
 from spinestream.shards.sample import neighbour_index, sample_image
+from spinestream.shards.tables import read_study_table
 from spinestream.shards.volumes import open_volume, read_attrs
-
-from .augment import normalize
-from .config import LoaderConfig, torch_dtype
-
 
 
 @dataclass

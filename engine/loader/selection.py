@@ -1,10 +1,8 @@
-"""What a loader reads: a selection of shard files, and the label table it looks targets up in.
+"""What a loader reads: a selection of shard files, chosen through the manifest.
 
 Choosing a training set is choosing shard groups (cohort × fold) through the manifest —
-never filtering samples at read time. Labels are not in the shards: a label table maps
-``slice_id`` → the 8 targets (C1..C7, any), is loaded onto the device once (700k × 8
-floats) and indexed by the slice ids a batch carries, so round 2 swaps the table
-(truth ∪ pseudo-labels) without touching the shards.
+never filtering samples at read time. The targets are not in the shards: a loader looks them
+up by slice_id in :class:`spinestream.engine.loader.labels.DeviceLabels`.
 """
 from __future__ import annotations
 
@@ -16,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spinestream.shards.layout import COHORTS, TARGETS, Layout
+from spinestream.shards.layout import COHORTS
 from spinestream.shards.manifest import ShardEntry, read_manifest
-from spinestream.shards.tables import read_label_table, read_slice_table
-from spinestream.shards.wds import ShardError, read_index, write_subset_index
+from spinestream.shards.wds import ShardError, index_records, write_subset_index
+
+from .labels import DeviceLabels
 
 
 @dataclass
@@ -51,22 +50,9 @@ class Selection:
         return sum(s.samples for s in self.shards if s.oversample_of is not None)
 
     def records(self) -> dict[str, np.ndarray]:
-        """Every sample's (shard number, jpg offset, jpg size, slice_id), from the ``.idx`` files."""
-        shard, off, size, sid = [], [], [], []
-        for k, (s, idx) in enumerate(zip(self.shards, self.indexes)):
-            entries = read_index(idx)
-            if len(entries) != s.samples:
-                raise ShardError(f"{idx}: {len(entries)} samples, manifest says {s.samples}")
-            for comps in entries:
-                jpg = next((c for c in comps if c[0] == "jpg"), None)
-                if jpg is None:
-                    raise ShardError(f"{idx}: a sample has no .jpg component")
-                shard.append(k)
-                off.append(jpg[1])
-                size.append(jpg[2])
-                sid.append(int(jpg[3].split(".")[0]))
-        return {"shard": np.asarray(shard, np.int32), "offset": np.asarray(off, np.int64),
-                "size": np.asarray(size, np.int64), "slice_id": np.asarray(sid, np.int64)}
+        """Every sample's (shard number, jpg offset, jpg size, slice_id), from the ``.idx`` files
+        (:func:`spinestream.shards.wds.index_records`)."""
+        return index_records(self.indexes, [s.samples for s in self.shards])
 
     def slice_ids(self) -> np.ndarray:
         return self.records()["slice_id"]
@@ -105,7 +91,7 @@ def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequen
                      m.counts.slices, m.image.size)
 
 
-def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_dir: str | Path,
+def oversample_positives(sel: Selection, labels: DeviceLabels, factor: int, out_dir: str | Path,
                          threshold: float = 0.5) -> Selection:
     """Positive oversampling: a selection in which every slice whose ``any`` target is >= ``threshold``
     is read ``factor`` times per epoch, the others once.
@@ -137,59 +123,3 @@ def oversample_positives(sel: Selection, labels: LabelTable, factor: int, out_di
         shards += [dataclasses.replace(s, name=f"{s.name}+pos{r}", index=str(dst.resolve()), samples=n,
                                        index_sha256="", oversample_of=s.name) for r in range(1, factor)]
     return dataclasses.replace(sel, shards=shards)
-
-
-class LabelTable:
-    """slice_id → 8 targets as one ``(n_total, 8)`` float tensor; NaN where a slice has no label."""
-
-    def __init__(self, targets: torch.Tensor, sources: list[str]):
-        self.targets = targets
-        self.sources = sources
-
-    @classmethod
-    def load(cls, root: str | Path, tables: Sequence[str | Path] = ("labels/truth.parquet",),
-             n_total: int | None = None) -> LabelTable:
-        """Union of label tables (paths relative to ``root`` or absolute); earlier tables win.
-
-        Each table has ``slice_id`` and the columns C1..C7, any with values in [0, 1] (soft
-        pseudo-labels are allowed).
-        """
-        root = Path(root)
-        if n_total is None:
-            n_total = read_manifest(root).counts.slices
-        out = torch.full((n_total, len(TARGETS)), float("nan"), dtype=torch.float32)
-        for t in tables:
-            path = Path(t) if Path(t).is_absolute() else root / t
-            if not path.is_file():
-                raise FileNotFoundError(f"label table {path} does not exist")
-            df = read_label_table(path).frame  # names a missing column
-            ids = df.slice_id.to_numpy(np.int64)
-            if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
-                raise ValueError(f"{path}: slice_ids outside 0..{n_total - 1}; this table belongs to another shard set")
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError(f"{path}: duplicated slice_ids")
-            vals = torch.from_numpy(df[list(TARGETS)].to_numpy(np.float32, copy=True))
-            if torch.isnan(vals).any() or (vals < 0).any() or (vals > 1).any():
-                raise ValueError(f"{path}: targets must be in [0, 1] without NaN")
-            idx = torch.from_numpy(ids.copy())
-            free = torch.isnan(out[idx, 0])
-            out[idx[free]] = vals[free]
-        return cls(out, [str(t) for t in tables])
-
-    def check_covers(self, sel: Selection) -> None:
-        """Every selected slice must have targets; otherwise name the cohorts lacking them."""
-        ids = torch.from_numpy(sel.slice_ids())
-        missing = torch.isnan(self.targets[ids, 0])
-        if missing.any():
-            slices = read_slice_table(Layout(sel.root).slices, columns=["slice_id", "cohort"]).set_index("slice_id")
-            bad_ids = ids[missing].numpy()
-            by = slices.loc[bad_ids, "cohort"].value_counts().to_dict()
-            raise ValueError(
-                f"the label table(s) {self.sources} do not cover {int(missing.sum())} selected slices "
-                f"(by cohort: {by}); positive-unboxed slices need pseudo-labels (round 2) or leave that cohort out")
-
-    def to(self, device) -> LabelTable:
-        return LabelTable(self.targets.to(device), self.sources)
-
-    def __getitem__(self, slice_ids: torch.Tensor) -> torch.Tensor:
-        return self.targets[slice_ids]

@@ -1,5 +1,6 @@
 """The legacy DALI pipeline (``loader.dali_reader: webdataset``), kept only so ``bench loader``
-can show it next to the index reader on the same shards. **It does not mix across shards**:
+can show it next to the index reader on the same shards: it lives here, not in engine/, and
+training refuses it (:func:`spinestream.engine.loader.build_loader`). **It does not mix across shards**:
 ``fn.readers.webdataset`` walks the shard list in order and shuffles only inside its
 ``initial_fill`` buffer, so a selection listed cohort by cohort streams cohort by cohort
 (measured: boxed share per quarter [1.00, 1.00, 0.46, 0.00]), and with ``world > 1`` each rank
@@ -30,9 +31,9 @@ import math
 
 import torch
 
-from .config import AugmentConfig, LoaderConfig
-from .dali_backend import DaliLoader, hw_decoder_load
-from .data import Selection
+from spinestream.engine.loader.config import AugmentConfig, LoaderConfig
+from spinestream.engine.loader.dali_backend import DaliLoader, hw_decoder_load
+from spinestream.engine.loader.selection import Selection
 
 
 def checkpointable(aug: AugmentConfig) -> bool:
