@@ -295,9 +295,9 @@ def predict_study_probs(runs: Sequence[Run], studies: Sequence[tuple[str, Path]]
 def _run_studies(runs, decoded, rule: str, prev: np.ndarray, out: dict, stats: dict, progress: bool) -> None:
     bar = None
     if progress:
-        from tqdm import tqdm
+        from spinestream.shards.progress import bar as progress_bar
 
-        bar = tqdm(total=stats["studies"], unit="study", desc="predict", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total=stats["studies"], unit="study", desc="predict", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         for d in decoded:
