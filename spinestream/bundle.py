@@ -110,11 +110,11 @@ def runtime_pins(python: str | None, extras: tuple[str, ...] = (), with_torch: b
     return sorted(f"{n}=={v}" for n, v in seen.items()), sorted(absent)
 
 
-def download_command(wheels: Path, pins: list[str], python: str | None, platform: str | None) -> list[str]:
+def download_command(wheels: Path, pins: list[str], python: str | None, platforms: list[str]) -> list[str]:
     target = ["--only-binary=:all:"]
     if python:
         target += ["--python-version", python, "--implementation", "cp"]
-    if platform:
+    for platform in platforms:
         target += ["--platform", platform]
     return [sys.executable, "-m", "pip", "download", "--no-deps", *target, "-d", str(wheels), *pins]
 
@@ -253,7 +253,7 @@ def write_readme(out: Path, names: list[str], pins: list[str], args) -> None:
 
     text = README.format(runs=len(names), names=", ".join(names), version=__version__, d=d,
                          python=args.python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
-                         platform=args.platform or "this machine's platform",
+                         platform=", ".join(args.platform) or "this machine's platform",
                          torch="included" if args.with_torch else "not included: Kaggle's preinstalled CUDA build",
                          install=INSTALL.format(d=d), paths=", ".join(f'"{d}/runs/{n}"' for n in names),
                          cli_runs=" ".join(f"--run {d}/runs/{n}" for n in names))
@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the folder to upload as a Kaggle dataset")
     p.add_argument("--python-version", default=None, help="the target's Python (major.minor; Kaggle: 3.11); "
                    "default: this interpreter's")
-    p.add_argument("--platform", default=None, help="pip --platform tag (Kaggle: manylinux2014_x86_64); default: "
-                   "this machine's")
+    p.add_argument("--platform", action="append", default=[], help="pip --platform tag, repeatable (Kaggle: "
+                   "manylinux2014_x86_64 and manylinux_2_35_x86_64, its glibc: pip does not expand one to the "
+                   "other); default: this machine's")
     p.add_argument("--extra", action="append", default=[], help="add a project extra's dependencies (train, "
                    "dali-cu12, ...); repeatable")
     p.add_argument("--with-torch", action="store_true", help="bundle torch and torchvision too (Kaggle has them)")

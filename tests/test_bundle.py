@@ -112,21 +112,24 @@ def _torch_as_preinstalled(venv: Path, tmp: Path) -> None:
 
     links = tmp / "preinstalled"
     links.mkdir()
-    todo, seen = ["torch", "torchvision"], set()
+    todo, seen = [Requirement("torch"), Requirement("torchvision")], set()
     while todo:
-        name = todo.pop()
+        req = todo.pop()
         try:
-            dist = metadata.distribution(name)
+            dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
             continue
-        if dist.metadata["Name"].lower() in seen:
+        key = (dist.metadata["Name"].lower(), tuple(sorted(req.extras)))
+        if key in seen:
             continue
-        seen.add(dist.metadata["Name"].lower())
+        seen.add(key)
         site = Path(dist.locate_file(""))
-        for top in {f.parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
-            if (site / top).exists() and not (links / top).exists() and top != "__pycache__":
+        for top in {f.parts[0] for f in dist.files or [] if not str(f).startswith("..")} - {"__pycache__"}:
+            if (site / top).exists() and not (links / top).exists():
                 (links / top).symlink_to(site / top)
-        todo += [Requirement(r).name for r in dist.requires or [] if "extra ==" not in r]
+        for r in map(Requirement, dist.requires or []):
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+                todo.append(r)
     (site_packages,) = venv.glob("lib/python*/site-packages")
     (site_packages / "kaggle_preinstalled.pth").write_text(f"{links}\n")
 
@@ -140,13 +143,16 @@ def test_the_bundle_installs_offline_and_predicts(run_dirs, raw, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # the venv's own old setuptools would shadow the preinstalled one torch requires (Kaggle's is consistent)
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True)
     _torch_as_preinstalled(venv, tmp_path)
     # a different version of a pinned dependency already there, as Kaggle's image has them: the pin must win
     pins = dict(line.strip().split("==") for line in (out / "requirements.txt").read_text().splitlines())
     old = "2.9.0.post0"
     assert pins["python-dateutil"] != old
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", f"python-dateutil=={old}"], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull  # the bundle's wheels only: no find-links or index from pip.conf
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(out / "wheels"), "-r",
                     str(out / "requirements.txt")], check=True, env=env, cwd=tmp_path)
     got = subprocess.run([str(py), "-c", "from importlib.metadata import version as v; print(v('python-dateutil'))"],
