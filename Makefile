@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(if $(system_torch),--system-site-packages )$(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(if $(system_torch),$(PY) -c "import torch; print('using the system torch', torch.__version__)",$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) )$(TORCH_SPEC))
-	$(PY) -m pip install -e ".[dev,$(DALI_EXTRA)]"$(if $(system_torch),, $(TORCH_SPEC))
+	$(PY) -m pip install -e ".[dev,train,$(DALI_EXTRA)]"$(if $(system_torch),, $(TORCH_SPEC))
 	touch $@
 
 test: venv

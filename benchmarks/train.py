@@ -172,11 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
-    from tqdm import tqdm
-
-    t = build_trainer(args)
+    t = build_trainer(args)  # its progress bar stays the disabled one until fit(), which this never calls
     try:
-        t._bar = tqdm(disable=True)
         t.model.train()
         if t.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(t.device)

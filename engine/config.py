@@ -182,7 +182,8 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class LogConfig:
     wandb: Literal["offline", "online", "disabled"] = "offline"
-    """offline: no network needed, `wandb sync RUN_DIR/wandb/...` later."""
+    """offline: no network needed, `wandb sync RUN_DIR/wandb/...` later. ``WANDB_MODE``, when set, wins over this
+    (engine/trainlog.py), except that ``disabled`` here never imports wandb."""
     project: str = "spinestream"
     every_steps: int = 10
     """Log (and read the loss on the host: a CPU-GPU sync) every this many optimizer steps."""

@@ -250,9 +250,9 @@ def predict_studies(model: torch.nn.Module, root: str | Path, studies: Sequence[
     out: dict[str, np.ndarray] = {}
     bar = None
     if progress:
-        from tqdm import tqdm
+        from spinestream.shards.progress import bar as progress_bar
 
-        bar = tqdm(total=len(studies), unit="study", desc="infer", dynamic_ncols=True)
+        bar = progress_bar(total=len(studies), unit="study", desc="infer", dynamic_ncols=True)
     try:
         for sv in _read_ahead(Path(root), list(studies), prefetch, pin=dev.type == "cuda"):
             out[sv.uid] = _study_probs(model, sv, dev, image_size=image_size, mean=mean, std=std,

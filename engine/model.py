@@ -22,15 +22,33 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import timm
 
 from .config import ModelConfig
+
+
+def _import_timm():
+    """``import timm`` without the ``import wandb`` it tries on the way (timm.utils.summary, for timm's own
+    training scripts, which this project does not use): wandb stays out of a process that only predicts
+    (seconds of import, and nothing a Kaggle bundle ships). A wandb imported before (training) is left alone."""
+    if "wandb" in sys.modules:
+        import timm
+        return timm
+    sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm catches
+    try:
+        import timm
+    finally:
+        del sys.modules["wandb"]
+    return timm
+
+
+timm = _import_timm()
 
 __all__ = ["HUB_PROBE_TIMEOUT_S", "PretrainedUnavailable", "build_model", "check_state_dict", "data_config",
            "load_weights_file", "model_fingerprint"]

@@ -5,7 +5,8 @@
     spinestream train -c configs/demo-round1.yaml                    # the CPU demo
 
 Writes runs/<name>/: config.yaml, batch_size.json, metrics.jsonl, curves.png,
-ckpt-<step>.pt (last keep_last), best.pt; wandb offline files under wandb/.
+ckpt-<step>.pt (last keep_last), best.pt; wandb's files under runs/<name>/wandb/ (log.wandb; WANDB_MODE,
+when set, wins over it unless log.wandb is disabled, which never imports wandb).
 """
 from __future__ import annotations
 

@@ -42,7 +42,6 @@ import json
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -51,9 +50,9 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from tqdm import tqdm
 
 from spinestream.shards.config import to_dict
+from spinestream.shards.progress import write
 
 from . import checkpoint as ck
 from .autobatch import resolve_batch_size
@@ -69,6 +68,7 @@ from .loader import build_loader
 from .metrics import constant_baseline, weighted_bce
 from .model import model_fingerprint
 from .skips import StepFlags
+from .trainlog import TrainLog
 
 __all__ = ["Trainer", "TrainingInterrupted", "constant_baseline_score", "plot_curves", "rng_state",
            "select_training_shards", "set_rng_state", "write_config"]
@@ -161,10 +161,8 @@ class Trainer:
         self._flags = StepFlags(self.device)
         self._buffers = BufferSnapshot(self.model)
         self._saved_step, self._interrupt = -1, False
-        self._last_loss, self._wandb, self._bar = None, None, None
-        self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
-        self._t_fit, self._val_seconds, self._val_warned, self._last_val_step = None, 0.0, False, -1
-        self._proj_mark, self.projection, self._early_stop, self._fit_step0 = None, None, False, 0
+        self.logbook = TrainLog(self.run_dir)  # wandb, the bar and the clocks of the log line
+        self._last_val_step, self._early_stop = -1, False
         if state is not None:
             self._restore(state)
             ck.truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
@@ -245,52 +243,38 @@ class Trainer:
         record = {"step": self.step, "epoch": self.loader.epoch, **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(record, step=self.step)
-
-    def _start_wandb(self) -> None:
-        if self.cfg.log.wandb == "disabled":
-            return
-        try:
-            import wandb
-
-            self._wandb = wandb.init(project=self.cfg.log.project, name=self.cfg.name, dir=str(self.run_dir),
-                                     mode=self.cfg.log.wandb, config=to_dict(self.cfg), reinit="finish_previous")
-        except Exception as e:  # logging must never stop training
-            print(f"wandb unavailable ({e}); metrics go to metrics.jsonl only", file=sys.stderr)
+        self.logbook.send(record, self.step)
 
     def _log_train(self) -> None:
         self._settle(block=True)  # the loss is read below anyway
-        dt = time.perf_counter() - self._t_log
-        rec = {"loss": self._last_loss.item(),  # note: CPU-GPU sync point, once per log.every_steps steps
-               "lr": self.sched.get_last_lr()[0], "images_per_s": self._images / dt, "data_wait": self._wait / dt,
-               "nan_total": self.nan_total}
+        rec = {"loss": self.logbook.last_loss.item(),  # note: CPU-GPU sync point, once per log.every_steps steps
+               "lr": self.sched.get_last_lr()[0], **self.logbook.rates(), "nan_total": self.nan_total}
         self.log(rec)
-        self._bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
+        self.logbook.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
                               wait=f"{rec['data_wait']:.0%}")
         self._project()
-        self._t_log, self._images, self._wait = time.perf_counter(), 0, 0.0
 
     def _project(self) -> None:
         """Once, at a log line (the host has just synced): the epoch and run time projected from the steps
         since warm-up, validation excluded; printed and logged (``{"projection": ...}``)."""
-        if self.projection is not None:
+        lb = self.logbook
+        if lb.projection is not None:
             return
-        now = time.perf_counter() - self._val_seconds
-        if self._proj_mark is None:
-            if self.step - self._fit_step0 >= PROJECT_WARMUP_STEPS:
-                self._proj_mark = (self.step, now)
+        now = time.perf_counter() - lb.val_seconds
+        if lb.proj_mark is None:
+            if self.step - lb.fit_step0 >= PROJECT_WARMUP_STEPS:
+                lb.proj_mark = (self.step, now)
             return
-        s0, t0 = self._proj_mark
+        s0, t0 = lb.proj_mark
         if self.step - s0 < PROJECT_STEPS:
             return
         per_step = (now - t0) / (self.step - s0)
         left = max(0, self.total_steps - self.step)
-        self.projection = {"seconds_per_step": per_step, "steps_per_epoch": self.steps_per_epoch,
-                           "epoch_seconds": per_step * self.steps_per_epoch, "remaining_seconds": per_step * left,
-                           "measured_steps": self.step - s0}
-        self.log({"projection": self.projection})
-        tqdm.write(f"projected: {_hms(self.projection['epoch_seconds'])} per epoch "
+        lb.projection = {"seconds_per_step": per_step, "steps_per_epoch": self.steps_per_epoch,
+                         "epoch_seconds": per_step * self.steps_per_epoch, "remaining_seconds": per_step * left,
+                         "measured_steps": self.step - s0}
+        self.log({"projection": lb.projection})
+        write(f"projected: {_hms(lb.projection['epoch_seconds'])} per epoch "
                    f"({self.steps_per_epoch} steps at {per_step:.3g} s/step), {_hms(per_step * left)} for the "
                    f"{left} steps left, validation not included")
 
@@ -298,24 +282,19 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until train.max_steps / train.epochs or early stopping; the best validation result."""
-        self._start_wandb()
-        self._t_fit, self._fit_step0 = time.perf_counter(), self.step
+        if self.finished():  # before wandb and the bar: nothing to report
+            write(f"{self.run_dir}: already complete at step {self.step} (best {self.best['metric']:.4f} at step "
+                  f"{self.best['step']}); nothing to train: raise train.epochs or train.max_steps to continue")
+            return dict(self.best)
+        self.logbook.start(self.cfg, self.step, self.total_steps)
         if self.step == 0 and self.reference is not None:
             self.log({"reference": self.reference})
-        if self.finished():
-            tqdm.write(f"{self.run_dir}: already complete at step {self.step} (best {self.best['metric']:.4f} at step "
-                       f"{self.best['step']}); nothing to train: raise train.epochs or train.max_steps to continue")
-            return dict(self.best)
-        self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.name, unit="step",
-                         dynamic_ncols=True)
         try:
             with self._sigint_deferred():
                 self._loop()
         finally:
-            self._bar.close()
+            self.logbook.close()
             self.plot()
-            if self._wandb is not None:
-                self._wandb.finish()
         return dict(self.best)
 
     def _loop(self) -> None:
@@ -356,7 +335,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
             self._interrupt = True
-            tqdm.write("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+            write("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
 
         previous = signal.signal(signal.SIGINT, handler)
         try:
@@ -383,7 +362,7 @@ class Trainer:
                 batch = next(it)
             except StopIteration:
                 return
-            self._wait += time.perf_counter() - t
+            self.logbook.wait += time.perf_counter() - t
             yield batch
 
     def _step(self, batch) -> bool:
@@ -398,9 +377,9 @@ class Trainer:
                             pos_weight=o.pos_weight)
         self._window_bad |= ~torch.isfinite(loss)  # decided on the device: no `if` on a device tensor here
         self.scaler.scale(loss / o.grad_accum).backward()
-        self._last_loss = loss.detach()
+        self.logbook.last_loss = loss.detach()
         self._micro += 1
-        self._images += batch.n_valid  # counted on the host by the loader
+        self.logbook.images += batch.n_valid  # counted on the host by the loader
         if self._micro < o.grad_accum:
             return False
         self._optimizer_step()
@@ -439,7 +418,7 @@ class Trainer:
         self._flags.push(skipped)
         self.sched.step()
         self.step += 1
-        self._bar.update()
+        self.logbook.bar.update()
         self._micro = 0
         self._window_bad = torch.zeros((), dtype=torch.bool, device=self.device)
 
@@ -453,7 +432,7 @@ class Trainer:
             self.nan_streak += 1
             self.nan_total += 1
             self.step -= 1
-            self._bar.update(-1)
+            self.logbook.bar.update(-1)
             self.sched.last_epoch -= 1
             lrs = [base * self.sched.lr_lambdas[0](self.sched.last_epoch) for base in self.sched.base_lrs]
             for g, lr in zip(self.opt.param_groups, lrs):
@@ -510,7 +489,7 @@ class Trainer:
         t0 = time.perf_counter()
         result = self.validate()
         seconds = time.perf_counter() - t0
-        self._val_seconds += seconds
+        self.logbook.val_seconds += seconds
         self._last_val_step = self.step
         result["constant_baseline"] = self.baseline
         result["seconds"] = seconds
@@ -525,7 +504,7 @@ class Trainer:
         self.log({"val": result})
         ref = "" if self.reference is None else (f"; {self.reference['name']} best "
                                                  f"{self.reference['competition_loss']:.4f}")
-        tqdm.write(f"step {self.step}: val competition loss {result['competition_loss']:.4f} "
+        write(f"step {self.step}: val competition loss {result['competition_loss']:.4f} "
                    f"(best {self.best['metric']:.4f} @ {self.best['step']}; constant baseline {self.baseline:.4f}"
                    f"{ref}), accuracy {result['accuracy']:.3f}, {seconds:.1f} s")
         self._check_val_share()
@@ -535,16 +514,17 @@ class Trainer:
 
     def _check_val_share(self) -> None:
         """One warning when validation has taken more than VAL_SHARE_WARN of this process's run time."""
-        if self._val_warned or self._t_fit is None:
+        lb = self.logbook
+        if lb.val_warned or lb.t_fit is None:
             return
-        total = time.perf_counter() - self._t_fit
-        share = self._val_seconds / total if total > 0 else 0.0
+        total = time.perf_counter() - lb.t_fit
+        share = lb.val_seconds / total if total > 0 else 0.0
         if share > VAL_SHARE_WARN:
-            self._val_warned = True
+            lb.val_warned = True
             t = self.cfg.train
             every = f"train.val_every_steps={t.val_every_steps}" if t.val_every_steps else \
                 f"train.val_every_epochs={t.val_every_epochs}"
-            tqdm.write(f"warning: validation has taken {share:.0%} of the run so far ({self._val_seconds:.0f} s of "
+            write(f"warning: validation has taken {share:.0%} of the run so far ({lb.val_seconds:.0f} s of "
                        f"{total:.0f} s, {len(self.val_studies)} studies each time): validate less often "
                        f"(now {every}) or on fewer studies (data.val_cohorts)")
             self.log({"warning": f"validation share {share:.2f}"})

@@ -48,9 +48,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from spinestream.shards import layout as L
+from spinestream.shards import layout as L, progress
 from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
 from spinestream.shards.fsutil import atomic_write_json, replace_dir
@@ -392,7 +391,7 @@ def write_groups(out: Path, slices: pd.DataFrame, cfg: ShardConfig, pool=None) -
                       (g.slice_id.to_numpy(), g.StudyInstanceUID.to_numpy(), g._offset.to_numpy(), g._size.to_numpy()),
                       cfg))
     entries: list[dict] = []
-    with tqdm(total=len(tasks), desc="shards (groups)", unit="group") as bar:
+    with progress.bar(total=len(tasks), desc="shards (groups)", unit="group") as bar:
         for group in (pool.imap(write_group, tasks) if pool else map(write_group, tasks)):
             entries.extend(group)
             bar.update()
@@ -599,12 +598,12 @@ def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: boo
     t0, n_slices, errors = time.perf_counter(), 0, []
     # one pool for both phases: starting workers costs as much as converting a few studies
     with _pool(workers) as pool:
-        with tqdm(total=len(todo), desc="studies", unit="study") as bar:
+        with progress.bar(total=len(todo), desc="studies", unit="study") as bar:
             for res in (pool.imap_unordered(process_study, todo) if pool else map(process_study, todo)):
                 n_slices += res["n_slices"]
                 if "error" in res:
                     errors.append(res)
-                    tqdm.write(f"  failed {res['uid']}: {res['error']}", file=sys.stderr)
+                    progress.write(f"  failed {res['uid']}: {res['error']}", file=sys.stderr)
                 dt = time.perf_counter() - t0
                 bar.set_postfix(slices=n_slices, slices_s=f"{n_slices / dt:.0f}" if dt > 0 else "-")
                 bar.update()

@@ -1,75 +1,103 @@
-"""``spinestream kaggle-bundle``: a folder to upload as a Kaggle dataset, for ``predict`` with the internet off.
+"""``spinestream kaggle-bundle``: a folder to upload as a Kaggle dataset, holding only what ``predict`` needs.
 
-    spinestream kaggle-bundle --run runs/round2 --out kaggle-bundle            # downloads wheels (network)
-    spinestream kaggle-bundle --run runs/f0 --run runs/f1 --out kb --dry-run   # commands and files only
+    spinestream kaggle-bundle --run runs/round2 --out kb --python-version 3.11 --platform manylinux2014_x86_64
+    spinestream kaggle-bundle --run runs/f0 --run runs/f1 --out kb --dry-run     # the plan; writes nothing
 
-Writes ``OUT/wheels/`` (the project's wheel, its runtime dependencies as wheels for Kaggle's Python --
-``--python``, default 3.11, manylinux x86_64 -- and nvidia-dali-cuda120, the DALI build that still runs on
-the P100), ``OUT/runs/<name>/`` (run.json, config.yaml, best.pt, shard_spec.json per run) and
-``OUT/bundle.json`` (what was written and the commands used). torch and torchvision are left out: Kaggle
-has them, and a second CUDA torch would not fit the dataset limits.
+Writes ``OUT/``:
 
-Dependencies are pinned to the versions installed here (the tested set), walking the project's
-requirements through the installed packages' metadata and stopping at torch/torchvision (whose own
-dependencies -- the nvidia-* CUDA libraries, triton -- are Kaggle's). They are downloaded with
-``--no-deps`` (the walk is the resolution); DALI is resolved by pip for the target, with its
-dependencies. ``--dry-run`` prints the commands and the file list and downloads nothing.
+* ``wheels/``: the project's wheel and its inference dependencies (``[project] dependencies``, walked through
+  the installed packages' metadata), each pinned ``==`` the version installed here -- the tested set -- and
+  fetched as a binary wheel for the target Python and platform (defaults: this interpreter's). torch and
+  torchvision are left out (Kaggle preinstalls a CUDA build; ``--with-torch`` adds them); so are the
+  training extras (DALI, wandb, webdataset, zarr, ...: ``--extra train`` or ``--extra dali-cu12`` add them).
+* ``requirements.txt``: those pins, and the project's own. The install line
+  ``pip install --no-index --find-links wheels -r requirements.txt`` enforces them: an exact pin replaces a
+  version Kaggle preinstalled, where a bare ``pip install --no-index wheels/*`` keeps any preinstalled
+  version that satisfies the project's ``>=`` bounds.
+* ``runs/<name>/``: ``weights.safetensors`` (the EMA weights predict uses, no optimizer state:
+  spinestream/engine/weights.py), ``config.yaml`` and ``shard_spec.json`` (the run's own, or made from its
+  ``data.root``). ``spinestream predict --run`` and ``api.load_runs`` read it as they read a run directory.
+* ``README.md`` (the notebook cell: offline install, then predict) and ``bundle.json`` (what was written, how).
+
+The project's wheel comes from the source tree when this runs from a checkout (``pip wheel --no-deps``).
+Installed from a wheel there is no source tree, so the wheel is rebuilt from the installed distribution: its
+files as its RECORD lists them (bytecode and the installer's own records -- INSTALLER, REQUESTED,
+direct_url.json -- left out), under the same dist-info (METADATA, WHEEL, entry points, licenses), with a new
+RECORD whose hashes are computed from the files as they are now. That reproduces the original wheel's
+contents (tests/test_bundle.py checks it) unless someone edited the installed files.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from spinestream.shards.fsutil import atomic_write_json
+from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
 
 PROJECT = "spinestream"
-ROOT = Path(__file__).resolve().parents[1]  # the source tree the project's wheel is built from
-EXCLUDED = ("torch", "torchvision")  # on Kaggle already
-DALI = "nvidia-dali-cuda120"  # SM 5.0+: the P100 (sm60) included; cuda130 needs sm75
-RUN_FILES = ("run.json", "config.yaml", "best.pt")
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, when this runs from one
+TORCH = ("torch", "torchvision")  # Kaggle's own CUDA build; --with-torch bundles these too
+RUN_FILES = ("config.yaml",)  # besides weights.safetensors and shard_spec.json
+INSTALLER_FILES = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")  # an install's, not the wheel's
 
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def target_env(python: str) -> dict:
-    """The marker environment of Kaggle's image (Linux x86_64 CPython ``python``)."""
-    return {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
-            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+def marker_env(python: str | None) -> dict:
+    """The marker environment of the target: this interpreter's, with ``python`` (major.minor) when given."""
+    from packaging.markers import default_environment
+
+    env = dict(default_environment())
+    if python:
+        env.update(python_version=python, python_full_version=f"{python}.0")
+    return env
 
 
-def project_requirements() -> list[str]:
-    """The project's runtime requirements (pyproject.toml of the source tree; the installed metadata else)."""
-    import tomllib
+def is_checkout() -> bool:
+    return (ROOT / "pyproject.toml").is_file() and (ROOT / "engine" / "__init__.py").is_file()
 
-    py = ROOT / "pyproject.toml"
-    if py.is_file():
-        return list(tomllib.loads(py.read_text())["project"]["dependencies"])
+
+def project_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """The project's requirements, with ``extras``' (pyproject.toml in a checkout, the installed metadata else);
+    extras' entries carry their ``extra == ...`` marker as the metadata does."""
+    if is_checkout():
+        import tomllib
+
+        proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        opt = proj.get("optional-dependencies", {})
+        unknown = [e for e in extras if e not in opt]
+        if unknown:
+            raise ValueError(f"--extra {unknown[0]}: the project's extras are {', '.join(opt)}")
+        return list(proj["dependencies"]) + [r for e in extras for r in opt[e]]
     return list(metadata.requires(PROJECT) or [])
 
 
-def runtime_pins(python: str) -> tuple[list[str], list[str]]:
-    """(``name==version`` of every runtime dependency installed here, names required but not installed),
-    the project's requirements walked transitively, torch/torchvision and what only they need left out."""
+def runtime_pins(python: str | None, extras: tuple[str, ...] = (), with_torch: bool = False
+                 ) -> tuple[list[str], list[str]]:
+    """(``name==version`` of every dependency installed here that the target needs, names required but not
+    installed): the project's requirements (and ``extras``') walked transitively, markers evaluated for the
+    target; the walk stops at torch/torchvision unless ``with_torch`` (their CUDA libraries are Kaggle's)."""
     from packaging.requirements import Requirement
 
-    env = target_env(python)
+    env = marker_env(python)
     seen: dict[str, str] = {}
     absent: list[str] = []
-    todo = [(Requirement(r), "") for r in project_requirements()]
+    todo = [(Requirement(r), tuple(extras)) for r in project_requirements(extras)]
     while todo:
-        req, extra = todo.pop()
-        if req.marker is not None and not req.marker.evaluate({**env, "extra": extra}):
+        req, active = todo.pop()
+        if req.marker is not None and not any(req.marker.evaluate({**env, "extra": e}) for e in active or ("",)):
             continue
         name = _norm(req.name)
-        if name in EXCLUDED or name == PROJECT or name in seen:
+        if (name in TORCH and not with_torch) or name == PROJECT or name in seen:
             continue
         try:
             dist = metadata.distribution(req.name)
@@ -78,112 +106,222 @@ def runtime_pins(python: str) -> tuple[list[str], list[str]]:
                 absent.append(name)
             continue
         seen[name] = dist.version
-        for r in dist.requires or []:
-            for ex in req.extras or [""]:
-                todo.append((Requirement(r), ex))
+        todo += [(Requirement(r), tuple(req.extras)) for r in dist.requires or []]
     return sorted(f"{n}=={v}" for n, v in seen.items()), sorted(absent)
 
 
-def commands(out: Path, python: str, platform: str) -> list[list[str]]:
-    """The pip commands that fill ``out/wheels`` (the project's wheel first)."""
-    pins, absent = runtime_pins(python)
-    wheels = str(out / "wheels")
-    target = ["--only-binary=:all:", "--python-version", python, "--platform", platform,
-              "--implementation", "cp", "-d", wheels]
-    pip = [sys.executable, "-m", "pip"]
-    return [
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, str(ROOT)],
-        [*pip, "download", "--no-deps", *target, *pins, *absent],
-        [*pip, "download", *target, DALI],
-    ]
+def download_command(wheels: Path, pins: list[str], python: str | None, platforms: list[str]) -> list[str]:
+    target = ["--only-binary=:all:"]
+    if python:
+        target += ["--python-version", python, "--implementation", "cp"]
+    for platform in platforms:
+        target += ["--platform", platform]
+    return [sys.executable, "-m", "pip", "download", "--no-deps", *target, "-d", str(wheels), *pins]
 
 
-def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
-    """``(source or None, path in the bundle, note)`` for each run's files; the shard spec is the run's
-    own copy or made from its ``data.root``."""
-    from spinestream.engine import checkpoint as ck
-    from spinestream.engine.config import RunConfig
-    from spinestream.shards.config import load_config
+# --------------------------------------------------------------------------- the project's wheel
 
-    from spinestream.shards.spec import SPEC_FILE
 
+def project_wheel(wheels: Path) -> Path:
+    """The project's wheel in ``wheels``: built from the checkout, else rebuilt from the installed files."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    if is_checkout():
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+               str(ROOT)]
+        fresh = not (ROOT / "build").exists()
+        try:
+            if subprocess.run(cmd).returncode != 0:
+                raise RuntimeError(f"failed: {' '.join(cmd)}")
+        finally:
+            if fresh:  # setuptools' staging copy: a stale one would carry deleted modules into the next wheel
+                shutil.rmtree(ROOT / "build", ignore_errors=True)
+        return max(wheels.glob(f"{PROJECT}-*.whl"), key=lambda p: p.stat().st_mtime)
+    return wheel_from_installed(metadata.distribution(PROJECT), wheels)
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def wheel_from_installed(dist: metadata.Distribution, wheels: Path) -> Path:
+    """Rebuild ``dist``'s wheel from its installed files (see the module doc); refused for an editable install,
+    whose files are in a source tree, not in site-packages."""
+    files = [f for f in dist.files or [] if "__pycache__" not in f.parts and f.suffix != ".pyc"]
+    info = next((f.parts[0] for f in files if f.parts[0].endswith(".dist-info")), None)
+    if info is None or any(f.name == "direct_url.json" and '"editable": true' in (f.read_text() or "")
+                           for f in files if f.parts[0] == info):
+        raise RuntimeError(f"{PROJECT} is not installed from a wheel here and {ROOT} is no checkout: run "
+                           f"kaggle-bundle from the checkout or from a wheel install")
+    keep = [f for f in files if not (f.parts[0] == info and f.name in INSTALLER_FILES)
+            and not str(f).startswith("..")]  # the console script lives outside site-packages: pip remakes it
+    tag = next(line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
+               if line.startswith("Tag:"))
+    wheels.mkdir(parents=True, exist_ok=True)
+    out = wheels / f"{_norm(dist.metadata['Name']).replace('-', '_')}-{dist.version}-{tag}.whl"
+    record = []
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(keep, key=lambda f: (f.parts[0] == info, str(f))):  # dist-info last, as wheels have it
+            data = Path(f.locate()).read_bytes()
+            z.writestr(str(f.as_posix()), data)
+            record.append(f"{f.as_posix()},{_record_hash(data)},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
     names = [Path(r).resolve().name for r in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ValueError(f"two --run directories are named {sorted(dup)}; the bundle keeps runs/<name>: rename one")
-    out = []
-    for rd, name in zip(run_dirs, names):
-        rd = Path(rd)
+    return names
+
+
+def check_runs(run_dirs: list[Path]) -> list[tuple[str, str]]:
+    """``(path in the bundle, where it comes from)`` of each run's files, every run checked first."""
+    from spinestream.engine import checkpoint as ck
+    from spinestream.engine.weights import WEIGHTS_FILE
+    from spinestream.shards.spec import SPEC_FILE
+
+    plan = []
+    for rd, name in zip(map(Path, run_dirs), run_names(run_dirs)):
         ck.check_run_dir(rd)
-        ck.sync_best(rd)  # a kill between the step checkpoint and best.pt: bundle the best the record names
-        for f in RUN_FILES:
+        for f in (ck.BEST, *RUN_FILES):
             if not (rd / f).is_file():
                 raise FileNotFoundError(f"--run {rd}: no {f} (a finished `spinestream train` run has one)")
-            out.append((rd / f, f"runs/{name}/{f}", ""))
-        if (rd / SPEC_FILE).is_file():
-            out.append((rd / SPEC_FILE, f"runs/{name}/{SPEC_FILE}", ""))
-        else:
-            root = load_config(RunConfig, rd / "config.yaml").data.root
-            out.append((None, f"runs/{name}/{SPEC_FILE}", f"made from {root}"))
-    return out
+        plan.append((f"runs/{name}/{WEIGHTS_FILE}", f"EMA weights of {rd / ck.BEST}"))
+        plan += [(f"runs/{name}/{f}", str(rd / f)) for f in RUN_FILES]
+        spec = rd / SPEC_FILE
+        plan.append((f"runs/{name}/{SPEC_FILE}", str(spec) if spec.is_file() else "made from its data.root"))
+    return plan
 
 
 def write_runs(run_dirs: list[Path], out: Path) -> None:
     from spinestream.engine.config import RunConfig
+    from spinestream.engine.weights import export_weights
     from spinestream.shards.config import load_config
+    from spinestream.shards.spec import SPEC_FILE, ShardSpec
 
-    from spinestream.shards.spec import ShardSpec
-
-    for src, dst, _ in run_files(run_dirs):
-        (out / dst).parent.mkdir(parents=True, exist_ok=True)
-        if src is not None:
-            shutil.copy2(src, out / dst)
+    for rd, name in zip(map(Path, run_dirs), run_names(run_dirs)):
+        dst = out / "runs" / name
+        export_weights(rd, dst)
+        for f in RUN_FILES:
+            shutil.copy2(rd / f, dst / f)
+        if (rd / SPEC_FILE).is_file():
+            shutil.copy2(rd / SPEC_FILE, dst / SPEC_FILE)
         else:
-            rd = next(Path(r) for r in run_dirs if Path(r).resolve().name == Path(dst).parent.name)
             data = load_config(RunConfig, rd / "config.yaml").data
-            ShardSpec.from_shards(data.root, exclude_fold=data.val_fold).save(out / dst.rsplit("/", 1)[0])
+            ShardSpec.from_shards(data.root, exclude_fold=data.val_fold).save(dst)
 
 
-def main(argv: list[str] | None = None) -> int:
+# --------------------------------------------------------------------------- the verb
+
+
+INSTALL = "pip install --no-index --find-links {d}/wheels -r {d}/requirements.txt"
+
+README = """# spinestream Kaggle bundle
+
+{runs} run(s) ({names}) and the wheels to run `spinestream predict` offline: spinestream {version} and its
+inference dependencies pinned to the tested versions, for Python {python} ({platform}).
+torch/torchvision {torch}. Made by `spinestream kaggle-bundle` (bundle.json: what and how).
+
+In a notebook with this dataset attached as `{d}` (internet off):
+
+```python
+!{install}
+
+from spinestream import api
+
+runs = api.load_runs([{paths}], device="cuda")
+sub = api.predict("/kaggle/input/rsna-2022-cervical-spine-fracture-detection/test_images", runs,
+                  sample_submission="/kaggle/input/rsna-2022-cervical-spine-fracture-detection/sample_submission.csv",
+                  workers=2)
+api.write_submission(sub, "submission.csv")
+```
+
+or, after the install line: `!spinestream predict {cli_runs} --images .../test_images --sample-submission
+.../sample_submission.csv --out submission.csv --no-progress`.
+"""
+
+
+def write_readme(out: Path, names: list[str], pins: list[str], args) -> None:
+    d = f"/kaggle/input/{out.resolve().name}"
+    from spinestream import __version__
+
+    text = README.format(runs=len(names), names=", ".join(names), version=__version__, d=d,
+                         python=args.python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
+                         platform=", ".join(args.platform) or "this machine's platform",
+                         torch="included" if args.with_torch else "not included: Kaggle's preinstalled CUDA build",
+                         install=INSTALL.format(d=d), paths=", ".join(f'"{d}/runs/{n}"' for n in names),
+                         cli_runs=" ".join(f"--run {d}/runs/{n}" for n in names))
+    atomic_write_bytes(out / "README.md", text.encode())
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinestream kaggle-bundle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, action="append", required=True, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, required=True, help="the folder to upload as a Kaggle dataset")
-    p.add_argument("--python", default="3.11", help="Kaggle's Python version (major.minor)")
-    p.add_argument("--platform", default="manylinux2014_x86_64", help="pip --platform tag")
-    p.add_argument("--dry-run", action="store_true", help="print the commands and files; download nothing")
-    args = p.parse_args(argv)
+    p.add_argument("--python-version", default=None, help="the target's Python (major.minor; Kaggle: 3.11); "
+                   "default: this interpreter's")
+    p.add_argument("--platform", action="append", default=[], help="pip --platform tag, repeatable (Kaggle: "
+                   "manylinux2014_x86_64 and manylinux_2_35_x86_64, its glibc: pip does not expand one to the "
+                   "other); default: this machine's")
+    p.add_argument("--extra", action="append", default=[], help="add a project extra's dependencies (train, "
+                   "dali-cu12, ...); repeatable")
+    p.add_argument("--with-torch", action="store_true", help="bundle torch and torchvision too (Kaggle has them)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; write and download nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from spinestream.engine.checkpoint import RunError
 
     try:
-        if not re.fullmatch(r"3\.\d+", args.python):
-            raise ValueError(f"--python {args.python!r}: expected major.minor, e.g. 3.11")
-        files = run_files(args.run)
-        cmds = commands(args.out, args.python, args.platform)
-        pins, absent = runtime_pins(args.python)
+        if args.python_version and not re.fullmatch(r"3\.\d+", args.python_version):
+            raise ValueError(f"--python-version {args.python_version!r}: expected major.minor, e.g. 3.11")
+        plan = check_runs(args.run)
+        pins, absent = runtime_pins(args.python_version, tuple(args.extra), args.with_torch)
     except (RunError, FileNotFoundError, ValueError) as e:
         print(f"spinestream kaggle-bundle: error: {e}", file=sys.stderr)
         return 2
-    print(f"# {len(pins)} pinned runtime wheels (torch, torchvision excluded), {DALI} resolved for Python "
-          f"{args.python} {args.platform}" + (f"; not installed here, unpinned: {', '.join(absent)}" if absent else ""))
-    for c in cmds:
-        print(" ".join(c))
-    print("# files:")
-    print(f"{args.out}/wheels/{PROJECT}-*.whl and {len(pins) + len(absent)} dependency wheels + {DALI} (and its "
-          f"dependencies)")
-    for src, dst, note in files:
-        print(f"{args.out}/{dst}" + (f"  ({note})" if note else f"  <- {src}"))
+    if absent:
+        print(f"spinestream kaggle-bundle: error: required but not installed here, so untested: "
+              f"{', '.join(absent)}; install them (or drop the --extra that needs them)", file=sys.stderr)
+        return 2
+    out, wheels = args.out, args.out / "wheels"
+    download = download_command(wheels, pins, args.python_version, args.platform)
+    print(f"# {PROJECT} wheel + {len(pins)} pinned wheels (torch/torchvision "
+          f"{'included' if args.with_torch else 'left to Kaggle'}); runs:")
+    for dst, src in plan:
+        print(f"{out}/{dst}  <- {src}")
+    print(" ".join(download))
     if args.dry_run:
         return 0
-    for c in cmds:
-        if subprocess.run(c).returncode != 0:
-            print(f"spinestream kaggle-bundle: error: failed: {' '.join(c)}", file=sys.stderr)
-            return 1
-    write_runs(args.run, args.out)
-    atomic_write_json(args.out / "bundle.json", {
-        "python": args.python, "platform": args.platform, "commands": cmds, "pins": pins, "unpinned": absent,
-        "runs": [dst for _, dst, _ in files], "wheels": sorted(p.name for p in (args.out / "wheels").glob("*.whl"))})
-    print(f"done -> {args.out} (upload it as a Kaggle dataset; see README 'Predict a Kaggle submission')")
+    try:
+        own = project_wheel(wheels)
+        if subprocess.run(download).returncode != 0:
+            raise RuntimeError(f"failed: {' '.join(download)}")
+        write_runs(args.run, out)
+    except (RunError, RuntimeError, OSError) as e:
+        print(f"spinestream kaggle-bundle: error: {e}", file=sys.stderr)
+        return 1
+    from spinestream import __version__
+
+    requirements = [f"{PROJECT}=={__version__}", *pins]
+    atomic_write_bytes(out / "requirements.txt", "".join(r + "\n" for r in requirements).encode())
+    write_readme(out, run_names(args.run), pins, args)
+    atomic_write_json(out / "bundle.json", {
+        "python": args.python_version, "platform": args.platform, "extras": args.extra,
+        "with_torch": args.with_torch, "requirements": requirements, "install": INSTALL.format(d="."),
+        "download": download, "project_wheel": own.name, "runs": [dst for dst, _ in plan],
+        "wheels": sorted(p.name for p in wheels.glob("*.whl"))})
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"done -> {out} ({size / 1e6:.1f} MB; upload it as a Kaggle dataset, README.md has the notebook cell)")
     return 0
 
 

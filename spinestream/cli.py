@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"spinestream: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if "--no-progress" in rest:  # every verb: no progress bar anywhere (predict also keeps its own flag)
+        from spinestream.shards.progress import set_enabled
+
+        set_enabled(False)
+        rest = [a for a in rest if a != "--no-progress"] if verb != "predict" else rest
     module = importlib.import_module(VERBS[verb][0])
     return int(module.main(rest) or 0)
 

@@ -157,18 +157,47 @@ class Run:
     kwargs: dict  # engine.infer.predict_volumes settings: image_size, mean, std, batch_size, precision, ...
 
 
+def as_device(device):
+    """``device`` as a ``torch.device``: one as is; ``auto``, ``cpu`` or ``cuda`` resolved as ``--device`` is
+    (:func:`~spinestream.engine.device.pick_device`: an indexed CUDA device, or an error naming the fix); any other
+    string as torch reads it (``cuda:1``). Everything downstream asks ``device.type``, which a string has not."""
+    import torch
+
+    from spinestream.engine.device import pick_device
+
+    if isinstance(device, torch.device):
+        return device
+    return pick_device(device) if device in ("auto", "cpu", "cuda") else torch.device(device)
+
+
+def load_model(run: Path, checkpoint: str, device):
+    """(model, config, weights file) of a training run directory (its ``checkpoint``: best, last or a path) or
+    of a bundle's run (``weights.safetensors``, EMA weights only: ``spinestream kaggle-bundle``)."""
+    from spinestream.engine.evaluate import load_run_model
+    from spinestream.engine.weights import is_weights_dir, load_weights_model
+
+    if not is_weights_dir(run):
+        return load_run_model(run, checkpoint, device)
+    if checkpoint != "best":
+        raise ValueError(f"--run {run} holds exported weights only (weights.safetensors): --checkpoint "
+                         f"{checkpoint} needs the training run directory")
+    return load_weights_model(run, device)
+
+
 def load_runs(run_dirs: Sequence[Path], device, *, checkpoint: str = "best", batch_size: int | None = None,
               tta: bool = False) -> list[Run]:
-    """Load each run's model and shard spec; refuse an ensemble whose runs saw different images."""
+    """Load each run's model and shard spec; refuse an ensemble whose runs saw different images. A run is a
+    training run directory or a bundle's run (:func:`load_model`); ``device`` a ``torch.device`` or a string
+    (:func:`as_device`)."""
     from spinestream.engine.device import resolve_precision
-    from spinestream.engine.evaluate import load_run_model
     from spinestream.engine.model import data_config
 
     if not run_dirs:
         raise ValueError("at least one --run is needed")
+    device = as_device(device)
     runs = []
     for rd in run_dirs:
-        model, cfg, _ = load_run_model(Path(rd), checkpoint, device)
+        model, cfg, _ = load_model(Path(rd), checkpoint, device)
         dc = data_config(model)
         runs.append(Run(Path(rd), model, run_shard_spec(rd, cfg.data.root), cfg.train.study_rule, dict(
             image_size=cfg.loader.image_size, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
@@ -287,9 +316,9 @@ def predict_study_probs(runs: Sequence[Run], studies: Sequence[tuple[str, Path]]
 def _run_studies(runs, decoded, rule: str, prev: np.ndarray, out: dict, stats: dict, progress: bool) -> None:
     bar = None
     if progress:
-        from tqdm import tqdm
+        from spinestream.shards.progress import bar as progress_bar
 
-        bar = tqdm(total=stats["studies"], unit="study", desc="predict", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total=stats["studies"], unit="study", desc="predict", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         for d in decoded:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -94,9 +93,9 @@ def _write_studies(specs: list[StudySpec], out: Path, workers: int, progress: bo
     results: dict[str, _StudyResult] = {}
     bar = None
     if progress:
-        from tqdm import tqdm
+        from spinestream.shards.progress import bar as progress_bar
 
-        bar = tqdm(total=len(specs), unit="study", desc="synth", file=sys.stderr)
+        bar = progress_bar(total=len(specs), unit="study", desc="synth")
     try:
         if workers <= 1:
             for spec in specs:
