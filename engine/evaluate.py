@@ -24,7 +24,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,10 +37,11 @@ from spinestream.shards.tables import read_study_table
 
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
 
-from . import checkpoint as ck
-from .config import RunConfig
-from .metrics import RULES, constant_baseline, study_probabilities, submission_frame
-from .model import build_model, check_state_dict, model_fingerprint
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+# torch, timm and the run config (its loader imports torch) are imported where they are used: the pipeline's
+# config (spinestream.config) builds on EvaluateConfig, and loading it must not cost a torch import
 
 
 def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
@@ -48,6 +49,10 @@ def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
 
     The model is built as the trainer builds it (:func:`spinestream.engine.build.build_model_for`): at the run's
     ``loader.image_size``, which a fixed-input-size model (a ViT) needs to have the checkpoint's shapes."""
+    from . import checkpoint as ck
+    from .config import RunConfig
+    from .model import build_model, check_state_dict, model_fingerprint
+
     ck.check_run_dir(run_dir)
     if which == "best":
         ck.sync_best(run_dir)  # a kill between the step checkpoint and best.pt: best.pt is what the record names
@@ -74,10 +79,12 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
     else it cannot be and a warning says so). A relative ``data.root`` that does not exist from the current
     directory is a :class:`~spinestream.engine.checkpoint.RunError` naming ``--shards``, and so is a shard set
     that makes other images."""
+    from .checkpoint import RunError
+
     if shards is None:
         root = Path(cfg.data.root)
         if not root.is_absolute() and not root.exists():
-            raise ck.RunError(
+            raise RunError(
                 f"{run_dir}: data.root={cfg.data.root} is relative to the directory the run was trained in, and "
                 f"{Path.cwd()} has no {root}: run {verb} from that directory, or pass --shards DIR (the run's "
                 f"shard directory)")
@@ -95,7 +102,7 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
         try:
             own.check_same_images(other, f"{verb} --shards {root}" if shards is not None else f"{verb}: {run_dir}")
         except ValueError as e:  # the refusal itself (spec.py raises nothing else here): a run state, not a bug
-            raise ck.RunError(str(e)) from None
+            raise RunError(str(e)) from None
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
@@ -140,8 +147,8 @@ class EvaluateConfig:
     """Fold to evaluate; unset: the run's validation fold."""
     checkpoint: str = "best"
     """best, last, or a checkpoint path."""
-    rule: str | None = None
-    """Slice -> study rule (max, mean_top_k, quantile, noisy_or); unset: the run's train.study_rule."""
+    rule: Literal["max", "mean_top_k", "quantile", "noisy_or"] | None = None
+    """Slice -> study rule (engine.metrics.RULES); unset: the run's train.study_rule."""
     shards: str | None = None
     """Shard directory; unset: the run's data.root. It must make the images the run trained on."""
     batch_size: int = 32
@@ -155,8 +162,6 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.fold is not None and self.fold < 0:
             raise ValueError(f"fold must be >= 0, got {self.fold}")
-        if self.rule is not None and self.rule not in RULES:
-            raise ValueError(f"rule {self.rule!r} is not one of {', '.join(RULES)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.checkpoint:
@@ -166,6 +171,8 @@ class EvaluateConfig:
 def write_outputs(out: Path, probs: dict[str, np.ndarray], studies: pd.DataFrame, result: dict, rule: str
                   ) -> pd.DataFrame:
     """report.csv, slice_probs.parquet, submission.csv and heatmaps.png into ``out``; returns the report."""
+    from .metrics import study_probabilities, submission_frame
+
     out.mkdir(parents=True, exist_ok=True)
     report = pd.DataFrame(result["report"]).set_index("target")
     report.to_csv(out / "report.csv")
@@ -184,6 +191,7 @@ def run(cfg: EvaluateConfig) -> tuple[Path, dict, pd.DataFrame]:
     contents, the per-vertebra report)."""
     from .device import pick_device, resolve_precision
     from .infer import predict_run, score_studies
+    from .metrics import constant_baseline
 
     if cfg.run is None:
         raise ConfigError("evaluate: no run to evaluate: pass --run RUN_DIR (or run: in the -c file)")

@@ -157,8 +157,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def _plain_value(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return _plain_value(dataclasses.asdict(v))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # init fields only: what load_config reads back
+        return {f.name: _plain_value(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
     if isinstance(v, (list, tuple)):
         return [_plain_value(x) for x in v]
     if isinstance(v, dict):
@@ -167,8 +167,9 @@ def _plain_value(v: Any) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain, YAML/JSON-serialisable dict of a config dataclass (tuples become lists)."""
-    return _plain_value(dataclasses.asdict(cfg))
+    """Plain, YAML/JSON-serialisable dict of a config dataclass (tuples become lists), its init fields only (a
+    field the loader cannot set, such as a path the pipeline owns, is left out)."""
+    return _plain_value(cfg)
 
 
 # --------------------------------------------------------------------------- command-line help

@@ -25,6 +25,14 @@ def _arg(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def _config(argv: list[str], cls=None):
+    """The ``-c`` file a verb was given, loaded as that verb loads it (``cls``), else as plain YAML."""
+    from spinestream.shards.config import load_config
+
+    path = _arg(argv, "-c")
+    return yaml.safe_load(Path(path).read_text()) if cls is None else load_config(cls, path)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -98,8 +106,9 @@ class FakeVerbs:
         return 0
 
     def evaluate(self, a):
-        out = Path(_arg(a, "--out")) if "--out" in a else Path(_arg(a, "--run")) / "eval-f0"
-        _write(out / "report.csv", "target,accuracy\nC1,0.9\n")
+        from spinestream.engine.evaluate import EvaluateConfig
+
+        _write(Path(_config(a, EvaluateConfig).out) / "report.csv", "target,accuracy\nC1,0.9\n")
         return 0
 
     def synth_truth(self, a):
@@ -107,13 +116,17 @@ class FakeVerbs:
         return 0
 
     def pseudo_label(self, a):
-        out = Path(_arg(a, "--out"))
+        from spinestream.engine.pseudo import PseudoLabelConfig
+
+        out = Path(_config(a, PseudoLabelConfig).out)
         _write(out, "pseudo table")
         _write(out.with_suffix(".summary.json"), json.dumps({"mode": "hard", "studies": 3, "slices": 90}))
         return 0
 
     def predict(self, a):
-        _write(Path(_arg(a, "--out")), "row_id,fractured\n" + "".join(f"1.2.3_C{i},0.1\n" for i in range(1, 8))
+        from spinestream.predict import PredictConfig
+
+        _write(Path(_config(a, PredictConfig).out), "row_id,fractured\n" + "".join(f"1.2.3_C{i},0.1\n" for i in range(1, 8))
                + "1.2.3_patient_overall,0.2\n")
         return 0
 
@@ -164,8 +177,10 @@ def test_full_run_runs_every_stage_once_and_a_rerun_skips_all(pipeline, capsys):
     assert fakes.verbs() == ["synth", "shard", "verify", "bench", "train", "evaluate", "synth-truth",
                              "pseudo-label", "train", "evaluate", "predict", "evaluate", "evaluate"]
     for call, r in zip(fakes.calls[-2:], ("round1", "round2")):  # compare: each round's last checkpoint
-        assert _arg(call, "--run") == str(out / "runs" / r) and _arg(call, "--checkpoint") == "last"
-        assert _arg(call, "--out") == str(out / "runs" / r / "eval-f0-last")
+        assert _arg(call, "-c") == str(out / "stages" / f"compare-{r}.yaml")
+        c = _config(call)
+        assert c["run"] == str(out / "runs" / r) and c["checkpoint"] == "last"
+        assert c["out"] == str(out / "runs" / r / "eval-f0-last")
     assert _statuses(capsys) == dict.fromkeys(ALL, "run")
     for s in ALL:
         assert json.loads((out / "stages" / f"{s}.json").read_text())["state"] == "complete"
@@ -564,7 +579,7 @@ def test_adding_the_compare_stage_to_a_finished_pipeline_redoes_the_report_only(
     assert run() == 0
     st = _statuses(capsys)
     assert [st[s] for s in ALL[:10]] == ["skipped"] * 10 and (st["compare"], st["report"]) == ("run", "redone")
-    assert [(c[0], _arg(c, "--checkpoint")) for c in fakes.calls] == [("evaluate", "last")] * 2
+    assert [(c[0], _config(c)["checkpoint"]) for c in fakes.calls] == [("evaluate", "last")] * 2
     assert all((out / f"runs/{r}/eval-f0-last/report.csv").is_file() for r in ("round1", "round2"))
 
 
