@@ -242,6 +242,77 @@ def test_changed_round2_setting_redoes_round2_and_after_not_round1(pipeline, cap
     assert rec["inputs"]["config"]["optim"]["lr"] == 0.0005
 
 
+def test_verb_stages_write_their_configs_and_the_verbs_load_them(pipeline):
+    """Issue 18: evaluate, pseudo-label and predict get ``-c DIR/stages/<stage>.yaml``, their config with the
+    stage's options and the paths the pipeline owns (absolute); no option is turned into argv by hand."""
+    from spinestream.engine.evaluate import EvaluateConfig
+    from spinestream.engine.pseudo import PseudoLabelConfig
+    from spinestream.predict import PredictConfig
+    from spinestream.shards.config import load_config
+
+    run, fakes, out = pipeline
+    assert run("--set", "evaluate1.batch_size=7", "--set", "pseudo.tta=true", "--set", "predict.workers=1") == 0
+    calls = {c[0] if c[0] != "evaluate" else Path(_arg(c, "-c")).stem: c for c in fakes.calls}
+    for stage, verb in (("evaluate1", "evaluate"), ("evaluate2", "evaluate"), ("pseudo", "pseudo-label"),
+                        ("predict", "predict"), ("compare-round1", "evaluate"), ("compare-round2", "evaluate")):
+        assert calls[stage if verb == "evaluate" else verb] == [verb, "-c", str(out / "stages" / f"{stage}.yaml")]
+    e1 = load_config(EvaluateConfig, out / "stages/evaluate1.yaml")
+    assert e1 == EvaluateConfig(run=str(out / "runs/round1"), shards=str(out / "shards"), batch_size=7,
+                                out=str(out / "runs/round1/eval-f0"))
+    assert load_config(EvaluateConfig, out / "stages/compare-round1.yaml").batch_size == 7  # its stage's options
+    p = load_config(PseudoLabelConfig, out / "stages/pseudo.yaml")
+    assert p.tta and (p.run, p.out, p.truth) == (str(out / "runs/round1"), str(out / "shards/labels/pseudo-round1.parquet"),
+                                                 str(out / "crack-truth.parquet"))  # demo.yaml: synth_truth
+    pr = load_config(PredictConfig, out / "stages/predict.yaml")
+    assert (pr.run, pr.out, pr.workers) == ([str(out / "runs/round2")], str(out / "submission.csv"), 1)
+    assert pr.images == str(out / "raw/test_images")
+
+
+def test_a_path_the_pipeline_owns_is_not_a_stage_option(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run("--set", "evaluate1.out=elsewhere") == 2
+    assert "evaluate1.out: unknown key" in capsys.readouterr().err and fakes.calls == []
+
+
+def test_changed_evaluate_option_redoes_that_evaluation_only(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "evaluate2.rule=noisy_or") == 0
+    st = _statuses(capsys)
+    redone = {"evaluate2", "compare", "report"}  # compare evaluates round 2's last checkpoint with the same rule
+    assert {s: st[s] for s in ALL} == {s: "redone" if s in redone else "skipped" for s in ALL}
+    assert fakes.verbs() == ["evaluate"] * 3
+    assert _evaluate_config(out / "stages/evaluate2.yaml").rule == "noisy_or"
+    assert _evaluate_config(out / "stages/compare-round2.yaml").rule == "noisy_or"
+    capsys.readouterr()
+    assert run("--set", "evaluate2.rule=noisy_or") == 0  # unchanged: nothing reruns
+    assert _statuses(capsys) == dict.fromkeys(ALL, "skipped")
+
+
+def test_changed_pseudo_option_redoes_pseudo_labels_and_what_trained_on_them(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    r1 = _round1_files(out)
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "pseudo.threshold='0.4'") == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:6]] == ["skipped"] * 6 and [st[s] for s in ALL[6:]] == ["redone"] * 6
+    assert fakes.verbs() == ["synth-truth", "pseudo-label", "train", "evaluate", "predict", "evaluate", "evaluate"]
+    assert _round1_files(out) == r1
+    rec = json.loads((out / "stages/pseudo.json").read_text())
+    assert rec["inputs"]["options"]["threshold"] == "0.4" and "run" not in rec["inputs"]["options"]
+
+
+def _evaluate_config(path: Path):
+    from spinestream.engine.evaluate import EvaluateConfig
+    from spinestream.shards.config import load_config
+
+    return load_config(EvaluateConfig, path)
+
+
 def test_from_round2_redoes_from_round2(pipeline, capsys):
     run, fakes, out = pipeline
     assert run() == 0
