@@ -92,3 +92,15 @@ def test_evaluate_rule_and_device_are_checked_by_the_config():
 def _write(path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+@pytest.mark.parametrize("cls", [EvaluateConfig, PredictConfig])
+def test_the_rule_choices_are_the_metrics_rules(cls):
+    """The configs spell the rules out (importing engine.metrics would import torch whenever the pipeline's config
+    loads); this keeps them equal to the one definition."""
+    import typing
+
+    from spinestream.engine.metrics import RULES
+
+    literal = next(a for a in typing.get_args(typing.get_type_hints(cls)["rule"]) if a is not type(None))
+    assert typing.get_args(literal) == RULES
