@@ -13,28 +13,35 @@ elsewhere); either way they must make the images the run trained on (``RUN_DIR/s
 relative to the directory ``spinestream train`` ran in; when it does not exist from the current directory
 the error says so and names ``--shards``. A model that gives non-finite probabilities on a study is an
 error naming the study (:func:`spinestream.engine.infer.check_finite`): nothing is scored.
+
+The options are :class:`EvaluateConfig`'s fields: flags (``--batch-size 16``), a ``-c`` YAML file or ``--set
+KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-config`` prints such a file.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
-from spinestream.shards.config import ConfigError, load_config
+from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, \
+    load_config, plain, print_config
 from spinestream.shards.fsutil import atomic_write_json
 from spinestream.shards.layout import TARGETS, Layout
 from spinestream.shards.tables import read_study_table
 
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
 
-from . import checkpoint as ck
-from .config import RunConfig
-from .metrics import constant_baseline, study_probabilities, submission_frame
-from .model import build_model, check_state_dict, model_fingerprint
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+# torch, timm and the run config (its loader imports torch) are imported where they are used: the pipeline's
+# config (spinestream.config) builds on EvaluateConfig, and loading it must not cost a torch import
 
 
 def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
@@ -42,6 +49,10 @@ def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
 
     The model is built as the trainer builds it (:func:`spinestream.engine.build.build_model_for`): at the run's
     ``loader.image_size``, which a fixed-input-size model (a ViT) needs to have the checkpoint's shapes."""
+    from . import checkpoint as ck
+    from .config import RunConfig
+    from .model import build_model, check_state_dict, model_fingerprint
+
     ck.check_run_dir(run_dir)
     if which == "best":
         ck.sync_best(run_dir)  # a kill between the step checkpoint and best.pt: best.pt is what the record names
@@ -66,11 +77,14 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
     The shard set must make the images the run trained on: its spec is checked against the run's
     (``RUN_DIR/shard_spec.json``; a run without one is checked against its ``data.root`` when that is there,
     else it cannot be and a warning says so). A relative ``data.root`` that does not exist from the current
-    directory is a FileNotFoundError naming ``--shards``."""
+    directory is a :class:`~spinestream.engine.checkpoint.RunError` naming ``--shards``, and so is a shard set
+    that makes other images."""
+    from .checkpoint import RunError
+
     if shards is None:
         root = Path(cfg.data.root)
         if not root.is_absolute() and not root.exists():
-            raise FileNotFoundError(
+            raise RunError(
                 f"{run_dir}: data.root={cfg.data.root} is relative to the directory the run was trained in, and "
                 f"{Path.cwd()} has no {root}: run {verb} from that directory, or pass --shards DIR (the run's "
                 f"shard directory)")
@@ -85,7 +99,10 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
         print(f"warning: {run_dir} has no {SPEC_FILE} and its data.root {cfg.data.root} is not there: "
               f"cannot check that {root} makes the images it trained on", file=sys.stderr)
     else:
-        own.check_same_images(other, f"{verb} --shards {root}" if shards is not None else f"{verb}: {run_dir}")
+        try:
+            own.check_same_images(other, f"{verb} --shards {root}" if shards is not None else f"{verb}: {run_dir}")
+        except ValueError as e:  # the refusal itself (spec.py raises nothing else here): a run state, not a bug
+            raise RunError(str(e)) from None
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
@@ -119,45 +136,43 @@ def heatmaps(probs: dict[str, np.ndarray], studies: pd.DataFrame, path: Path, ma
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="spinestream evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="a run directory (runs/<name>)")
-    p.add_argument("--fold", type=int, default=None, help="fold to evaluate (default: the run's validation fold)")
-    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
-    p.add_argument("--rule", default=None, help="slice -> study rule (default: the run's train.study_rule)")
-    p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root); "
-                   "it must make the images the run trained on")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN/eval-f<k>; the "
-                   "pipeline's compare stage writes --checkpoint last to RUN/eval-f<k>-last)")
-    args = p.parse_args(argv)
-    from .device import pick_device, resolve_precision
-    from .infer import predict_run, score_studies
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """``spinestream evaluate``: which run, checkpoint and fold, and where the results go (``-c FILE``,
+    ``--set KEY=VALUE`` or one flag per field; the pipeline writes one per evaluate stage)."""
 
-    try:
-        dev = pick_device(args.device)
-        model, cfg, path = load_run_model(args.run, args.checkpoint, dev)
-        cfg = with_shards(args.run, cfg, args.shards, "evaluate")
-        fold = cfg.data.val_fold if args.fold is None else args.fold
-        rule = args.rule or cfg.train.study_rule
-        studies = read_study_table(Layout(Path(cfg.data.root)).studies)
-        chosen = studies[(studies.fold == fold) & studies.cohort.isin(cfg.data.val_cohorts)]
-        if chosen.empty:
-            raise ValueError(f"no studies in fold {fold} of {cfg.data.root}")
-        if fold != cfg.data.val_fold:
-            print(f"warning: fold {fold} is not the run's validation fold ({cfg.data.val_fold}): "
-                  f"the model may have trained on it", file=sys.stderr)
-        precision = resolve_precision(cfg.train.precision, dev)
-        probs = predict_run(model, cfg, chosen.StudyInstanceUID.tolist(), dev, precision,
-                            batch_size=args.batch_size, progress=True)
-        result = score_studies(probs, studies, rule)
-        baseline = constant_baseline(chosen, prevalence_from=studies[studies.fold != fold])
-    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"spinestream evaluate: error: {e}", file=sys.stderr)
-        return 2
-    out = args.out or args.run / f"eval-f{fold}"
+    run: str | None = None
+    """The run directory (runs/<name>); required."""
+    fold: int | None = None
+    """Fold to evaluate; unset: the run's validation fold."""
+    checkpoint: str = "best"
+    """best, last, or a checkpoint path."""
+    rule: Literal["max", "mean_top_k", "quantile", "noisy_or"] | None = None
+    """Slice -> study rule (engine.metrics.RULES); unset: the run's train.study_rule."""
+    shards: str | None = None
+    """Shard directory; unset: the run's data.root. It must make the images the run trained on."""
+    batch_size: int = 32
+    """Slices per model batch."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs (auto: a GPU when one is visible)."""
+    out: str | None = None
+    """Output directory; unset: RUN/eval-f<k> (the pipeline's compare stage writes the last checkpoint's to
+    RUN/eval-f<k>-last)."""
+
+    def __post_init__(self) -> None:
+        if self.fold is not None and self.fold < 0:
+            raise ValueError(f"fold must be >= 0, got {self.fold}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.checkpoint:
+            raise ValueError("checkpoint: best, last, or a checkpoint path")
+
+
+def write_outputs(out: Path, probs: dict[str, np.ndarray], studies: pd.DataFrame, result: dict, rule: str
+                  ) -> pd.DataFrame:
+    """report.csv, slice_probs.parquet, submission.csv and heatmaps.png into ``out``; returns the report."""
+    from .metrics import study_probabilities, submission_frame
+
     out.mkdir(parents=True, exist_ok=True)
     report = pd.DataFrame(result["report"]).set_index("target")
     report.to_csv(out / "report.csv")
@@ -168,16 +183,67 @@ def main(argv: list[str] | None = None) -> int:
     submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()}).to_csv(out / "submission.csv",
                                                                                         index=False)
     heatmaps(probs, studies, out / "heatmaps.png")
-    atomic_write_json(out / "summary.json", {
-        "run": str(args.run), "checkpoint": str(path), "shards": str(cfg.data.root), "fold": int(fold), "rule": rule,
+    return report
+
+
+def run(cfg: EvaluateConfig) -> tuple[Path, dict, pd.DataFrame]:
+    """Evaluate ``cfg.run`` and write the outputs (module doc); returns (the output directory, summary.json's
+    contents, the per-vertebra report)."""
+    from .device import pick_device, resolve_precision
+    from .infer import predict_run, score_studies
+    from .metrics import constant_baseline
+
+    if cfg.run is None:
+        raise ConfigError("evaluate: no run to evaluate: pass --run RUN_DIR (or run: in the -c file)")
+    run_dir = Path(cfg.run)
+    dev = pick_device(cfg.device)
+    model, rc, path = load_run_model(run_dir, cfg.checkpoint, dev)
+    rc = with_shards(run_dir, rc, None if cfg.shards is None else Path(cfg.shards), "evaluate")
+    fold = rc.data.val_fold if cfg.fold is None else cfg.fold
+    rule = cfg.rule or rc.train.study_rule
+    studies = read_study_table(Layout(Path(rc.data.root)).studies)
+    chosen = studies[(studies.fold == fold) & studies.cohort.isin(rc.data.val_cohorts)]
+    if chosen.empty:
+        raise ConfigError(f"fold {fold}: no {'/'.join(rc.data.val_cohorts)} studies in fold {fold} of "
+                          f"{rc.data.root}; choose another --fold")
+    if fold != rc.data.val_fold:
+        print(f"warning: fold {fold} is not the run's validation fold ({rc.data.val_fold}): "
+              f"the model may have trained on it", file=sys.stderr)
+    probs = predict_run(model, rc, chosen.StudyInstanceUID.tolist(), dev, resolve_precision(rc.train.precision, dev),
+                        batch_size=cfg.batch_size, progress=True)
+    result = score_studies(probs, studies, rule)
+    baseline = constant_baseline(chosen, prevalence_from=studies[studies.fold != fold])
+    out = Path(cfg.out) if cfg.out is not None else run_dir / f"eval-f{fold}"
+    report = write_outputs(out, probs, studies, result, rule)
+    summary = {
+        "run": str(run_dir), "checkpoint": str(path), "shards": str(rc.data.root), "fold": int(fold), "rule": rule,
         "studies": result["studies"], "competition_loss": result["competition_loss"],
         "constant_baseline": float(baseline), "accuracy": result["accuracy"],
-        "validation_fold": fold == cfg.data.val_fold})
+        "validation_fold": fold == rc.data.val_fold}
+    atomic_write_json(out / "summary.json", summary)
+    return out, summary, report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinestream evaluate", description=plain(__doc__), formatter_class=HelpFormatter)
+    add_config_arguments(p, EvaluateConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors are not caught here: the console script prints a project error on one line (exit 2), and
+    anything else is a bug that keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(EvaluateConfig, args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    out, summary, report = run(cfg)
     with pd.option_context("display.width", 120, "display.precision", 3):
         print(report[["accuracy", "sensitivity", "specificity", "auc", "n_pos", "n_neg"]])
-    print(f"\n{path.name}, fold {fold}, {result['studies']} studies, rule={rule}: "
-          f"competition loss {result['competition_loss']:.4f} (constant baseline {baseline:.4f}), "
-          f"accuracy {result['accuracy']:.3f} -> {out}")
+    print(f"\n{Path(summary['checkpoint']).name}, fold {summary['fold']}, {summary['studies']} studies, rule="
+          f"{summary['rule']}: competition loss {summary['competition_loss']:.4f} (constant baseline "
+          f"{summary['constant_baseline']:.4f}), accuracy {summary['accuracy']:.3f} -> {out}")
     return 0
 
 

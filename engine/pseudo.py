@@ -56,23 +56,37 @@ thresholds, and the slice-level precision/recall/F1 against ``--truth`` when giv
 synthetic generator knows every crack, see ``preprocess/synth_truth.py``) and
 ``<name>.heatmap.png`` (slices x vertebrae for a sample of studies, probabilities beside
 the labels).
+
+The options are :class:`PseudoLabelConfig`'s fields: flags (``--mode soft``), a ``-c`` YAML file or ``--set
+KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-config`` prints such a file.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from spinestream import SpinestreamError
+from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, plain, \
+    print_config
 from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
 from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
 PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
-THRESHOLD_METHODS = ("train-share", "val")  # --threshold words; the first is the default
+THRESHOLD_METHODS = ("train-share", "val")  # threshold words; PseudoLabelConfig's default is the first
 COHORT = "positive-unboxed"  # the shards.layout.COHORTS member it labels
+
+
+class PseudoLabelError(SpinestreamError, ValueError):
+    """A shard set or truth table that cannot be pseudo-labelled or measured against (the message says why)."""
+
+
 RULE = ("hard: C_v = p_v >= threshold_v; soft: C_v = p_v. Then: a vertebra negative in the study labels is 0 on "
         "every slice; a positive one is 1 on at least its most likely slice; any = max(C1..C7)")
 
@@ -175,7 +189,7 @@ def share_thresholds(probs: dict[str, np.ndarray], studies: pd.DataFrame, truth:
         ids = int(row.slice_id_offset) + np.arange(int(row.n_slices))
         y = t.reindex(ids)[list(VERTEBRAE)].to_numpy(np.float64)
         if np.isnan(y).any():
-            raise ValueError(f"study {uid}: the truth table lacks some of its {len(ids)} slices (made for another "
+            raise PseudoLabelError(f"study {uid}: the truth table lacks some of its {len(ids)} slices (made for another "
                              f"shard set?)")
         fractured = row[list(VERTEBRAE)].to_numpy(int) == 1
         pos += np.where(fractured, (y >= 0.5).sum(axis=0), 0)
@@ -204,10 +218,10 @@ def parse_thresholds(text: str) -> np.ndarray | None:
     try:
         vals = [float(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--threshold: {' or '.join(map(repr, THRESHOLD_METHODS))}, one number, or 7 "
+        raise ValueError(f"threshold: {' or '.join(map(repr, THRESHOLD_METHODS))}, one number, or 7 "
                          f"comma-separated numbers; got {text!r}") from None
     if len(vals) not in (1, 7) or not all(0.0 <= v <= 1.0 for v in vals):
-        raise ValueError(f"--threshold: one or 7 values in [0, 1] (C1..C7), got {text!r}")
+        raise ValueError(f"threshold: one or 7 values in [0, 1] (C1..C7), got {text!r}")
     return np.array(vals * 7 if len(vals) == 1 else vals, np.float64)
 
 
@@ -223,7 +237,7 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """(the table, its metadata) as :func:`write_table` wrote them."""
     t = read_label_table(path)
     if t.metadata.get("kind") != "pseudo-labels":
-        raise ValueError(f"{path}: not a pseudo-label table (its metadata's kind is {t.metadata.get('kind')!r})")
+        raise PseudoLabelError(f"{path}: not a pseudo-label table (its metadata's kind is {t.metadata.get('kind')!r})")
     return t.frame, t.metadata
 
 
@@ -244,7 +258,7 @@ def quality(pseudo_df: pd.DataFrame, truth_df: pd.DataFrame, threshold: float = 
     t = truth_df.set_index("slice_id")
     missing = ~pseudo_df.slice_id.isin(t.index)
     if missing.any():
-        raise ValueError(f"the truth table lacks {int(missing.sum())} of the {len(pseudo_df)} pseudo-labelled slices "
+        raise PseudoLabelError(f"the truth table lacks {int(missing.sum())} of the {len(pseudo_df)} pseudo-labelled slices "
                          f"(made for another shard set?)")
     yt = t.loc[pseudo_df.slice_id, list(TARGETS)].to_numpy() >= 0.5
     yp = pseudo_df[list(TARGETS)].to_numpy() >= threshold
@@ -300,29 +314,77 @@ def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: in
 # --------------------------------------------------------------------------- the verb
 
 
+@dataclass(kw_only=True)
+class PseudoLabelConfig:
+    """``spinestream pseudo-label``: which run labels, how, and where the table goes (``-c FILE``, ``--set
+    KEY=VALUE`` or one flag per field; the pipeline's pseudo stage writes one)."""
+
+    run: str | None = None
+    """The round-1 run directory; required."""
+    out: str | None = None
+    """Table path; unset: <shards>/labels/pseudo-<run>.parquet."""
+    mode: Literal["hard", "soft"] = "hard"
+    """hard: 0/1 targets at the thresholds; soft: the probabilities themselves."""
+    threshold: str = "train-share"
+    """Hard mode: 'train-share' (per vertebra, the share of positive slices of the boxed training studies; never
+    the validation fold), 'val' (best F1 on the run's validation fold: leaks it into round 2), one global value,
+    or 7 values C1..C7 separated by commas (a number in YAML is quoted: '0.4')."""
+    checkpoint: str = "best"
+    """best, last, or a checkpoint path."""
+    shards: str | None = None
+    """Shard directory; unset: the run's data.root. It must make the images the run trained on."""
+    truth: str | None = None
+    """A slice truth table (slice_id, C1..C7, any), e.g. from `python -m spinestream.preprocess.synth_truth`: adds
+    precision/recall/F1 to the summary."""
+    tta: bool = False
+    """Average with the horizontally flipped image."""
+    batch_size: int = 64
+    """Slices per model batch."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs (auto: a GPU when one is visible)."""
+    heatmap_studies: int = 8
+    """Studies drawn in <name>.heatmap.png (0: no figure)."""
+
+    def __post_init__(self) -> None:
+        parse_thresholds(self.threshold)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.heatmap_studies < 0:
+            raise ValueError(f"heatmap_studies must be >= 0, got {self.heatmap_studies}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinestream pseudo-label", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the round-1 run directory")
-    p.add_argument("--out", type=Path, default=None, help="table path (default <shards>/labels/pseudo-<run>.parquet)")
-    p.add_argument("--mode", choices=("hard", "soft"), default="hard")
-    p.add_argument("--threshold", default=THRESHOLD_METHODS[0], help="hard mode: 'train-share' (the default: per "
-                   "vertebra, the share of positive slices of the boxed training studies; never the validation "
-                   "fold), 'val' (best F1 on the run's validation fold: leaks it into round 2), one global value, "
-                   "or 7 values C1..C7 separated by commas")
-    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
-    p.add_argument("--shards", type=Path, default=None, help="shard directory (default: the run's data.root); "
-                   "it must make the images the run trained on")
-    p.add_argument("--truth", type=Path, default=None, help="a slice truth table (slice_id, C1..C7, any), e.g. "
-                   "from `python -m spinestream.preprocess.synth_truth`: adds precision/recall/F1 to the summary")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--heatmap-studies", type=int, default=8)
+    p = argparse.ArgumentParser(prog="spinestream pseudo-label", description=plain(__doc__),
+                                formatter_class=HelpFormatter)
+    add_config_arguments(p, PseudoLabelConfig)
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
+def _thresholds(cfg: PseudoLabelConfig, probs: dict[str, np.ndarray], studies: pd.DataFrame, tune: pd.DataFrame,
+                root: Path, k: int) -> tuple[np.ndarray | None, str | None, dict | None]:
+    """(thresholds, their source in words, per-vertebra detail) of ``cfg.threshold``; a ``val`` method pops its
+    tuning studies out of ``probs``."""
+    thresholds = parse_thresholds(cfg.threshold) if cfg.mode == "hard" else None
+    if cfg.mode != "hard" or thresholds is not None:
+        return thresholds, None if cfg.mode != "hard" else "given", None
+    truth = read_label_table(Layout(root).truth).frame
+    if cfg.threshold == "val":
+        vp = {u: probs.pop(u) for u in tune.StudyInstanceUID}
+        thresholds, detail = choose_thresholds(vp, studies, truth)
+        return thresholds, (f"val: best slice F1 per vertebra on {len(vp)} boxed studies of validation fold {k} "
+                            f"(leaks that fold's labels into round 2, which is scored on it)"), detail
+    thresholds, detail = share_thresholds(probs, studies, truth, tune.StudyInstanceUID.tolist())
+    if not len(tune):
+        print(f"warning: {root} has no boxed study outside validation fold {k}: thresholds 0.5", file=sys.stderr)
+        return thresholds, (f"train-share: no boxed study outside validation fold {k} to take the shares from: 0.5 "
+                            f"for every vertebra"), detail
+    folds = sorted(int(f) for f in set(tune.fold))
+    return thresholds, (f"train-share: per vertebra, the share of positive slices in the truth of {len(tune)} boxed "
+                        f"training studies (folds {folds}; validation fold {k} not used), matched in the "
+                        f"pseudo-labelled studies"), detail
+
+
+def run(cfg: PseudoLabelConfig) -> dict:
     """Inference, thresholds, table, summary and heat map; returns the summary."""
     import torch
 
@@ -330,50 +392,36 @@ def run(args: argparse.Namespace) -> dict:
     from .evaluate import load_run_model, with_shards
     from .infer import predict_run
 
-    dev = pick_device(args.device)
+    if cfg.run is None:
+        raise ConfigError("pseudo-label: no run to label with: pass --run RUN_DIR (or run: in the -c file)")
+    run_dir = Path(cfg.run)
+    dev = pick_device(cfg.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes (engine.infer): tuned once
-    model, cfg, ckpt = load_run_model(args.run, args.checkpoint, dev)
-    cfg = with_shards(args.run, cfg, args.shards, "pseudo-label")
-    root = Path(cfg.data.root)
+    model, rc, ckpt = load_run_model(run_dir, cfg.checkpoint, dev)
+    rc = with_shards(run_dir, rc, None if cfg.shards is None else Path(cfg.shards), "pseudo-label")
+    root = Path(rc.data.root)
     studies = read_study_table(Layout(root).studies)
     targets = studies[studies.cohort == COHORT]
     if targets.empty:
-        raise ValueError(f"{root}: no {COHORT} studies to pseudo-label")
-    thresholds = parse_thresholds(args.threshold) if args.mode == "hard" else None
-    method = (args.threshold if thresholds is None else "given") if args.mode == "hard" else None
-    k = cfg.data.val_fold
+        raise PseudoLabelError(f"{root}: no {COHORT} studies to pseudo-label")
+    method = (cfg.threshold if cfg.threshold in THRESHOLD_METHODS else "given") if cfg.mode == "hard" else None
+    k = rc.data.val_fold
     boxed = studies[studies.cohort == "boxed"]
     tune = boxed[boxed.fold == k] if method == "val" else boxed[boxed.fold != k] if method == "train-share" \
         else boxed.iloc[:0]
     if method == "val":
-        print(f"warning: --threshold val tunes the thresholds on the {len(tune)} boxed studies of validation fold "
+        print(f"warning: threshold val tunes the thresholds on the {len(tune)} boxed studies of validation fold "
               f"{k}, the fold round 2 is scored on: its validation loss will be optimistic (the default, "
               f"train-share, never reads that fold)", file=sys.stderr)
     uids = targets.StudyInstanceUID.tolist() + (tune.StudyInstanceUID.tolist() if method == "val" else [])
-    probs = predict_run(model, cfg, uids, dev, resolve_precision(cfg.train.precision, dev),
-                        batch_size=args.batch_size, tta=args.tta, progress=sys.stderr.isatty())
-    source, detail = method, None
-    if method == "val":
-        vp = {u: probs.pop(u) for u in tune.StudyInstanceUID}
-        thresholds, detail = choose_thresholds(vp, studies, read_label_table(Layout(root).truth).frame)
-        source = (f"val: best slice F1 per vertebra on {len(vp)} boxed studies of validation fold {k} (leaks "
-                  f"that fold's labels into round 2, which is scored on it)")
-    elif method == "train-share":
-        thresholds, detail = share_thresholds(probs, studies, read_label_table(Layout(root).truth).frame,
-                                              tune.StudyInstanceUID.tolist())
-        folds = sorted(int(f) for f in set(tune.fold))
-        source = (f"train-share: per vertebra, the share of positive slices in the truth of {len(tune)} boxed "
-                  f"training studies (folds {folds}; validation fold {k} not used), matched in the "
-                  f"pseudo-labelled studies" if len(tune) else
-                  f"train-share: no boxed study outside validation fold {k} to take the shares from: 0.5 for "
-                  f"every vertebra")
-        if not len(tune):
-            print(f"warning: {root} has no boxed study outside validation fold {k}: thresholds 0.5", file=sys.stderr)
-    df = pseudo_table(probs, studies, mode=args.mode, thresholds=thresholds)
-    out = args.out or Layout(root).root / "labels" / f"pseudo-{args.run.resolve().name}.parquet"
-    meta = {"kind": "pseudo-labels", "run": str(args.run), "checkpoint": str(ckpt), "model": cfg.model.name,
-            "mode": args.mode, "rule": RULE, "tta": bool(args.tta), "shards": str(root), "cohort": COHORT,
+    probs = predict_run(model, rc, uids, dev, resolve_precision(rc.train.precision, dev),
+                        batch_size=cfg.batch_size, tta=cfg.tta, progress=sys.stderr.isatty())
+    thresholds, source, detail = _thresholds(cfg, probs, studies, tune, root, k)
+    df = pseudo_table(probs, studies, mode=cfg.mode, thresholds=thresholds)
+    out = Path(cfg.out) if cfg.out is not None else root / "labels" / f"pseudo-{run_dir.resolve().name}.parquet"
+    meta = {"kind": "pseudo-labels", "run": str(run_dir), "checkpoint": str(ckpt), "model": rc.model.name,
+            "mode": cfg.mode, "rule": RULE, "tta": cfg.tta, "shards": str(root), "cohort": COHORT,
             "thresholds": None if thresholds is None else dict(zip(VERTEBRAE, map(float, thresholds))),
             "threshold_method": method, "threshold_source": source,
             "threshold_studies": None if method is None else sorted(tune.StudyInstanceUID),
@@ -381,17 +429,22 @@ def run(args: argparse.Namespace) -> dict:
             "threshold_excludes_fold": int(k) if method == "train-share" else None,
             "threshold_detail": detail}
     write_table(out, df, meta)
+    return write_summary(cfg, df, meta, out, root)
+
+
+def write_summary(cfg: PseudoLabelConfig, df: pd.DataFrame, meta: dict, out: Path, root: Path) -> dict:
+    """``<name>.summary.json`` (and ``<name>.heatmap.png``) beside the table ``out``; returns the summary."""
+    from spinestream.shards.fsutil import atomic_write_json
+
     slices = read_slice_table(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
     keys = ("run", "checkpoint", "shards", "mode", "thresholds", "threshold_method", "threshold_source",
             "threshold_studies", "threshold_folds", "threshold_excludes_fold")
     summary = {"table": str(out), **{k: meta[k] for k in keys}, **summarize(df, slices)}
-    if args.truth is not None:
-        summary["quality"] = quality(df, read_label_table(args.truth).frame)
-    from spinestream.shards.fsutil import atomic_write_json
-
+    if cfg.truth is not None:
+        summary["quality"] = quality(df, read_label_table(cfg.truth).frame)
     atomic_write_json(out.with_suffix(".summary.json"), summary)
-    if args.heatmap_studies > 0:
-        heatmaps(df, slices, out.with_suffix(".heatmap.png"), args.heatmap_studies)
+    if cfg.heatmap_studies > 0:
+        heatmaps(df, slices, out.with_suffix(".heatmap.png"), cfg.heatmap_studies)
     return summary
 
 
@@ -414,17 +467,14 @@ def _print(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are not caught here: the console script prints a project error on one line (exit 2), and
+    anything else is a bug that keeps its traceback."""
     args = build_parser().parse_args(argv)
-    from spinestream.shards.config import ConfigError
-
-    from . import checkpoint as ck
-
-    try:
-        summary = run(args)
-    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"spinestream pseudo-label: error: {e}", file=sys.stderr)
-        return 2
-    _print(summary)
+    cfg = config_from_args(PseudoLabelConfig, args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    _print(run(cfg))
     return 0
 
 

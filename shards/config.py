@@ -6,8 +6,9 @@ Each component owns a ``@dataclass(kw_only=True)`` config whose ``__post_init__`
 
 The command-line helpers every verb shares live here too: :func:`field_docs` (a field's
 docstring is the string literal right after it), :func:`config_fields_help` (the fields of a
-config, nested ones dotted, for a verb's ``--help``), :func:`print_config` (``--print-config``)
-and :class:`HelpFormatter` (defaults only where they say something).
+config, nested ones dotted, for a verb's ``--help``), :func:`print_config` (``--print-config``),
+:class:`HelpFormatter` (defaults only where they say something), and :func:`add_config_arguments` with
+:func:`config_from_args` (``-c``, ``--set`` and a verb's flags, made from its config's fields).
 """
 from __future__ import annotations
 
@@ -167,8 +168,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def _plain_value(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return _plain_value(dataclasses.asdict(v))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # init fields only: what load_config reads back
+        return {f.name: _plain_value(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
     if isinstance(v, (list, tuple)):
         return [_plain_value(x) for x in v]
     if isinstance(v, dict):
@@ -177,8 +178,9 @@ def _plain_value(v: Any) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain, YAML/JSON-serialisable dict of a config dataclass (tuples become lists)."""
-    return _plain_value(dataclasses.asdict(cfg))
+    """Plain, YAML/JSON-serialisable dict of a config dataclass (tuples become lists), its init fields only (a
+    field the loader cannot set, such as a path the pipeline owns, is left out)."""
+    return _plain_value(cfg)
 
 
 # --------------------------------------------------------------------------- command-line help
@@ -307,3 +309,59 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         shown = ":".join(map(str, default)) if isinstance(default, tuple) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+# --------------------------------------------------------------------------- flags from config fields
+
+
+def _flag_kwargs(tp: Any) -> dict | None:
+    """The argparse keywords of a top-level field's flag, or None for a field that has none (nested configs,
+    mappings, fixed-length tuples: those are set with ``-c`` or ``--set``)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:  # X | None: the flag sets X
+        rest = [a for a in args if a is not type(None)]
+        return _flag_kwargs(rest[0]) if len(rest) == 1 else None
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(tp) is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if tp in (int, float, str):
+        return {"type": tp}
+    if typing.get_origin(tp) is list and args and args[0] in (int, float, str):
+        return {"action": "append", "type": args[0]}
+    return None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``-c/--config``, ``--set`` and ``--print-config``, plus one ``--field-name`` flag per top-level scalar or
+    list field of config dataclass ``cls`` (help: its docstring; a bool is ``--x/--no-x``, a list flag repeats:
+    ``--run A --run B``), so a verb declares each option once, in its config. :func:`config_from_args` reads
+    them back with flag > ``--set`` > file > default."""
+    parser.add_argument("-c", "--config", type=Path, default=None, help="YAML config file (--print-config writes one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set batch_size=16")
+    add_print_config(parser)
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    group = parser.add_argument_group(f"options ({cls.__name__} fields; a flag wins over -c and --set)")
+    for f in dataclasses.fields(cls):
+        kwargs = _flag_kwargs(hints[f.name]) if f.init else None
+        if kwargs is None:
+            continue
+        default = _default(f)
+        quiet = default is None or default is False or default == [] or default is dataclasses.MISSING
+        shown = "" if quiet else f" (default: {format_value(default)})"
+        metavar = {} if kwargs.get("action") is argparse.BooleanOptionalAction or "choices" in kwargs else {
+            "metavar": f.name.upper()}
+        # SUPPRESS: a flag not given is absent from the namespace, so it cannot mask the file or --set
+        text = plain(docs.get(f.name, ""))
+        text = f"{text.removesuffix('.')}{shown}." if shown else text
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"field.{f.name}", default=argparse.SUPPRESS,
+                           help=text.replace("%", "%%"), **metavar, **kwargs)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """``cls`` from the arguments :func:`add_config_arguments` added: the ``-c`` file, then ``--set``, then
+    the flags given (each passed as one more override, so the one loader checks and validates it)."""
+    given = [f"{name.removeprefix('field.')}={format_value(value)}" for name, value in vars(args).items()
+             if name.startswith("field.")]
+    return load_config(cls, args.config, [*args.set, *given])

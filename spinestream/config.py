@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from spinestream.engine.evaluate import EvaluateConfig
+from spinestream.engine.pseudo import PseudoLabelConfig
+from spinestream.predict import PredictConfig
 from spinestream.preprocess.synth import SynthConfig
 
 #: every stage, in the only order they can run (a pipeline lists a subsequence of it)
@@ -70,45 +73,48 @@ class TrainStage:
     """Start from this pipeline run's best.pt (--set model.init_from=DIR/runs/round1/best.pt); round 2 only."""
 
 
-@dataclass(kw_only=True)
-class EvaluateStage:
-    """``spinestream evaluate --run DIR/runs/<round>``."""
-
-    fold: int | None = None
-    """Fold to evaluate; unset: the run's validation fold."""
-    rule: str | None = None
-    """Slice -> study rule; unset: the run's train.study_rule."""
-    checkpoint: Literal["best", "last"] = "best"
-    """The checkpoint evaluated into RUN/eval-f<k>/. best.pt is the run's lowest loss among its validations
-    on this same fold, so its loss here is optimistic; the compare stage also evaluates the last checkpoint
-    (RUN/eval-f<k>-last/, with this stage's fold, rule and batch size) for the report's verdict."""
-    batch_size: int = 32
+# The evaluate, pseudo and predict stages are their verb's config (each option declared once, beside the verb),
+# less the paths the pipeline owns: those are redeclared init=False, so setting one here is an unknown key.
 
 
 @dataclass(kw_only=True)
-class PseudoStage:
-    """``spinestream pseudo-label --run DIR/runs/round1 --out DIR/shards/labels/pseudo-round1.parquet``."""
+class EvaluateStage(EvaluateConfig):
+    """``spinestream evaluate -c DIR/stages/<stage>.yaml``: EvaluateConfig's options; the pipeline sets run
+    (DIR/runs/<round>), shards (DIR/shards) and out (RUN/eval-f<k>). ``checkpoint`` is the one evaluated into
+    RUN/eval-f<k>/: best.pt is the run's lowest loss among its validations on this same fold, so its loss here is
+    optimistic; the compare stage also evaluates the last checkpoint (RUN/eval-f<k>-last/, with this stage's
+    other options) for the report's verdict."""
 
-    mode: Literal["hard", "soft"] = "hard"
-    threshold: str = "train-share"
-    """'train-share' (per vertebra, the positive-slice share of round 1's boxed training studies: never reads the
-    validation fold round 2 is scored on), 'val' (best F1 on that fold: leaks it into round 2's score), one
-    value, or 7 comma-separated values."""
-    tta: bool = False
-    batch_size: int = 64
+    run: str | None = field(default=None, init=False)
+    shards: str | None = field(default=None, init=False)
+    out: str | None = field(default=None, init=False)
+
+
+@dataclass(kw_only=True)
+class PseudoStage(PseudoLabelConfig):
+    """``spinestream pseudo-label -c DIR/stages/pseudo.yaml``: PseudoLabelConfig's options; the pipeline sets run
+    (DIR/runs/round1), shards (DIR/shards), out (DIR/shards/labels/pseudo-round1.parquet) and truth."""
+
+    run: str | None = field(default=None, init=False)
+    shards: str | None = field(default=None, init=False)
+    out: str | None = field(default=None, init=False)
+    truth: str | None = field(default=None, init=False)
     synth_truth: bool = False
     """Synthetic data only: measure the pseudo-labels against where the cracks really are (precision, recall,
     F1 in the summary; the truth table is DIR/crack-truth.parquet, from the shard stage's dataset)."""
 
 
 @dataclass(kw_only=True)
-class PredictStage:
-    """``spinestream predict --run DIR/runs/<run> ... --images IMAGES --out DIR/submission.csv``."""
+class PredictStage(PredictConfig):
+    """``spinestream predict -c DIR/stages/predict.yaml``: PredictConfig's options; the pipeline sets run (from
+    ``runs``) and out (DIR/submission.csv)."""
 
+    run: list[str] = field(default_factory=list, init=False)
+    out: str | None = field(default=None, init=False)
     runs: list[Literal["round1", "round2"]] = field(default_factory=lambda: ["round2"])
     """This pipeline's runs to predict with (several: an ensemble)."""
-    images: str = "{out}/raw/test_images"
-    """Test studies, IMAGES/<StudyInstanceUID>/<n>.dcm."""
+    images: str | None = "{out}/raw/test_images"
+    """Test studies, IMAGES/<StudyInstanceUID>/<n>.dcm ({out}: the pipeline's directory)."""
     sample_submission: str | None = "{out}/raw/sample_submission.csv"
     """Kaggle's sample submission (its rows, in its order); unset: 8 rows per study found."""
 

@@ -21,6 +21,8 @@ tests), so the application imports no job module. What each stage's inputs finge
 * a run: ``best.pt``'s sha256 (written once per improvement, by an atomic rename);
 * a training round: its resolved config, the shard set, round 1's ``best.pt`` (init_from) and every table
   its ``data.label_tables`` lists (relative to the shard set, or absolute), whoever made it;
+* an evaluate, pseudo-label or predict stage: its verb's options (the config it writes to
+  ``DIR/stages/<stage>.yaml``, less the paths the pipeline sets there) and the checkpoint it reads;
 * a label table, sample submission or report input: its sha256; test images: the sorted file names.
 
 A training stage keeps what it cost: when it is redone its run directory is moved aside to
@@ -29,14 +31,16 @@ directory is resumed only when its ``config.yaml`` is the config this round woul
 must validate on the same fold (``data.val_fold``): round 2 starts from round 1's weights and pseudo-labels,
 which were fitted on every other fold.
 
-The compare stage evaluates each round's last checkpoint (``spinestream evaluate --checkpoint last --out
-RUN/eval-f<k>-last``, with its evaluate stage's fold, rule and batch size) for the report's round 2 vs
+The compare stage evaluates each round's last checkpoint (``spinestream evaluate -c
+DIR/stages/compare-<round>.yaml``: its evaluate stage's options with ``checkpoint: last`` and ``out:
+RUN/eval-f<k>-last``) for the report's round 2 vs
 round 1 verdict (:mod:`spinestream.report` says why not best.pt). Only the report reads it, so it runs
 after predict: adding it to a finished pipeline, or redoing it, redoes the report alone (an evaluate stage
 that changed would redo everything after it, round 2's training included).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
@@ -221,8 +225,6 @@ def _bench(name, cfg, paths, configs, verb, workers) -> Stage:
 def trained_config(rc, init_from: Path | None) -> dict:
     """The config ``spinestream train -c <rc> --set model.init_from=...`` runs with, as it writes it to
     ``RUN_DIR/config.yaml`` (engine/train.py: paths made absolute, then ``write_config``)."""
-    import dataclasses
-
     rc = dataclasses.replace(rc, model=dataclasses.replace(rc.model, init_from=None if init_from is None else
                                                            str(init_from)))
     return canonical(to_dict(rc.with_absolute_paths()))
@@ -293,77 +295,112 @@ def latest_checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
 
 
+def verb_config(cls: type, stage, **owned):
+    """The config of verb ``cls`` that a stage runs: the stage's options (the stage extends ``cls``), then the paths
+    the pipeline owns (``owned``), absolute, so the file works from any directory."""
+    fixed = {k: [str(Path(p).absolute()) for p in v] if isinstance(v, list) else None if v is None else
+             str(Path(v).absolute()) for k, v in owned.items()}
+    return cls(**{f.name: getattr(stage, f.name) for f in dataclasses.fields(cls) if f.name not in fixed}, **fixed)
+
+
+def options(cfg, owned: tuple[str, ...]) -> dict:
+    """What a verb's config fingerprints: its options, less the paths the pipeline owns (the layout decides
+    those, and the upstream fingerprints cover what they hold)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in owned}
+
+
+def checkpoint_fp(run_dir: Path, checkpoint: str) -> dict | None:
+    """The fingerprint of the checkpoint a verb reads: best.pt, the latest step checkpoint's name, or a file."""
+    if checkpoint == "last":
+        return {"latest": latest_checkpoints(run_dir)}
+    return fingerprint(run_dir / "best.pt" if checkpoint == "best" else Path(checkpoint))
+
+
+def call_with_config(verb: Verb, name: str, path: Path, cfg) -> None:
+    """Write ``cfg`` to ``path`` (DIR/stages/<stage>.yaml) and run ``spinestream <name> -c <path>``."""
+    write_yaml(path, cfg)
+    call(verb, [name, "-c", str(path)])
+
+
+EVALUATE_OWNS = ("run", "shards", "out")
+
+
 def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
+    from spinestream.engine.evaluate import EvaluateConfig
+
     e: EvaluateStage = getattr(cfg, name)
-    run = f"round{name[-1]}"
-    run_dir = paths.run(run)
-    out = eval_dir(e, configs[run], run_dir)
-    args = ["--checkpoint", e.checkpoint, "--batch-size", str(e.batch_size)]
-    args += (["--fold", str(e.fold)] if e.fold is not None else []) + (["--rule", e.rule] if e.rule else [])
-    argv = ["evaluate", "--run", str(run_dir), *args]
-    ckpt = "best.pt" if e.checkpoint == "best" else None
+    run_dir = paths.run(f"round{name[-1]}")
+    out = eval_dir(e, configs[f"round{name[-1]}"], run_dir)
+    ec = verb_config(EvaluateConfig, e, run=run_dir, shards=paths.shards, out=out)
 
     def inputs():
-        run_fp = fingerprint(run_dir / ckpt) if ckpt else {"latest": latest_checkpoints(run_dir)}
-        return {"run": run_fp, "args": args, "shards": shards_fp(paths.shards)}
+        return {"run": checkpoint_fp(run_dir, ec.checkpoint), "options": options(ec, EVALUATE_OWNS),
+                "shards": shards_fp(paths.shards)}
 
-    return Stage(name, lambda: call(verb, argv), inputs, outputs=[out], required=[out / "report.csv"],
-                 feeds_later=False)
+    return Stage(name, lambda: call_with_config(verb, "evaluate", paths.stages / f"{name}.yaml", ec), inputs,
+                 outputs=[out], required=[out / "report.csv"], feeds_later=False)
 
 
 def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
     """Both rounds' last checkpoints evaluated as their evaluate stages evaluate best.pt, into eval-f<k>-last."""
+    from spinestream.engine.evaluate import EvaluateConfig
+
     jobs = {}
     for run in ("round1", "round2"):
         e: EvaluateStage = getattr(cfg, f"evaluate{run[-1]}")
         run_dir = paths.run(run)
-        args = ["--checkpoint", "last", "--batch-size", str(e.batch_size)]
-        args += (["--fold", str(e.fold)] if e.fold is not None else []) + (["--rule", e.rule] if e.rule else [])
-        jobs[run] = (run_dir, last_eval_dir(e, configs[run], run_dir), args)
+        ec = verb_config(EvaluateConfig, e, run=run_dir, shards=paths.shards, out=last_eval_dir(e, configs[run], run_dir))
+        jobs[run] = dataclasses.replace(ec, checkpoint="last")
 
     def run():
-        for run_dir, out, args in jobs.values():
-            call(verb, ["evaluate", "--run", str(run_dir), *args, "--out", str(out)])
+        for r, ec in jobs.items():
+            call_with_config(verb, "evaluate", paths.stages / f"{name}-{r}.yaml", ec)
 
     def inputs():
-        return {r: {"latest": latest_checkpoints(run_dir), "args": args}
-                for r, (run_dir, _, args) in jobs.items()} | {"shards": shards_fp(paths.shards)}
+        return {r: {"latest": latest_checkpoints(Path(ec.run)), "options": options(ec, EVALUATE_OWNS)}
+                for r, ec in jobs.items()} | {"shards": shards_fp(paths.shards)}
 
-    outs = [out for _, out, _ in jobs.values()]
+    outs = [Path(ec.out) for ec in jobs.values()]
     return Stage(name, run, inputs, outputs=outs, required=[o / "report.csv" for o in outs], feeds_later=False)
 
 
 def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
-    p, table = cfg.pseudo, paths.pseudo
-    args = ["--mode", p.mode, "--threshold", p.threshold, "--batch-size", str(p.batch_size)] + ["--tta"] * p.tta
-    truth = ["--truth", str(paths.crack_truth)] if p.synth_truth else []
+    from spinestream.engine.pseudo import PseudoLabelConfig
+
+    p, table, run_dir = cfg.pseudo, paths.pseudo, paths.run("round1")
+    pc = verb_config(PseudoLabelConfig, p, run=run_dir, shards=paths.shards, out=table,
+                     truth=paths.crack_truth if p.synth_truth else None)
     side = [table.with_suffix(".summary.json"), table.with_suffix(".heatmap.png")]
 
     def run():
         if p.synth_truth:
             call(verb, ["synth-truth", "--raw", str(expand(cfg.shard.data, paths.root)), "--shards",
                         str(paths.shards), "--out", str(paths.crack_truth)])
-        call(verb, ["pseudo-label", "--run", str(paths.run("round1")), "--out", str(table), *args, *truth])
+        call_with_config(verb, "pseudo-label", paths.stages / f"{name}.yaml", pc)
 
     def inputs():
-        return {"run": fingerprint(paths.run("round1") / "best.pt"), "args": args, "synth_truth": p.synth_truth,
-                "shards": shards_fp(paths.shards)}
+        return {"run": checkpoint_fp(run_dir, pc.checkpoint), "options": options(pc, ("run", "shards", "out", "truth")),
+                "synth_truth": p.synth_truth, "shards": shards_fp(paths.shards)}
 
     return Stage(name, run, inputs, outputs=[table, *side] + ([paths.crack_truth] if p.synth_truth else []),
                  required=[table, side[0]])
 
 
 def _predict(name, cfg, paths, configs, verb, workers) -> Stage:
+    from .predict import PredictConfig
+
     p = cfg.predict
     images, sample = expand(p.images, paths.root), expand(p.sample_submission, paths.root)
-    argv = ["predict", *[a for r in p.runs for a in ("--run", str(paths.run(r)))], "--images", str(images)]
-    argv += (["--sample-submission", str(sample)] if sample else []) + ["--out", str(paths.submission)]
+    pc = verb_config(PredictConfig, p, run=[paths.run(r) for r in p.runs], images=images, sample_submission=sample,
+                     out=paths.submission)
 
     def inputs():
-        return {"runs": {r: fingerprint(paths.run(r) / "best.pt") for r in p.runs}, "images": files_fp(images),
-                "sample_submission": fingerprint(sample) if sample else None}
+        return {"runs": {r: checkpoint_fp(paths.run(r), pc.checkpoint) for r in p.runs},
+                "images": files_fp(images), "sample_submission": fingerprint(sample) if sample else None,
+                "options": options(pc, ("run", "images", "sample_submission", "out"))}
 
-    return Stage(name, lambda: call(verb, argv), inputs, outputs=[paths.submission])
+    return Stage(name, lambda: call_with_config(verb, "predict", paths.stages / f"{name}.yaml", pc), inputs,
+                 outputs=[paths.submission])
 
 
 def _report(name, cfg, paths, configs, verb, workers) -> Stage:

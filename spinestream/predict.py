@@ -26,6 +26,10 @@ names them). With ``--sample-submission`` the output has exactly its rows, in it
 it cannot parse is an error. Without it: every study directory in ``--images``, sorted, 8 rows each.
 ``--images`` must hold study directories of ``.dcm`` files: a folder with none (e.g. the dataset root,
 whose ``test_images/`` is the one to pass) is refused with exit status 2.
+
+The options are :class:`PredictConfig`'s fields: flags (``--workers 4``, ``--run`` repeated), a ``-c`` YAML file
+or ``--set KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-config`` prints such a
+file. From Python: :func:`run` with a :class:`PredictConfig`, or :func:`load_runs` and :func:`predict`.
 """
 from __future__ import annotations
 
@@ -41,18 +45,26 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from spinestream import SpinestreamError
 from spinestream.preprocess.dicom import DicomError
 from spinestream.preprocess.errors import DataWarning
 from spinestream.preprocess.ingest import ingest_study
-from spinestream.shards.config import parse
+from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, parse, \
+    plain, print_config
 from spinestream.shards.fsutil import atomic_write_bytes
 from spinestream.shards.layout import ROW_TYPES
 from spinestream.shards.shard_config import ShardConfig
 from spinestream.shards.spec import ShardSpec, run_shard_spec
+
+
+class PredictError(SpinestreamError, ValueError):
+    """Input predict cannot use: no study directory in ``--images``, an unreadable sample submission, runs that
+    cannot be one ensemble (the message says what to pass instead)."""
 
 
 # --------------------------------------------------------------------------- decoding (worker processes)
@@ -193,7 +205,7 @@ def load_runs(run_dirs: Sequence[Path], device, *, checkpoint: str = "best", bat
     from spinestream.engine.model import data_config
 
     if not run_dirs:
-        raise ValueError("at least one --run is needed")
+        raise PredictError("at least one --run is needed")
     device = as_device(device)
     runs = []
     for rd in run_dirs:
@@ -206,7 +218,7 @@ def load_runs(run_dirs: Sequence[Path], device, *, checkpoint: str = "best", bat
     first = runs[0]
     for r in runs[1:]:
         if r.spec.key() != first.spec.key():
-            raise ValueError(f"--run {r.path} was trained on other images than --run {first.path} "
+            raise PredictError(f"--run {r.path} was trained on other images than --run {first.path} "
                              f"({r.spec.key()} vs {first.spec.key()}); an ensemble needs one image spec "
                              f"(shard size, channels, windows, offset_mm): ensemble runs of one shard set")
     return runs
@@ -218,7 +230,7 @@ def ensemble_rule(runs: Sequence[Run], rule: str | None) -> str:
         return rule
     rules = {r.rule for r in runs}
     if len(rules) > 1:
-        raise ValueError(f"the runs use different study rules ({sorted(rules)}); choose one with --rule")
+        raise PredictError(f"the runs use different study rules ({sorted(rules)}); choose one with --rule")
     return rules.pop()
 
 
@@ -245,14 +257,14 @@ DATASET_DIRS = ("test_images", "train_images")
 def list_studies(images: Path) -> dict[str, Path]:
     """``{uid: directory}`` of every study directory in ``images``, sorted by uid.
 
-    Raises FileNotFoundError when ``images`` is not a directory or no subfolder of it holds
+    Raises :class:`PredictError` when ``images`` is not a directory or no subfolder of it holds
     ``.dcm`` files (an empty folder, or a dataset root: the message then names its test_images/).
     """
     if not images.is_dir():
-        raise FileNotFoundError(f"--images {images}: no such directory (expected <StudyInstanceUID>/<n>.dcm)")
+        raise PredictError(f"--images {images}: no such directory (expected <StudyInstanceUID>/<n>.dcm)")
     found = {p.name: p for p in sorted(images.iterdir(), key=lambda p: p.name) if p.is_dir()}
     if not any(_holds_dicom(p) for p in found.values()):
-        raise FileNotFoundError(_no_studies_message(images, found))
+        raise PredictError(_no_studies_message(images, found))
     return found
 
 
@@ -277,16 +289,16 @@ def read_sample(path: Path) -> pd.DataFrame:
 
     df = pd.read_csv(path, dtype={"row_id": str})
     if "row_id" not in df.columns:
-        raise ValueError(f"--sample-submission {path}: no row_id column (columns: {list(df.columns)})")
+        raise PredictError(f"--sample-submission {path}: no row_id column (columns: {list(df.columns)})")
     ids = df["row_id"].fillna("").astype(str)
     parts = ids.str.extract(_ROW_ID)
     bad = parts["uid"].isna()
     if bad.any():
-        raise ValueError(f"--sample-submission {path}: cannot parse row_id {ids[bad].iloc[0]!r} (line "
+        raise PredictError(f"--sample-submission {path}: cannot parse row_id {ids[bad].iloc[0]!r} (line "
                          f"{int(np.flatnonzero(bad)[0]) + 2}; {int(bad.sum())} such rows); expected "
                          f"'<StudyInstanceUID>_<C1..C7|patient_overall>'")
     if ids.duplicated().any():
-        raise ValueError(f"--sample-submission {path}: duplicated row_id {ids[ids.duplicated()].iloc[0]!r}")
+        raise PredictError(f"--sample-submission {path}: duplicated row_id {ids[ids.duplicated()].iloc[0]!r}")
     return pd.DataFrame({"row_id": ids, "uid": parts["uid"], "kind": parts["kind"]})
 
 
@@ -419,49 +431,88 @@ def write_submission(frame: pd.DataFrame, out: Path) -> None:
 # --------------------------------------------------------------------------- the verb
 
 
+@dataclass(kw_only=True)
+class PredictConfig:
+    """``spinestream predict``: which runs predict which test studies into which file (``-c FILE``, ``--set
+    KEY=VALUE`` or one flag per field; the pipeline's predict stage writes one)."""
+
+    run: list[str] = field(default_factory=list)
+    """Run directories; repeat --run for an ensemble (slice probabilities averaged). Required."""
+    images: str | None = None
+    """Test images: IMAGES/<StudyInstanceUID>/<n>.dcm; required."""
+    sample_submission: str | None = None
+    """The rows to write, in their order; unset: 8 rows per study directory in images."""
+    out: str | None = None
+    """The submission.csv to write; required."""
+    workers: int | None = None
+    """DICOM decoding processes; unset: one per CPU; 0: decode inline."""
+    prefetch: int = 2
+    """Decoded studies waiting beyond one per worker."""
+    batch_size: int | None = None
+    """Slices per model batch; unset: the run's loader.batch_size."""
+    checkpoint: str = "best"
+    """best, last, or a checkpoint path."""
+    rule: Literal["max", "mean_top_k", "quantile", "noisy_or"] | None = None
+    """Slice -> study rule (engine.metrics.RULES); unset: the runs' train.study_rule."""
+    tta: bool = False
+    """Average with the horizontal flip."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the models run (auto: a GPU when one is visible)."""
+    progress: bool = True
+    """A progress bar on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: decode inline), got {self.workers}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def run(cfg: PredictConfig) -> tuple[pd.DataFrame, dict]:
+    """Predict ``cfg.images`` with ``cfg.run`` and write ``cfg.out``; returns the (unclipped) submission frame and
+    the summary of :func:`predict`."""
+    from spinestream.engine.device import pick_device
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("run", "images", "out") if not getattr(cfg, k)]
+    if missing:
+        raise ConfigError(f"predict: {', '.join(missing)} required (or {', '.join(m[2:] for m in missing)} in the "
+                          f"-c file)")
+    images, workers = Path(cfg.images), (os.cpu_count() or 1) if cfg.workers is None else cfg.workers
+    list_studies(images)  # a wrong --images is refused before any model is loaded
+    dev = pick_device(cfg.device)
+    runs = load_runs([Path(r) for r in cfg.run], dev, checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
+                     tta=cfg.tta)
+    print(f"spinestream predict: {len(runs)} run(s) on {dev}, image spec {runs[0].spec.key()} "
+          f"(from {runs[0].spec.source}), {workers} decoding worker(s)", file=sys.stderr)
+    frame, stats = predict(runs, images, sample=None if cfg.sample_submission is None else Path(cfg.sample_submission),
+                           rule=cfg.rule, workers=workers, prefetch=cfg.prefetch, progress=cfg.progress)
+    write_submission(frame, Path(cfg.out))
+    return frame, stats
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinestream predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, action="append", required=True, metavar="RUN_DIR",
-                   help="a run directory; repeat for an ensemble (slice probabilities averaged)")
-    p.add_argument("--images", type=Path, required=True, help="test images: DIR/<StudyInstanceUID>/<n>.dcm")
-    p.add_argument("--sample-submission", type=Path, default=None, help="the rows to write, in their order")
-    p.add_argument("--out", type=Path, required=True, help="submission.csv to write")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DICOM decoding processes (0: inline)")
-    p.add_argument("--prefetch", type=int, default=2, help="decoded studies waiting beyond one per worker")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per model batch (default: the run's)")
-    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
-    p.add_argument("--rule", default=None, help="slice -> study rule (default: the runs' train.study_rule)")
-    p.add_argument("--tta", action="store_true", help="average with the horizontal flip")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p = argparse.ArgumentParser(prog="spinestream predict", description=plain(__doc__), formatter_class=HelpFormatter)
+    add_config_arguments(p, PredictConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are not caught here: the console script prints a project error on one line (exit 2), and
+    anything else is a bug that keeps its traceback."""
     args = build_parser().parse_args(argv)
-    from spinestream.engine.checkpoint import RunError
-    from spinestream.engine.device import pick_device
-    from spinestream.shards.config import ConfigError
-
+    cfg = config_from_args(PredictConfig, args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
     warnings.simplefilter("always", DataWarning)  # every bad file and study is named, not the first only
-    try:
-        list_studies(args.images)  # a wrong --images is refused before any model is loaded
-        dev = pick_device(args.device)
-        runs = load_runs(args.run, dev, checkpoint=args.checkpoint, batch_size=args.batch_size, tta=args.tta)
-        print(f"spinestream predict: {len(runs)} run(s) on {dev}, image spec {runs[0].spec.key()} "
-              f"(from {runs[0].spec.source}), {args.workers} decoding worker(s)", file=sys.stderr)
-        frame, stats = predict(runs, args.images, sample=args.sample_submission, rule=args.rule,
-                               workers=args.workers, prefetch=args.prefetch, progress=not args.no_progress)
-        write_submission(frame, args.out)
-    except (ConfigError, RunError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"spinestream predict: error: {e}", file=sys.stderr)
-        return 2
+    frame, stats = run(cfg)
     rate = stats["studies"] / stats["seconds"] * 60 if stats["seconds"] > 0 else math.inf
     print(f"done: {len(frame)} rows, {stats['studies']} studies decoded ({stats['slices']} slices, "
           f"{stats['bad_files']} bad files, {len(stats['unreadable_studies'])} unreadable, "
           f"{len(stats.get('missing_studies', []))} missing -> prevalence), {rate:.1f} studies/min, rule "
-          f"{stats['rule']} -> {args.out}", file=sys.stderr)
+          f"{stats['rule']} -> {cfg.out}", file=sys.stderr)
     return 0
 
 

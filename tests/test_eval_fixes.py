@@ -18,6 +18,7 @@ import yaml
 from test_train import _cfg, _trainer
 
 from spinestream.engine import checkpoint as ck
+from spinestream.engine.infer import NonFiniteProbabilities
 from spinestream.shards.layout import ROW_TYPES, Layout
 from spinestream.shards.spec import SPEC_FILE, ShardSpec
 
@@ -56,7 +57,7 @@ def test_a_fixed_input_size_model_is_evaluated_at_its_trained_size(vit_run, shar
 
 
 def test_evaluate_shards_relative_root_and_another_shard_set(vit_run, shards, other_shards, tmp_path,
-                                                             monkeypatch, capsys):
+                                                             monkeypatch):
     from spinestream.engine.evaluate import main
 
     run = tmp_path / "runs" / "r2"
@@ -65,25 +66,21 @@ def test_evaluate_shards_relative_root_and_another_shard_set(vit_run, shards, ot
     cfg["data"]["root"] = "data/shards"  # relative: resolved against the directory `train` ran in
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     monkeypatch.chdir(tmp_path)  # not that directory
-    capsys.readouterr()
-    assert main(["--run", str(run.resolve()), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "data.root=data/shards" in err and "relative" in err and "--shards" in err, err
-    assert main(["--run", str(run.resolve()), "--device", "cpu", "--shards", str(other_shards)]) == 2
-    err = capsys.readouterr().err
-    assert "evaluate --shards" in err and "size=64" in err and "size=48" in err, err
+    with pytest.raises(ck.RunError, match=r"data\.root=data/shards.*relative.*--shards"):
+        main(["--run", str(run.resolve()), "--device", "cpu"])
+    with pytest.raises(ck.RunError, match=r"evaluate --shards.*size=(64.*size=48|48.*size=64)"):
+        main(["--run", str(run.resolve()), "--device", "cpu", "--shards", str(other_shards)])
     assert main(["--run", str(run.resolve()), "--device", "cpu", "--shards", str(shards)]) == 0
     assert json.loads((run / "eval-f1" / "summary.json").read_text())["studies"] > 0
 
 
-def test_pseudo_label_refuses_another_shard_set(vit_run, other_shards, tmp_path, capsys):
+def test_pseudo_label_refuses_another_shard_set(vit_run, other_shards, tmp_path):
     from spinestream.engine.pseudo import main
 
     out = tmp_path / "p.parquet"
-    assert main(["--run", str(vit_run), "--device", "cpu", "--shards", str(other_shards), "--out", str(out),
-                 "--threshold", "0.5", "--heatmap-studies", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "pseudo-label --shards" in err and "size=64" in err, err
+    with pytest.raises(ck.RunError, match=r"pseudo-label --shards.*size=64"):
+        main(["--run", str(vit_run), "--device", "cpu", "--shards", str(other_shards), "--out", str(out),
+              "--threshold", "0.5", "--heatmap-studies", "0"])
     assert not out.exists()
 
 
@@ -118,7 +115,7 @@ def test_check_finite_names_the_studies():
         check_finite({"a": good, "b": bad}, "validation")
 
 
-def test_non_finite_probabilities_are_an_error_naming_the_study(nan_run, shards, tmp_path, capsys):
+def test_non_finite_probabilities_are_an_error_naming_the_study(nan_run, shards, tmp_path):
     """Validation, evaluate and pseudo-label all go through engine.infer.predict_run: one check, one error."""
     from spinestream.engine.evaluate import load_run_model, main as evaluate
     from spinestream.engine.infer import predict_run
@@ -129,14 +126,15 @@ def test_non_finite_probabilities_are_an_error_naming_the_study(nan_run, shards,
     uid = studies.StudyInstanceUID.iloc[0]
     with pytest.raises(ValueError, match=f"study {uid}: .* non-finite"):  # the trainer's validate() path
         predict_run(model, cfg, [uid], "cpu", "fp32", batch_size=16)
-    capsys.readouterr()
-    assert evaluate(["--run", str(nan_run), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
+    with pytest.raises(NonFiniteProbabilities) as e:
+        evaluate(["--run", str(nan_run), "--device", "cpu"])
+    err = str(e.value)
     fold1 = studies.StudyInstanceUID[studies.fold == 1]
     assert "non-finite" in err and any(u in err for u in fold1), err
     out = tmp_path / "p.parquet"
-    assert pseudo(["--run", str(nan_run), "--device", "cpu", "--out", str(out), "--heatmap-studies", "0"]) == 2
-    err = capsys.readouterr().err
+    with pytest.raises(NonFiniteProbabilities) as e:
+        pseudo(["--run", str(nan_run), "--device", "cpu", "--out", str(out), "--heatmap-studies", "0"])
+    err = str(e.value)
     unboxed = studies.StudyInstanceUID[studies.cohort == "positive-unboxed"]
     assert "non-finite" in err and any(u in err for u in unboxed), err
     assert not out.exists()  # never labels from NaN

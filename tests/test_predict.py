@@ -31,7 +31,7 @@ from spinestream.engine.infer import build_inputs, inputs, predict_volumes, read
 from spinestream.engine.metrics import ROW_TYPES, study_probabilities
 from spinestream.preprocess.errors import DataWarning
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
-from spinestream.predict import decode_study, load_runs, main, predict, study_volume
+from spinestream.predict import PredictError, decode_study, load_runs, main, predict, study_volume
 
 J2K = "1.2.840.10008.1.2.4.90"
 MISSING = "1.2.826.0.1.3680043.999999"
@@ -200,7 +200,7 @@ def test_a_row_id_it_cannot_parse_is_an_error_naming_it(runs, test_set, tmp_path
         predict(runs[:1], test_set["images"], sample=bad, workers=0)
 
 
-def test_the_run_dirs_spec_is_preferred_and_an_ensemble_needs_one_spec(run_dirs, shards, tmp_path):
+def test_the_run_dirs_spec_is_preferred_and_an_ensemble_needs_one_spec(run_dirs, shards, test_set, tmp_path):
     own = tmp_path / "own"
     shutil.copytree(run_dirs[0], own)
     spec = ShardSpec.from_shards(shards)
@@ -215,31 +215,32 @@ def test_the_run_dirs_spec_is_preferred_and_an_ensemble_needs_one_spec(run_dirs,
     ShardSpec(dataclasses.replace(spec.config, offset_mm=2.0), dataclasses.replace(spec.image, offset_mm=2.0), spec.prevalence).save(other)
     with pytest.raises(ValueError, match="one image spec"):
         load_runs([own, other], torch.device("cpu"))
-    assert main(["--run", str(own), "--run", str(other), "--images", str(tmp_path), "--out",
-                 str(tmp_path / "s.csv"), "--device", "cpu"]) == 2
+    with pytest.raises(PredictError, match="one image spec"):
+        main(["--run", str(own), "--run", str(other), "--images", str(test_set["images"]), "--out",
+              str(tmp_path / "s.csv"), "--device", "cpu"])
 
 
-def test_a_dataset_root_as_images_is_refused_naming_its_test_images(run_dirs, raw, tmp_path, capsys):
+def test_a_dataset_root_as_images_is_refused_naming_its_test_images(run_dirs, raw, tmp_path):
     out = tmp_path / "s.csv"
-    assert main(["--run", str(run_dirs[0]), "--images", str(raw), "--out", str(out), "--device", "cpu",
-                 "--workers", "0", "--no-progress"]) == 2  # was 0, with rows like test_images_C1
-    err = capsys.readouterr().err
-    assert "dataset root" in err and f"--images {raw / 'test_images'}" in err, err
+    with pytest.raises(PredictError) as e:  # was exit 0, with rows like test_images_C1
+        main(["--run", str(run_dirs[0]), "--images", str(raw), "--out", str(out), "--device", "cpu",
+              "--workers", "0", "--no-progress"])
+    assert "dataset root" in str(e.value) and f"--images {raw / 'test_images'}" in str(e.value), e.value
     assert not out.exists()
 
 
 @pytest.mark.parametrize("content", ["empty", "no-dcm"])
-def test_images_without_a_study_directory_are_refused(run_dirs, test_set, tmp_path, capsys, content):
+def test_images_without_a_study_directory_are_refused(run_dirs, test_set, tmp_path, content):
     images = tmp_path / "images"
     images.mkdir()
     if content == "no-dcm":  # subfolders, none holding .dcm files (e.g. segmentations/)
         (images / "segmentations").mkdir()
         (images / "segmentations" / "1.2.3.nii").write_bytes(b"")
     out = tmp_path / "s.csv"
-    assert main(["--run", str(run_dirs[0]), "--images", str(images), "--sample-submission", str(test_set["sample"]),
-                 "--out", str(out), "--device", "cpu", "--workers", "0", "--no-progress"]) == 2  # was 0: all prevalence
-    err = capsys.readouterr().err
-    assert "no study directory" in err and "dataset root" not in err, err
+    with pytest.raises(PredictError, match="no study directory") as e:  # was exit 0: all prevalence
+        main(["--run", str(run_dirs[0]), "--images", str(images), "--sample-submission", str(test_set["sample"]),
+              "--out", str(out), "--device", "cpu", "--workers", "0", "--no-progress"])
+    assert "dataset root" not in str(e.value)
     assert not out.exists()
 
 

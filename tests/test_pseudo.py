@@ -19,6 +19,7 @@ import yaml
 from spinestream.engine import checkpoint as ck
 from spinestream.engine.pseudo import PROB_COLUMNS, VERTEBRAE, best_f1_threshold, choose_thresholds, main, parse_thresholds, \
     quality, read_table, study_targets
+from spinestream.shards.config import ConfigError
 from spinestream.shards.layout import TARGETS, Layout
 
 
@@ -116,7 +117,8 @@ def test_given_thresholds_and_their_validation(run_dir, tmp_path):
                  "--heatmap-studies", "0"]) == 0
     df, meta = read_table(out)
     assert meta["thresholds"] == {v: 0.3 for v in VERTEBRAE} and meta["threshold_source"] == "given"
-    assert main(["--run", str(run_dir), "--threshold", "0.3,0.4", "--out", str(out)]) == 2
+    with pytest.raises(ConfigError, match=r"threshold: one or 7 values .*'0\.3,0\.4'"):  # before any model loads
+        main(["--run", str(run_dir), "--threshold", "0.3,0.4", "--out", str(out)])
     np.testing.assert_array_equal(parse_thresholds("0.1,0.2,0.3,0.4,0.5,0.6,0.7"), np.arange(1, 8) / 10)
     assert parse_thresholds("val") is None
 

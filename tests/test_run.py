@@ -25,6 +25,14 @@ def _arg(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def _config(argv: list[str], cls=None):
+    """The ``-c`` file a verb was given, loaded as that verb loads it (``cls``), else as plain YAML."""
+    from spinestream.shards.config import load_config
+
+    path = _arg(argv, "-c")
+    return yaml.safe_load(Path(path).read_text()) if cls is None else load_config(cls, path)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -98,8 +106,9 @@ class FakeVerbs:
         return 0
 
     def evaluate(self, a):
-        out = Path(_arg(a, "--out")) if "--out" in a else Path(_arg(a, "--run")) / "eval-f0"
-        _write(out / "report.csv", "target,accuracy\nC1,0.9\n")
+        from spinestream.engine.evaluate import EvaluateConfig
+
+        _write(Path(_config(a, EvaluateConfig).out) / "report.csv", "target,accuracy\nC1,0.9\n")
         return 0
 
     def synth_truth(self, a):
@@ -107,13 +116,17 @@ class FakeVerbs:
         return 0
 
     def pseudo_label(self, a):
-        out = Path(_arg(a, "--out"))
+        from spinestream.engine.pseudo import PseudoLabelConfig
+
+        out = Path(_config(a, PseudoLabelConfig).out)
         _write(out, "pseudo table")
         _write(out.with_suffix(".summary.json"), json.dumps({"mode": "hard", "studies": 3, "slices": 90}))
         return 0
 
     def predict(self, a):
-        _write(Path(_arg(a, "--out")), "row_id,fractured\n" + "".join(f"1.2.3_C{i},0.1\n" for i in range(1, 8))
+        from spinestream.predict import PredictConfig
+
+        _write(Path(_config(a, PredictConfig).out), "row_id,fractured\n" + "".join(f"1.2.3_C{i},0.1\n" for i in range(1, 8))
                + "1.2.3_patient_overall,0.2\n")
         return 0
 
@@ -164,8 +177,10 @@ def test_full_run_runs_every_stage_once_and_a_rerun_skips_all(pipeline, capsys):
     assert fakes.verbs() == ["synth", "shard", "verify", "bench", "train", "evaluate", "synth-truth",
                              "pseudo-label", "train", "evaluate", "predict", "evaluate", "evaluate"]
     for call, r in zip(fakes.calls[-2:], ("round1", "round2")):  # compare: each round's last checkpoint
-        assert _arg(call, "--run") == str(out / "runs" / r) and _arg(call, "--checkpoint") == "last"
-        assert _arg(call, "--out") == str(out / "runs" / r / "eval-f0-last")
+        assert _arg(call, "-c") == str(out / "stages" / f"compare-{r}.yaml")
+        c = _config(call)
+        assert c["run"] == str(out / "runs" / r) and c["checkpoint"] == "last"
+        assert c["out"] == str(out / "runs" / r / "eval-f0-last")
     assert _statuses(capsys) == dict.fromkeys(ALL, "run")
     for s in ALL:
         assert json.loads((out / "stages" / f"{s}.json").read_text())["state"] == "complete"
@@ -225,6 +240,77 @@ def test_changed_round2_setting_redoes_round2_and_after_not_round1(pipeline, cap
     assert fingerprint(out / "runs/round2/best.pt") != old_best
     rec = json.loads((out / "stages/round2.json").read_text())
     assert rec["inputs"]["config"]["optim"]["lr"] == 0.0005
+
+
+def test_verb_stages_write_their_configs_and_the_verbs_load_them(pipeline):
+    """Issue 18: evaluate, pseudo-label and predict get ``-c DIR/stages/<stage>.yaml``, their config with the
+    stage's options and the paths the pipeline owns (absolute); no option is turned into argv by hand."""
+    from spinestream.engine.evaluate import EvaluateConfig
+    from spinestream.engine.pseudo import PseudoLabelConfig
+    from spinestream.predict import PredictConfig
+    from spinestream.shards.config import load_config
+
+    run, fakes, out = pipeline
+    assert run("--set", "evaluate1.batch_size=7", "--set", "pseudo.tta=true", "--set", "predict.workers=1") == 0
+    calls = {c[0] if c[0] != "evaluate" else Path(_arg(c, "-c")).stem: c for c in fakes.calls}
+    for stage, verb in (("evaluate1", "evaluate"), ("evaluate2", "evaluate"), ("pseudo", "pseudo-label"),
+                        ("predict", "predict"), ("compare-round1", "evaluate"), ("compare-round2", "evaluate")):
+        assert calls[stage if verb == "evaluate" else verb] == [verb, "-c", str(out / "stages" / f"{stage}.yaml")]
+    e1 = load_config(EvaluateConfig, out / "stages/evaluate1.yaml")
+    assert e1 == EvaluateConfig(run=str(out / "runs/round1"), shards=str(out / "shards"), batch_size=7,
+                                out=str(out / "runs/round1/eval-f0"))
+    assert load_config(EvaluateConfig, out / "stages/compare-round1.yaml").batch_size == 7  # its stage's options
+    p = load_config(PseudoLabelConfig, out / "stages/pseudo.yaml")
+    assert p.tta and (p.run, p.out, p.truth) == (str(out / "runs/round1"), str(out / "shards/labels/pseudo-round1.parquet"),
+                                                 str(out / "crack-truth.parquet"))  # demo.yaml: synth_truth
+    pr = load_config(PredictConfig, out / "stages/predict.yaml")
+    assert (pr.run, pr.out, pr.workers) == ([str(out / "runs/round2")], str(out / "submission.csv"), 1)
+    assert pr.images == str(out / "raw/test_images")
+
+
+def test_a_path_the_pipeline_owns_is_not_a_stage_option(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run("--set", "evaluate1.out=elsewhere") == 2
+    assert "evaluate1.out: unknown key" in capsys.readouterr().err and fakes.calls == []
+
+
+def test_changed_evaluate_option_redoes_that_evaluation_only(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "evaluate2.rule=noisy_or") == 0
+    st = _statuses(capsys)
+    redone = {"evaluate2", "compare", "report"}  # compare evaluates round 2's last checkpoint with the same rule
+    assert {s: st[s] for s in ALL} == {s: "redone" if s in redone else "skipped" for s in ALL}
+    assert fakes.verbs() == ["evaluate"] * 3
+    assert _evaluate_config(out / "stages/evaluate2.yaml").rule == "noisy_or"
+    assert _evaluate_config(out / "stages/compare-round2.yaml").rule == "noisy_or"
+    capsys.readouterr()
+    assert run("--set", "evaluate2.rule=noisy_or") == 0  # unchanged: nothing reruns
+    assert _statuses(capsys) == dict.fromkeys(ALL, "skipped")
+
+
+def test_changed_pseudo_option_redoes_pseudo_labels_and_what_trained_on_them(pipeline, capsys):
+    run, fakes, out = pipeline
+    assert run() == 0
+    r1 = _round1_files(out)
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run("--set", "pseudo.threshold='0.4'") == 0
+    st = _statuses(capsys)
+    assert [st[s] for s in ALL[:6]] == ["skipped"] * 6 and [st[s] for s in ALL[6:]] == ["redone"] * 6
+    assert fakes.verbs() == ["synth-truth", "pseudo-label", "train", "evaluate", "predict", "evaluate", "evaluate"]
+    assert _round1_files(out) == r1
+    rec = json.loads((out / "stages/pseudo.json").read_text())
+    assert rec["inputs"]["options"]["threshold"] == "0.4" and "run" not in rec["inputs"]["options"]
+
+
+def _evaluate_config(path: Path):
+    from spinestream.engine.evaluate import EvaluateConfig
+    from spinestream.shards.config import load_config
+
+    return load_config(EvaluateConfig, path)
 
 
 def test_from_round2_redoes_from_round2(pipeline, capsys):
@@ -564,7 +650,7 @@ def test_adding_the_compare_stage_to_a_finished_pipeline_redoes_the_report_only(
     assert run() == 0
     st = _statuses(capsys)
     assert [st[s] for s in ALL[:10]] == ["skipped"] * 10 and (st["compare"], st["report"]) == ("run", "redone")
-    assert [(c[0], _arg(c, "--checkpoint")) for c in fakes.calls] == [("evaluate", "last")] * 2
+    assert [(c[0], _config(c)["checkpoint"]) for c in fakes.calls] == [("evaluate", "last")] * 2
     assert all((out / f"runs/{r}/eval-f0-last/report.csv").is_file() for r in ("round1", "round2"))
 
 
