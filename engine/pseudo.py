@@ -70,6 +70,8 @@ import pandas as pd
 from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
 from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
+from .rundir import PseudoLayout, PseudoSummary, write_pseudo_summary
+
 PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
 THRESHOLD_METHODS = ("train-share", "val")  # --threshold words; the first is the default
 COHORT = "positive-unboxed"  # the shards.layout.COHORTS member it labels
@@ -269,8 +271,9 @@ def summarize(df: pd.DataFrame, slices: pd.DataFrame, threshold: float = 0.5) ->
     }
 
 
-def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: int = 8) -> None:
-    """For a sample of studies: slices x (C1..C7, any) probabilities beside the targets."""
+def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: int = 8):
+    """For a sample of studies: slices x (C1..C7, any) probabilities beside the targets, with a colour bar;
+    returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,11 +281,11 @@ def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: in
 
     study = slices.set_index("slice_id").loc[df.slice_id, "StudyInstanceUID"].to_numpy()
     uids = sorted(set(study))[:max_studies]
-    fig, axes = plt.subplots(len(uids), 2, figsize=(9, 1.6 * len(uids) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(uids), 2, figsize=(9.6, 1.6 * len(uids) + 0.6), squeeze=False)
     for (ax_p, ax_y), u in zip(axes, uids):
         rows = df[study == u]
         for ax, cols, what in ((ax_p, PROB_COLUMNS, "probability"), (ax_y, TARGETS, "label")):
-            ax.imshow(rows[list(cols)].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1,
+            im = ax.imshow(rows[list(cols)].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1,
                       interpolation="nearest")
             ax.set_yticks(range(len(TARGETS)), TARGETS, fontsize=6)
             ax.tick_params(axis="x", labelsize=6)
@@ -290,11 +293,13 @@ def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: in
     for ax in axes[-1]:
         ax.set_xlabel("slice (head → feet)", fontsize=7)
     fig.suptitle("pseudo-labels: model probabilities (left) and targets (right)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.colorbar(im, cax=fig.add_axes((0.94, 0.15, 0.015, 0.7)), label="probability / target")
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- the verb
@@ -371,7 +376,7 @@ def run(args: argparse.Namespace) -> dict:
         if not len(tune):
             print(f"warning: {root} has no boxed study outside validation fold {k}: thresholds 0.5", file=sys.stderr)
     df = pseudo_table(probs, studies, mode=args.mode, thresholds=thresholds)
-    out = args.out or Layout(root).root / "labels" / f"pseudo-{args.run.resolve().name}.parquet"
+    out = args.out or PseudoLayout.default(root, args.run).table
     meta = {"kind": "pseudo-labels", "run": str(args.run), "checkpoint": str(ckpt), "model": cfg.model.name,
             "mode": args.mode, "rule": RULE, "tta": bool(args.tta), "shards": str(root), "cohort": COHORT,
             "thresholds": None if thresholds is None else dict(zip(VERTEBRAE, map(float, thresholds))),
@@ -387,11 +392,9 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"table": str(out), **{k: meta[k] for k in keys}, **summarize(df, slices)}
     if args.truth is not None:
         summary["quality"] = quality(df, read_label_table(args.truth).frame)
-    from spinestream.shards.fsutil import atomic_write_json
-
-    atomic_write_json(out.with_suffix(".summary.json"), summary)
+    write_pseudo_summary(out, PseudoSummary.from_dict(summary))
     if args.heatmap_studies > 0:
-        heatmaps(df, slices, out.with_suffix(".heatmap.png"), args.heatmap_studies)
+        heatmaps(df, slices, PseudoLayout(out).heatmap, args.heatmap_studies)
     return summary
 
 

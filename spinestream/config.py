@@ -84,6 +84,10 @@ class EvaluateStage:
     (RUN/eval-f<k>-last/, with this stage's fold, rule and batch size) for the report's verdict."""
     batch_size: int = 32
 
+    def fold_of(self, run_cfg) -> int:
+        """The fold this stage evaluates the run of ``run_cfg`` (a RunConfig) on."""
+        return run_cfg.data.val_fold if self.fold is None else self.fold
+
 
 @dataclass(kw_only=True)
 class PseudoStage:

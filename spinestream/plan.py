@@ -47,6 +47,7 @@ import yaml
 
 from spinestream.shards.config import ConfigError, format_value, load_config, to_dict
 from spinestream.shards.fsutil import atomic_write_bytes
+from spinestream.engine.rundir import PseudoLayout, RunLayout
 from spinestream.shards.layout import Layout
 
 from .config import EvaluateStage, PipelineConfig, TrainStage
@@ -77,7 +78,7 @@ class Paths:
     report_md = property(lambda self: self.root / "report.md")
     report_json = property(lambda self: self.root / "report.json")
     report_dir = property(lambda self: self.root / "report")
-    pseudo = property(lambda self: self.root / "shards" / "labels" / "pseudo-round1.parquet")
+    pseudo = property(lambda self: PseudoLayout.default(self.shards, self.run("round1")).table)
 
     def run(self, name: str) -> Path:
         return self.root / "runs" / name
@@ -232,18 +233,19 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     stage: TrainStage = getattr(cfg, name)
     rc, run_dir, resolved = configs[name], paths.run(name), paths.stages / f"{name}.yaml"
     # init_from: null overrides a config's own model.init_from (the stage says: no round-1 weights)
-    init_path = None if stage.init_from is None else paths.run(stage.init_from) / "best.pt"
+    init_path = None if stage.init_from is None else RunLayout(paths.run(stage.init_from)).best
+    lay = RunLayout(run_dir)
     init = ["--set", "model.init_from=null" if init_path is None else f"model.init_from={init_path}"]
 
     def run():
         write_yaml(resolved, rc)
-        resume = run_dir.is_dir() and any(run_dir.glob("ckpt-*.pt"))
+        resume = bool(lay.checkpoints())
         call(verb, ["train", *(["--resume", str(run_dir)] if resume else []), "-c", str(resolved), *init])
 
     def inputs():
         out = {"config": to_dict(rc), "shards": shards_fp(paths.shards)}
         if stage.init_from:
-            out["init_from"] = fingerprint(paths.run(stage.init_from) / "best.pt")
+            out["init_from"] = fingerprint(init_path)
         if "pseudo" in cfg.stages and name == "round2":
             out["pseudo"] = fingerprint(paths.pseudo)
         out["label_tables"] = {t: fingerprint(Path(t) if Path(t).is_absolute() else paths.shards / t)
@@ -253,16 +255,16 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     def check_resume() -> tuple[str, list[str]]:
         """('', []) when the run directory was made by this round's config (or holds nothing to resume), else
         (why not, the differing config keys)."""
-        ckpts = list(run_dir.glob("ckpt-*.pt"))
-        if not ckpts and not (run_dir / "best.pt").exists():
+        ckpts = lay.checkpoints()
+        if not ckpts and not lay.best.exists():
             return "", []  # nothing trained: the trainer starts afresh
         if not ckpts:
-            return f"{run_dir} holds a best.pt but no checkpoint to resume from", []
-        from spinestream.engine.config import RunConfig
+            return f"{run_dir} holds a {lay.best.name} but no checkpoint to resume from", []
+        from spinestream.engine.rundir import read_config
 
-        path = run_dir / "config.yaml"
+        path = lay.config
         try:  # read as the trainer would read it: the same defaults, paths absolute as it stores them
-            made_by = canonical(to_dict(load_config(RunConfig, path).with_absolute_paths()))
+            made_by = canonical(to_dict(read_config(run_dir).with_absolute_paths()))
         except (OSError, ConfigError, yaml.YAMLError) as e:
             return f"its config {path} cannot be read ({e}): which config made it is unknown", []
         want = trained_config(rc, init_path)
@@ -271,43 +273,29 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
             return f"{path} differs from this round's config ({changed_keys(made_by, want, 'config.')})", keys
         return "", []
 
-    return Stage(name, run, inputs, outputs=[run_dir], required=[run_dir / "best.pt"], keep=True,
+    return Stage(name, run, inputs, outputs=[run_dir], required=[lay.best], keep=True,
                  check_resume=check_resume)
 
 
-def eval_fold(stage: EvaluateStage, run_cfg) -> int:
-    return run_cfg.data.val_fold if stage.fold is None else stage.fold
-
-
-def eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
-    """Where the evaluate stage writes (its ``checkpoint``, best.pt by default): RUN/eval-f<k>."""
-    return run_dir / f"eval-f{eval_fold(stage, run_cfg)}"
-
-
-def last_eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
-    """Where the compare stage writes the run's last checkpoint's evaluation: RUN/eval-f<k>-last."""
-    return run_dir / f"eval-f{eval_fold(stage, run_cfg)}-last"
-
-
 def latest_checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
+    return [p.name for p in RunLayout(run_dir).checkpoints()]
 
 
 def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
     e: EvaluateStage = getattr(cfg, name)
     run = f"round{name[-1]}"
     run_dir = paths.run(run)
-    out = eval_dir(e, configs[run], run_dir)
+    out = RunLayout(run_dir).evaluation(e.fold_of(configs[run]))
     args = ["--checkpoint", e.checkpoint, "--batch-size", str(e.batch_size)]
     args += (["--fold", str(e.fold)] if e.fold is not None else []) + (["--rule", e.rule] if e.rule else [])
     argv = ["evaluate", "--run", str(run_dir), *args]
-    ckpt = "best.pt" if e.checkpoint == "best" else None
 
     def inputs():
-        run_fp = fingerprint(run_dir / ckpt) if ckpt else {"latest": latest_checkpoints(run_dir)}
+        run_fp = fingerprint(RunLayout(run_dir).best) if e.checkpoint == "best" else {
+            "latest": latest_checkpoints(run_dir)}
         return {"run": run_fp, "args": args, "shards": shards_fp(paths.shards)}
 
-    return Stage(name, lambda: call(verb, argv), inputs, outputs=[out], required=[out / "report.csv"],
+    return Stage(name, lambda: call(verb, argv), inputs, outputs=[out.root], required=[out.report],
                  feeds_later=False)
 
 
@@ -319,25 +307,26 @@ def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
         run_dir = paths.run(run)
         args = ["--checkpoint", "last", "--batch-size", str(e.batch_size)]
         args += (["--fold", str(e.fold)] if e.fold is not None else []) + (["--rule", e.rule] if e.rule else [])
-        jobs[run] = (run_dir, last_eval_dir(e, configs[run], run_dir), args)
+        jobs[run] = (run_dir, RunLayout(run_dir).evaluation(e.fold_of(configs[run]), last=True), args)
 
     def run():
         for run_dir, out, args in jobs.values():
-            call(verb, ["evaluate", "--run", str(run_dir), *args, "--out", str(out)])
+            call(verb, ["evaluate", "--run", str(run_dir), *args, "--out", str(out.root)])
 
     def inputs():
         return {r: {"latest": latest_checkpoints(run_dir), "args": args}
                 for r, (run_dir, _, args) in jobs.items()} | {"shards": shards_fp(paths.shards)}
 
     outs = [out for _, out, _ in jobs.values()]
-    return Stage(name, run, inputs, outputs=outs, required=[o / "report.csv" for o in outs], feeds_later=False)
+    return Stage(name, run, inputs, outputs=[o.root for o in outs], required=[o.report for o in outs],
+                 feeds_later=False)
 
 
 def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
     p, table = cfg.pseudo, paths.pseudo
     args = ["--mode", p.mode, "--threshold", p.threshold, "--batch-size", str(p.batch_size)] + ["--tta"] * p.tta
     truth = ["--truth", str(paths.crack_truth)] if p.synth_truth else []
-    side = [table.with_suffix(".summary.json"), table.with_suffix(".heatmap.png")]
+    side = [PseudoLayout(table).summary, PseudoLayout(table).heatmap]
 
     def run():
         if p.synth_truth:
@@ -346,7 +335,7 @@ def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
         call(verb, ["pseudo-label", "--run", str(paths.run("round1")), "--out", str(table), *args, *truth])
 
     def inputs():
-        return {"run": fingerprint(paths.run("round1") / "best.pt"), "args": args, "synth_truth": p.synth_truth,
+        return {"run": fingerprint(RunLayout(paths.run("round1")).best), "args": args, "synth_truth": p.synth_truth,
                 "shards": shards_fp(paths.shards)}
 
     return Stage(name, run, inputs, outputs=[table, *side] + ([paths.crack_truth] if p.synth_truth else []),
@@ -360,7 +349,7 @@ def _predict(name, cfg, paths, configs, verb, workers) -> Stage:
     argv += (["--sample-submission", str(sample)] if sample else []) + ["--out", str(paths.submission)]
 
     def inputs():
-        return {"runs": {r: fingerprint(paths.run(r) / "best.pt") for r in p.runs}, "images": files_fp(images),
+        return {"runs": {r: fingerprint(RunLayout(paths.run(r)).best) for r in p.runs}, "images": files_fp(images),
                 "sample_submission": fingerprint(sample) if sample else None}
 
     return Stage(name, lambda: call(verb, argv), inputs, outputs=[paths.submission])
