@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from tqdm import tqdm
+    from spinestream.engine.rundir import read_batch_size
 
     t = build_trainer(args)
     try:
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats(t.device)
         fixed = model_only(t, args.steps, args.warmup)
         fed = through_loader(t, args.steps, args.warmup)
-        auto_path = t.run_dir / "batch_size.json"
-        auto = json.loads(auto_path.read_text()) if auto_path.is_file() else None
+        rec = read_batch_size(t.run_dir)
+        auto = None if rec is None else dataclasses.asdict(rec)
     finally:
         t.loader.close()
         shutil.rmtree(t.run_dir.parent, ignore_errors=True)

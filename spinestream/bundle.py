@@ -31,7 +31,6 @@ PROJECT = "spinestream"
 ROOT = Path(__file__).resolve().parents[1]  # the source tree the project's wheel is built from
 EXCLUDED = ("torch", "torchvision")  # on Kaggle already
 DALI = "nvidia-dali-cuda120"  # SM 5.0+: the P100 (sm60) included; cuda130 needs sm75
-RUN_FILES = ("run.json", "config.yaml", "best.pt")
 
 
 def _norm(name: str) -> str:
@@ -102,10 +101,7 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
     """``(source or None, path in the bundle, note)`` for each run's files; the shard spec is the run's
     own copy or made from its ``data.root``."""
     from spinestream.engine import checkpoint as ck
-    from spinestream.engine.config import RunConfig
-    from spinestream.shards.config import load_config
-
-    from spinestream.shards.spec import SPEC_FILE
+    from spinestream.engine.rundir import read_config
 
     names = [Path(r).resolve().name for r in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
@@ -113,25 +109,22 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
         raise ValueError(f"two --run directories are named {sorted(dup)}; the bundle keeps runs/<name>: rename one")
     out = []
     for rd, name in zip(run_dirs, names):
-        rd = Path(rd)
-        ck.check_run_dir(rd)
+        lay = ck.check_run_dir(rd)
         ck.sync_best(rd)  # a kill between the step checkpoint and best.pt: bundle the best the record names
-        for f in RUN_FILES:
-            if not (rd / f).is_file():
-                raise FileNotFoundError(f"--run {rd}: no {f} (a finished `spinestream train` run has one)")
-            out.append((rd / f, f"runs/{name}/{f}", ""))
-        if (rd / SPEC_FILE).is_file():
-            out.append((rd / SPEC_FILE, f"runs/{name}/{SPEC_FILE}", ""))
+        for f in (lay.marker, lay.config, lay.best):
+            if not f.is_file():
+                raise FileNotFoundError(f"--run {rd}: no {f.name} (a finished `spinestream train` run has one)")
+            out.append((f, f"runs/{name}/{f.name}", ""))
+        spec = lay.shard_spec
+        if spec.is_file():
+            out.append((spec, f"runs/{name}/{spec.name}", ""))
         else:
-            root = load_config(RunConfig, rd / "config.yaml").data.root
-            out.append((None, f"runs/{name}/{SPEC_FILE}", f"made from {root}"))
+            out.append((None, f"runs/{name}/{spec.name}", f"made from {read_config(rd).data.root}"))
     return out
 
 
 def write_runs(run_dirs: list[Path], out: Path) -> None:
-    from spinestream.engine.config import RunConfig
-    from spinestream.shards.config import load_config
-
+    from spinestream.engine.rundir import read_config
     from spinestream.shards.spec import ShardSpec
 
     for src, dst, _ in run_files(run_dirs):
@@ -140,7 +133,7 @@ def write_runs(run_dirs: list[Path], out: Path) -> None:
             shutil.copy2(src, out / dst)
         else:
             rd = next(Path(r) for r in run_dirs if Path(r).resolve().name == Path(dst).parent.name)
-            data = load_config(RunConfig, rd / "config.yaml").data
+            data = read_config(rd).data
             ShardSpec.from_shards(data.root, exclude_fold=data.val_fold).save(out / dst.rsplit("/", 1)[0])
 
 
