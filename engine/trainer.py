@@ -144,7 +144,8 @@ class Trainer:
         self.train_sel, self.labels, self.val_studies, self.baseline = \
             data.train_sel, data.labels, data.val_studies, data.baseline
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None or not RunLayout(self.run_dir).shard_spec.is_file():  # predict's copy; never rewritten on resume
+        # predict's copy of the shard spec; never rewritten on resume
+        if resume_from is None or not RunLayout(self.run_dir).shard_spec.is_file():
             spec.save(self.run_dir)
         bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
                                 channels_last=self.channels_last, resuming=state is not None)

@@ -24,7 +24,16 @@ Everything is read from what the stages wrote; a piece that is not there is repo
 * ``pseudo_labels``: the pseudo-label summary (counts; precision/recall/F1 on synthetic data);
 * ``throughput``: loader images/s per line (``DIR/bench/loader.json``) and training images/s (median of the
   runs' ``metrics.jsonl`` log windows);
-* ``stages``: status and seconds per stage (``DIR/stages/*.json``); ``submission``: its path and rows.
+* ``stages``: status and seconds per stage (``DIR/stages/*.json``); ``submission``: its path and rows;
+* ``headline`` (what report.md opens with): the best held-out loss against its constant baseline, round 2
+  against round 1 with its interval (the last checkpoints', else best.pt's, said), total wall time of the
+  timed stages, hardware (the runs' ``hardware`` log records, else the loader benchmark's machine), model and
+  image size; each piece that is not there says so;
+* ``warnings``: a round whose end (its last checkpoint's evaluation, else best.pt's) scores no better than
+  the constant baseline; pseudo-labels with more than :data:`DEGENERATE_SHARE` of their slices positive, or
+  none.
+
+The run directories' files are read through :mod:`spinestream.engine.rundir`'s layouts and records.
 """
 from __future__ import annotations
 

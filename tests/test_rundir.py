@@ -13,7 +13,8 @@ def test_layout_names_the_files_the_trainer_and_evaluate_write(tmp_path):
     lay = rd.RunLayout(tmp_path)
     assert (lay.best.name, lay.config.name, lay.metrics.name, lay.checkpoint(7).name) == (
         "best.pt", "config.yaml", "metrics.jsonl", "ckpt-000000007.pt")
-    assert lay.evaluation(2).root.name == "eval-f2" and lay.evaluation(2, last=True).summary.parent.name == "eval-f2-last"
+    assert lay.evaluation(2).root.name == "eval-f2"
+    assert lay.evaluation(2, last=True).summary.parent.name == "eval-f2-last"
     for step in (3, 1):
         lay.checkpoint(step).write_bytes(b"")
     (tmp_path / "ckpt-1.pt").write_bytes(b"")  # not a step checkpoint's name
