@@ -35,20 +35,19 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     from spinestream.engine import checkpoint as ck
     from spinestream.engine.config import RunConfig
     from spinestream.engine.model import build_model, model_fingerprint
+    from spinestream.engine.rundir import write_config
     from spinestream.shards.config import load_config, to_dict
     from spinestream.shards.layout import ROW_TYPES
     from spinestream.shards.manifest import ImageSpec
     from spinestream.shards.shard_config import ShardConfig
     from spinestream.shards.spec import ShardSpec
 
-    import yaml
-
     cfg = load_config(RunConfig, None, [f"model.name={model}", "model.pretrained=false", f"loader.image_size={image_size}",
                                         "loader.batch_size=32", "log.wandb=disabled", "data.root=none"])
-    ck.mark_run(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    lay = ck.mark_run(run_dir)
+    write_config(run_dir, cfg)
     net = build_model(cfg.model)
-    ck.save(run_dir / "best.pt", {"model_fingerprint": model_fingerprint(net), "model": net.state_dict(),
+    ck.save(lay.best, {"model_fingerprint": model_fingerprint(net), "model": net.state_dict(),
                                   "ema": None, "step": 0})
     sc = ShardConfig(image_size=out_size)
     image = ImageSpec(size=sc.image_size, channels=sc.channels, windows=[list(w) for w in sc.windows],

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
+    from spinestream.engine.rundir import read_batch_size
+
     t = build_trainer(args)  # its progress bar stays the disabled one until fit(), which this never calls
     try:
         t.model.train()
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats(t.device)
         fixed = model_only(t, args.steps, args.warmup)
         fed = through_loader(t, args.steps, args.warmup)
-        auto_path = t.run_dir / "batch_size.json"
-        auto = json.loads(auto_path.read_text()) if auto_path.is_file() else None
+        rec = read_batch_size(t.run_dir)
+        auto = None if rec is None else dataclasses.asdict(rec)
     finally:
         t.loader.close()
         shutil.rmtree(t.run_dir.parent, ignore_errors=True)

@@ -7,26 +7,23 @@ checkpoint's on resume) and every RNG the run draws from are exactly as before t
 What the cap (``set_per_process_memory_fraction``) limits is torch's allocator only; the CUDA
 context, DALI's memory pool and nvJPEG's buffers live outside it. A batch is accepted when the
 probe's peak reserved memory stays below ``max_memory_gb - memory_headroom_gb``; both figures and
-the peak of each candidate are written to ``batch_size.json``. On resume the recorded batch size is
+the peak of each candidate are recorded in the run directory
+(:class:`spinestream.engine.rundir.BatchSizeRecord`). On resume the recorded batch size is
 reused (no probe) when the probe's settings are unchanged.
 """
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from spinestream.shards.fsutil import atomic_write_json
-
 from .config import RunConfig
 from .device import autocast
 from .ema import ModelEma
 from .metrics import weighted_bce
-
-RECORD = "batch_size.json"
+from .rundir import BatchSizeRecord, RunLayout, read_batch_size, write_batch_size
 
 
 def _probe_step(model, opt, scaler, ema, b: int, size: int, device, precision: str, channels_last: bool) -> None:
@@ -55,8 +52,9 @@ def _candidates(cfg: RunConfig, device) -> list[int]:
     return cands
 
 
-def auto_batch_size(model, cfg: RunConfig, device: torch.device, precision: str, channels_last: bool = False) -> dict:
-    """Probe powers of two on a copy of ``model``; the record for ``batch_size.json``."""
+def auto_batch_size(model, cfg: RunConfig, device: torch.device, precision: str,
+                    channels_last: bool = False) -> BatchSizeRecord:
+    """Probe powers of two on a copy of ``model``; what it found, with the settings it probed under."""
     cuda = device.type == "cuda"
     budget = cfg.train.max_memory_gb - cfg.train.memory_headroom_gb
     best, tried = None, []
@@ -92,32 +90,28 @@ def auto_batch_size(model, cfg: RunConfig, device: torch.device, precision: str,
         raise RuntimeError(f"not even a batch of {tried[0]['batch']} fits at {cfg.loader.image_size}px under "
                            f"train.max_memory_gb={cfg.train.max_memory_gb} minus "
                            f"train.memory_headroom_gb={cfg.train.memory_headroom_gb}")
-    return {"batch_size": best, "tried": tried, "image_size": cfg.loader.image_size, "device": str(device),
-            "precision": precision, "max_memory_gb": cfg.train.max_memory_gb,
-            "memory_headroom_gb": cfg.train.memory_headroom_gb, "channels_last": channels_last,
-            "peak_gb": next((t["peak_gb"] for t in reversed(tried) if t["ok"]), None),
-            "peak_note": "torch allocator's peak reserved memory of the whole step (model copy, grads, Adam, EMA)"
-            if cuda else "no memory figures on the CPU: the configured loader.batch_size, checked by a real step"}
-
-
-def _same_probe(rec: dict, probe: dict) -> bool:
-    return all(rec.get(k) == v for k, v in probe.items())
+    return BatchSizeRecord(
+        batch_size=best, tried=tried, image_size=cfg.loader.image_size, device=str(device), precision=precision,
+        max_memory_gb=cfg.train.max_memory_gb, memory_headroom_gb=cfg.train.memory_headroom_gb,
+        channels_last=channels_last, peak_gb=next((t["peak_gb"] for t in reversed(tried) if t["ok"]), None),
+        peak_note="torch allocator's peak reserved memory of the whole step (model copy, grads, Adam, EMA)"
+        if cuda else "no memory figures on the CPU: the configured loader.batch_size, checked by a real step")
 
 
 def resolve_batch_size(cfg: RunConfig, model, run_dir: Path, device, precision: str, *, channels_last: bool,
                        resuming: bool) -> int:
-    """``train.batch_size``, or the auto probe's answer (recorded in ``run_dir/batch_size.json``; reused on resume)."""
+    """``train.batch_size``, or the auto probe's answer (recorded in the run directory; reused on resume)."""
     if cfg.train.batch_size != "auto":
         return int(cfg.train.batch_size)
-    path = Path(run_dir) / RECORD
     settings = {"image_size": cfg.loader.image_size, "device": str(device), "precision": precision,
                 "max_memory_gb": cfg.train.max_memory_gb, "memory_headroom_gb": cfg.train.memory_headroom_gb,
                 "channels_last": channels_last}
-    if resuming and path.is_file():
-        rec = json.loads(path.read_text())
-        if _same_probe(rec, settings):
-            return int(rec["batch_size"])
-        print(f"spinestream: {path} was probed with other settings; probing the batch size again", file=sys.stderr)
+    rec = read_batch_size(run_dir) if resuming else None
+    if rec is not None:
+        if rec.probed_with(settings):
+            return rec.batch_size
+        print(f"spinestream: {RunLayout(run_dir).batch_size} was probed with other settings; probing the batch "
+              f"size again", file=sys.stderr)
     found = auto_batch_size(model, cfg, device, precision, channels_last)
-    atomic_write_json(path, found)
-    return int(found["batch_size"])
+    write_batch_size(run_dir, found)
+    return found.batch_size

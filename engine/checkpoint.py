@@ -1,14 +1,4 @@
-"""Run directories and checkpoints.
-
-```
-runs/<name>/run.json            marks a run directory (format, version)
-runs/<name>/config.yaml         the resolved config (rewritten on resume with changed hyper-parameters)
-runs/<name>/batch_size.json     what batch_size: auto found (peak, headroom; reused on resume)
-runs/<name>/metrics.jsonl       one JSON object per log line / validation
-runs/<name>/curves.png          loss and validation curves
-runs/<name>/ckpt-<step>.pt      the last keep_last checkpoints
-runs/<name>/best.pt             best by the validation metric (lower is better)
-```
+"""Checkpoints of a run directory (its layout and records: :mod:`spinestream.engine.rundir`).
 
 Checkpoints are written to a temporary file, fsynced, renamed, and the directory fsynced
 (a crash leaves the old file or the new one, never half of one, also after a power cut), and
@@ -18,13 +8,12 @@ Guarantees (tested in tests/test_checkpoint.py): :func:`latest` returns the newe
 that can be read, with a warning naming every newer one that cannot; :func:`save_step` keeps
 the newest ``keep_last`` *readable* checkpoints (an unreadable newest file never costs an older
 good one); :func:`clean_stale` removes the ``*.tmp-*`` files a killed save left;
-:func:`truncate_metrics` drops the log lines past the step a resumed run continues from;
+:func:`spinestream.engine.rundir.truncate_metrics` drops the log lines past the step a resumed run continues from;
 :func:`sync_best` makes ``best.pt`` the checkpoint the newest record names as best after a kill
 between the two writes (the trainer writes the step checkpoint first).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,32 +22,12 @@ from pathlib import Path
 
 import torch
 
-from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from spinestream.shards.fsutil import fsync_dir
 
-BEST = "best.pt"
-RUN_FORMAT = "spinestream-run"
-RUN_VERSION = 1
-CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
+# the run directory's names, for the callers that know them from here
+from .rundir import BEST, RunError, RunLayout, check_run_dir, mark_run, truncate_metrics  # noqa: F401
+
 TMP_RE = re.compile(r"\.tmp-\d+$")
-
-
-class RunError(ValueError):
-    """A run directory or checkpoint that cannot be used (message says why and what to do)."""
-
-
-def mark_run(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "run.json", {"format": RUN_FORMAT, "version": RUN_VERSION})
-
-
-def check_run_dir(run_dir: Path) -> None:
-    marker = Path(run_dir) / "run.json"
-    if not marker.is_file():
-        raise RunError(f"{run_dir} is not a spinestream run directory (no run.json); "
-                       f"pass the directory `spinestream train` created, e.g. runs/round1")
-    meta = json.loads(marker.read_text())
-    if meta.get("format") != RUN_FORMAT or meta.get("version") != RUN_VERSION:
-        raise RunError(f"{marker}: unsupported run format {meta}")
 
 
 def save(path: Path, state: dict) -> None:
@@ -92,15 +61,15 @@ def load(path: Path, map_location="cpu") -> dict:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Step checkpoints, oldest first."""
-    return sorted(p for p in Path(run_dir).iterdir() if CKPT_RE.match(p.name))
+    """Step checkpoints, oldest first; none when ``run_dir`` does not exist."""
+    return RunLayout(run_dir).checkpoints()
 
 
 def latest(run_dir: Path) -> Path:
     """The newest readable step checkpoint; every newer unreadable one is named in a warning."""
     found = checkpoints(run_dir)
     if not found:
-        raise RunError(f"{run_dir} has no checkpoint to resume from (ckpt-*.pt)")
+        raise RunError(f"{run_dir} has no step checkpoint to resume from")
     for path in reversed(found):
         if readable(path):
             return path
@@ -112,10 +81,11 @@ def latest(run_dir: Path) -> Path:
 
 def save_step(run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
     """Save ``ckpt-<step>.pt`` and delete what is older than the newest ``keep_last`` readable ones."""
-    path = Path(run_dir) / f"ckpt-{step:09d}.pt"
+    lay = RunLayout(run_dir)
+    path = lay.checkpoint(step)
     save(path, state)
     good = 0
-    for old in reversed(checkpoints(run_dir)):
+    for old in reversed(lay.checkpoints()):
         if good >= keep_last:
             old.unlink(missing_ok=True)
         elif readable(old):
@@ -137,12 +107,12 @@ def sync_best(run_dir: Path) -> bool:
     """Repair ``best.pt`` after a kill between a step checkpoint and ``best.pt``: when the newest readable
     checkpoint's record says it is the best and ``best.pt`` is missing or holds another step, copy it there
     (atomically). True when it repaired; a note goes to stderr."""
-    run_dir = Path(run_dir)
-    found = ((p, _steps(p)) for p in reversed(checkpoints(run_dir))) if run_dir.is_dir() else iter(())
+    lay = RunLayout(run_dir)
+    found = ((p, _steps(p)) for p in reversed(lay.checkpoints()))
     newest, steps = next(((p, s) for p, s in found if s is not None), (None, None))  # the newest readable one
     if steps is None or steps[0] != steps[1]:
         return False
-    best = run_dir / BEST
+    best = lay.best
     held = _steps(best) if best.is_file() else None
     if held is not None and held[0] >= steps[0]:  # (a newer best.pt, when the newest checkpoint is unreadable)
         return False
@@ -151,7 +121,7 @@ def sync_best(run_dir: Path) -> bool:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, best)
-    fsync_dir(run_dir)
+    fsync_dir(lay.root)
     print(f"spinestream: {best} did not hold the best checkpoint its record names (step {steps[0]}; interrupted "
           f"between the two writes); restored it from {newest.name}", file=sys.stderr)
     return True
@@ -163,22 +133,3 @@ def clean_stale(run_dir: Path) -> list[Path]:
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
-
-
-def truncate_metrics(run_dir: Path, step: int) -> int:
-    """Drop ``metrics.jsonl`` records logged after ``step`` (a resume repeats those steps); returns how many."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = []
-    for ln in lines:
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        if int(rec.get("step", 0)) <= step:
-            keep.append(ln)
-    if len(keep) != len(lines):
-        atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())
-    return len(lines) - len(keep)

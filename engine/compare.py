@@ -30,13 +30,14 @@ from spinestream.shards.layout import ROW_TYPES, Layout
 from spinestream.shards.tables import read_study_table
 
 from .metrics import solution_from_train, study_losses
+from .rundir import EvalLayout
 
 __all__ = ["compare_evals", "describe", "eval_study_losses", "main", "paired_bootstrap", "verdict"]
 
 
 def eval_study_losses(eval_dir: str | Path, shards: str | Path) -> pd.Series:
     """Per-study competition loss of an evaluation's ``submission.csv`` against the shard set's study labels."""
-    path = Path(eval_dir) / "submission.csv"
+    path = EvalLayout(Path(eval_dir)).submission
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (run `spinestream evaluate --run RUN` first)")
     sub = pd.read_csv(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,12 @@ import pandas as pd
 
 from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, \
     load_config, plain, print_config
-from spinestream.shards.fsutil import atomic_write_json
 from spinestream.shards.layout import TARGETS, Layout
-from spinestream.shards.tables import read_study_table
+from spinestream.shards.tables import read_label_table, read_slice_table, read_study_table
 
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
+
+from .rundir import EvalLayout, EvalSummary, RunLayout, read_config, write_eval_summary
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -56,14 +58,14 @@ def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
     ck.check_run_dir(run_dir)
     if which == "best":
         ck.sync_best(run_dir)  # a kill between the step checkpoint and best.pt: best.pt is what the record names
-    path = Path(which) if which not in ("best", "last") else (
-        run_dir / ck.BEST if which == "best" else ck.latest(run_dir))
+    lay = RunLayout(run_dir)
+    path = Path(which) if which not in ("best", "last") else (lay.best if which == "best" else ck.latest(run_dir))
     state = ck.load(path)
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
     model = build_model(cfg.model, image_size=cfg.loader.image_size)
     if state.get("model_fingerprint") != model_fingerprint(model):
-        raise ck.RunError(f"{path} was written by a different model than {run_dir / 'config.yaml'} describes")
+        raise ck.RunError(f"{path} was written by a different model than {lay.config} describes")
     weights = state["ema"] if state.get("ema") is not None else state["model"]
     check_state_dict(model, weights, source=str(path))
     model.load_state_dict(weights)
@@ -106,34 +108,74 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
-def heatmaps(probs: dict[str, np.ndarray], studies: pd.DataFrame, path: Path, max_studies: int = 12) -> None:
+def slice_truth(shards: Layout, probs: dict[str, np.ndarray], studies: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per boxed study of ``probs``: its slice truth ("any" per slice, head to feet, from the shard set's truth
+    table), where it has one row per predicted slice: the heat maps' truth row."""
+    boxed = set(studies.StudyInstanceUID[studies.cohort == "boxed"]) & set(probs)
+    if not boxed or not shards.truth.is_file():
+        return {}
+    slices = read_slice_table(shards.slices, columns=["slice_id", "StudyInstanceUID", "index"])
+    slices = slices[slices.StudyInstanceUID.isin(boxed)]
+    truth = read_label_table(shards.truth).frame.set_index("slice_id")["any"]
+    slices = slices[slices.slice_id.isin(truth.index)].sort_values(["StudyInstanceUID", "index"])
+    out = {u: truth.loc[g.slice_id].to_numpy(dtype=float) for u, g in slices.groupby("StudyInstanceUID")}
+    return {u: t for u, t in out.items() if len(t) == len(probs[u])}
+
+
+def heatmap_studies(uids, studies: pd.DataFrame, max_studies: int) -> list[str]:
+    """Up to ``max_studies`` of ``uids``, fractured and negative ones alternating (boxed first among the
+    fractured), so the picture shows what the model does on both; the other kind fills in when one runs out."""
+    table = studies.set_index("StudyInstanceUID")
+    pos = sorted((u for u in uids if table.loc[u, "patient_overall"] == 1),
+                 key=lambda u: (table.loc[u, "cohort"] != "boxed", u))
+    neg = sorted(u for u in uids if table.loc[u, "patient_overall"] != 1)
+    mixed = [u for pair in zip(pos, neg) for u in pair]
+    n = min(len(pos), len(neg))
+    return (mixed + pos[n:] + neg[n:])[:max_studies]
+
+
+def heatmaps(probs: dict[str, np.ndarray], studies: pd.DataFrame, path: Path, max_studies: int = 12, *,
+             truth: dict[str, np.ndarray] | None = None):
+    """Slice probabilities (slices x C1..C7, any) of fractured and negative studies side by side, with a colour
+    bar, and under a boxed study's rows its slice truth (``truth``: :func:`slice_truth`). Written atomically to
+    ``path``; returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = studies.set_index("StudyInstanceUID")
-    # positives first: that is where the picture says most
-    uids = sorted(probs, key=lambda u: (-int(table.loc[u, "patient_overall"]), u))[:max_studies]
+    table, truth = studies.set_index("StudyInstanceUID"), truth or {}
+    uids = heatmap_studies(list(probs), studies, max_studies)
     cols = 4
     rows = -(-len(uids) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    im = None
     for ax, u in zip(axes.flat, uids):
-        p = probs[u]
+        grid, labels = probs[u].T, [t + (" *" if t != "any" and table.loc[u, t] == 1 else "") for t in TARGETS]
+        if u in truth:
+            grid, labels = np.vstack([grid, truth[u][None, :]]), [*labels, "truth"]
         ax.axis("on")
-        ax.imshow(p.T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_yticks(range(len(TARGETS)), [t + (" *" if t != "any" and table.loc[u, t] == 1 else "")
-                                            for t in TARGETS], fontsize=7)
+        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        if u in truth:
+            ax.axhline(len(TARGETS) - 0.5, color="white", lw=1)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("slice (head → feet)", fontsize=7)
         ax.tick_params(axis="x", labelsize=6)
         ax.set_title(f"…{u[-10:]}  {table.loc[u, 'cohort']}  overall={int(table.loc[u, 'patient_overall'])}",
                      fontsize=7)
-    fig.suptitle("slice probabilities per vertebra (* = fractured in train.csv)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.suptitle("slice probabilities per vertebra (* = fractured in train.csv; truth = the slice labels of a "
+                 "boxed study)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.94, 1))
+    if im is not None:
+        fig.colorbar(im, cax=fig.add_axes((0.95, 0.15, 0.012, 0.7)), label="probability / label")
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
+    return fig
 
 
 @dataclass(kw_only=True)
@@ -168,27 +210,27 @@ class EvaluateConfig:
             raise ValueError("checkpoint: best, last, or a checkpoint path")
 
 
-def write_outputs(out: Path, probs: dict[str, np.ndarray], studies: pd.DataFrame, result: dict, rule: str
-                  ) -> pd.DataFrame:
-    """report.csv, slice_probs.parquet, submission.csv and heatmaps.png into ``out``; returns the report."""
+def write_outputs(out: EvalLayout, probs: dict[str, np.ndarray], studies: pd.DataFrame, result: dict, rule: str,
+                  shards: Layout) -> pd.DataFrame:
+    """report.csv, slice_probs.parquet, submission.csv and heatmaps.png (with the slice truth of ``shards``' boxed
+    studies) into ``out``; returns the report."""
     from .metrics import study_probabilities, submission_frame
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.root.mkdir(parents=True, exist_ok=True)
     report = pd.DataFrame(result["report"]).set_index("target")
-    report.to_csv(out / "report.csv")
+    report.to_csv(out.report)
     rows = [pd.DataFrame({"StudyInstanceUID": u, "index": np.arange(len(v)), **{t: v[:, k] for k, t in
                                                                                 enumerate(TARGETS)}})
             for u, v in probs.items()]
-    pd.concat(rows, ignore_index=True).to_parquet(out / "slice_probs.parquet", index=False)
-    submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()}).to_csv(out / "submission.csv",
-                                                                                        index=False)
-    heatmaps(probs, studies, out / "heatmaps.png")
+    pd.concat(rows, ignore_index=True).to_parquet(out.slice_probs, index=False)
+    submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()}).to_csv(out.submission, index=False)
+    heatmaps(probs, studies, out.heatmaps, truth=slice_truth(shards, probs, studies))
     return report
 
 
-def run(cfg: EvaluateConfig) -> tuple[Path, dict, pd.DataFrame]:
-    """Evaluate ``cfg.run`` and write the outputs (module doc); returns (the output directory, summary.json's
-    contents, the per-vertebra report)."""
+def run(cfg: EvaluateConfig) -> tuple[Path, EvalSummary, pd.DataFrame]:
+    """Evaluate ``cfg.run`` and write the outputs (module doc); returns (the output directory, its summary,
+    the per-vertebra report)."""
     from .device import pick_device, resolve_precision
     from .infer import predict_run, score_studies
     from .metrics import constant_baseline
@@ -201,7 +243,8 @@ def run(cfg: EvaluateConfig) -> tuple[Path, dict, pd.DataFrame]:
     rc = with_shards(run_dir, rc, None if cfg.shards is None else Path(cfg.shards), "evaluate")
     fold = rc.data.val_fold if cfg.fold is None else cfg.fold
     rule = cfg.rule or rc.train.study_rule
-    studies = read_study_table(Layout(Path(rc.data.root)).studies)
+    shards = Layout(Path(rc.data.root))
+    studies = read_study_table(shards.studies)
     chosen = studies[(studies.fold == fold) & studies.cohort.isin(rc.data.val_cohorts)]
     if chosen.empty:
         raise ConfigError(f"fold {fold}: no {'/'.join(rc.data.val_cohorts)} studies in fold {fold} of "
@@ -213,15 +256,15 @@ def run(cfg: EvaluateConfig) -> tuple[Path, dict, pd.DataFrame]:
                         batch_size=cfg.batch_size, progress=True)
     result = score_studies(probs, studies, rule)
     baseline = constant_baseline(chosen, prevalence_from=studies[studies.fold != fold])
-    out = Path(cfg.out) if cfg.out is not None else run_dir / f"eval-f{fold}"
-    report = write_outputs(out, probs, studies, result, rule)
-    summary = {
-        "run": str(run_dir), "checkpoint": str(path), "shards": str(rc.data.root), "fold": int(fold), "rule": rule,
-        "studies": result["studies"], "competition_loss": result["competition_loss"],
-        "constant_baseline": float(baseline), "accuracy": result["accuracy"],
-        "validation_fold": fold == rc.data.val_fold}
-    atomic_write_json(out / "summary.json", summary)
-    return out, summary, report
+    out = EvalLayout(Path(cfg.out)) if cfg.out is not None else RunLayout(run_dir).evaluation(fold)
+    report = write_outputs(out, probs, studies, result, rule, shards)
+    summary = EvalSummary(
+        run=str(run_dir), checkpoint=str(path), shards=str(rc.data.root), fold=int(fold), rule=rule,
+        studies=int(result["studies"]), competition_loss=float(result["competition_loss"]),
+        constant_baseline=float(baseline), accuracy=float(result["accuracy"]),
+        validation_fold=bool(fold == rc.data.val_fold))
+    write_eval_summary(out.root, summary)
+    return out.root, summary, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,12 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
-    out, summary, report = run(cfg)
+    out, s, report = run(cfg)
     with pd.option_context("display.width", 120, "display.precision", 3):
         print(report[["accuracy", "sensitivity", "specificity", "auc", "n_pos", "n_neg"]])
-    print(f"\n{Path(summary['checkpoint']).name}, fold {summary['fold']}, {summary['studies']} studies, rule="
-          f"{summary['rule']}: competition loss {summary['competition_loss']:.4f} (constant baseline "
-          f"{summary['constant_baseline']:.4f}), accuracy {summary['accuracy']:.3f} -> {out}")
+    print(f"\n{Path(s.checkpoint).name}, fold {s.fold}, {s.studies} studies, rule={s.rule}: competition loss "
+          f"{s.competition_loss:.4f} (constant baseline {s.constant_baseline:.4f}), accuracy {s.accuracy:.3f} -> {out}")
     return 0
 
 

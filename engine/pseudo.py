@@ -78,6 +78,8 @@ from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arg
 from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
 from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
+from .rundir import PseudoLayout, PseudoSummary, write_pseudo_summary
+
 PROB_COLUMNS = tuple(f"p_{t}" for t in TARGETS)
 THRESHOLD_METHODS = ("train-share", "val")  # threshold words; PseudoLabelConfig's default is the first
 COHORT = "positive-unboxed"  # the shards.layout.COHORTS member it labels
@@ -283,8 +285,9 @@ def summarize(df: pd.DataFrame, slices: pd.DataFrame, threshold: float = 0.5) ->
     }
 
 
-def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: int = 8) -> None:
-    """For a sample of studies: slices x (C1..C7, any) probabilities beside the targets."""
+def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: int = 8):
+    """For a sample of studies: slices x (C1..C7, any) probabilities beside the targets, with a colour bar;
+    returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,11 +295,11 @@ def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: in
 
     study = slices.set_index("slice_id").loc[df.slice_id, "StudyInstanceUID"].to_numpy()
     uids = sorted(set(study))[:max_studies]
-    fig, axes = plt.subplots(len(uids), 2, figsize=(9, 1.6 * len(uids) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(uids), 2, figsize=(9.6, 1.6 * len(uids) + 0.6), squeeze=False)
     for (ax_p, ax_y), u in zip(axes, uids):
         rows = df[study == u]
         for ax, cols, what in ((ax_p, PROB_COLUMNS, "probability"), (ax_y, TARGETS, "label")):
-            ax.imshow(rows[list(cols)].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1,
+            im = ax.imshow(rows[list(cols)].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1,
                       interpolation="nearest")
             ax.set_yticks(range(len(TARGETS)), TARGETS, fontsize=6)
             ax.tick_params(axis="x", labelsize=6)
@@ -304,11 +307,13 @@ def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: in
     for ax in axes[-1]:
         ax.set_xlabel("slice (head → feet)", fontsize=7)
     fig.suptitle("pseudo-labels: model probabilities (left) and targets (right)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.colorbar(im, cax=fig.add_axes((0.94, 0.15, 0.015, 0.7)), label="probability / target")
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- the verb
@@ -419,7 +424,7 @@ def run(cfg: PseudoLabelConfig) -> dict:
                         batch_size=cfg.batch_size, tta=cfg.tta, progress=sys.stderr.isatty())
     thresholds, source, detail = _thresholds(cfg, probs, studies, tune, root, k)
     df = pseudo_table(probs, studies, mode=cfg.mode, thresholds=thresholds)
-    out = Path(cfg.out) if cfg.out is not None else root / "labels" / f"pseudo-{run_dir.resolve().name}.parquet"
+    out = Path(cfg.out) if cfg.out is not None else PseudoLayout.default(root, run_dir).table
     meta = {"kind": "pseudo-labels", "run": str(run_dir), "checkpoint": str(ckpt), "model": rc.model.name,
             "mode": cfg.mode, "rule": RULE, "tta": cfg.tta, "shards": str(root), "cohort": COHORT,
             "thresholds": None if thresholds is None else dict(zip(VERTEBRAE, map(float, thresholds))),
@@ -434,17 +439,15 @@ def run(cfg: PseudoLabelConfig) -> dict:
 
 def write_summary(cfg: PseudoLabelConfig, df: pd.DataFrame, meta: dict, out: Path, root: Path) -> dict:
     """``<name>.summary.json`` (and ``<name>.heatmap.png``) beside the table ``out``; returns the summary."""
-    from spinestream.shards.fsutil import atomic_write_json
-
     slices = read_slice_table(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
     keys = ("run", "checkpoint", "shards", "mode", "thresholds", "threshold_method", "threshold_source",
             "threshold_studies", "threshold_folds", "threshold_excludes_fold")
     summary = {"table": str(out), **{k: meta[k] for k in keys}, **summarize(df, slices)}
     if cfg.truth is not None:
         summary["quality"] = quality(df, read_label_table(cfg.truth).frame)
-    atomic_write_json(out.with_suffix(".summary.json"), summary)
+    write_pseudo_summary(out, PseudoSummary.from_dict(summary))
     if cfg.heatmap_studies > 0:
-        heatmaps(df, slices, out.with_suffix(".heatmap.png"), cfg.heatmap_studies)
+        heatmaps(df, slices, PseudoLayout(out).heatmap, cfg.heatmap_studies)
     return summary
 
 

@@ -20,6 +20,7 @@ from spinestream.shards.config import ConfigError, HelpFormatter, add_print_conf
 
 from . import checkpoint as ck
 from .config import RunConfig
+from .rundir import RunLayout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             ck.check_run_dir(args.resume)
-            cfg = load_config(RunConfig, args.config or args.resume / "config.yaml", args.set)
+            cfg = load_config(RunConfig, args.config or RunLayout(args.resume).config, args.set)
             run_dir, resume_from = args.resume, ck.latest(args.resume)
         else:
             cfg = load_config(RunConfig, args.config, args.set)
@@ -78,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # TrainingInterrupted (Ctrl-C: the step in flight finished and was saved)
         print(interrupted_message(e, run_dir), file=sys.stderr)
         return 130
-    print(f"done: best validation competition loss {best['metric']:.4f} at step {best['step']} -> {run_dir / 'best.pt'}")
+    print(f"done: best validation competition loss {best['metric']:.4f} at step {best['step']} -> "
+          f"{RunLayout(run_dir).best}")
     return 0
 
 
 def interrupted_message(e: KeyboardInterrupt, run_dir: Path) -> str:
     """One line for Ctrl-C: where the run stands and the exact command that continues it."""
     step = getattr(e, "step", None)  # TrainingInterrupted; a second Ctrl-C is a plain KeyboardInterrupt
-    found = ck.checkpoints(run_dir) if run_dir.is_dir() else []
+    found = ck.checkpoints(run_dir)
     path = found[-1] if found else None
     where = f" at step {step}" if step is not None else ""
     if path is None:

@@ -38,8 +38,8 @@ Guarantees (tests/test_train.py, tests/test_trainer_*.py):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import platform
 import random
 import signal
 import threading
@@ -49,14 +49,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from spinestream.shards.config import to_dict
 from spinestream.shards.progress import write
 
 from . import checkpoint as ck
 from .autobatch import resolve_batch_size
-from spinestream.shards.spec import SPEC_FILE, ShardSpec
+from spinestream.shards.spec import ShardSpec
 
 from .buffers import BufferSnapshot
 from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, init_reference, \
@@ -67,6 +66,7 @@ from .infer import predict_run, score_studies
 from .loader import build_loader
 from .metrics import constant_baseline, weighted_bce
 from .model import model_fingerprint
+from .rundir import RunLayout, append_metrics, read_metrics, truncate_metrics, write_config
 from .skips import StepFlags
 from .trainlog import TrainLog
 
@@ -144,7 +144,8 @@ class Trainer:
         self.train_sel, self.labels, self.val_studies, self.baseline = \
             data.train_sel, data.labels, data.val_studies, data.baseline
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None or not (self.run_dir / SPEC_FILE).is_file():  # predict's copy; never rewritten on resume
+        # predict's copy of the shard spec; never rewritten on resume
+        if resume_from is None or not RunLayout(self.run_dir).shard_spec.is_file():
             spec.save(self.run_dir)
         bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
                                 channels_last=self.channels_last, resuming=state is not None)
@@ -165,14 +166,14 @@ class Trainer:
         self._last_val_step, self._early_stop = -1, False
         if state is not None:
             self._restore(state)
-            ck.truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
+            truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
             ck.sync_best(self.run_dir)  # a kill between this checkpoint and best.pt
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
 
     def _check_shard_spec(self, cfg: RunConfig, resume_from: Path | None) -> ShardSpec:
         """The shard set's spec; on resume it must make the images the run's ``shard_spec.json`` records."""
         spec = ShardSpec.from_shards(cfg.data.root, exclude_fold=cfg.data.val_fold)  # prevalence: training folds
-        own = self.run_dir / SPEC_FILE
+        own = RunLayout(self.run_dir).shard_spec
         if resume_from is not None and own.is_file():
             ShardSpec.load(own).check_same_images(spec, f"cannot resume {self.run_dir} with data.root="
                                                         f"{cfg.data.root}")
@@ -223,7 +224,7 @@ class Trainer:
         state = self.state()
         ck.save_step(self.run_dir, self.step, state, self.cfg.train.keep_last)
         if best:
-            ck.save(self.run_dir / ck.BEST, state)
+            ck.save(RunLayout(self.run_dir).best, state)
         self._saved_step = self.step
 
     def _length_reached(self) -> bool:
@@ -241,8 +242,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         record = {"step": self.step, "epoch": self.loader.epoch, **record}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.run_dir, record)
         self.logbook.send(record, self.step)
 
     def _log_train(self) -> None:
@@ -287,6 +287,7 @@ class Trainer:
                   f"{self.best['step']}); nothing to train: raise train.epochs or train.max_steps to continue")
             return dict(self.best)
         self.logbook.start(self.cfg, self.step, self.total_steps)
+        self.log({"hardware": hardware(self.device), "precision": self.precision})  # the report's headline
         if self.step == 0 and self.reference is not None:
             self.log({"reference": self.reference})
         try:
@@ -547,16 +548,21 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def hardware(device: torch.device) -> str:
+    """The machine a run trains on, as the report names it: host, cores and accelerator."""
+    acc = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return f"{platform.node() or 'host'}: {os.cpu_count()} cores, {acc}"
+
+
 def plot_curves(run_dir: Path) -> None:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    rows = read_metrics(run_dir)
+    if not rows:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     tr = [r for r in rows if "loss" in r]
     va = [r for r in rows if "val" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -575,11 +581,5 @@ def plot_curves(run_dir: Path) -> None:
         axes[1].legend(fontsize=8)
     axes[1].set(title="validation: competition loss (study level)", xlabel="step")
     fig.tight_layout()
-    fig.savefig(Path(run_dir) / "curves.png", dpi=110)
+    fig.savefig(RunLayout(run_dir).curves, dpi=110)
     plt.close(fig)
-
-
-def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(run_dir / "config.yaml")

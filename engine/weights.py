@@ -21,15 +21,16 @@ from spinestream.shards.fsutil import atomic_write_bytes
 
 from . import checkpoint as ck
 from .config import RunConfig
+from .rundir import RunLayout
 
-WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_FILE = RunLayout(Path(".")).weights.name
 FORMAT = "spinestream-weights"
 VERSION = "1"
 
 
 def is_weights_dir(path: str | Path) -> bool:
     """Whether ``path`` holds exported weights (a bundle's run) rather than a training run directory."""
-    return (Path(path) / WEIGHTS_FILE).is_file()
+    return RunLayout(Path(path)).weights.is_file()
 
 
 def export_weights(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> Path:
@@ -42,14 +43,14 @@ def export_weights(run_dir: str | Path, out_dir: str | Path, which: str = "best"
     if which == "best":
         ck.sync_best(run_dir)  # a kill between the step checkpoint and best.pt: the best the record names
     path = Path(which) if which not in ("best", "last") else (
-        run_dir / ck.BEST if which == "best" else ck.latest(run_dir))
+        RunLayout(run_dir).best if which == "best" else ck.latest(run_dir))
     state = ck.load(path)
     ema = state.get("ema") is not None
     # clones: safetensors refuses tensors that share storage, and a state dict may hold views of one buffer
     tensors = {k: v.detach().clone().contiguous() for k, v in (state["ema"] if ema else state["model"]).items()}
     meta = {"format": FORMAT, "version": VERSION, "model_fingerprint": json.dumps(state.get("model_fingerprint")),
             "ema": str(ema).lower(), "step": str(state.get("step", -1)), "source": str(path)}
-    out = out_dir / WEIGHTS_FILE
+    out = RunLayout(out_dir).weights
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, save(tensors, metadata=meta))
     return out
@@ -63,18 +64,18 @@ def load_weights_model(weights_dir: str | Path, device="cpu"):
 
     from .model import build_model, check_state_dict, model_fingerprint
 
-    d = Path(weights_dir)
-    path = d / WEIGHTS_FILE
+    lay = RunLayout(Path(weights_dir))
+    path = lay.weights
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ck.RunError(f"{path}: not spinestream weights of format {FORMAT} v{VERSION} (metadata {meta}); "
                           f"export them again with `spinestream kaggle-bundle`")
-    cfg = load_config(RunConfig, d / "config.yaml")
+    cfg = load_config(RunConfig, lay.config)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, pretrained_path=None))
     model = build_model(cfg.model, image_size=cfg.loader.image_size)
     if json.loads(meta.get("model_fingerprint", "null")) != model_fingerprint(model):
-        raise ck.RunError(f"{path} was written by a different model than {d / 'config.yaml'} describes")
+        raise ck.RunError(f"{path} was written by a different model than {lay.config} describes")
     weights = load_file(str(path))
     check_state_dict(model, weights, source=str(path))
     model.load_state_dict(weights)

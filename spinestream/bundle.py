@@ -44,7 +44,6 @@ from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
 PROJECT = "spinestream"
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, when this runs from one
 TORCH = ("torch", "torchvision")  # Kaggle's own CUDA build; --with-torch bundles these too
-RUN_FILES = ("config.yaml",)  # besides weights.safetensors and shard_spec.json
 INSTALLER_FILES = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")  # an install's, not the wheel's
 
 
@@ -184,36 +183,33 @@ def check_runs(run_dirs: list[Path]) -> list[tuple[str, str]]:
     """``(path in the bundle, where it comes from)`` of each run's files, every run checked first."""
     from spinestream.engine import checkpoint as ck
     from spinestream.engine.weights import WEIGHTS_FILE
-    from spinestream.shards.spec import SPEC_FILE
 
     plan = []
     for rd, name in zip(map(Path, run_dirs), run_names(run_dirs)):
-        ck.check_run_dir(rd)
-        for f in (ck.BEST, *RUN_FILES):
-            if not (rd / f).is_file():
-                raise FileNotFoundError(f"--run {rd}: no {f} (a finished `spinestream train` run has one)")
-        plan.append((f"runs/{name}/{WEIGHTS_FILE}", f"EMA weights of {rd / ck.BEST}"))
-        plan += [(f"runs/{name}/{f}", str(rd / f)) for f in RUN_FILES]
-        spec = rd / SPEC_FILE
-        plan.append((f"runs/{name}/{SPEC_FILE}", str(spec) if spec.is_file() else "made from its data.root"))
+        lay = ck.check_run_dir(rd)
+        for f in (lay.best, lay.config):
+            if not f.is_file():
+                raise ck.RunError(f"--run {rd}: no {f.name} (a finished `spinestream train` run has one)")
+        plan.append((f"runs/{name}/{WEIGHTS_FILE}", f"EMA weights of {lay.best}"))
+        plan.append((f"runs/{name}/{lay.config.name}", str(lay.config)))
+        spec = lay.shard_spec
+        plan.append((f"runs/{name}/{spec.name}", str(spec) if spec.is_file() else "made from its data.root"))
     return plan
 
 
 def write_runs(run_dirs: list[Path], out: Path) -> None:
-    from spinestream.engine.config import RunConfig
+    from spinestream.engine.rundir import RunLayout, read_config
     from spinestream.engine.weights import export_weights
-    from spinestream.shards.config import load_config
-    from spinestream.shards.spec import SPEC_FILE, ShardSpec
+    from spinestream.shards.spec import ShardSpec
 
     for rd, name in zip(map(Path, run_dirs), run_names(run_dirs)):
-        dst = out / "runs" / name
-        export_weights(rd, dst)
-        for f in RUN_FILES:
-            shutil.copy2(rd / f, dst / f)
-        if (rd / SPEC_FILE).is_file():
-            shutil.copy2(rd / SPEC_FILE, dst / SPEC_FILE)
+        lay, dst = RunLayout(rd), out / "runs" / name
+        export_weights(rd, dst)  # the EMA weights of best.pt (synced with the run's record first)
+        shutil.copy2(lay.config, dst / lay.config.name)
+        if lay.shard_spec.is_file():
+            shutil.copy2(lay.shard_spec, dst / lay.shard_spec.name)
         else:
-            data = load_config(RunConfig, rd / "config.yaml").data
+            data = read_config(rd).data
             ShardSpec.from_shards(data.root, exclude_fold=data.val_fold).save(dst)
 
 

@@ -89,6 +89,10 @@ class EvaluateStage(EvaluateConfig):
     shards: str | None = field(default=None, init=False)
     out: str | None = field(default=None, init=False)
 
+    def fold_of(self, run_cfg) -> int:
+        """The fold this stage evaluates the run of ``run_cfg`` (a RunConfig) on."""
+        return run_cfg.data.val_fold if self.fold is None else self.fold
+
 
 @dataclass(kw_only=True)
 class PseudoStage(PseudoLabelConfig):

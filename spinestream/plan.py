@@ -51,6 +51,7 @@ import yaml
 
 from spinestream.shards.config import ConfigError, format_value, load_config, to_dict
 from spinestream.shards.fsutil import atomic_write_bytes
+from spinestream.engine.rundir import PseudoLayout, RunLayout
 from spinestream.shards.layout import Layout
 
 from .config import EvaluateStage, PipelineConfig, TrainStage
@@ -81,7 +82,7 @@ class Paths:
     report_md = property(lambda self: self.root / "report.md")
     report_json = property(lambda self: self.root / "report.json")
     report_dir = property(lambda self: self.root / "report")
-    pseudo = property(lambda self: self.root / "shards" / "labels" / "pseudo-round1.parquet")
+    pseudo = property(lambda self: PseudoLayout.default(self.shards, self.run("round1")).table)
 
     def run(self, name: str) -> Path:
         return self.root / "runs" / name
@@ -234,18 +235,19 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     stage: TrainStage = getattr(cfg, name)
     rc, run_dir, resolved = configs[name], paths.run(name), paths.stages / f"{name}.yaml"
     # init_from: null overrides a config's own model.init_from (the stage says: no round-1 weights)
-    init_path = None if stage.init_from is None else paths.run(stage.init_from) / "best.pt"
+    init_path = None if stage.init_from is None else RunLayout(paths.run(stage.init_from)).best
+    lay = RunLayout(run_dir)
     init = ["--set", "model.init_from=null" if init_path is None else f"model.init_from={init_path}"]
 
     def run():
         write_yaml(resolved, rc)
-        resume = run_dir.is_dir() and any(run_dir.glob("ckpt-*.pt"))
+        resume = bool(lay.checkpoints())
         call(verb, ["train", *(["--resume", str(run_dir)] if resume else []), "-c", str(resolved), *init])
 
     def inputs():
         out = {"config": to_dict(rc), "shards": shards_fp(paths.shards)}
         if stage.init_from:
-            out["init_from"] = fingerprint(paths.run(stage.init_from) / "best.pt")
+            out["init_from"] = fingerprint(init_path)
         if "pseudo" in cfg.stages and name == "round2":
             out["pseudo"] = fingerprint(paths.pseudo)
         out["label_tables"] = {t: fingerprint(Path(t) if Path(t).is_absolute() else paths.shards / t)
@@ -255,16 +257,16 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     def check_resume() -> tuple[str, list[str]]:
         """('', []) when the run directory was made by this round's config (or holds nothing to resume), else
         (why not, the differing config keys)."""
-        ckpts = list(run_dir.glob("ckpt-*.pt"))
-        if not ckpts and not (run_dir / "best.pt").exists():
+        ckpts = lay.checkpoints()
+        if not ckpts and not lay.best.exists():
             return "", []  # nothing trained: the trainer starts afresh
         if not ckpts:
-            return f"{run_dir} holds a best.pt but no checkpoint to resume from", []
-        from spinestream.engine.config import RunConfig
+            return f"{run_dir} holds a {lay.best.name} but no checkpoint to resume from", []
+        from spinestream.engine.rundir import read_config
 
-        path = run_dir / "config.yaml"
+        path = lay.config
         try:  # read as the trainer would read it: the same defaults, paths absolute as it stores them
-            made_by = canonical(to_dict(load_config(RunConfig, path).with_absolute_paths()))
+            made_by = canonical(to_dict(read_config(run_dir).with_absolute_paths()))
         except (OSError, ConfigError, yaml.YAMLError) as e:
             return f"its config {path} cannot be read ({e}): which config made it is unknown", []
         want = trained_config(rc, init_path)
@@ -273,26 +275,12 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
             return f"{path} differs from this round's config ({changed_keys(made_by, want, 'config.')})", keys
         return "", []
 
-    return Stage(name, run, inputs, outputs=[run_dir], required=[run_dir / "best.pt"], keep=True,
+    return Stage(name, run, inputs, outputs=[run_dir], required=[lay.best], keep=True,
                  check_resume=check_resume)
 
 
-def eval_fold(stage: EvaluateStage, run_cfg) -> int:
-    return run_cfg.data.val_fold if stage.fold is None else stage.fold
-
-
-def eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
-    """Where the evaluate stage writes (its ``checkpoint``, best.pt by default): RUN/eval-f<k>."""
-    return run_dir / f"eval-f{eval_fold(stage, run_cfg)}"
-
-
-def last_eval_dir(stage: EvaluateStage, run_cfg, run_dir: Path) -> Path:
-    """Where the compare stage writes the run's last checkpoint's evaluation: RUN/eval-f<k>-last."""
-    return run_dir / f"eval-f{eval_fold(stage, run_cfg)}-last"
-
-
 def latest_checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
+    return [p.name for p in RunLayout(run_dir).checkpoints()]
 
 
 def verb_config(cls: type, stage, **owned):
@@ -313,7 +301,7 @@ def checkpoint_fp(run_dir: Path, checkpoint: str) -> dict | None:
     """The fingerprint of the checkpoint a verb reads: best.pt, the latest step checkpoint's name, or a file."""
     if checkpoint == "last":
         return {"latest": latest_checkpoints(run_dir)}
-    return fingerprint(run_dir / "best.pt" if checkpoint == "best" else Path(checkpoint))
+    return fingerprint(RunLayout(run_dir).best if checkpoint == "best" else Path(checkpoint))
 
 
 def call_with_config(verb: Verb, name: str, path: Path, cfg) -> None:
@@ -329,16 +317,17 @@ def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
     from spinestream.engine.evaluate import EvaluateConfig
 
     e: EvaluateStage = getattr(cfg, name)
-    run_dir = paths.run(f"round{name[-1]}")
-    out = eval_dir(e, configs[f"round{name[-1]}"], run_dir)
-    ec = verb_config(EvaluateConfig, e, run=run_dir, shards=paths.shards, out=out)
+    run = f"round{name[-1]}"
+    run_dir = paths.run(run)
+    out = RunLayout(run_dir).evaluation(e.fold_of(configs[run]))
+    ec = verb_config(EvaluateConfig, e, run=run_dir, shards=paths.shards, out=out.root)
 
     def inputs():
         return {"run": checkpoint_fp(run_dir, ec.checkpoint), "options": options(ec, EVALUATE_OWNS),
                 "shards": shards_fp(paths.shards)}
 
     return Stage(name, lambda: call_with_config(verb, "evaluate", paths.stages / f"{name}.yaml", ec), inputs,
-                 outputs=[out], required=[out / "report.csv"], feeds_later=False)
+                 outputs=[out.root], required=[out.report], feeds_later=False)
 
 
 def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -349,19 +338,21 @@ def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
     for run in ("round1", "round2"):
         e: EvaluateStage = getattr(cfg, f"evaluate{run[-1]}")
         run_dir = paths.run(run)
-        ec = verb_config(EvaluateConfig, e, run=run_dir, shards=paths.shards, out=last_eval_dir(e, configs[run], run_dir))
-        jobs[run] = dataclasses.replace(ec, checkpoint="last")
+        out = RunLayout(run_dir).evaluation(e.fold_of(configs[run]), last=True)
+        ec = verb_config(EvaluateConfig, e, run=run_dir, shards=paths.shards, out=out.root)
+        jobs[run] = (dataclasses.replace(ec, checkpoint="last"), out)
 
     def run():
-        for r, ec in jobs.items():
+        for r, (ec, _) in jobs.items():
             call_with_config(verb, "evaluate", paths.stages / f"{name}-{r}.yaml", ec)
 
     def inputs():
         return {r: {"latest": latest_checkpoints(Path(ec.run)), "options": options(ec, EVALUATE_OWNS)}
-                for r, ec in jobs.items()} | {"shards": shards_fp(paths.shards)}
+                for r, (ec, _) in jobs.items()} | {"shards": shards_fp(paths.shards)}
 
-    outs = [Path(ec.out) for ec in jobs.values()]
-    return Stage(name, run, inputs, outputs=outs, required=[o / "report.csv" for o in outs], feeds_later=False)
+    outs = [out for _, out in jobs.values()]
+    return Stage(name, run, inputs, outputs=[o.root for o in outs], required=[o.report for o in outs],
+                 feeds_later=False)
 
 
 def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -370,7 +361,7 @@ def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
     p, table, run_dir = cfg.pseudo, paths.pseudo, paths.run("round1")
     pc = verb_config(PseudoLabelConfig, p, run=run_dir, shards=paths.shards, out=table,
                      truth=paths.crack_truth if p.synth_truth else None)
-    side = [table.with_suffix(".summary.json"), table.with_suffix(".heatmap.png")]
+    side = [PseudoLayout(table).summary, PseudoLayout(table).heatmap]
 
     def run():
         if p.synth_truth:

@@ -24,19 +24,35 @@ Everything is read from what the stages wrote; a piece that is not there is repo
 * ``pseudo_labels``: the pseudo-label summary (counts; precision/recall/F1 on synthetic data);
 * ``throughput``: loader images/s per line (``DIR/bench/loader.json``) and training images/s (median of the
   runs' ``metrics.jsonl`` log windows);
-* ``stages``: status and seconds per stage (``DIR/stages/*.json``); ``submission``: its path and rows.
+* ``stages``: status and seconds per stage (``DIR/stages/*.json``); ``submission``: its path and rows;
+* ``headline`` (what report.md opens with): the best held-out loss against its constant baseline, round 2
+  against round 1 with its interval (the last checkpoints', else best.pt's, said), total wall time of the
+  timed stages, hardware (the runs' ``hardware`` log records, else the loader benchmark's machine), model and
+  image size; each piece that is not there says so;
+* ``warnings``: a round whose end (its last checkpoint's evaluation, else best.pt's) scores no better than
+  the constant baseline; pseudo-labels with more than :data:`DEGENERATE_SHARE` of their slices positive, or
+  none.
+
+The run directories' files are read through :mod:`spinestream.engine.rundir`'s layouts and records.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 from pathlib import Path
 
+from spinestream.engine.rundir import (EvalLayout, PseudoLayout, RunLayout, read_eval_summary, read_metrics,
+                                       read_pseudo_summary)
 from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
 from spinestream.shards.layout import ROW_TYPES, Layout
 
 from .stages import read_record
+
+DEGENERATE_SHARE = 0.9
+"""Pseudo-labels with more than this share of their slices positive ("any") are called degenerate: every
+pseudo-labelled study is fractured, but a fracture spans a few vertebrae of a scan, not nearly all of it."""
 
 
 def _missing(path: Path) -> dict:
@@ -65,7 +81,7 @@ def recompute_scores(eval_dir: Path, shards: Path, fold: int) -> dict:
     baseline = constant_baseline(chosen[["StudyInstanceUID", *ROW_TYPES]],
                                  prevalence_from=studies[studies.fold != fold][["StudyInstanceUID", *ROW_TYPES]])
     return {"competition_loss": float(losses.mean()), "constant_baseline": baseline, "studies": len(losses),
-            "source": f"recomputed from {eval_dir / 'submission.csv'} and the study labels"}
+            "source": f"recomputed from {EvalLayout(eval_dir).submission} and the study labels"}
 
 
 def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path, *, fold: int,
@@ -73,20 +89,21 @@ def evaluation(name: str, run: str, eval_dir: Path, rule: str, shards: Path, *, 
     """One entry of ``evaluations``."""
     import pandas as pd
 
+    lay = EvalLayout(eval_dir)
     out = {"name": name, "run": run, "checkpoint": checkpoint, "fold": fold, "rule": rule, "dir": str(eval_dir)}
-    if not (eval_dir / "report.csv").is_file():
-        return {**out, "competition_loss": None, "constant_baseline": None, **_missing(eval_dir / "report.csv")}
-    summary = _read_json(eval_dir / "summary.json")
-    if summary is not None and "competition_loss" in summary:
-        scores = {k: summary.get(k) for k in ("competition_loss", "constant_baseline", "studies", "accuracy")}
-        scores["rule"] = summary.get("rule", rule)
-        scores["source"] = str(eval_dir / "summary.json")
-    elif (eval_dir / "submission.csv").is_file() and Layout(shards).studies.is_file():
+    if not lay.report.is_file():
+        return {**out, "competition_loss": None, "constant_baseline": None, **_missing(lay.report)}
+    summary = read_eval_summary(eval_dir)
+    if summary is not None:
+        scores = {k: getattr(summary, k) for k in ("competition_loss", "constant_baseline", "studies", "accuracy",
+                                                   "rule")}
+        scores["source"] = str(lay.summary)
+    elif lay.submission.is_file() and Layout(shards).studies.is_file():
         scores = recompute_scores(eval_dir, shards, fold)
     else:
-        scores = {"competition_loss": None, "constant_baseline": None, **_missing(eval_dir / "submission.csv")}
-    table = pd.read_csv(eval_dir / "report.csv")
-    heat = eval_dir / "heatmaps.png"
+        scores = {"competition_loss": None, "constant_baseline": None, **_missing(lay.submission)}
+    table = pd.read_csv(lay.report)
+    heat = lay.heatmaps
     return {**out, **scores, "per_vertebra": json.loads(table.to_json(orient="records")),
             "heatmaps": str(heat) if heat.is_file() else None}
 
@@ -125,25 +142,14 @@ def comparison(evals: list[dict], shards: Path, selection: dict | None = None) -
     return out
 
 
-def _jsonl(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (a line cut short by a kill is skipped)."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return [r for r in rows if isinstance(r, dict)]
-
-
 def selection(run_dir: Path) -> dict:
     """How the run's best.pt was chosen: the number of its validations (``"val"`` records of metrics.jsonl,
     epoch-end and ``train.val_every_steps`` ones alike), the step of the best (the first lowest loss: the
     trainer keeps a strictly lower one) and of the last."""
-    path = run_dir / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         return _missing(path)
-    vals = [r for r in _jsonl(path) if isinstance(r.get("val"), dict) and "competition_loss" in r["val"]]
+    vals = [r for r in read_metrics(run_dir) if isinstance(r.get("val"), dict) and "competition_loss" in r["val"]]
     if not vals:
         return {"validations": 0, "missing": f"no val records in {path}"}
     best = min(vals, key=lambda r: r["val"]["competition_loss"])
@@ -155,26 +161,27 @@ def selection(run_dir: Path) -> dict:
 
 
 def pseudo_labels(table: Path) -> dict:
-    s = _read_json(table.with_suffix(".summary.json"))
+    s = read_pseudo_summary(table)
     if s is None:
-        return _missing(table.with_suffix(".summary.json"))
-    q = s.get("quality") or {}
-    out = {k: s.get(k) for k in ("table", "mode", "studies", "slices", "positive_slices", "positive_slices_per_study",
-                                 "thresholds", "threshold_source")}
+        return _missing(PseudoLayout(table).summary)
+    q = s.quality or {}
+    out = {k: getattr(s, k) for k in ("table", "mode", "studies", "slices", "positive_slices", "thresholds",
+                                      "threshold_source")}
+    out["positive_slices_per_study"] = dataclasses.asdict(s.positive_slices_per_study)
     out["f1"] = ({k: q[k].get("f1") for k in q if isinstance(q[k], dict)} if q else
                  {"missing": "no crack truth (real data, or pseudo.synth_truth off)"})
     out["precision_recall"] = {k: {m: q[k].get(m) for m in ("precision", "recall")} for k in ("overall", "any")
                                if isinstance(q.get(k), dict)}
-    heat = table.with_suffix(".heatmap.png")
+    heat = PseudoLayout(table).heatmap
     out["heatmap"] = str(heat) if heat.is_file() else None
     return out
 
 
 def training_throughput(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         return _missing(path)
-    rows = _jsonl(path)
+    rows = read_metrics(run_dir)
     ips = [r["images_per_s"] for r in rows if "images_per_s" in r]
     if not ips:
         return {"missing": f"no images_per_s in {path}"}
@@ -211,26 +218,94 @@ def submission(path: Path) -> dict:
     return {"path": str(path), "rows": rows, "studies": rows // len(ROW_TYPES)}
 
 
+# --------------------------------------------------------------------------- did it work
+
+
+def best_evaluation(evals: list[dict]) -> dict:
+    """The lowest held-out loss of the evaluations, with its constant baseline."""
+    have = [e for e in evals if e.get("competition_loss") is not None]
+    if not have:
+        return {"missing": "no evaluation was scored (no evaluate stage, or it has not run)"}
+    e = min(have, key=lambda e: e["competition_loss"])
+    return {k: e.get(k) for k in ("name", "run", "checkpoint", "fold", "competition_loss", "constant_baseline")}
+
+
+def round_change(c: dict) -> dict:
+    """Round 2 minus round 1 with its 95% interval: on the last checkpoints (the verdict's), else on best.pt
+    (said: each best.pt was picked on the fold, so it is no verdict)."""
+    for on in ("last", "best"):
+        r = c.get(on) or {}
+        if "diff" in r:
+            return {"on": on, "round1": r["a"], "round2": r["b"], "diff": r["diff"], "ci95": r["ci95"],
+                    "verdict": c.get("verdict") if on == "last" else None}
+    return {"missing": (c.get("last") or {}).get("missing") or "no round 2 against round 1 comparison"}
+
+
+def hardware(paths, runs: list[str], loader: dict) -> dict:
+    """The machines the runs trained on (their ``hardware`` log records), else the loader benchmark's."""
+    seen = [r["hardware"] for run in runs for r in read_metrics(paths.run(run)) if "hardware" in r]
+    if seen:
+        return {"machines": list(dict.fromkeys(seen)), "source": "the runs' metrics"}
+    if "machine" in loader:
+        return {"machines": [loader["machine"]], "source": "the loader benchmark"}
+    return {"missing": "no run logged its hardware (runs from before the trainer did) and no bench stage"}
+
+
+def headline(rep: dict, paths, runs: list[str], configs: dict) -> dict:
+    """What report.md opens with: did it work, on what, in how long."""
+    timed = [s["seconds"] for s in rep["stages"] if s.get("seconds") is not None]
+    rounds = {r: configs[r] for r in runs}
+    return {"best": best_evaluation(rep["evaluations"]), "round2_vs_round1": round_change(rep["comparison"]),
+            "wall_seconds": sum(timed) if timed else None, "stages_timed": len(timed), "stages": len(rep["stages"]),
+            "hardware": hardware(paths, runs, rep["throughput"]["loader"]),
+            "model": {r: rc.model.name for r, rc in rounds.items()},
+            "image_size": {r: rc.loader.image_size for r, rc in rounds.items()}}
+
+
+def warnings(rep: dict) -> list[str]:
+    """What says a stage did not work: a round that ends worse than the constant baseline (its last
+    checkpoint's evaluation when the compare stage made one, else its best.pt's), degenerate pseudo-labels."""
+    out = []
+    for run in dict.fromkeys(e["run"] for e in rep["evaluations"]):
+        scored = [e for e in rep["evaluations"] if e["run"] == run and e.get("competition_loss") is not None
+                  and e.get("constant_baseline") is not None]
+        if not scored:
+            continue
+        end = next((e for e in scored if e.get("checkpoint") == "last"), scored[0])
+        if end["competition_loss"] >= end["constant_baseline"]:
+            out.append(f"{run} ends worse than the constant baseline: its {end.get('checkpoint', 'best')} "
+                       f"checkpoint scores {end['competition_loss']:.4f} on fold {end['fold']}, predicting the "
+                       f"training prevalence scores {end['constant_baseline']:.4f}")
+    p = rep["pseudo_labels"]
+    if "missing" not in p and p.get("slices"):
+        share = (p.get("positive_slices") or {}).get("any", 0) / p["slices"]
+        if share > DEGENERATE_SHARE:
+            out.append(f"the pseudo-labels look degenerate: {share:.0%} of the {p['slices']} pseudo-labelled slices "
+                       f"are positive (any); check the thresholds ({p.get('threshold_source')})")
+        elif share == 0:
+            out.append(f"the pseudo-labels look degenerate: none of the {p['slices']} slices of {p['studies']} "
+                       f"fractured studies is positive; check the thresholds ({p.get('threshold_source')})")
+    return out
+
+
 # --------------------------------------------------------------------------- assembling
 
 
 def collect(paths, cfg, configs: dict) -> dict:
     """The report as a dict (what report.json holds); ``paths`` is a plan.Paths, ``configs`` the resolved run
     configs by round (for the validation fold and the study rule)."""
-    from .plan import eval_dir, eval_fold, last_eval_dir
-
     evals = []
     todo = [(name, f"round{name[-1]}", False) for name in ("evaluate1", "evaluate2") if name in cfg.stages]
     todo += [("compare", run, True) for run in ("round1", "round2") if "compare" in cfg.stages]
     for name, run, last in todo:
         stage, rc, run_dir = getattr(cfg, f"evaluate{run[-1]}"), configs[run], paths.run(run)
         rule = stage.rule or rc.train.study_rule
-        d = last_eval_dir(stage, rc, run_dir) if last else eval_dir(stage, rc, run_dir)
-        evals.append(evaluation(name, run, d, rule, paths.shards, fold=eval_fold(stage, rc),
+        d = RunLayout(run_dir).evaluation(stage.fold_of(rc), last=last).root
+        evals.append(evaluation(name, run, d, rule, paths.shards, fold=stage.fold_of(rc),
                                 checkpoint="last" if last else stage.checkpoint))
     runs = [r for r in ("round1", "round2") if r in cfg.stages]
     chosen = {r: selection(paths.run(r)) for r in ("round1", "round2") if r in configs}
-    return {
+    rep = {
         "out": str(paths.root),
         "evaluations": evals,
         "comparison": comparison(evals, paths.shards, chosen),
@@ -242,12 +317,16 @@ def collect(paths, cfg, configs: dict) -> dict:
         "submission": submission(paths.submission) if "predict" in cfg.stages else {"missing": "no predict stage"},
         "figures": figures(paths, runs),
     }
+    rep["headline"] = headline(rep, paths, [r for r in ("round1", "round2") if r in configs], configs)
+    rep["warnings"] = warnings(rep)
+    return rep
 
 
 def figures(paths, runs: list[str]) -> list[str]:
     """PNGs the stages wrote, relative to DIR (the report links them; nothing is copied)."""
-    found = [paths.bench / "loader.png", *[paths.run(r) / "curves.png" for r in runs],
-             *sorted(paths.runs.glob("*/eval-f*/heatmaps.png")), paths.pseudo.with_suffix(".heatmap.png")]
+    evals = [e.heatmaps for d in sorted(paths.runs.glob("*")) for e in RunLayout(d).evaluations()]
+    found = [paths.bench / "loader.png", *[RunLayout(paths.run(r)).curves for r in runs], *evals,
+             PseudoLayout(paths.pseudo).heatmap]
     return [str(p.relative_to(paths.root)) for p in found if p.is_file()]
 
 
@@ -287,7 +366,9 @@ def markdown(rep: dict) -> str:
     """report.md from the report dict (paths relative to DIR)."""
     root = Path(rep["out"])
     rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731
-    lines = [f"# spinestream pipeline report: {root}", "", "## Evaluations", ""]
+    lines = [f"# spinestream pipeline report: {root}", *_headline_md(rep["headline"])]
+    lines += ["", "## Warnings", ""] + [f"- **{w}**" for w in rep["warnings"]] if rep["warnings"] else []
+    lines += ["", "## Evaluations", ""]
     lines += ["| stage | run | checkpoint | fold | rule | studies | competition loss | constant baseline |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {e['name']} | {e['run']} | {e.get('checkpoint', 'best')} | {e['fold']} | {e['rule']} | "
@@ -317,6 +398,27 @@ def markdown(rep: dict) -> str:
               if "path" in sub else f"missing: {sub['missing']}"]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in rep["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _headline_md(h: dict) -> list[str]:
+    """Did it work: the best held-out loss against the baseline, round 2 against round 1, time and setup."""
+    b, r = h["best"], h["round2_vs_round1"]
+    best = (f"missing ({b['missing']})" if "missing" in b else
+            f"**{b['competition_loss']:.4f}** ({b['run']} {b['checkpoint']}, fold {b['fold']}) against the constant "
+            f"baseline's {_f(b['constant_baseline'])}")
+    change = (f"missing ({r['missing']})" if "missing" in r else
+              f"{r['round2']:.4f} vs {r['round1']:.4f}: {r['diff']:+.4f}, 95% interval [{r['ci95'][0]:+.4f}, "
+              f"{r['ci95'][1]:+.4f}] on the {r['on']} checkpoints" + (
+                  f" ({r['verdict']})" if r.get("verdict") else " (best.pt, picked on this fold: not a verdict)"))
+    secs = h["wall_seconds"]
+    wall = "missing (no stage record)" if secs is None else (
+        f"{secs / 60:.1f} min ({h['stages_timed']} of {h['stages']} stages timed)")
+    hw = h["hardware"]
+    setup = ", ".join(f"{k}: {v} at {h['image_size'][k]} px" for k, v in h["model"].items()) or "missing"
+    return ["", "## Headline", "", f"- best held-out competition loss: {best}",
+            f"- round 2 against round 1: {change}", f"- wall time: {wall}",
+            f"- hardware: {'; '.join(hw['machines']) if 'machines' in hw else 'missing (' + hw['missing'] + ')'}",
+            f"- model: {setup}"]
 
 
 def _comparison_md(c: dict) -> list[str]:

@@ -47,14 +47,13 @@ def learned_round1(tmp_path_factory):
     rotation and brightness/contrast at p=0.3 besides the flips (on 60 training studies the flips alone
     overfit), 24 epochs (1,080 steps), validated every 6 epochs: (raw dir, shard dir, run dir).
     BENCHMARKS.md, "Round 1 learns", has the runs that chose it."""
-    import yaml
-
     from spinestream.engine import checkpoint as ck
     from spinestream.engine.config import RunConfig
+    from spinestream.engine.rundir import write_config
     from spinestream.engine.trainer import Trainer
     from spinestream.preprocess.convert import run
     from spinestream.preprocess.synth import make_dataset
-    from spinestream.shards.config import load_config, to_dict
+    from spinestream.shards.config import load_config
     from spinestream.shards.shard_config import ShardConfig
 
     raw = tmp_path_factory.mktemp("learn-raw")
@@ -71,6 +70,6 @@ def learned_round1(tmp_path_factory):
     ])
     run_dir = runs / "round1"
     ck.mark_run(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as `spinestream train`
+    write_config(run_dir, cfg)  # as `spinestream train`
     Trainer(cfg, run_dir).fit()
     return raw, out, run_dir

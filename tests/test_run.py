@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spinestream.engine.rundir import EvalLayout, RunLayout, append_metrics, mark_run, write_pseudo_summary
 from spinestream.run import main
 from spinestream.stages import Stage, fingerprint, remove_outputs, run_stages
 
@@ -85,30 +86,33 @@ class FakeVerbs:
 
         cfg = yaml.safe_load(Path(_arg(a, "-c")).read_text())
         run = Path(cfg["out_dir"]) / cfg["name"]
+        lay = RunLayout(run)
         if "--resume" in a:
-            assert Path(_arg(a, "--resume")) == run and any(run.glob("ckpt-*.pt"))
+            assert Path(_arg(a, "--resume")) == run and lay.checkpoints()
         else:
-            assert not any(run.glob("ckpt-*.pt")), "a fresh run over an old checkpoint"
-        _write(run / "run.json", "{}")
+            assert not lay.checkpoints(), "a fresh run over an old checkpoint"
+        mark_run(run)
         # what engine/train.py writes: the -c config with the --set overrides (model.init_from), its paths absolute
         d = to_dict(load_config(RunConfig, _arg(a, "-c"), [v for i, v in enumerate(a) if i and a[i - 1] == "--set"]))
         d["out_dir"], d["data"]["root"] = str(Path(d["out_dir"]).resolve()), str(Path(d["data"]["root"]).resolve())
         if d["model"]["init_from"]:
             d["model"]["init_from"] = str(Path(d["model"]["init_from"]).resolve())
-        _write(run / "config.yaml", yaml.safe_dump(d, sort_keys=False))
-        _write(run / "ckpt-000000001.pt", "step 1")
+        _write(lay.config, yaml.safe_dump(d, sort_keys=False))
+        _write(lay.checkpoint(1), "step 1")
         if self.kill_in == cfg["name"]:
             self.kill_in = None
             raise self.kill_with
-        _write(run / "ckpt-000000002.pt", "step 2")
-        _write(run / "best.pt", f"weights of {cfg['name']} lr={cfg['optim']['lr']} {a}")
-        _write(run / "metrics.jsonl", json.dumps({"step": 5, "images_per_s": 50.0, "data_wait": 0.1}) + "\n")
+        _write(lay.checkpoint(2), "step 2")
+        _write(lay.best, f"weights of {cfg['name']} lr={cfg['optim']['lr']} {a}")
+        append_metrics(run, {"step": 5, "images_per_s": 50.0, "data_wait": 0.1})
         return 0
 
     def evaluate(self, a):
         from spinestream.engine.evaluate import EvaluateConfig
 
-        _write(Path(_config(a, EvaluateConfig).out) / "report.csv", "target,accuracy\nC1,0.9\n")
+        c = _config(a, EvaluateConfig)
+        out = EvalLayout(Path(c.out)) if c.out else RunLayout(Path(c.run)).evaluation(0)
+        _write(out.report, "target,accuracy\nC1,0.9\n")
         return 0
 
     def synth_truth(self, a):
@@ -120,7 +124,7 @@ class FakeVerbs:
 
         out = Path(_config(a, PseudoLabelConfig).out)
         _write(out, "pseudo table")
-        _write(out.with_suffix(".summary.json"), json.dumps({"mode": "hard", "studies": 3, "slices": 90}))
+        write_pseudo_summary(out, _pseudo_summary(studies=3, slices=90))
         return 0
 
     def predict(self, a):
@@ -550,6 +554,16 @@ def _fake_study_table(root: Path, n: int, rng):
     return studies
 
 
+def _pseudo_summary(**fields):
+    """A pseudo-label summary of 4 studies, 120 slices; ``fields`` replace the defaults."""
+    from spinestream.engine.rundir import PositivesPerStudy, PseudoSummary
+
+    d = dict(table="t", run="round1", checkpoint="best.pt", shards="s", mode="hard", thresholds=None, studies=4,
+             slices=120, positive_slices={"any": 9}, per_study={},
+             positive_slices_per_study=PositivesPerStudy(mean=2.25, min=1, max=4))
+    return PseudoSummary(**{**d, **fields})
+
+
 def _report_fixture(root: Path):
     """A pipeline directory as the stages leave it: round 1's evaluation without summary.json, round 2's with
     one, a pseudo-label summary with crack-truth quality, bench and training logs; no submission."""
@@ -557,6 +571,7 @@ def _report_fixture(root: Path):
     import pandas as pd
 
     from spinestream.engine.metrics import submission_frame
+    from spinestream.engine.rundir import EvalSummary, write_eval_summary, write_pseudo_summary
     from spinestream.shards.fsutil import atomic_write_json
 
     rows = ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall"]
@@ -574,11 +589,12 @@ def _report_fixture(root: Path):
             json.dumps({"step": s, "loss": 0.5, "images_per_s": ips, "data_wait": 0.2}) + "\n"
             for s, ips in ((5, 40.0), (10, 60.0), (15, 50.0))))
     sub.to_csv(root / "runs/round1/eval-f0/submission.csv", index=False)
-    atomic_write_json(root / "runs/round2/eval-f0/summary.json",
-                      {"competition_loss": 0.321, "constant_baseline": 0.654, "rule": "max", "studies": 6})
-    atomic_write_json(root / "shards/labels/pseudo-round1.summary.json", {
-        "table": "t", "mode": "hard", "studies": 4, "slices": 120, "positive_slices": {"C1": 3, "any": 9},
-        "quality": {"overall": {"precision": 0.5, "recall": 0.6, "f1": 0.55}, "any": {"f1": 0.7}}})
+    write_eval_summary(root / "runs/round2/eval-f0", EvalSummary(
+        run="round2", checkpoint="best.pt", shards="s", fold=0, rule="max", studies=6, competition_loss=0.321,
+        constant_baseline=0.654, accuracy=0.8, validation_fold=True))
+    write_pseudo_summary(root / "shards/labels/pseudo-round1.parquet", _pseudo_summary(
+        positive_slices={"C1": 3, "any": 9},
+        quality={"overall": {"precision": 0.5, "recall": 0.6, "f1": 0.55}, "any": {"f1": 0.7}}))
     atomic_write_json(root / "bench/loader.json", {"machine": "m", "image_size": 128, "batch_size": 32,
                                                    "lines": {"torch": {"images_per_s": 93.0}}})
     for s, secs in (("shard", 12.5), ("round1", 100.0)):

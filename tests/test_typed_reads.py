@@ -1,4 +1,5 @@
-"""The storage contract is read through shards/ only, and its constants are defined once.
+"""The storage contract is read through shards/ only, and its constants are defined once; the run
+directory's files are named in engine/rundir.py only.
 
 Every .py outside shards/ and tests/ is parsed (ast, nothing imported) and must not
 
@@ -99,6 +100,46 @@ def reads(tree: ast.AST) -> dict[str, list[int]]:
     return found
 
 
+RUN_FILES = {"run.json", "config.yaml", "batch_size.json", "metrics.jsonl", "curves.png", "best.pt", "shard_spec.json",
+             "summary.json", "report.csv", "slice_probs.parquet", "heatmaps.png"}
+"""(An evaluation's submission.csv too, but that is also the name of predict's output, which is not a run's.)"""
+RUN_SUFFIXES = {".summary.json", ".heatmap.png"}
+RUN_PREFIXES = ("ckpt-", "eval-f")
+RUN_DIR_MODULE = "engine/rundir.py"
+"""The one module that names the run directory's files (RunLayout, EvalLayout, PseudoLayout)."""
+PATH_CALLS = {"glob", "rglob", "with_suffix", "with_name", "Path", "open", "joinpath"}
+
+
+def _text(node: ast.AST) -> str | None:
+    """A string literal's text; an f-string's with ``{}`` for each field; None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    return None
+
+
+def names_run_file(text: str) -> bool:
+    """Whether a path literal names a run-directory file (``best.pt``, ``RUN/eval-f{}``, ``ckpt-*.pt``...)."""
+    parts = text.replace("*/", "/").split("/")
+    return text in RUN_SUFFIXES or any(p in RUN_FILES or p.startswith(RUN_PREFIXES) for p in parts)
+
+
+def run_paths(tree: ast.AST) -> dict[str, list[int]]:
+    """Lines that build a run-directory path by name (``run_dir / "best.pt"``, ``glob("ckpt-*.pt")``)."""
+    found: dict[str, list[int]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            texts = [_text(node.right)]
+        elif isinstance(node, ast.Call) and _name(node.func) in PATH_CALLS:
+            texts = [_text(a) for a in node.args]
+        else:
+            continue
+        if any(t is not None and names_run_file(t) for t in texts):
+            found.setdefault("run-path-by-name", []).append(node.lineno)
+    return found
+
+
 def constants(tree: ast.Module) -> dict[str, list[int]]:
     """Constant -> lines where the module defines it itself."""
     found: dict[str, list[int]] = {}
@@ -152,6 +193,38 @@ def _check(found: dict[str, dict[str, list[int]]], allowed: dict[str, set[str]],
 def test_nothing_outside_shards_reads_the_contract_by_string_key():
     _check(_scan(reads), NOT_YET_CONVERTED, "NOT_YET_CONVERTED",
            "read it through shards.manifest.read_manifest / shards.tables.read_*_table and shards.layout.Layout")
+
+
+def test_run_directory_files_are_named_in_one_module():
+    found = {f: k for f, k in _scan(run_paths).items() if f != RUN_DIR_MODULE}
+    _check(found, {}, "the allow-list", "use spinestream.engine.rundir's RunLayout / EvalLayout / PseudoLayout")
+
+
+@pytest.mark.parametrize("src", [
+    "p = run_dir / 'best.pt'",
+    "p = Path(run_dir) / 'metrics.jsonl'",
+    "p = args.run / f'eval-f{fold}'",
+    "p = run_dir / f'eval-f{k}-last' / 'summary.json'",
+    "found = run_dir.glob('ckpt-*.pt')",
+    "found = runs.glob('*/eval-f*/heatmaps.png')",
+    "p = table.with_suffix('.summary.json')",
+    "p = Path(f'{run}/config.yaml')",
+    "p = run_dir / f'ckpt-{step:09d}.pt'",
+])
+def test_the_scan_sees_each_run_path_by_name(src):
+    assert "run-path-by-name" in run_paths(ast.parse(src))
+
+
+@pytest.mark.parametrize("src", [
+    "p = RunLayout(run_dir).best",
+    "p = RunLayout(run_dir).evaluation(fold, last=True).summary",
+    "p = PseudoLayout(table).heatmap",
+    "p = paths.root / 'report.md'",
+    "p.add_argument('--out', help='default: RUN/eval-f<k>')",
+    "p = shards / 'labels' / 'extra.parquet'",
+])
+def test_the_scan_leaves_layout_paths_alone(src):
+    assert run_paths(ast.parse(src)) == {}
 
 
 def test_each_constant_is_defined_once_in_shards_layout():
