@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from spinestream import SpinestreamError
 from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
 BEST = "best.pt"
@@ -42,7 +43,7 @@ CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
 TMP_RE = re.compile(r"\.tmp-\d+$")
 
 
-class RunError(ValueError):
+class RunError(SpinestreamError, ValueError):
     """A run directory or checkpoint that cannot be used (message says why and what to do)."""
 
 

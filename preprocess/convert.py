@@ -61,7 +61,7 @@ from spinestream.shards.tables import LabelTable, label_frame, write_label_table
 from spinestream.shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
 from spinestream.shards.wds import ShardWriter
 
-from spinestream import __version__
+from spinestream import MissingInput, __version__
 
 from .config import ShardConfig
 from .dicom import DicomError
@@ -87,10 +87,10 @@ class Dataset:
     @classmethod
     def open(cls, root: Path) -> Dataset:
         if not root.is_dir():
-            raise FileNotFoundError(f"--data {root}: no such directory")
+            raise MissingInput(f"--data {root}: no such directory")
         missing = [n for n in ("train.csv", "train_images") if not (root / n).exists()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"--data {root}: missing {', '.join(missing)}; expected the Kaggle layout "
                 "(train.csv, train_bounding_boxes.csv, train_images/<StudyInstanceUID>/<n>.dcm, segmentations/)"
             )

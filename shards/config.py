@@ -26,10 +26,12 @@ from typing import Any, TextIO, TypeVar
 
 import yaml
 
+from spinestream import SpinestreamError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SpinestreamError, ValueError):
     """A config key is unknown, has the wrong type or an invalid value."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from spinestream import SpinestreamError
+
 from .fsutil import sha256_file
 from .layout import Layout
 from .manifest import Manifest, ShardEntry, read_manifest
@@ -32,8 +34,8 @@ from .tables import read_label_table, read_slice_table, read_study_table
 from .wds import ShardError, check_index, iter_samples, read_index
 
 
-class VerifyError(ValueError):
-    pass
+class VerifyError(SpinestreamError, ValueError):
+    """The shard set does not match its manifest (every problem found is listed)."""
 
 
 def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progress: bool = True) -> dict:

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from spinestream import SpinestreamError
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking factor
 IDX_VERSION = "v1.2"
@@ -35,7 +37,7 @@ MEMBER_RE = re.compile(r"^(\d{9})\.(jpg|id)$")
 EXTS = ("jpg", "id")
 
 
-class ShardError(ValueError):
+class ShardError(SpinestreamError, ValueError):
     """A shard or index file is missing, truncated, corrupt, or not what the manifest says."""
 
 

@@ -25,6 +25,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from spinestream import InputError, MissingInput
 from spinestream.shards.fsutil import atomic_write_json
 
 PROJECT = "spinestream"
@@ -110,7 +111,7 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
     names = [Path(r).resolve().name for r in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ValueError(f"two --run directories are named {sorted(dup)}; the bundle keeps runs/<name>: rename one")
+        raise InputError(f"two --run directories are named {sorted(dup)}; the bundle keeps runs/<name>: rename one")
     out = []
     for rd, name in zip(run_dirs, names):
         rd = Path(rd)
@@ -118,7 +119,7 @@ def run_files(run_dirs: list[Path]) -> list[tuple[Path | None, str, str]]:
         ck.sync_best(rd)  # a kill between the step checkpoint and best.pt: bundle the best the record names
         for f in RUN_FILES:
             if not (rd / f).is_file():
-                raise FileNotFoundError(f"--run {rd}: no {f} (a finished `spinestream train` run has one)")
+                raise MissingInput(f"--run {rd}: no {f} (a finished `spinestream train` run has one)")
             out.append((rd / f, f"runs/{name}/{f}", ""))
         if (rd / SPEC_FILE).is_file():
             out.append((rd / SPEC_FILE, f"runs/{name}/{SPEC_FILE}", ""))
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not re.fullmatch(r"3\.\d+", args.python):
-            raise ValueError(f"--python {args.python!r}: expected major.minor, e.g. 3.11")
+            raise InputError(f"--python {args.python!r}: expected major.minor, e.g. 3.11")
         files = run_files(args.run)
         cmds = commands(args.out, args.python, args.platform)
         pins, absent = runtime_pins(args.python)

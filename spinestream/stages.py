@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spinestream import SpinestreamError
 from spinestream.shards.fsutil import atomic_write_json, sha256_file
 
 RECORD_FORMAT = "spinestream-stage"
@@ -50,11 +51,11 @@ SUPERSEDED_FORMAT = "spinestream-superseded"
 ADOPTED_KEYS = ("dataset.segmentations", "label_tables")
 
 
-class StageError(RuntimeError):
+class StageError(SpinestreamError, RuntimeError):
     """A stage's verb failed (its exit status and name are in the message)."""
 
 
-class RetrainRefused(ValueError):
+class RetrainRefused(SpinestreamError, ValueError):
     """``refuse_retrain``: a training stage's existing run would be redone (nothing was run or moved)."""
 
 

@@ -17,12 +17,18 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from spinestream import SpinestreamError
+
 from .base import Batch, Loader
 from .config import AugmentConfig, LoaderConfig
 from .data import LabelTable, Selection, select
 
 __all__ = ["AugmentConfig", "Batch", "LabelTable", "Loader", "LoaderConfig", "Selection", "build_loader",
            "dali_available", "select"]
+
+
+class BackendUnavailable(SpinestreamError, RuntimeError):
+    """``loader.backend`` names a backend this installation lacks (the message names the extra to install)."""
 
 
 def dali_available() -> bool:
@@ -40,8 +46,8 @@ def build_loader(sel: Selection, labels: LabelTable, cfg: LoaderConfig, *, devic
                   "(pip install -e '.[dali-cu12]' or '.[dali-cu13]' for the DALI one)", file=sys.stderr)
     if backend == "dali":
         if not dali_available():
-            raise RuntimeError("loader.backend=dali but nvidia-dali is not installed "
-                               "(pip install -e '.[dali-cu13]', or '.[dali-cu12]' for Pascal/CUDA 12)")
+            raise BackendUnavailable("loader.backend=dali but nvidia-dali is not installed "
+                                     "(pip install -e '.[dali-cu13]', or '.[dali-cu12]' for Pascal/CUDA 12)")
         if cfg.dali_reader == "webdataset":  # legacy, no cross-shard mix: for the benchmark's before line
             from .dali_webdataset import DaliWebdatasetLoader as DaliLoader
         else:
