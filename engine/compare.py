@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
-    try:
-        r = compare_evals(args.a, args.b, args.shards, n=args.bootstrap, seed=args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"spinestream compare: {e}", file=sys.stderr)
-        return 2
+    r = compare_evals(args.a, args.b, args.shards, n=args.bootstrap, seed=args.seed)
     names = (args.a.resolve().parent.name, args.b.resolve().parent.name)  # RUN/eval-f<k>: the run names
     a, b = names if names[0] != names[1] else (str(args.a), str(args.b))
     print(describe(r, a=a, b=b))

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
+from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
     print_config
 
 from . import checkpoint as ck
@@ -71,9 +71,6 @@ def main(argv: list[str] | None = None) -> int:
             best = trainer.fit()
         finally:
             trainer.loader.close()
-    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"spinestream train: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:  # TrainingInterrupted (Ctrl-C: the step in flight finished and was saved)
         print(interrupted_message(e, run_dir), file=sys.stderr)
         return 130

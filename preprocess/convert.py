@@ -51,7 +51,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from spinestream.shards import layout as L
-from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
+from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
 from spinestream.shards.fsutil import atomic_write_json, replace_dir
 from spinestream.shards.sample import encode_jpeg, sample_image
@@ -642,18 +642,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(ShardConfig, args.config, args.set)
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        if args.data is None or args.out is None:
-            build_parser().error("--data and --out are required (only --print-config runs without them)")
-        run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
-    except (ConfigError, FileNotFoundError, JobError, LabelError) as e:
-        # what the user can fix; anything else is a bug and keeps its traceback
-        print(f"spinestream shard: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(ShardConfig, args.config, args.set)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    if args.data is None or args.out is None:
+        build_parser().error("--data and --out are required (only --print-config runs without them)")
+    # what the user can fix raises a SpinestreamError (one line from the console script); a bug keeps its traceback
+    run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
     return 0
 
 

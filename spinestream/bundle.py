@@ -154,17 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--platform", default="manylinux2014_x86_64", help="pip --platform tag")
     p.add_argument("--dry-run", action="store_true", help="print the commands and files; download nothing")
     args = p.parse_args(argv)
-    from spinestream.engine.checkpoint import RunError
-
-    try:
-        if not re.fullmatch(r"3\.\d+", args.python):
-            raise InputError(f"--python {args.python!r}: expected major.minor, e.g. 3.11")
-        files = run_files(args.run)
-        cmds = commands(args.out, args.python, args.platform)
-        pins, absent = runtime_pins(args.python)
-    except (RunError, FileNotFoundError, ValueError) as e:
-        print(f"spinestream kaggle-bundle: error: {e}", file=sys.stderr)
-        return 2
+    if not re.fullmatch(r"3\.\d+", args.python):
+        raise InputError(f"--python {args.python!r}: expected major.minor, e.g. 3.11")
+    files = run_files(args.run)
+    cmds = commands(args.out, args.python, args.platform)
+    pins, absent = runtime_pins(args.python)
     print(f"# {len(pins)} pinned runtime wheels (torch, torchvision excluded), {DALI} resolved for Python "
           f"{args.python} {args.platform}" + (f"; not installed here, unpinned: {', '.join(absent)}" if absent else ""))
     for c in cmds:

@@ -36,10 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, load_config, plain, print_config
+from spinestream.shards.config import HelpFormatter, add_print_config, load_config, plain, print_config
 
 from .config import STAGES, PipelineConfig
-from .stages import RetrainRefused, StageError, check_stage, run_stages
+from .stages import check_stage, run_stages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,37 +61,20 @@ def main(argv: list[str] | None = None, verb=None) -> int:
     """The verb; ``verb`` replaces the CLI table (tests)."""
     from .plan import build_stages, cli_verb
 
-    import yaml
-
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(PipelineConfig, args.config, args.set)
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        root = Path(args.out or cfg.out)
-        check_stage(cfg.stages, args.from_stage)
-        stages = build_stages(cfg, root, verb or cli_verb)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"spinestream run: error: {e}", file=sys.stderr)
-        return 2
-    except yaml.YAMLError as e:  # a config file or a --set value (the pipeline's or a stage's) that does not parse
-        text = " ".join(str(e).split())
-        print(f"spinestream run: error: a config file or --set value is not valid YAML ({text}); quote values "
-              f"that hold brackets, e.g. --set \"round2.set=['data.label_tables=[a, b]']\"", file=sys.stderr)
-        return 2
+    # every error here is a SpinestreamError (the console script's one line, exit 2) or a bug; a failed stage's
+    # StageError says how to go on
+    cfg = load_config(PipelineConfig, args.config, args.set)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    root = Path(args.out or cfg.out)
+    check_stage(cfg.stages, args.from_stage)
+    stages = build_stages(cfg, root, verb or cli_verb)
     t0 = time.perf_counter()
     log = lambda line: print(f"spinestream run: {line}", flush=True)  # noqa: E731
-    try:
-        results = run_stages(stages, root / "stages", root, from_stage=args.from_stage, log=log,
-                             refuse_retrain=args.no_retrain)
-    except RetrainRefused as e:
-        print(f"spinestream run: error: {e}", file=sys.stderr)
-        return 2
-    except (StageError, ValueError, FileNotFoundError) as e:
-        print(f"spinestream run: error: {e}; fix it and rerun the same command: finished stages are skipped",
-              file=sys.stderr)
-        return 1
+    results = run_stages(stages, root / "stages", root, from_stage=args.from_stage, log=log,
+                         refuse_retrain=args.no_retrain)
     done = sum(r.status != "skipped" for r in results)
     print(f"spinestream run: {len(results)} stages ({done} ran, {len(results) - done} skipped) in "
           f"{time.perf_counter() - t0:.1f}s -> {root / 'report.md'}")
