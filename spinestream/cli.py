@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 from . import SpinestreamError
 
@@ -62,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"spinestream: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
+    return run_verb(verb, importlib.import_module(VERBS[verb][0]).main, rest)
+
+
+def run_verb(verb: str, verb_main: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """``verb_main(argv)``'s exit status under the error policy (the module doc): a SpinestreamError is one line
+    on stderr and status 2; anything else propagates with its traceback."""
     try:
-        return int(module.main(rest) or 0)
+        return int(verb_main(argv) or 0)
     except SpinestreamError as e:
         print(f"spinestream {verb}: {one_line(e)}", file=sys.stderr)
         return 2
