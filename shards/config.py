@@ -27,6 +27,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -246,7 +247,7 @@ def _resolve_value(value: str, marker: _Marker, base: Path, shipped: bool, besid
         return str(there.absolute()) if beside and there.is_file() and not shipped else value
     if shipped or Path(value).expanduser().is_absolute():
         return value
-    return str((base / value).absolute())
+    return os.path.normpath(base / value)  # base is absolute: ``../runs`` beside the file reads as it should
 
 
 def resolve_paths(cls: type, data: dict, base: Path, shipped: bool = False, beside: bool = True) -> dict:

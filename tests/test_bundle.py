@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from spinestream.bundle import main, runtime_pins
+from spinestream.cli import main as cli_main
 from tests.test_predict import write_run
 
 
@@ -40,10 +41,11 @@ def test_dry_run_prints_the_commands_and_files_and_downloads_nothing(run_dirs, t
 def test_refusals(run_dirs, tmp_path, capsys):
     same = tmp_path / "x" / run_dirs[0].name
     shutil.copytree(run_dirs[0], same)
-    assert main(["--run", str(run_dirs[0]), "--run", str(same), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    bundle = ["kaggle-bundle", "--out", str(tmp_path / "o"), "--dry-run"]  # through the console script: exit 2
+    assert cli_main([*bundle, "--run", str(run_dirs[0]), "--run", str(same)]) == 2
     assert "rename one" in capsys.readouterr().err
-    assert main(["--run", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
-    assert main(["--run", str(run_dirs[0]), "--out", str(tmp_path / "o"), "--python", "311", "--dry-run"]) == 2
+    assert cli_main([*bundle, "--run", str(tmp_path)]) == 2
+    assert cli_main([*bundle, "--run", str(run_dirs[0]), "--python", "311"]) == 2
 
 
 def test_pins_are_the_installed_versions():
