@@ -631,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, help="dataset directory (train.csv, train_images/, ...)")
     p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("-c", "--config", type=Path, default=None, help="YAML config (default: built-in = configs/shard.yaml)")
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="shard config: a shipped one's name (shard) or a YAML file (default: built-in = -c shard)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/_work (per-study staging) after success")

@@ -167,8 +167,9 @@ def parse_overrides(items: list[str] | None) -> dict:
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: not valid YAML ({_yaml_problem(e, 'column')}); quote a value that "
-                              f"holds brackets or ': ', e.g. --set \"round2.set=['data.label_tables=[a, b]']\"") from None
+            raise ConfigError(f"--set {item!r}: not valid YAML ({_yaml_problem(e, 'column')}); quote a value "
+                              f"that holds brackets or ': ', e.g. --set \"round2.set=['data.label_tables=[a, b]']\"") \
+                from None
     return out
 
 
@@ -179,7 +180,9 @@ def _yaml_problem(e: yaml.YAMLError, where: str = "") -> str:
     problem = " ".join(str(getattr(e, "problem", None) or e).split())
     if mark is None:
         return problem
-    return f"column {mark.column + 1}: {problem}" if where == "column" else f"{mark.line + 1}:{mark.column + 1}: {problem}"
+    if where == "column":
+        return f"column {mark.column + 1}: {problem}"
+    return f"{mark.line + 1}:{mark.column + 1}: {problem}"
 
 
 def _merge(base: dict, over: dict) -> dict:

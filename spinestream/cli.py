@@ -32,7 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
     "predict": ("spinestream.predict", "test DICOM studies -> Kaggle submission.csv (one run or an ensemble)"),
     "kaggle-bundle": ("spinestream.bundle", "a folder to upload as a Kaggle dataset: wheels + runs, for offline predict"),
-    "configs": ("spinestream.shipped", "the shipped configs (-c NAME): list them, show one, copy them out to edit"),
+    "configs": ("spinestream.shipped", "the shipped configs (-c NAME): list, show, copy out to edit"),
 }
 
 

@@ -1,13 +1,13 @@
-"""``spinestream run -c configs/pipeline.yaml [--out DIR] [--from STAGE] [--no-retrain]``: the whole pipeline.
+"""``spinestream run -c pipeline [--out DIR] [--from STAGE] [--no-retrain]``: the whole pipeline.
 
     synth (demo) -> shard -> verify -> bench (demo) -> round1 -> evaluate1 -> pseudo -> round2 -> evaluate2
     -> predict -> report
 
-    spinestream run -c configs/pipeline.yaml --out /data/spine     # run, or finish an interrupted run
-    spinestream run -c configs/pipeline.yaml --from round2         # redo round 2 and everything after it
-    spinestream run -c configs/pipeline.yaml --set round2.set='[optim.lr=3e-4]'
-    spinestream run -c configs/pipeline.yaml --no-retrain          # refuse if a finished run would be redone
-    spinestream run -c configs/pipeline.yaml --print-config
+    spinestream run -c pipeline --out /data/spine     # run, or finish an interrupted run (from any directory)
+    spinestream run -c pipeline --from round2         # redo round 2 and everything after it
+    spinestream run -c pipeline --set round2.set='[optim.lr=3e-4]'
+    spinestream run -c pipeline --no-retrain          # refuse if a finished run would be redone
+    spinestream run -c my-pipeline.yaml --print-config   # an edited copy (spinestream configs copy pipeline --to .)
 
 Every stage is a spinestream verb. Its completion record DIR/stages/<stage>.json holds its inputs (resolved
 config and arguments, sha256 fingerprints of the upstream outputs it read: the dataset's CSVs and
@@ -44,7 +44,7 @@ from .stages import check_stage, run_stages
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinestream run", description=plain(__doc__), formatter_class=HelpFormatter)
-    p.add_argument("-c", "--config", type=Path, default=None, help="pipeline YAML (configs/pipeline.yaml)")
+    p.add_argument("-c", "--config", type=Path, default=None, help="pipeline config: a shipped one's name (pipeline, demo) or a YAML file")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the config's out)")
     p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                    help=f"redo from this stage on: {' '.join(STAGES)} (a round's run is moved aside, not deleted)")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse (exit 2, nothing run or moved) when round1/round2 would be redone over an existing "
                         "run; default: move that run aside to DIR/runs/superseded/ and retrain")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set round1.config=configs/round1.yaml")
+                   help="override a config field, e.g. --set round1.config=my-round1.yaml")
     add_print_config(p)
     return p
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spinestream.shards.config import HelpFormatter, plain, shipped_configs
+from spinestream.shards.config import SHIPPED_DIR, HelpFormatter, plain, shipped_configs
 from spinestream.shards.fsutil import atomic_write_bytes
 
 from . import InputError
@@ -68,11 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action is None:
         shipped = shipped_configs()
-        width = max(map(len, shipped), default=0)
+        width = max(map(len, shipped))
         for name, path in shipped.items():
             print(f"{name.ljust(width)}  {describe(path)}")
-        print(f"\n(-c NAME uses one; spinestream configs show NAME prints it; files in {next(iter(shipped.values())).parent})"
-              if shipped else "no shipped configs found")
+        print(f"\n-c NAME uses one; spinestream configs show NAME prints it (files in {SHIPPED_DIR})")
         return 0
     if args.action == "show":
         sys.stdout.write(pick([args.name])[args.name].read_text())

@@ -102,7 +102,7 @@ def test_an_existing_file_without_a_suffix_is_a_path(elsewhere):
 def test_configs_lists_shows_and_copies(tmp_path, elsewhere, capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    by_name = {line.split()[0]: line for line in lines if line and not line.startswith("(")}
+    by_name = {line.split()[0]: line for line in lines if line and not line.startswith("-c ")}
     assert set(by_name) == set(shipped_configs())
     assert "The reference pipeline on the real data" in by_name["pipeline"]  # the YAML's first comment line
     assert main(["configs", "show", "round2"]) == 0

@@ -62,13 +62,15 @@ def test_evaluate_shards_relative_root_and_another_shard_set(vit_run, shards, ot
     run = tmp_path / "runs" / "r2"
     shutil.copytree(vit_run, run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["data"]["root"] = "data/shards"  # relative: resolved against the directory `train` ran in
+    cfg["data"]["root"] = "data/shards"  # relative: like every path in a YAML file, to the file's directory
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    monkeypatch.chdir(tmp_path)  # not that directory
+    monkeypatch.chdir(tmp_path)  # not where it resolves to
+    (tmp_path / "data").mkdir()
+    shutil.copytree(shards, tmp_path / "data" / "shards")  # what the current directory would have found
     capsys.readouterr()
     assert main(["--run", str(run.resolve()), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "data.root=data/shards" in err and "relative" in err and "--shards" in err, err
+    assert f"{run / 'data/shards'}/manifest.json does not exist" in err, err
     assert main(["--run", str(run.resolve()), "--device", "cpu", "--shards", str(other_shards)]) == 2
     err = capsys.readouterr().err
     assert "evaluate --shards" in err and "size=64" in err and "size=48" in err, err
