@@ -198,10 +198,11 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def is_config_path(ref: str | Path) -> bool:
-    """Whether ``-c ref`` means a file (an existing path, or one with a ``/`` or a YAML suffix) rather than the
-    name of a shipped config."""
+    """Whether ``-c ref`` means a file (an existing file, or a path with a ``/`` or a YAML suffix) rather than the
+    name of a shipped config. A directory does not count: ``spinestream demo --dir demo`` makes one, and
+    ``-c demo`` must still be the shipped demo."""
     text = str(ref)
-    return "/" in text or text.endswith(YAML_SUFFIXES) or Path(text).exists()
+    return "/" in text or text.endswith(YAML_SUFFIXES) or Path(text).is_file()
 
 
 def resolve_config(ref: str | Path) -> Path:

@@ -94,7 +94,9 @@ def test_an_unknown_name_is_one_line_listing_the_shipped_ones(elsewhere, capsys)
     assert capsys.readouterr().err == "spinestream run: config file nowhere/p.yaml does not exist\n"
 
 
-def test_an_existing_file_without_a_suffix_is_a_path(elsewhere):
+def test_an_existing_file_without_a_suffix_is_a_path_but_a_directory_is_not(elsewhere):
+    (elsewhere / "demo").mkdir()  # spinestream demo --dir demo
+    assert load_config(PipelineConfig, "demo").synth.studies == 256
     (elsewhere / "round1").write_text("name: mine\n")
     assert load_config(RunConfig, "round1").name == "mine"
 
