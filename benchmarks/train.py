@@ -141,7 +141,7 @@ def build_trainer(args):
 
     gpu = torch.cuda.is_available()
     cpu_defaults = ["model.name=test_efficientnet", "loader.image_size=128", "train.batch_size=16"]
-    config = args.config or (Path("configs/round1.yaml") if gpu else None)
+    config = args.config or ("round1" if gpu else None)  # the shipped round 1, from any directory
     shards = args.shards
     sets = ([] if gpu or args.config else cpu_defaults) + args.set
     if shards is None:
@@ -162,7 +162,7 @@ def build_trainer(args):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spinestream bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", type=Path, default=None, help="run config (default: configs/round1.yaml "
+    p.add_argument("-c", "--config", type=Path, default=None, help="run config, a shipped one's name or a file (default: round1 "
                    "on a GPU, a tiny CPU setting otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--shards", type=Path, default=None, help="shard directory (default: data.root of the config, "

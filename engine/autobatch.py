@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .device import autocast
+from .device import DeviceUnusable, autocast
 from .ema import ModelEma
 from .metrics import weighted_bce
 from .rundir import BatchSizeRecord, RunLayout, read_batch_size, write_batch_size
@@ -87,9 +87,9 @@ def auto_batch_size(model, cfg: RunConfig, device: torch.device, precision: str,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if best is None:
-        raise RuntimeError(f"not even a batch of {tried[0]['batch']} fits at {cfg.loader.image_size}px under "
-                           f"train.max_memory_gb={cfg.train.max_memory_gb} minus "
-                           f"train.memory_headroom_gb={cfg.train.memory_headroom_gb}")
+        raise DeviceUnusable(f"not even a batch of {tried[0]['batch']} fits at {cfg.loader.image_size}px under "
+                             f"train.max_memory_gb={cfg.train.max_memory_gb} minus "
+                             f"train.memory_headroom_gb={cfg.train.memory_headroom_gb}")
     return BatchSizeRecord(
         batch_size=best, tried=tried, image_size=cfg.loader.image_size, device=str(device), precision=precision,
         max_memory_gb=cfg.train.max_memory_gb, memory_headroom_gb=cfg.train.memory_headroom_gb,

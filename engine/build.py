@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spinestream import InputError, MissingInput
 from spinestream.shards.layout import Layout
 from spinestream.shards.manifest import read_manifest
 from spinestream.shards.tables import read_study_table
@@ -38,7 +39,7 @@ def build_device(cfg: RunConfig) -> tuple[torch.device, str]:
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.compile and (why := compile_unsupported(device)):
-        raise ValueError(f"train.compile=true: {why}; set train.compile=false")
+        raise InputError(f"train.compile=true: {why}; set train.compile=false")
     torch.manual_seed(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
@@ -78,8 +79,8 @@ def init_weights(cfg: RunConfig) -> dict | None:
     if not path:
         return None
     if not Path(path).is_file():
-        raise FileNotFoundError(f"model.init_from={path}: no such checkpoint (train round 1 first, or set "
-                                f"model.init_from=null to start from pretrained weights)")
+        raise MissingInput(f"model.init_from={path}: no such checkpoint (train round 1 first, or set "
+                           f"model.init_from=null to start from pretrained weights)")
     return ck.load(Path(path))
 
 
@@ -150,12 +151,12 @@ def check_cohorts(cfg: RunConfig, studies: pd.DataFrame) -> None:
     shard_cohorts = {s.cohort for s in read_manifest(d.root).shards if s.fold != d.val_fold}
     missing = [c for c in d.train_cohorts if c not in shard_cohorts]
     if missing:
-        raise ValueError(f"data.train_cohorts: {d.root} has no training shards (outside data.val_fold="
+        raise InputError(f"data.train_cohorts: {d.root} has no training shards (outside data.val_fold="
                          f"{d.val_fold}) for cohort(s) {missing}; it has {sorted(shard_cohorts)}")
     present = set(studies.cohort)
     missing = [c for c in d.val_cohorts if c not in present]
     if missing:
-        raise ValueError(f"data.val_cohorts: {d.root} has no studies of cohort(s) {missing}; "
+        raise InputError(f"data.val_cohorts: {d.root} has no studies of cohort(s) {missing}; "
                          f"it has {sorted(present)}")
 
 
@@ -195,7 +196,7 @@ def build_data(cfg: RunConfig, run_dir: Path) -> TrainData:
     sel = oversample_positives(sel, labels, d.oversample_positives, Path(run_dir) / "oversample")
     val = studies[(studies.fold == d.val_fold) & studies.cohort.isin(d.val_cohorts)]
     if val.empty:
-        raise ValueError(f"data.val_fold={d.val_fold}: no validation studies for data.val_cohorts={d.val_cohorts}")
+        raise InputError(f"data.val_fold={d.val_fold}: no validation studies for data.val_cohorts={d.val_cohorts}")
     baseline = constant_baseline(val, prevalence_from=studies[studies.fold != d.val_fold])
     return TrainData(sel, labels, val, baseline)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinestream import InputError, MissingInput
 from spinestream.shards.fsutil import atomic_write_json
 from spinestream.shards.layout import ROW_TYPES, Layout
 from spinestream.shards.tables import read_study_table
@@ -39,17 +40,17 @@ def eval_study_losses(eval_dir: str | Path, shards: str | Path) -> pd.Series:
     """Per-study competition loss of an evaluation's ``submission.csv`` against the shard set's study labels."""
     path = EvalLayout(Path(eval_dir)).submission
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (run `spinestream evaluate --run RUN` first)")
+        raise MissingInput(f"{path}: no such file (run `spinestream evaluate --run RUN` first)")
     sub = pd.read_csv(path)
     uids = sub.row_id.str.extract(r"^(.+)_(?:C[1-7]|patient_overall)$")[0]
     if uids.isna().any():
-        raise ValueError(f"{path}: row_id(s) not of the form <uid>_C1..C7/_patient_overall, e.g. "
+        raise InputError(f"{path}: row_id(s) not of the form <uid>_C1..C7/_patient_overall, e.g. "
                          f"{sub.row_id[uids.isna()].head(3).tolist()}")
     studies = read_study_table(Layout(Path(shards)).studies, columns=["StudyInstanceUID", *ROW_TYPES])
     studies = studies.set_index("StudyInstanceUID")
     unknown = sorted(set(uids) - set(studies.index))
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} studies not in {shards}'s study table, e.g. {unknown[:3]} "
+        raise InputError(f"{path}: {len(unknown)} studies not in {shards}'s study table, e.g. {unknown[:3]} "
                          f"(another shard set?)")
     truth = studies.loc[uids.unique()].reset_index()
     return study_losses(solution_from_train(truth), sub)
@@ -59,7 +60,7 @@ def paired_bootstrap(a: pd.Series, b: pd.Series, *, n: int = 2000, seed: int = 0
     """Mean loss of ``a`` and ``b`` (per-study losses on the same studies), their difference ``b - a`` and
     its paired bootstrap over studies: ``ci95`` and ``p_b_lower`` (share of resamples where b is lower)."""
     if set(a.index) != set(b.index):
-        raise ValueError(f"the two evaluations cover different studies ({len(a)} and {len(b)}, "
+        raise InputError(f"the two evaluations cover different studies ({len(a)} and {len(b)}, "
                          f"{len(set(a.index) ^ set(b.index))} not in both): compare evaluations of the same fold")
     d = (b - a.loc[b.index]).to_numpy(dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -101,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
-    try:
-        r = compare_evals(args.a, args.b, args.shards, n=args.bootstrap, seed=args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"spinestream compare: {e}", file=sys.stderr)
-        return 2
+    r = compare_evals(args.a, args.b, args.shards, n=args.bootstrap, seed=args.seed)
     names = (args.a.resolve().parent.name, args.b.resolve().parent.name)  # RUN/eval-f<k>: the run names
     a, b = names if names[0] != names[1] else (str(args.a), str(args.b))
     print(describe(r, a=a, b=b))

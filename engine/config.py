@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from spinestream.shards.config import ConfigError
+from spinestream.shards.config import ConfigError, FilePath
 from spinestream.shards.layout import COHORTS
 
 from .loader.config import LoaderConfig
@@ -35,7 +35,7 @@ def _cohorts(key: str, names: list[str]) -> None:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    root: str = "shards"
+    root: FilePath = "shards"
     """A directory written by `spinestream shard`."""
     train_cohorts: list[str] = field(default_factory=lambda: ["boxed", "negative"])
     """Shard groups to train on (round 1: boxed + negative; round 2: all three)."""
@@ -74,9 +74,9 @@ class ModelConfig:
     """Dropout before the classifier (the reference used 0.2)."""
     pretrained: bool = True
     """ImageNet weights from timm's hub (needs the network) ..."""
-    pretrained_path: str | None = None
+    pretrained_path: FilePath | None = None
     """... or from a local file (.pth/.pt/.safetensors); used instead of the hub when set."""
-    init_from: str | None = None
+    init_from: FilePath | None = None
     """Start from a run's checkpoint (round 2: runs/round1/best.pt): its EMA weights when it has them, else
     its weights; it must be of the model this config builds (fingerprint-checked). Replaces pretrained
     weights; ignored on resume (the run's own checkpoint has the weights). Its run must have held out this
@@ -198,7 +198,7 @@ class RunConfig:
     """Everything one `spinestream train` run needs."""
 
     name: str = "round1"
-    out_dir: str = "runs"
+    out_dir: FilePath = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)

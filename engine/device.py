@@ -18,7 +18,14 @@ import sys
 
 import torch
 
+from spinestream import InputError, SpinestreamError
+
 from . import gpu_probe
+
+
+class DeviceUnusable(SpinestreamError, RuntimeError):
+    """The device or precision the config asks for cannot be had here (no CUDA device, an unsupported GPU, no
+    batch that fits the memory cap); the message says what to set instead."""
 
 
 def pick_device(name: str, local_rank: int = 0, *, nvidia_smi: gpu_probe.Runner | None = None) -> torch.device:
@@ -29,21 +36,21 @@ def pick_device(name: str, local_rank: int = 0, *, nvidia_smi: gpu_probe.Runner 
     ``nvidia_smi`` replaces the nvidia-smi runner (tests).
     """
     if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={name!r}: use auto, cpu or cuda")
+        raise InputError(f"device={name!r}: use auto, cpu or cuda")
     if name == "cpu" or (name == "auto" and _gpus_hidden()):
         return torch.device("cpu")
     problem = _torch_cuda_problem()
     if problem is not None:
         gpus = gpu_probe.query_gpus(nvidia_smi or gpu_probe.run_nvidia_smi)
         if gpus:
-            raise RuntimeError(unusable_gpu_message(name, gpus, problem))
+            raise DeviceUnusable(unusable_gpu_message(name, gpus, problem))
         if name == "auto":
             return torch.device("cpu")
-        raise RuntimeError(f"device=cuda but no CUDA device is visible ({problem}; nvidia-smi lists none): "
-                           f"use device: auto or cpu")
+        raise DeviceUnusable(f"device=cuda but no CUDA device is visible ({problem}; nvidia-smi lists none): "
+                             f"use device: auto or cpu")
     count = torch.cuda.device_count()
     if not 0 <= local_rank < count:
-        raise RuntimeError(f"local rank {local_rank} needs cuda:{local_rank}, but {count} CUDA device(s) are visible")
+        raise DeviceUnusable(f"local rank {local_rank} needs cuda:{local_rank}, but {count} CUDA device(s) are visible")
     device = torch.device("cuda", local_rank)
     # the current device is what nvJPEG, DALI's default and is_bf16_supported() refer to
     torch.cuda.set_device(device)
@@ -120,7 +127,7 @@ def set_memory_cap(device: torch.device, max_memory_gb: float) -> None:
     if device.index is None:
         raise ValueError(f"set_memory_cap needs an indexed CUDA device (from pick_device), got {device}")
     if max_memory_gb <= 0:
-        raise ValueError(f"train.max_memory_gb must be > 0, got {max_memory_gb}")
+        raise InputError(f"train.max_memory_gb must be > 0, got {max_memory_gb}")
     total = torch.cuda.get_device_properties(device).total_memory / 1e9
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb / total), device)
 
@@ -132,7 +139,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     emulation by default and says yes on a P100, where every bf16 op is emulated, slowly.
     """
     if name not in ("auto", "fp32", "fp16", "bf16"):
-        raise ValueError(f"train.precision={name!r}: use auto, fp32, fp16 or bf16")
+        raise InputError(f"train.precision={name!r}: use auto, fp32, fp16 or bf16")
     if device.type != "cuda":
         return "fp32" if name == "auto" else name
     cap = torch.cuda.get_device_capability(device)
@@ -140,8 +147,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if cap[0] >= 8 else "fp16"
     # is_bf16_supported asks about the current device: pick_device made `device` current
     if name == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise RuntimeError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}) "
-                           f"has no native bf16 (sm80+; torch would emulate it, slowly): use fp16 or auto")
+        raise DeviceUnusable(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}) "
+                             f"has no native bf16 (sm80+; torch would emulate it, slowly): use fp16 or auto")
     return name
 
 
@@ -193,7 +200,7 @@ def resolve_loader_dtype(dtype: str, device: torch.device, precision: str) -> st
     same``): the loader returns float32 there, with a notice.
     """
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"loader.dtype={dtype!r}: use float32, float16 or bfloat16")
+        raise InputError(f"loader.dtype={dtype!r}: use float32, float16 or bfloat16")
     if dtype != "float32" and precision == "fp32":
         print(f"spinestream: loader.dtype={dtype} with fp32 on {device.type}: the loader returns float32",
               file=sys.stderr)

@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from spinestream import InputError, SpinestreamError
 from spinestream.shards.layout import ROW_TYPES, TARGETS, Layout
 from spinestream.shards.manifest import ImageSpec, read_manifest
 from spinestream.shards.sample import CHANNEL_MODES, neighbour_index
@@ -61,7 +62,7 @@ __all__ = ["NonFiniteProbabilities", "StudyVolume", "build_inputs", "check_finit
            "predict_run", "predict_studies", "predict_volumes", "read_study", "score_studies"]
 
 
-class NonFiniteProbabilities(ValueError):
+class NonFiniteProbabilities(SpinestreamError, ValueError):
     """The model gave NaN/inf probabilities on some studies (named in the message)."""
 
 
@@ -112,7 +113,7 @@ def image_spec(root: str | Path) -> ImageSpec:
     """The manifest's image spec (``channels``, ``offset_mm``, ``size``), checked."""
     img = read_manifest(root).image
     if img.channels not in CHANNEL_MODES:
-        raise ValueError(f"{root}/manifest.json: image.channels={img.channels!r} is not one of {CHANNEL_MODES}")
+        raise InputError(f"{root}/manifest.json: image.channels={img.channels!r} is not one of {CHANNEL_MODES}")
     return img
 
 
@@ -123,7 +124,7 @@ def read_study(root: str | Path, uid: str, spec: ImageSpec | None = None) -> Stu
     arr = np.ascontiguousarray(vol[...])
     attrs = VolumeAttrs.from_json(vol.attrs, f"{root}: volume {uid}")
     if attrs.slice_id_offset is None:
-        raise ValueError(f"{root}: volume {uid} has no slice_id_offset (the shard job did not finish it; rerun it)")
+        raise InputError(f"{root}: volume {uid} has no slice_id_offset (the shard job did not finish it; rerun it)")
     nbr = neighbour_index(np.asarray(attrs.z), spec.offset_mm) if spec.channels == "neighbours" else None
     return StudyVolume(uid, arr, nbr, spec.channels, int(attrs.slice_id_offset))
 

@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from spinestream import InputError, MissingInput, SpinestreamError
+
 from .config import ModelConfig
 
 
@@ -58,7 +60,7 @@ _HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's hub files, in 
 _SHOW_KEYS = 5  # keys named in an error message
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(SpinestreamError, RuntimeError):
     """Pretrained weights were asked for but cannot be had here (no network, nothing cached, download failed)."""
 
 
@@ -71,7 +73,7 @@ def build_model(cfg: ModelConfig, *, image_size: int | None = None) -> torch.nn.
     models take any size.
     """
     if not timm.is_model(cfg.name):
-        raise ValueError(f"model.name: unknown timm model {cfg.name!r}: a name from timm.list_models() ('hf-hub:' "
+        raise InputError(f"model.name: unknown timm model {cfg.name!r}: a name from timm.list_models() ('hf-hub:' "
                          f"names are not supported; download once and use model.pretrained_path)")
     kwargs: dict = dict(num_classes=cfg.num_classes, drop_rate=cfg.drop_rate)
     default_cfg = _registered_cfg(cfg.name)
@@ -130,8 +132,8 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     torch.compile) is removed."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"model.pretrained_path: no file {str(p)!r} (set it to a .pth/.pt/.safetensors "
-                                f"state dict, or leave it empty)")
+        raise MissingInput(f"model.pretrained_path: no file {str(p)!r} (set it to a .pth/.pt/.safetensors "
+                           f"state dict, or leave it empty)")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -140,7 +142,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # pickles holding more than tensors, or not a torch file at all
-            raise ValueError(f"{p}: not a loadable weights file ({type(e).__name__}: {str(e)[:200]}); save "
+            raise InputError(f"{p}: not a loadable weights file ({type(e).__name__}: {str(e)[:200]}); save "
                              f"just the state dict (torch.save(model.state_dict(), ...))") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -148,7 +150,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{p}: expected a state dict (name -> tensor), or a dict with one under 'state_dict' "
+        raise InputError(f"{p}: expected a state dict (name -> tensor), or a dict with one under 'state_dict' "
                          f"or 'model'")
     state = dict(obj)
     for prefix in ("module.", "_orig_mod."):
@@ -168,7 +170,7 @@ def _registered_cfg(name: str) -> dict:
     try:
         pcfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError as e:  # an unknown tag: "resnet18.nope"
-        raise ValueError(f"model.name: {e}") from e
+        raise InputError(f"model.name: {e}") from e
     return pcfg.to_dict() if pcfg is not None else {}
 
 
@@ -208,7 +210,7 @@ def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, so
     parts = [f"{what} ({len(keys)}): {', '.join(keys[:_SHOW_KEYS])}{', ...' if len(keys) > _SHOW_KEYS else ''}"
              for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
              if keys]
-    raise ValueError(f"{source}: weights do not fit model {name!r} (a checkpoint of another architecture or "
+    raise InputError(f"{source}: weights do not fit model {name!r} (a checkpoint of another architecture or "
                      f"config?) -- " + "; ".join(parts))
 
 

@@ -131,7 +131,7 @@ def pseudo_table(probs: dict[str, np.ndarray], studies: pd.DataFrame, *, mode: s
         cols.update({c: p[:, k].astype(np.float32) for k, c in enumerate(PROB_COLUMNS)})
         parts.append(pd.DataFrame(cols))
     if not parts:
-        raise ValueError("no studies to pseudo-label")
+        raise PseudoLabelError("no studies to pseudo-label")
     return pd.concat(parts, ignore_index=True).sort_values("slice_id", ignore_index=True)
 
 

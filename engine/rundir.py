@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from spinestream import SpinestreamError
 from spinestream.shards.config import ConfigError, load_config, parse, to_dict
 from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
 from spinestream.shards.spec import SPEC_FILE
@@ -45,7 +46,7 @@ BEST = "best.pt"
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
-class RunError(ValueError):
+class RunError(SpinestreamError, ValueError):
     """A run directory or checkpoint that cannot be used (message says why and what to do)."""
 
 

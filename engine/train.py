@@ -1,8 +1,9 @@
 """``spinestream train``: round 1 or round 2 of the slice classifier.
 
-    spinestream train -c configs/round1.yaml --set data.root=shards-512
+    spinestream train -c round1 --set data.root=shards-512            # a shipped config, by name
     spinestream train --resume runs/round1 --set optim.lr=3e-4      # continue, with a new learning rate
-    spinestream train -c configs/demo-round1.yaml                    # the CPU demo
+    spinestream train -c demo-round1                                 # the CPU demo
+    spinestream train -c my-round1.yaml       # a file: its paths are relative to it (spinestream configs)
 
 Writes runs/<name>/: config.yaml, batch_size.json, metrics.jsonl, curves.png,
 ckpt-<step>.pt (last keep_last), best.pt; wandb's files under runs/<name>/wandb/ (log.wandb; WANDB_MODE,
@@ -15,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
+from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, plain, \
     print_config
 
 from . import checkpoint as ck
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinestream train", description=plain(__doc__),
                                 epilog=config_fields_help(RunConfig), formatter_class=HelpFormatter)
     p.add_argument("-c", "--config", type=Path, default=None,
-                   help="YAML run config (configs/round1.yaml); with --resume, defaults to the run's config.yaml")
+                   help="run config: a shipped one's name (round1, round2, demo-round1) or a YAML file; with --resume, "
+                        "defaults to the run's config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 --set data.root=shards-512")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -73,9 +75,6 @@ def main(argv: list[str] | None = None) -> int:
             best = trainer.fit()
         finally:
             trainer.loader.close()
-    except (ConfigError, ck.RunError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"spinestream train: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:  # TrainingInterrupted (Ctrl-C: the step in flight finished and was saved)
         print(interrupted_message(e, run_dir), file=sys.stderr)
         return 130

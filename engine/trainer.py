@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spinestream import SpinestreamError
 from spinestream.shards.config import to_dict
 from spinestream.shards.progress import write
 
@@ -111,6 +112,10 @@ def set_rng_state(s: dict | torch.Tensor) -> None:
 def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFrame) -> float:
     """:func:`spinestream.engine.metrics.constant_baseline` of ``val_studies`` with the training studies' prevalence."""
     return constant_baseline(val_studies, prevalence_from=train_studies)
+
+
+class TrainingDiverged(SpinestreamError, RuntimeError):
+    """``train.max_nan_steps`` non-finite losses in a row: the run diverged (the message says what to change)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -440,8 +445,8 @@ class Trainer:
                 g["lr"] = lr
             self.sched._last_lr = lrs  # what get_last_lr() reports
             if self.nan_streak >= self.cfg.train.max_nan_steps:
-                raise RuntimeError(f"{self.nan_streak} non-finite losses in a row at step {self.step}; "
-                                   f"lower optim.lr, or resume from an earlier checkpoint with a new lr")
+                raise TrainingDiverged(f"{self.nan_streak} non-finite losses in a row at step {self.step}; "
+                                       f"lower optim.lr, or resume from an earlier checkpoint with a new lr")
 
     def _after_step(self, epoch_end: bool = False) -> bool:
         """Log, validate (train.val_every_steps) and checkpoint on schedule; True when the run has reached its

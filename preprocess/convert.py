@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from spinestream.shards import layout as L, progress
-from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, config_fields_help, load_config, \
+from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
 from spinestream.shards.fsutil import atomic_write_json, replace_dir
 from spinestream.shards.sample import encode_jpeg, sample_image
@@ -61,7 +61,7 @@ from spinestream.shards.tables import LabelTable, label_frame, write_label_table
 from spinestream.shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
 from spinestream.shards.wds import ShardWriter
 
-from spinestream import __version__
+from spinestream import MissingInput, __version__
 
 from .dicom import DicomError
 from .errors import DataWarning, JobError, LabelError
@@ -86,10 +86,10 @@ class Dataset:
     @classmethod
     def open(cls, root: Path) -> Dataset:
         if not root.is_dir():
-            raise FileNotFoundError(f"--data {root}: no such directory")
+            raise MissingInput(f"--data {root}: no such directory")
         missing = [n for n in ("train.csv", "train_images") if not (root / n).exists()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"--data {root}: missing {', '.join(missing)}; expected the Kaggle layout "
                 "(train.csv, train_bounding_boxes.csv, train_images/<StudyInstanceUID>/<n>.dcm, segmentations/)"
             )
@@ -629,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, help="dataset directory (train.csv, train_images/, ...)")
     p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("-c", "--config", type=Path, default=None, help="YAML config (default: built-in = configs/shard.yaml)")
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="shard config: a shipped one's name (shard) or a YAML file (default: built-in = -c shard)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/_work (per-study staging) after success")
@@ -640,18 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(ShardConfig, args.config, args.set)
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        if args.data is None or args.out is None:
-            build_parser().error("--data and --out are required (only --print-config runs without them)")
-        run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
-    except (ConfigError, FileNotFoundError, JobError, LabelError) as e:
-        # what the user can fix; anything else is a bug and keeps its traceback
-        print(f"spinestream shard: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(ShardConfig, args.config, args.set)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    if args.data is None or args.out is None:
+        build_parser().error("--data and --out are required (only --print-config runs without them)")
+    # what the user can fix raises a SpinestreamError (one line from the console script); a bug keeps its traceback
+    run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
     return 0
 
 

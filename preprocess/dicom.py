@@ -83,6 +83,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
 
+from spinestream import SpinestreamError
+
 from .errors import DataWarning
 
 __all__ = ["DicomError", "SeriesMeta", "read_hu", "read_series", "AIR_HU"]
@@ -141,7 +143,7 @@ _ORIENTATION_TOLERANCE = 1e-3  # max |difference| of direction cosines still "th
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit)
 
 
-class DicomError(ValueError):
+class DicomError(SpinestreamError, ValueError):
     """A DICOM file (or series) cannot be read; the message names the file and the reason.
 
     ``path`` and ``reason`` are also kept as attributes (``read_series`` files the reason

@@ -10,15 +10,17 @@
 """
 from __future__ import annotations
 
+from spinestream import SpinestreamError
+
 
 class DataWarning(UserWarning):
     """Input was used, but changed or partly ignored; the message says what was done."""
 
 
-class LabelError(ValueError):
+class LabelError(SpinestreamError, ValueError):
     """A study's labels cannot be built from its inputs (bad input, not a bug)."""
 
 
-class JobError(ValueError):
+class JobError(SpinestreamError, ValueError):
     """The shard job refuses to run as asked (another config or study selection in --out, nothing
     readable); the message says what to do. Not a bug: the CLI prints it without a traceback."""

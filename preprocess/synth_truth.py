@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinestream import InputError, MissingInput
 from spinestream.shards.layout import Layout
 from spinestream.shards.tables import LabelTable, label_frame, read_slice_table, write_label_table
 
@@ -32,8 +33,8 @@ def synth_params(raw_dir: str | Path) -> dict:
     """The ``study_specs`` keyword arguments recorded in ``raw_dir/SYNTH_COMPLETE``."""
     path = Path(raw_dir) / MARKER
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {raw_dir} is not a finished synthetic dataset "
-                                f"(only synthetic data has crack truth)")
+        raise MissingInput(f"{path} does not exist: {raw_dir} is not a finished synthetic dataset "
+                           f"(only synthetic data has crack truth)")
     params = dict(json.loads(path.read_text())["params"])
     for key in ("slices", "crack_width"):  # tuples in the signature, lists in JSON
         if params.get(key) is not None:
@@ -53,7 +54,7 @@ def crack_truth(raw_dir: str | Path, shards_root: str | Path) -> pd.DataFrame:
                               columns=["slice_id", "StudyInstanceUID", "slice_number"])
     unknown = sorted(set(slices.StudyInstanceUID) - set(specs))
     if unknown:
-        raise ValueError(f"{shards_root} holds studies the dataset in {raw_dir} does not generate "
+        raise InputError(f"{shards_root} holds studies the dataset in {raw_dir} does not generate "
                          f"({unknown[:3]}...): shards of another dataset?")
     y = np.zeros((len(slices), 7), np.uint8)
     for uid, rows in slices.groupby("StudyInstanceUID").indices.items():
@@ -71,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=Path, required=True, help="its shard set (spinestream shard --out)")
     p.add_argument("--out", type=Path, required=True, help="parquet file to write")
     args = p.parse_args(argv)
-    try:
-        df = crack_truth(args.raw, args.shards)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"synth_truth: error: {e}", file=sys.stderr)
-        return 2
+    df = crack_truth(args.raw, args.shards)
     write_label_table(args.out, LabelTable(df, {"source": "synthetic crack truth"}))
     print(f"{len(df)} slices, {int(df['any'].sum())} cracked -> {args.out}")
     return 0

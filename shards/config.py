@@ -2,7 +2,18 @@
 
 Each component owns a ``@dataclass(kw_only=True)`` config whose ``__post_init__`` raises
 ``ValueError`` on bad values. :func:`load_config` builds one from a YAML mapping, raising
-:class:`ConfigError` with the full key path for unknown keys and wrong types.
+:class:`ConfigError` with the full key path for unknown keys and wrong types, and with
+``file:line:column`` for YAML that does not parse.
+
+Configs travel: ``-c NAME`` (no ``/``, no ``.yaml`` suffix, not an existing file) is a shipped config,
+``configs/NAME.yaml`` in the package (:func:`shipped_configs`); anything else is a file. A field annotated
+:data:`FilePath` holds a path: written in a YAML file it is relative to that file's directory and is made
+absolute, so a config works from any directory. Two exceptions keep the shipped configs usable as
+templates: their own relative paths (``out_dir: runs``) stay relative to the current directory, as every
+``--set`` value does, and ``{out}`` templates stay as written. A field annotated :data:`ConfigRef` names
+another config (a pipeline stage's): a file as above, or a name, which finds ``NAME.yaml`` beside the
+referring file first (a set copied out with ``spinestream configs copy`` refers to itself), then a
+shipped config.
 
 The command-line helpers every verb shares live here too: :func:`field_docs` (a field's
 docstring is the string literal right after it), :func:`config_fields_help` (the fields of a
@@ -17,20 +28,44 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import sys
 import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar
 
 import yaml
 
+from spinestream import SpinestreamError
+
 T = TypeVar("T")
 
+#: where the shipped configs live: ``<checkout>/configs``, or ``spinestream/configs`` installed (pyproject maps
+#: the folder to the package ``spinestream.configs``, data ``*.yaml``); beside this package either way
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
+YAML_SUFFIXES = (".yaml", ".yml")
 
-class ConfigError(ValueError):
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+PATH = _Marker("PATH")
+CONFIG = _Marker("CONFIG")
+#: a config field that holds a file or directory (relative to its YAML file's directory, see the module doc)
+FilePath = Annotated[str, PATH]
+#: a config field that names another config file (a path, or a shipped config's name)
+ConfigRef = Annotated[str, CONFIG]
+
+
+class ConfigError(SpinestreamError, ValueError):
     """A config key is unknown, has the wrong type or an invalid value."""
 
 
@@ -141,8 +176,25 @@ def parse_overrides(items: list[str] | None) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: not valid YAML ({_yaml_problem(e, 'column')}); quote a value "
+                              f"that holds brackets or ': ', e.g. --set \"round2.set=['data.label_tables=[a, b]']\"") \
+                from None
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError, where: str = "") -> str:
+    """What a YAML error says, one line: ``3:7: mapping values are not allowed here`` (1-based line:column), or
+    with ``where="column"`` (a one-line --set value) ``column 7: ...``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    if mark is None:
+        return problem
+    if where == "column":
+        return f"column {mark.column + 1}: {problem}"
+    return f"{mark.line + 1}:{mark.column + 1}: {problem}"
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -152,17 +204,97 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from an optional YAML file plus ``--set`` overrides (these win)."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of every shipped config (``configs/*.yaml``), sorted by name."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
+
+
+def is_config_path(ref: str | Path) -> bool:
+    """Whether ``-c ref`` means a file (an existing file, or a path with a ``/`` or a YAML suffix) rather than the
+    name of a shipped config. A directory does not count: ``spinestream demo --dir demo`` makes one, and
+    ``-c demo`` must still be the shipped demo."""
+    text = str(ref)
+    return "/" in text or text.endswith(YAML_SUFFIXES) or Path(text).is_file()
+
+
+def resolve_config(ref: str | Path) -> Path:
+    """The file ``-c ref`` means: ``ref`` itself when it is a path (:func:`is_config_path`), else the shipped
+    config of that name; ConfigError listing the shipped names when there is none."""
+    if is_config_path(ref):
+        p = Path(ref)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
-        data = loaded
+        return p
+    shipped = shipped_configs()
+    if str(ref) not in shipped:
+        raise ConfigError(f"-c {ref}: no such config file, and no shipped config of that name (shipped: "
+                          f"{', '.join(shipped)}; a file needs a / or a .yaml suffix)")
+    return shipped[str(ref)]
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file's top-level mapping; ConfigError ``path:line:column: problem`` when it does not parse."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}:{_yaml_problem(e)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _markers(tp: Any) -> tuple:
+    return tuple(a for a in getattr(tp, "__metadata__", ()) if isinstance(a, _Marker))
+
+
+def _unwrap(tp: Any) -> Any:
+    """The dataclass inside ``tp`` (``X``, ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return found[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and found else None
+
+
+def _resolve_value(value: str, marker: _Marker, base: Path, shipped: bool, beside: bool) -> str:
+    if value.startswith("{out}"):
+        return value
+    if marker is CONFIG and not is_config_path(value):
+        there = base / f"{value}.yaml"
+        return str(there.absolute()) if beside and there.is_file() and not shipped else value
+    if shipped or Path(value).expanduser().is_absolute():
+        return value
+    return os.path.normpath(base / value)  # base is absolute: ``../runs`` beside the file reads as it should
+
+
+def resolve_paths(cls: type, data: dict, base: Path, shipped: bool = False, beside: bool = True) -> dict:
+    """``data`` (a YAML mapping for ``cls``) with its :data:`FilePath` and :data:`ConfigRef` values resolved
+    against ``base``, the YAML file's directory (see the module doc; ``shipped``: a shipped config's;
+    ``beside``: a config's name finds ``base/NAME.yaml`` first)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = dict(data)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue  # unknown: _build names it
+        inner = _unwrap(tp)
+        if inner is not None and isinstance(value, dict):
+            out[key] = resolve_paths(inner, value, base, shipped, beside)
+            continue
+        for marker in _markers(tp) or [m for a in typing.get_args(tp) for m in _markers(a)]:
+            if isinstance(value, str):
+                out[key] = _resolve_value(value, marker, base, shipped, beside)
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from an optional YAML file (a path or a shipped config's name, :func:`resolve_config`) plus
+    ``--set`` overrides (these win). Paths in the file are relative to it (see the module doc); ``--set``
+    values stay as given (relative to the current directory)."""
+    data: dict = {}
+    if path is not None:
+        p = resolve_config(path)
+        base = p.resolve().parent
+        data = resolve_paths(cls, read_yaml(p), base, shipped=base == SHIPPED_DIR)
     data = _merge(data, parse_overrides(overrides))
     return _build(cls, data)
 
@@ -271,8 +403,11 @@ _ConfigDumper.add_representer(
 
 
 def print_config(cfg: Any, file: TextIO | None = None) -> None:
-    """``--print-config``: the resolved config as YAML (loadable with ``-c``), in field order."""
-    text = yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=100)
+    """``--print-config``: the resolved config as YAML (loadable with ``-c``), in field order. Its paths are
+    absolute (relative ones, from ``--set`` or a shipped config, against the current directory), so the
+    output loads as the same config wherever it is saved."""
+    data = resolve_paths(type(cfg), to_dict(cfg), Path.cwd(), beside=False)
+    text = yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=100)
     print(text, end="", file=file or sys.stdout)
 
 

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spinestream import InputError, MissingInput, SpinestreamError
+
 from .config import ConfigError, parse, to_dict
 from .fsutil import atomic_write_json
 from .layout import COHORTS, FORMAT, VERSION, Layout
 from .shard_config import ShardConfig
 
 
-class ManifestError(ValueError):
+class ManifestError(SpinestreamError, ValueError):
     """The manifest is missing a field, has a wrong type, or is of another format or version."""
 
 
@@ -160,11 +162,11 @@ class Manifest:
         if cohorts is not None:
             unknown = [c for c in cohorts if c not in COHORTS]
             if unknown:
-                raise ValueError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
+                raise InputError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
         out = [s for s in self.shards
                if (cohorts is None or s.cohort in cohorts) and (folds is None or s.fold in folds)]
         if not out:
-            raise ValueError(f"no shards for cohorts={cohorts} folds={folds} in this manifest")
+            raise InputError(f"no shards for cohorts={cohorts} folds={folds} in this manifest")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def read_manifest(root: str | Path) -> Manifest:
     """
     path = Layout(Path(root)).manifest
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} does not exist: {root} is not a finished shard directory "
             f"(run `spinestream shard --data DATA --out {root}`; a rerun resumes an interrupted job)"
         )

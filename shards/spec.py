@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import parse, to_dict
+from spinestream import InputError, MissingInput
+
+from .config import ConfigError, parse, to_dict
 from .fsutil import atomic_write_json
 from .layout import ROW_TYPES, Layout
 from .manifest import ImageSpec, read_manifest
@@ -57,11 +59,11 @@ class ShardSpec:
         m = read_manifest(root)
         studies = read_study_table(lay.studies, columns=[*ROW_TYPES, "fold"])
         if studies.empty:
-            raise ValueError(f"{lay.studies}: no studies, so no training prevalence")
+            raise InputError(f"{lay.studies}: no studies, so no training prevalence")
         if exclude_fold is not None:
             studies = studies[studies.fold != exclude_fold]
             if studies.empty:
-                raise ValueError(f"{lay.studies}: every study is in fold {exclude_fold}, so no training prevalence")
+                raise InputError(f"{lay.studies}: every study is in fold {exclude_fold}, so no training prevalence")
         prev = {t: float(studies[t].mean()) for t in ROW_TYPES}
         return cls(config=m.config, image=m.image, prevalence=prev, source=str(lay.root),
                    prevalence_excludes_fold=None if exclude_fold is None else int(exclude_fold))
@@ -83,19 +85,22 @@ class ShardSpec:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e}); delete it and rerun, or copy it again") from None
+            raise InputError(f"{path}: not JSON ({e}); delete it and rerun, or copy it again") from None
         if not isinstance(d, dict) or d.get("format") != SPEC_FORMAT or d.get("version") != SPEC_VERSION:
             got = (d.get("format"), d.get("version")) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"{path}: not a {SPEC_FORMAT} version {SPEC_VERSION} file (got {got})")
+            raise InputError(f"{path}: not a {SPEC_FORMAT} version {SPEC_VERSION} file (got {got})")
         missing = [k for k in ("config", "image", "prevalence") if k not in d]
         missing += [t for t in ROW_TYPES if t not in d.get("prevalence", {})]
         if missing:
-            raise ValueError(f"{path}: lacks {missing}")
-        config = parse(ShardConfig, d["config"], f"{path}: config")
-        image = parse(ImageSpec, d["image"], f"{path}: image")
+            raise InputError(f"{path}: lacks {missing}")
+        try:
+            config = parse(ShardConfig, d["config"], f"{path}: config")
+            image = parse(ImageSpec, d["image"], f"{path}: image")
+        except ConfigError as e:
+            raise InputError(str(e)) from None
         excl = d.get("prevalence_excludes_fold")
         if excl is not None and (isinstance(excl, bool) or not isinstance(excl, int)):
-            raise ValueError(f"{path}: prevalence_excludes_fold must be a fold number or null, got {excl!r}")
+            raise InputError(f"{path}: prevalence_excludes_fold must be a fold number or null, got {excl!r}")
         return cls(config=config, image=image,
                    prevalence={t: float(d["prevalence"][t]) for t in ROW_TYPES}, source=str(path),
                    prevalence_excludes_fold=excl)
@@ -108,7 +113,7 @@ class ShardSpec:
         """ValueError naming both specs when ``other`` makes different input images than ``self`` (a run
         resumed, pseudo-labelled or evaluated on another shard set). ``what`` says what was attempted."""
         if self.key() != other.key():
-            raise ValueError(f"{what}: the shard sets make different images: {self.source or 'this run'} has "
+            raise InputError(f"{what}: the shard sets make different images: {self.source or 'this run'} has "
                              f"{_fmt(self.key())}, {other.source or 'the other'} has {_fmt(other.key())}; "
                              f"use shards made with the run's settings (or train a new run on these)")
 
@@ -123,7 +128,7 @@ def run_shard_spec(run_dir: str | Path, data_root: str | Path) -> ShardSpec:
     if own.is_file():
         return ShardSpec.load(own)
     if not Layout(Path(data_root)).manifest.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {SPEC_FILE} and its data.root {data_root} has no manifest.json; "
-                                f"predict needs the image spec the run trained on (write it with "
-                                f"ShardSpec.from_shards(SHARDS).save(RUN_DIR) where the shards are)")
+        raise MissingInput(f"{run_dir}: no {SPEC_FILE} and its data.root {data_root} has no manifest.json; "
+                           f"predict needs the image spec the run trained on (write it with "
+                           f"ShardSpec.from_shards(SHARDS).save(RUN_DIR) where the shards are)")
     return ShardSpec.from_shards(data_root)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spinestream import InputError, MissingInput
+
 from .layout import TARGETS, VERTEBRAE
 
 LABEL_METADATA_KEY = b"spinestream.label_table"
@@ -76,7 +78,7 @@ SLICE_COLUMNS: tuple[Column, ...] = (
 def _cast(df: pd.DataFrame, columns: tuple[Column, ...], where: str) -> pd.DataFrame:
     missing = [c.name for c in columns if c.name not in df.columns]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; the table needs {[c.name for c in columns]}")
+        raise InputError(f"{where}: missing column(s) {missing}; the table needs {[c.name for c in columns]}")
     out = {}
     for c in columns:
         col = df[c.name]
@@ -105,22 +107,22 @@ def _read(path: str | Path, columns: tuple[Column, ...], only: Sequence[str] | N
         names = [c.name for c in columns]
         unknown = [c for c in only if c not in names]
         if unknown:
-            raise ValueError(f"{path}: {unknown} are not columns of this table; it has {names}")
+            raise InputError(f"{path}: {unknown} are not columns of this table; it has {names}")
         columns = tuple(c for c in columns if c.name in only)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such table (is this a finished shard directory?)")
+        raise MissingInput(f"{path}: no such table (is this a finished shard directory?)")
     if only is not None:
         import pyarrow.parquet as pq
 
         have = set(pq.read_schema(path).names)
         missing = [c for c in only if c not in have]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing} (written by another spinestream version?)")
+            raise InputError(f"{path}: missing column(s) {missing} (written by another spinestream version?)")
         return pd.read_parquet(path, columns=list(only))
     df = pd.read_parquet(path)
     missing = [c.name for c in columns if c.name not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} (written by another spinestream version?)")
+        raise InputError(f"{path}: missing column(s) {missing} (written by another spinestream version?)")
     return df
 
 
@@ -138,7 +140,7 @@ def write_slice_table(path: str | Path, df: pd.DataFrame) -> None:
     """Write the slice table: :data:`SLICE_COLUMNS`; slice_id must be 0..N-1 in order."""
     out = _cast(df, SLICE_COLUMNS, str(path))
     if not np.array_equal(out.slice_id.to_numpy(), np.arange(len(out))):
-        raise ValueError(f"{path}: slice_id must run 0..{len(out) - 1} in order")
+        raise InputError(f"{path}: slice_id must run 0..{len(out) - 1} in order")
     _write(path, out)
 
 
@@ -182,12 +184,12 @@ def write_label_table(path: str | Path, table: LabelTable) -> None:
     df, where = table.frame, str(path)
     missing = [c for c in ("slice_id", *TARGETS) if c not in df.columns]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; a label table needs slice_id and {list(TARGETS)}")
+        raise InputError(f"{where}: missing column(s) {missing}; a label table needs slice_id and {list(TARGETS)}")
     kinds = {str(df[t].dtype) for t in TARGETS}
     dtype = "float32" if kinds - {"uint8", "bool", "int8", "int16", "int32", "int64"} else "uint8"
     ids = df.slice_id.to_numpy(dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
-        raise ValueError(f"{where}: slice_id values are not unique")
+        raise InputError(f"{where}: slice_id values are not unique")
     out = pd.DataFrame({"slice_id": ids, **{t: df[t].to_numpy(dtype=dtype) for t in TARGETS}})
     for c in table.extra_columns:
         out[c] = df[c].to_numpy()
@@ -206,7 +208,7 @@ def read_label_table(path: str | Path) -> LabelTable:
     df = _read(path, (Column("slice_id", "int64"), *(Column(t, "uint8") for t in TARGETS)))
     bad = [t for t in TARGETS if not (pd.api.types.is_numeric_dtype(df[t]) or pd.api.types.is_bool_dtype(df[t]))]
     if bad:
-        raise ValueError(f"{path}: target column(s) {bad} are not numeric")
+        raise InputError(f"{path}: target column(s) {bad} are not numeric")
     raw = (pq.read_schema(path).metadata or {}).get(LABEL_METADATA_KEY)
     return LabelTable(df, json.loads(raw) if raw else {})
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spinestream import SpinestreamError
+
 from . import progress
 from .fsutil import sha256_file
 from .layout import Layout
@@ -32,8 +34,8 @@ from .tables import read_label_table, read_slice_table, read_study_table
 from .wds import ShardError, check_index, iter_samples, read_index
 
 
-class VerifyError(ValueError):
-    pass
+class VerifyError(SpinestreamError, ValueError):
+    """The shard set does not match its manifest (every problem found is listed)."""
 
 
 def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progress: bool = True) -> dict:
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         r = verify(args.out, quick=args.quick, decode=args.decode)
-    except (VerifyError, FileNotFoundError, ValueError) as e:
+    except VerifyError as e:  # the verdict, every problem listed (not a shard set at all: the console script's line)
         print(f"spinestream verify: FAILED for {args.out}\n{e}", file=sys.stderr)
         return 1
     print(f"spinestream verify: OK — {r['shards']} shards, {r['slices']} slices (each exactly once), "

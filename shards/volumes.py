@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from spinestream import InputError, MissingInput
+
 from .fsutil import atomic_write_bytes, replace_dir
 
 
@@ -66,7 +68,7 @@ class VolumeAttrs:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [n for n in names if n not in d and n != "slice_id_offset"]
         if missing:
-            raise ValueError(f"{where}: volume attributes lack {sorted(missing)} (written by another version?)")
+            raise InputError(f"{where}: volume attributes lack {sorted(missing)} (written by another version?)")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def affine(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -95,7 +97,7 @@ def read_attrs(array_dir: str | Path) -> VolumeAttrs:
     """The :class:`VolumeAttrs` of one volume directory."""
     meta_path = Path(array_dir) / "zarr.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{array_dir}: no volume here (no zarr.json)")
+        raise MissingInput(f"{array_dir}: no volume here (no zarr.json)")
     return VolumeAttrs.from_json(json.loads(meta_path.read_text()).get("attributes", {}), str(meta_path))
 
 
@@ -182,7 +184,7 @@ def open_volume(root: str | Path, study: str):
 
     path = Path(root) / study
     if not (path / "zarr.json").exists():
-        raise FileNotFoundError(f"{path}: no volume for study {study} (was it sharded?)")
+        raise MissingInput(f"{path}: no volume for study {study} (was it sharded?)")
     return zarr.open_array(str(path), mode="r")
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spinestream import SpinestreamError
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking factor
 IDX_VERSION = "v1.2"
@@ -42,7 +44,7 @@ MEMBER_RE = re.compile(r"^(\d{9})\.(jpg|id)$")
 EXTS = ("jpg", "id")
 
 
-class ShardError(ValueError):
+class ShardError(SpinestreamError, ValueError):
     """A shard or index file is missing, truncated, corrupt, or not what the manifest says."""
 
 

@@ -32,3 +32,13 @@ class SpinestreamError(Exception):
     in a state the command cannot use, an unreadable DICOM. Its message says what to do; the console
     script prints it on one line and exits 2. Anything else is a bug (or the system's error, such as an
     out-of-memory) and keeps its traceback. Every layer may import it (it lives in the package root)."""
+
+
+class InputError(SpinestreamError, ValueError):
+    """Input the command was given (a file, a table, a directory's contents) cannot be used as it is; the
+    message names it and what to do. A ValueError too, for callers that test values."""
+
+
+class MissingInput(SpinestreamError, FileNotFoundError):
+    """A file or directory the command needs does not exist; the message names it and what makes it. A
+    FileNotFoundError too, for callers that treat a missing file as "not made yet"."""

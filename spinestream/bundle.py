@@ -39,6 +39,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from spinestream import InputError, MissingInput, SpinestreamError
 from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
 
 PROJECT = "spinestream"
@@ -75,7 +76,7 @@ def project_requirements(extras: tuple[str, ...] = ()) -> list[str]:
         opt = proj.get("optional-dependencies", {})
         unknown = [e for e in extras if e not in opt]
         if unknown:
-            raise ValueError(f"--extra {unknown[0]}: the project's extras are {', '.join(opt)}")
+            raise InputError(f"--extra {unknown[0]}: the project's extras are {', '.join(opt)}")
         return list(proj["dependencies"]) + [r for e in extras for r in opt[e]]
     return list(metadata.requires(PROJECT) or [])
 
@@ -118,6 +119,10 @@ def download_command(wheels: Path, pins: list[str], python: str | None, platform
     return [sys.executable, "-m", "pip", "download", "--no-deps", *target, "-d", str(wheels), *pins]
 
 
+class BundleError(SpinestreamError, RuntimeError):
+    """Building the project's wheel or downloading the pinned ones failed (pip printed why)."""
+
+
 # --------------------------------------------------------------------------- the project's wheel
 
 
@@ -130,7 +135,7 @@ def project_wheel(wheels: Path) -> Path:
         fresh = not (ROOT / "build").exists()
         try:
             if subprocess.run(cmd).returncode != 0:
-                raise RuntimeError(f"failed: {' '.join(cmd)}")
+                raise BundleError(f"failed (pip said why above): {' '.join(cmd)}")
         finally:
             if fresh:  # setuptools' staging copy: a stale one would carry deleted modules into the next wheel
                 shutil.rmtree(ROOT / "build", ignore_errors=True)
@@ -149,7 +154,7 @@ def wheel_from_installed(dist: metadata.Distribution, wheels: Path) -> Path:
     info = next((f.parts[0] for f in files if f.parts[0].endswith(".dist-info")), None)
     if info is None or any(f.name == "direct_url.json" and '"editable": true' in (f.read_text() or "")
                            for f in files if f.parts[0] == info):
-        raise RuntimeError(f"{PROJECT} is not installed from a wheel here and {ROOT} is no checkout: run "
+        raise BundleError(f"{PROJECT} is not installed from a wheel here and {ROOT} is no checkout: run "
                            f"kaggle-bundle from the checkout or from a wheel install")
     keep = [f for f in files if not (f.parts[0] == info and f.name in INSTALLER_FILES)
             and not str(f).startswith("..")]  # the console script lives outside site-packages: pip remakes it
@@ -175,7 +180,7 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     names = [Path(r).resolve().name for r in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ValueError(f"two --run directories are named {sorted(dup)}; the bundle keeps runs/<name>: rename one")
+        raise InputError(f"two --run directories are named {sorted(dup)}; the bundle keeps runs/<name>: rename one")
     return names
 
 
@@ -189,7 +194,7 @@ def check_runs(run_dirs: list[Path]) -> list[tuple[str, str]]:
         lay = ck.check_run_dir(rd)
         for f in (lay.best, lay.config):
             if not f.is_file():
-                raise ck.RunError(f"--run {rd}: no {f.name} (a finished `spinestream train` run has one)")
+                raise MissingInput(f"--run {rd}: no {f.name} (a finished `spinestream train` run has one)")
         plan.append((f"runs/{name}/{WEIGHTS_FILE}", f"EMA weights of {lay.best}"))
         plan.append((f"runs/{name}/{lay.config.name}", str(lay.config)))
         spec = lay.shard_spec
@@ -274,21 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are not caught here: the console script prints a project error on one line (exit 2)."""
     args = build_parser().parse_args(argv)
-    from spinestream.engine.checkpoint import RunError
-
-    try:
-        if args.python_version and not re.fullmatch(r"3\.\d+", args.python_version):
-            raise ValueError(f"--python-version {args.python_version!r}: expected major.minor, e.g. 3.11")
-        plan = check_runs(args.run)
-        pins, absent = runtime_pins(args.python_version, tuple(args.extra), args.with_torch)
-    except (RunError, FileNotFoundError, ValueError) as e:
-        print(f"spinestream kaggle-bundle: error: {e}", file=sys.stderr)
-        return 2
+    if args.python_version and not re.fullmatch(r"3\.\d+", args.python_version):
+        raise InputError(f"--python-version {args.python_version!r}: expected major.minor, e.g. 3.11")
+    plan = check_runs(args.run)
+    pins, absent = runtime_pins(args.python_version, tuple(args.extra), args.with_torch)
     if absent:
-        print(f"spinestream kaggle-bundle: error: required but not installed here, so untested: "
-              f"{', '.join(absent)}; install them (or drop the --extra that needs them)", file=sys.stderr)
-        return 2
+        raise MissingInput(f"required but not installed here, so untested: {', '.join(absent)}; install them (or "
+                           f"drop the --extra that needs them)")
     out, wheels = args.out, args.out / "wheels"
     download = download_command(wheels, pins, args.python_version, args.platform)
     print(f"# {PROJECT} wheel + {len(pins)} pinned wheels (torch/torchvision "
@@ -298,14 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(download))
     if args.dry_run:
         return 0
-    try:
-        own = project_wheel(wheels)
-        if subprocess.run(download).returncode != 0:
-            raise RuntimeError(f"failed: {' '.join(download)}")
-        write_runs(args.run, out)
-    except (RunError, RuntimeError, OSError) as e:
-        print(f"spinestream kaggle-bundle: error: {e}", file=sys.stderr)
-        return 1
+    own = project_wheel(wheels)
+    if subprocess.run(download).returncode != 0:
+        raise BundleError(f"failed (pip said why above): {' '.join(download)}")
+    write_runs(args.run, out)
     from spinestream import __version__
 
     requirements = [f"{PROJECT}=={__version__}", *pins]

@@ -2,11 +2,21 @@
 
 The table below names each verb's module by string and imports it only when that verb
 runs, so ``spinestream --help`` stays fast and a verb's dependencies load only for it.
+
+One error policy for every verb: an error the project raises on purpose (a
+:class:`~spinestream.SpinestreamError`: a bad config, bad input, a run or shard set in a state the verb
+cannot use) is printed here as one line, ``spinestream <verb>: <message>``, with exit status 2; anything
+else (a torch bug, an out-of-memory) is not caught and keeps its traceback. Verbs do not catch errors
+themselves, so ``spinestream run``, which calls them in this process through :func:`main`, gets the same
+one line and status from a stage that fails.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+
+from . import SpinestreamError
 
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("spinestream.preprocess.synth.cli", "write a synthetic dataset in the Kaggle layout"),
@@ -22,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
     "predict": ("spinestream.predict", "test DICOM studies -> Kaggle submission.csv (one run or an ensemble)"),
     "kaggle-bundle": ("spinestream.bundle", "a folder to upload as a Kaggle dataset: wheels + runs, for offline predict"),
+    "configs": ("spinestream.shipped", "the shipped configs (-c NAME): list, show, copy out to edit"),
 }
 
 
@@ -57,8 +68,22 @@ def main(argv: list[str] | None = None) -> int:
 
         set_enabled(False)
         rest = [a for a in rest if a != "--no-progress"] if verb != "predict" else rest
-    module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    return run_verb(verb, importlib.import_module(VERBS[verb][0]).main, rest)
+
+
+def run_verb(verb: str, verb_main: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """``verb_main(argv)``'s exit status under the error policy (the module doc): a SpinestreamError is one line
+    on stderr and status 2; anything else propagates with its traceback."""
+    try:
+        return int(verb_main(argv) or 0)
+    except SpinestreamError as e:
+        print(f"spinestream {verb}: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (a message that lists several problems keeps them, joined by '; ')."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The pipeline's configuration (``configs/pipeline.yaml``): which stages run, in order, and per stage
-its verb's config file, ``--set`` overrides and arguments.
+"""The pipeline's configuration (``-c pipeline``: configs/pipeline.yaml): which stages run, in order, and per
+stage its verb's config, ``--set`` overrides and arguments.
 
 Loaded with ``spinestream.shards.config.load_config`` (unknown keys and wrong types are errors naming the key's
-path; ``spinestream run --set a.b=value`` overrides). Paths may hold ``{out}``, replaced by the
-pipeline's output directory (``--out``), e.g. ``data: "{out}/raw"`` for the demo's synthetic data.
+path; ``spinestream run --set a.b=value`` overrides). Paths in a pipeline YAML are relative to it
+(:data:`~spinestream.shards.config.FilePath`) and may hold ``{out}``, replaced by the pipeline's output
+directory (``--out``), e.g. ``data: "{out}/raw"`` for the demo's synthetic data; a stage's config is a
+shipped config's name or a file (:data:`~spinestream.shards.config.ConfigRef`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from spinestream.engine.evaluate import EvaluateConfig
 from spinestream.engine.pseudo import PseudoLabelConfig
 from spinestream.predict import PredictConfig
 from spinestream.preprocess.synth import SynthConfig
+from spinestream.shards.config import ConfigRef, FilePath
 
 #: every stage, in the only order they can run (a pipeline lists a subsequence of it)
 STAGES = ("synth", "shard", "verify", "bench", "round1", "evaluate1", "pseudo", "round2", "evaluate2",
@@ -24,10 +27,10 @@ STAGES = ("synth", "shard", "verify", "bench", "round1", "evaluate1", "pseudo", 
 class ShardStage:
     """``spinestream shard --data DATA --out DIR/shards``."""
 
-    data: str = "{out}/raw"
+    data: FilePath = "{out}/raw"
     """The dataset in the Kaggle layout (train.csv, train_images/, ...); the demo's synth writes {out}/raw."""
-    config: str | None = None
-    """A shard config YAML (configs/shard.yaml); unset: the shard job's built-in defaults."""
+    config: ConfigRef | None = None
+    """A shard config: a shipped config's name (shard) or a YAML file; unset: the shard job's built-in defaults."""
     fields: dict = field(default_factory=dict)
     """Shard config fields written here instead of (or on top of) the file, e.g. {image_size: 128}."""
     set: list[str] = field(default_factory=list)
@@ -65,8 +68,8 @@ class BenchStage:
 class TrainStage:
     """``spinestream train -c CONFIG``, with data.root, out_dir and name set by the pipeline."""
 
-    config: str = "configs/round1.yaml"
-    """The run config YAML."""
+    config: ConfigRef = "round1"
+    """The run config: a shipped config's name (round1, round2, demo-round1, ...) or a YAML file."""
     set: list[str] = field(default_factory=list)
     """--set KEY=VALUE overrides of the run config."""
     init_from: Literal["round1"] | None = None
@@ -117,9 +120,9 @@ class PredictStage(PredictConfig):
     out: str | None = field(default=None, init=False)
     runs: list[Literal["round1", "round2"]] = field(default_factory=lambda: ["round2"])
     """This pipeline's runs to predict with (several: an ensemble)."""
-    images: str | None = "{out}/raw/test_images"
+    images: FilePath | None = "{out}/raw/test_images"
     """Test studies, IMAGES/<StudyInstanceUID>/<n>.dcm ({out}: the pipeline's directory)."""
-    sample_submission: str | None = "{out}/raw/sample_submission.csv"
+    sample_submission: FilePath | None = "{out}/raw/sample_submission.csv"
     """Kaggle's sample submission (its rows, in its order); unset: 8 rows per study found."""
 
 
@@ -127,7 +130,7 @@ class PredictStage(PredictConfig):
 class PipelineConfig:
     """Everything ``spinestream run`` needs."""
 
-    out: str = "pipeline"
+    out: FilePath = "pipeline"
     """Output directory (spinestream run --out wins): raw/, shards/, runs/, stages/, submission.csv, report.md."""
     stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s not in ("synth", "bench")])
     """The stages to run, a subsequence of: synth shard verify bench round1 evaluate1 pseudo round2 evaluate2
@@ -143,7 +146,7 @@ class PipelineConfig:
     round1: TrainStage = field(default_factory=TrainStage)
     evaluate1: EvaluateStage = field(default_factory=EvaluateStage)
     pseudo: PseudoStage = field(default_factory=PseudoStage)
-    round2: TrainStage = field(default_factory=lambda: TrainStage(config="configs/round2.yaml", init_from="round1"))
+    round2: TrainStage = field(default_factory=lambda: TrainStage(config="round2", init_from="round1"))
     evaluate2: EvaluateStage = field(default_factory=EvaluateStage)
     predict: PredictStage = field(default_factory=PredictStage)
 

@@ -1,6 +1,6 @@
 """``spinestream demo``: the main job on the embedded synthetic default — the whole pipeline.
 
-    spinestream demo            # = spinestream run -c configs/demo.yaml --out demo-data
+    spinestream demo            # = spinestream run -c demo --out demo-data   (from any directory)
 
 synth -> shard -> verify -> bench loader -> round 1 -> evaluate -> pseudo-label -> round 2 -> evaluate
 -> predict -> compare -> report, every stage a ``spinestream`` verb run by ``spinestream run`` (resumable: rerunning
@@ -18,6 +18,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from spinestream.shards.config import HelpFormatter, plain
 
+    from . import InputError
     from .run import main as run
 
     p = argparse.ArgumentParser(prog="spinestream demo", description=plain(__doc__), formatter_class=HelpFormatter)
@@ -33,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
                         "sees them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("-c", "--config", default="configs/demo.yaml", help="the demo's pipeline config")
+    p.add_argument("-c", "--config", default="demo",
+                   help="the demo's pipeline config: a shipped config's name or a YAML file")
     args = p.parse_args(argv)
 
     stale = _stale(args.dir / "raw" / "SYNTH_COMPLETE", args)
     if stale:
-        print(f"spinestream demo: error: {args.dir} holds a demo made with other settings ({stale}); "
-              f"remove it (rm -rf {args.dir}) or pass --dir NEW_DIR", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.dir} holds a demo made with other settings ({stale}); remove it "
+                         f"(rm -rf {args.dir}) or pass --dir NEW_DIR")
     sc = _synth_config(args)
     sets = [f"synth.studies={sc.studies}", f"synth.seed={sc.seed}", f"synth.size={sc.size}",
             f"synth.slices=[{sc.slices[0]}, {sc.slices[1]}]", f"synth.boxed_share={sc.boxed_share}",

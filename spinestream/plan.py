@@ -134,7 +134,7 @@ def run_config(name: str, stage: TrainStage, paths: Paths, *, needs_pseudo: bool
     rc = load_config(RunConfig, stage.config, stage.set + layout)
     pseudo = str(paths.pseudo.relative_to(paths.shards))
     if needs_pseudo and pseudo not in rc.data.label_tables:
-        raise ValueError(f"{name}: its config ({stage.config}) must list the pseudo-label table in "
+        raise ConfigError(f"{name}: its config ({stage.config}) must list the pseudo-label table in "
                          f"data.label_tables (after labels/truth.parquet): add {pseudo!r}")
     return rc
 
@@ -152,7 +152,8 @@ def call(verb: Verb, argv: list[str]) -> None:
     except SystemExit as e:  # argparse: bad arguments
         rc = e.code if isinstance(e.code, int) else 2
     if rc:
-        raise StageError(f"`spinestream {' '.join(argv)}` failed (exit {rc})")
+        raise StageError(f"`spinestream {' '.join(argv)}` failed (exit {rc}, its error above); fix it and rerun "
+                         f"the same command: finished stages are skipped")
 
 
 # --------------------------------------------------------------------------- the stages
@@ -170,7 +171,7 @@ def build_stages(cfg: PipelineConfig, root: Path, verb: Verb = cli_verb) -> list
     if "round1" in configs and "round2" in configs:
         f1, f2 = configs["round1"].data.val_fold, configs["round2"].data.val_fold
         if f1 != f2:
-            raise ValueError(
+            raise ConfigError(
                 f"round1 holds out fold {f1} (data.val_fold) but round2 would validate on fold {f2}: round 2 "
                 f"starts from round 1's weights and pseudo-labels, fitted on every fold but {f1}, so it must be "
                 f"validated on fold {f1} too. Set data.val_fold: {f1} in {cfg.round2.config} (or --set "
@@ -240,7 +241,8 @@ def _train(name, cfg, paths, configs, verb, workers) -> Stage:
     init = ["--set", "model.init_from=null" if init_path is None else f"model.init_from={init_path}"]
 
     def run():
-        write_yaml(resolved, rc)
+        # absolute: paths in a YAML file are relative to its directory (DIR/stages), --out may be relative
+        write_yaml(resolved, rc.with_absolute_paths())
         resume = bool(lay.checkpoints())
         call(verb, ["train", *(["--resume", str(run_dir)] if resume else []), "-c", str(resolved), *init])
 

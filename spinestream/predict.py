@@ -191,7 +191,7 @@ def load_model(run: Path, checkpoint: str, device):
     if not is_weights_dir(run):
         return load_run_model(run, checkpoint, device)
     if checkpoint != "best":
-        raise ValueError(f"--run {run} holds exported weights only (weights.safetensors): --checkpoint "
+        raise PredictError(f"--run {run} holds exported weights only (weights.safetensors): --checkpoint "
                          f"{checkpoint} needs the training run directory")
     return load_weights_model(run, device)
 

@@ -1,13 +1,13 @@
-"""``spinestream run -c configs/pipeline.yaml [--out DIR] [--from STAGE] [--no-retrain]``: the whole pipeline.
+"""``spinestream run -c pipeline [--out DIR] [--from STAGE] [--no-retrain]``: the whole pipeline.
 
     synth (demo) -> shard -> verify -> bench (demo) -> round1 -> evaluate1 -> pseudo -> round2 -> evaluate2
     -> predict -> report
 
-    spinestream run -c configs/pipeline.yaml --out /data/spine     # run, or finish an interrupted run
-    spinestream run -c configs/pipeline.yaml --from round2         # redo round 2 and everything after it
-    spinestream run -c configs/pipeline.yaml --set round2.set='[optim.lr=3e-4]'
-    spinestream run -c configs/pipeline.yaml --no-retrain          # refuse if a finished run would be redone
-    spinestream run -c configs/pipeline.yaml --print-config
+    spinestream run -c pipeline --out /data/spine     # run, or finish an interrupted run (from any directory)
+    spinestream run -c pipeline --from round2         # redo round 2 and everything after it
+    spinestream run -c pipeline --set round2.set='[optim.lr=3e-4]'
+    spinestream run -c pipeline --no-retrain          # refuse if a finished run would be redone
+    spinestream run -c my-pipeline.yaml --print-config   # an edited copy (spinestream configs copy pipeline --to .)
 
 Every stage is a spinestream verb. Its completion record DIR/stages/<stage>.json holds its inputs (resolved
 config and arguments, sha256 fingerprints of the upstream outputs it read: the dataset's CSVs and
@@ -36,15 +36,15 @@ import sys
 import time
 from pathlib import Path
 
-from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, load_config, plain, print_config
+from spinestream.shards.config import HelpFormatter, add_print_config, load_config, plain, print_config
 
 from .config import STAGES, PipelineConfig
-from .stages import RetrainRefused, StageError, check_stage, run_stages
+from .stages import check_stage, run_stages
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinestream run", description=plain(__doc__), formatter_class=HelpFormatter)
-    p.add_argument("-c", "--config", type=Path, default=None, help="pipeline YAML (configs/pipeline.yaml)")
+    p.add_argument("-c", "--config", type=Path, default=None, help="pipeline config: a shipped one's name (pipeline, demo) or a YAML file")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the config's out)")
     p.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                    help=f"redo from this stage on: {' '.join(STAGES)} (a round's run is moved aside, not deleted)")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse (exit 2, nothing run or moved) when round1/round2 would be redone over an existing "
                         "run; default: move that run aside to DIR/runs/superseded/ and retrain")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set round1.config=configs/round1.yaml")
+                   help="override a config field, e.g. --set round1.config=my-round1.yaml")
     add_print_config(p)
     return p
 
@@ -61,37 +61,20 @@ def main(argv: list[str] | None = None, verb=None) -> int:
     """The verb; ``verb`` replaces the CLI table (tests)."""
     from .plan import build_stages, cli_verb
 
-    import yaml
-
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(PipelineConfig, args.config, args.set)
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        root = Path(args.out or cfg.out)
-        check_stage(cfg.stages, args.from_stage)
-        stages = build_stages(cfg, root, verb or cli_verb)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"spinestream run: error: {e}", file=sys.stderr)
-        return 2
-    except yaml.YAMLError as e:  # a config file or a --set value (the pipeline's or a stage's) that does not parse
-        text = " ".join(str(e).split())
-        print(f"spinestream run: error: a config file or --set value is not valid YAML ({text}); quote values "
-              f"that hold brackets, e.g. --set \"round2.set=['data.label_tables=[a, b]']\"", file=sys.stderr)
-        return 2
+    # every error here is a SpinestreamError (the console script's one line, exit 2) or a bug; a failed stage's
+    # StageError says how to go on
+    cfg = load_config(PipelineConfig, args.config, args.set)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    root = Path(args.out or cfg.out)
+    check_stage(cfg.stages, args.from_stage)
+    stages = build_stages(cfg, root, verb or cli_verb)
     t0 = time.perf_counter()
     log = lambda line: print(f"spinestream run: {line}", flush=True)  # noqa: E731
-    try:
-        results = run_stages(stages, root / "stages", root, from_stage=args.from_stage, log=log,
-                             refuse_retrain=args.no_retrain)
-    except RetrainRefused as e:
-        print(f"spinestream run: error: {e}", file=sys.stderr)
-        return 2
-    except (StageError, ValueError, FileNotFoundError) as e:
-        print(f"spinestream run: error: {e}; fix it and rerun the same command: finished stages are skipped",
-              file=sys.stderr)
-        return 1
+    results = run_stages(stages, root / "stages", root, from_stage=args.from_stage, log=log,
+                         refuse_retrain=args.no_retrain)
     done = sum(r.status != "skipped" for r in results)
     print(f"spinestream run: {len(results)} stages ({done} ran, {len(results) - done} skipped) in "
           f"{time.perf_counter() - t0:.1f}s -> {root / 'report.md'}")

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spinestream import InputError, SpinestreamError
 from spinestream.shards.fsutil import atomic_write_json, sha256_file
 
 RECORD_FORMAT = "spinestream-stage"
@@ -50,11 +51,11 @@ SUPERSEDED_FORMAT = "spinestream-superseded"
 ADOPTED_KEYS = ("dataset.segmentations", "label_tables")
 
 
-class StageError(RuntimeError):
+class StageError(SpinestreamError, RuntimeError):
     """A stage's verb failed (its exit status and name are in the message)."""
 
 
-class RetrainRefused(ValueError):
+class RetrainRefused(SpinestreamError, ValueError):
     """``refuse_retrain``: a training stage's existing run would be redone (nothing was run or moved)."""
 
 
@@ -144,7 +145,7 @@ def _inside(p: Path, root: Path, what: str) -> None:
     root = Path(root).resolve()
     real = p.resolve() if not p.is_symlink() else p.parent.resolve() / p.name
     if real == root or root not in real.parents:
-        raise ValueError(f"refusing to {what} {p}: not inside the pipeline directory {root}")
+        raise InputError(f"refusing to {what} {p}: not inside the pipeline directory {root}")
 
 
 def remove_outputs(paths: Sequence[Path], root: Path, trash: Path) -> None:
@@ -221,9 +222,9 @@ def empty_trash(trash: Path) -> None:
 
 
 def check_stage(names: Sequence[str], name: str | None, what: str = "--from") -> None:
-    """ValueError naming the stages when ``name`` is not one of them."""
+    """InputError naming the stages when ``name`` is not one of them."""
     if name is not None and name not in names:
-        raise ValueError(f"{what} {name!r}: not a stage of this pipeline; its stages, in order: {' '.join(names)}")
+        raise InputError(f"{what} {name!r}: not a stage of this pipeline; its stages, in order: {' '.join(names)}")
 
 
 def decide(stage: Stage, rec: dict | None, inputs: dict, *, forced: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spinestream import InputError
 from spinestream.engine.loader.augment import normalize
 from spinestream.engine.loader.config import LoaderConfig, torch_dtype
 from spinestream.shards.layout import Layout
@@ -46,14 +47,14 @@ class StudyReader:
         if studies is not None:
             unknown = sorted(set(studies) - set(table.StudyInstanceUID))
             if unknown:
-                raise ValueError(f"studies not in {self.root}: {unknown[:5]}")
+                raise InputError(f"studies not in {self.root}: {unknown[:5]}")
             table = table[table.StudyInstanceUID.isin(studies)]
         if folds is not None:
             table = table[table.fold.isin(folds)]
         if cohorts is not None:
             table = table[table.cohort.isin(cohorts)]
         if table.empty:
-            raise ValueError(f"{self.root}: no studies for folds={folds} cohorts={cohorts} studies={studies}")
+            raise InputError(f"{self.root}: no studies for folds={folds} cohorts={cohorts} studies={studies}")
         self.table = table.reset_index(drop=True)
 
     def __len__(self) -> int:
@@ -66,7 +67,7 @@ class StudyReader:
         attrs, img = read_attrs(volumes / study), self.manifest.image
         nbr = neighbour_index(np.asarray(attrs.z), img.offset_mm) if img.channels == "neighbours" else None
         if attrs.slice_id_offset is None:
-            raise ValueError(f"{volumes / study}: the volume has no slice_id_offset (its shard job did not finish)")
+            raise InputError(f"{volumes / study}: the volume has no slice_id_offset (its shard job did not finish)")
         return arr, nbr, attrs.slice_id_offset
 
     def __iter__(self) -> Iterator[StudyBatch]:

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from spinestream.bundle import main, runtime_pins, wheel_from_installed
+from spinestream.cli import main as cli_main
 from tests.test_predict import write_run
 
 TRAIN_ONLY = {"wandb", "webdataset", "zarr", "matplotlib", "nibabel", "numcodecs", "nvidia-dali-cuda120",
@@ -64,11 +65,12 @@ def test_extras_and_torch_are_added_only_when_asked():
 def test_refusals(run_dirs, tmp_path, capsys):
     same = tmp_path / "x" / run_dirs[0].name
     shutil.copytree(run_dirs[0], same)
-    assert main(["--run", str(run_dirs[0]), "--run", str(same), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    bundle = ["kaggle-bundle", "--out", str(tmp_path / "o"), "--dry-run"]  # through the console script: exit 2
+    assert cli_main([*bundle, "--run", str(run_dirs[0]), "--run", str(same)]) == 2
     assert "rename one" in capsys.readouterr().err
-    assert main(["--run", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
-    assert main(["--run", str(run_dirs[0]), "--out", str(tmp_path / "o"), "--python-version", "311", "--dry-run"]) == 2
-    assert main(["--run", str(run_dirs[0]), "--out", str(tmp_path / "o"), "--extra", "nope", "--dry-run"]) == 2
+    assert cli_main([*bundle, "--run", str(tmp_path)]) == 2
+    assert cli_main([*bundle, "--run", str(run_dirs[0]), "--python-version", "311"]) == 2
+    assert cli_main([*bundle, "--run", str(run_dirs[0]), "--extra", "nope"]) == 2
 
 
 def _tiny_wheel(d: Path) -> Path:

@@ -29,7 +29,7 @@ FORBIDDEN = {
 
 SUBPACKAGES = ("shards", "preprocess", "engine", "benchmarks")  # installed as spinestream.<name>
 #: what the package root holds for every layer
-ROOT_SHARED = ("__version__", "SpinestreamError")
+ROOT_SHARED = ("__version__", "SpinestreamError", "InputError", "MissingInput")
 
 
 def _layer(dotted: str, alias: str | None = None) -> str | None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spinestream.cli import main as cli_main
 from spinestream.engine.compare import compare_evals, main, paired_bootstrap
 from spinestream.engine.metrics import score_submission, solution_from_train, study_losses, submission_frame
 from spinestream.shards.layout import ROW_TYPES, Layout
@@ -61,7 +62,7 @@ def test_compare_two_evaluation_dirs_and_the_verb(shards, tmp_path, capsys):
     out = tmp_path / "cmp.json"
     assert main([str(weak), str(strong), "--shards", str(shards), "--out", str(out)]) == 0
     assert "is lower" in capsys.readouterr().out and json.loads(out.read_text())["diff"] == pytest.approx(r["diff"])
-    assert main([str(weak), str(tmp_path / "nowhere"), "--shards", str(shards)]) == 2
+    assert cli_main(["compare", str(weak), str(tmp_path / "nowhere"), "--shards", str(shards)]) == 2  # one line
     assert "spinestream evaluate" in capsys.readouterr().err
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from spinestream import demo
+from spinestream.cli import main
 
 
 def _marker(d, **params):
@@ -17,8 +18,9 @@ def _marker(d, **params):
 
 def test_demo_refuses_a_directory_made_with_other_settings(tmp_path, capsys):
     _marker(tmp_path, studies=24, size=256)
-    assert demo.main(["--dir", str(tmp_path)]) == 2
+    assert main(["demo", "--dir", str(tmp_path)]) == 2  # the console script's one line
     err = capsys.readouterr().err
+    assert err.startswith("spinestream demo: ") and err.count("\n") == 1
     assert "studies 24 != 256" in err and "size 256 != 128" in err and "rm -rf" in err
     assert not (tmp_path / "shards").exists()  # nothing was run
 

@@ -63,10 +63,12 @@ def test_evaluate_shards_relative_root_and_another_shard_set(vit_run, shards, ot
     run = tmp_path / "runs" / "r2"
     shutil.copytree(vit_run, run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["data"]["root"] = "data/shards"  # relative: resolved against the directory `train` ran in
+    cfg["data"]["root"] = "data/shards"  # relative: like every path in a YAML file, to the file's directory
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    monkeypatch.chdir(tmp_path)  # not that directory
-    with pytest.raises(ck.RunError, match=r"data\.root=data/shards.*relative.*--shards"):
+    monkeypatch.chdir(tmp_path)  # not where it resolves to
+    (tmp_path / "data").mkdir()
+    shutil.copytree(shards, tmp_path / "data" / "shards")  # what the current directory would have found
+    with pytest.raises(Exception, match=f"{run / 'data/shards'}/manifest.json does not exist"):
         main(["--run", str(run.resolve()), "--device", "cpu"])
     with pytest.raises(ck.RunError, match=r"evaluate --shards.*size=(64.*size=48|48.*size=64)"):
         main(["--run", str(run.resolve()), "--device", "cpu", "--shards", str(other_shards)])

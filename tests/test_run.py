@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spinestream.cli import run_verb
 from spinestream.engine.rundir import EvalLayout, RunLayout, append_metrics, mark_run, write_pseudo_summary
 from spinestream.run import main
 from spinestream.stages import Stage, fingerprint, remove_outputs, run_stages
@@ -86,9 +87,10 @@ class FakeVerbs:
 
         cfg = yaml.safe_load(Path(_arg(a, "-c")).read_text())
         run = Path(cfg["out_dir"]) / cfg["name"]
+        assert run.is_absolute() and Path(cfg["data"]["root"]).is_absolute()  # the file's directory is DIR/stages
         lay = RunLayout(run)
         if "--resume" in a:
-            assert Path(_arg(a, "--resume")) == run and lay.checkpoints()
+            assert Path(_arg(a, "--resume")).absolute() == run and lay.checkpoints()
         else:
             assert not lay.checkpoints(), "a fresh run over an old checkpoint"
         mark_run(run)
@@ -143,8 +145,9 @@ def pipeline(tmp_path):
     sets = ["--set", f"round1.config={ROOT / 'configs/demo-round1.yaml'}",
             "--set", f"round2.config={ROOT / 'configs/demo-round2.yaml'}"]
 
-    def run(*extra: str) -> int:
-        return main(["-c", str(ROOT / "configs/demo.yaml"), "--out", str(out), *sets, *extra], verb=fakes)
+    def run(*extra: str) -> int:  # as the console script runs it: a SpinestreamError is one line and exit 2
+        argv = ["-c", str(ROOT / "configs/demo.yaml"), "--out", str(out), *sets, *extra]
+        return run_verb("run", lambda a: main(a, verb=fakes), argv)
 
     return run, fakes, out
 
@@ -207,7 +210,8 @@ def test_killed_in_round2_resumes_round2_with_round1_untouched(pipeline, capsys,
         with pytest.raises(KeyboardInterrupt):
             run()
     else:
-        assert run() == 1  # the verb's exit is a failed stage
+        assert run() == 2  # the verb's exit is a failed stage: one line, how to go on
+        assert "failed (exit 137" in capsys.readouterr().err
     assert json.loads((out / "stages/round2.json").read_text())["state"] == "running"
     assert not (out / "stages/evaluate2.json").exists()
     upstream = {d: _files(out / d) for d in ("raw", "shards", "runs/round1")}

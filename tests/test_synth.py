@@ -14,6 +14,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from spinestream.cli import main as cli_main
 from spinestream.preprocess import synth
 from spinestream.preprocess.segmentation import read_segmentation
 
@@ -111,7 +112,7 @@ def test_refuses_non_empty_dir_and_force_keeps_foreign_files(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     args = ["--out", str(out), "--studies", "3", "--size", "32", "--slices", "32:32",
             "--test-studies", "0", "--quiet", "--workers", "1"]
-    assert synth.main(args) == 2
+    assert cli_main(["synth", *args]) == 2
     assert "not empty" in capsys.readouterr().err
     assert not (out / "train.csv").exists()
     assert synth.main(args + ["--force"]) == 0

@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from spinestream import SpinestreamError
+
 from .base import Batch, Loader
 from .config import AugmentConfig, LoaderConfig
 from .labels import DeviceLabels
@@ -27,6 +29,10 @@ from .selection import Selection, oversample_positives, select
 
 __all__ = ["AugmentConfig", "Batch", "DeviceLabels", "Loader", "LoaderConfig", "Selection", "build_loader",
            "dali_available", "oversample_positives", "select"]
+
+
+class BackendUnavailable(SpinestreamError, RuntimeError):
+    """``loader.backend`` names a backend this installation lacks (the message names the extra to install)."""
 
 
 def dali_available() -> bool:
@@ -48,8 +54,8 @@ def build_loader(sel: Selection, labels: DeviceLabels, cfg: LoaderConfig, *, dev
             raise ValueError("loader.dali_reader=webdataset: the legacy DALI reader does not mix across shards "
                              "and is kept only for `spinestream bench loader`; use loader.dali_reader=index")
         if not dali_available():
-            raise RuntimeError("loader.backend=dali but nvidia-dali is not installed "
-                               "(pip install -e '.[dali-cu13]', or '.[dali-cu12]' for Pascal/CUDA 12)")
+            raise BackendUnavailable("loader.backend=dali but nvidia-dali is not installed "
+                                     "(pip install -e '.[dali-cu13]', or '.[dali-cu12]' for Pascal/CUDA 12)")
         from .dali_backend import DaliLoader
 
         return DaliLoader(sel, labels, cfg, device=device, rank=rank, world=world, train=train)

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spinestream import InputError
+
 
 @dataclass
 class Batch:
@@ -121,17 +123,17 @@ class Loader:
         """Go to a :meth:`_state` position (an old checkpoint's end-of-epoch position is the next epoch's start)."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position <= self.positions:
-            raise ValueError(f"loader state position {position} is outside this rank's epoch of {self.positions} "
+            raise InputError(f"loader state position {position} is outside this rank's epoch of {self.positions} "
                              f"positions")
         self.epoch, self.position = (epoch + 1, 0) if position == self.positions else (epoch, position)
 
     def _check_state(self, state: dict) -> None:
         """A saved position only means something for the same backend, selection, ranks and seed."""
         if state.get("backend") != self.backend:
-            raise ValueError(f"loader state was written by the {state.get('backend')!r} backend; resume with it "
+            raise InputError(f"loader state was written by the {state.get('backend')!r} backend; resume with it "
                              f"(loader.backend={state.get('backend')})")
         if (state.get("n"), state.get("world"), state.get("seed")) != (self.n, self.world, self.cfg.seed):
-            raise ValueError(f"loader state is for n={state.get('n')} world={state.get('world')} "
+            raise InputError(f"loader state is for n={state.get('n')} world={state.get('world')} "
                              f"seed={state.get('seed')}, this loader has n={self.n} world={self.world} "
                              f"seed={self.cfg.seed}: resume with the same selection, ranks and seed")
 

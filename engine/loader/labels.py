@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from spinestream import InputError, MissingInput
 from spinestream.shards.layout import TARGETS, Layout
 from spinestream.shards.manifest import read_manifest
 from spinestream.shards.tables import read_label_table, read_slice_table
@@ -44,16 +45,16 @@ class DeviceLabels:
         for t in tables:
             path = Path(t) if Path(t).is_absolute() else root / t
             if not path.is_file():
-                raise FileNotFoundError(f"label table {path} does not exist")
+                raise MissingInput(f"label table {path} does not exist")
             df = read_label_table(path).frame  # names a missing column
             ids = df.slice_id.to_numpy(np.int64)
             if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
-                raise ValueError(f"{path}: slice_ids outside 0..{n_total - 1}; this table belongs to another shard set")
+                raise InputError(f"{path}: slice_ids outside 0..{n_total - 1}; this table belongs to another shard set")
             if len(np.unique(ids)) != len(ids):
-                raise ValueError(f"{path}: duplicated slice_ids")
+                raise InputError(f"{path}: duplicated slice_ids")
             vals = torch.from_numpy(df[list(TARGETS)].to_numpy(np.float32, copy=True))
             if torch.isnan(vals).any() or (vals < 0).any() or (vals > 1).any():
-                raise ValueError(f"{path}: targets must be in [0, 1] without NaN")
+                raise InputError(f"{path}: targets must be in [0, 1] without NaN")
             idx = torch.from_numpy(ids.copy())
             free = torch.isnan(out[idx, 0])
             out[idx[free]] = vals[free]
@@ -67,7 +68,7 @@ class DeviceLabels:
             slices = read_slice_table(Layout(sel.root).slices, columns=["slice_id", "cohort"]).set_index("slice_id")
             bad_ids = ids[missing].numpy()
             by = slices.loc[bad_ids, "cohort"].value_counts().to_dict()
-            raise ValueError(
+            raise InputError(
                 f"the label table(s) {self.sources} do not cover {int(missing.sum())} selected slices "
                 f"(by cohort: {by}); positive-unboxed slices need pseudo-labels (round 2) or leave that cohort out")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spinestream import InputError
 from spinestream.shards.layout import COHORTS
 from spinestream.shards.manifest import ShardEntry, read_manifest
 from spinestream.shards.wds import ShardError, index_records, write_subset_index
@@ -66,7 +67,7 @@ def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequen
     cohorts = tuple(cohorts) if cohorts else COHORTS
     unknown = [c for c in cohorts if c not in COHORTS]
     if unknown:
-        raise ValueError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
+        raise InputError(f"unknown cohort(s) {unknown}; known: {list(COHORTS)}")
     chosen = [
         dataclasses.replace(s) for s in m.shards
         if s.cohort in cohorts
@@ -76,7 +77,7 @@ def select(root: str | Path, cohorts: Sequence[str] | None = None, folds: Sequen
     what = f"cohorts {list(cohorts)}" + (f", folds {list(folds)}" if folds is not None else "") + (
         f", excluding folds {list(exclude_folds)}" if exclude_folds else "")
     if not chosen:
-        raise ValueError(f"{root}: no shards for {what} (the manifest has groups "
+        raise InputError(f"{root}: no shards for {what} (the manifest has groups "
                          f"{sorted({(s.cohort, s.fold) for s in m.shards})})")
     for s in chosen:
         for rel in (s.path, s.index):

@@ -8,7 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
-from spinestream.shards.config import HelpFormatter, add_print_config, field_docs, plain, print_config
+from spinestream.shards.config import ConfigError, HelpFormatter, add_print_config, field_docs, plain, print_config
 
 from .config import SYNTAXES, SynthConfig
 from .dataset import make_dataset
@@ -83,24 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
-    """The SynthConfig the parsed flags describe (ValueError when a value is out of range)."""
-    return SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    """The SynthConfig the parsed flags describe (ConfigError when a value is out of range, as from a YAML)."""
+    try:
+        return SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    except ValueError as e:  # __post_init__'s check of one flag: the user's to fix, like load_config's errors
+        raise ConfigError(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        if args.out is None:
-            parser.error("the following arguments are required: --out")
-        summary = make_dataset(args.out, cfg, workers=args.workers, force=args.force, progress=not args.quiet)
-    except (ValueError, FileExistsError) as e:
-        print(f"spinestream synth: error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    if args.out is None:
+        parser.error("the following arguments are required: --out")
+    summary = make_dataset(args.out, cfg, workers=args.workers, force=args.force, progress=not args.quiet)
     cohorts = ", ".join(f"{v} {k}" for k, v in summary["cohorts"].items())
     syntaxes = ", ".join(f"{k} {v}" for k, v in summary["files_per_syntax"].items())
     mb = sum(summary["bytes_per_syntax"].values()) / 1e6

@@ -14,6 +14,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from spinestream import SpinestreamError
+
 from .config import SynthConfig
 from .dicom_io import _StudyResult, write_study
 from .spec import PREDICTION_TYPES, VERTEBRAE, StudySpec, study_specs
@@ -32,13 +34,17 @@ LAYOUT = (
 )
 
 
+class OutputExists(SpinestreamError, FileExistsError):
+    """--out holds something this tool must not overwrite without --force (the message says what)."""
+
+
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
+        raise OutputExists(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             state = "a complete synthetic dataset" if (out / COMPLETE_MARKER).exists() else "files"
-            raise FileExistsError(
+            raise OutputExists(
                 f"{out} is not empty (it holds {state}); choose an empty or new directory, "
                 "or pass --force to replace the dataset there"
             )
