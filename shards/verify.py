@@ -26,7 +26,7 @@ import numpy as np
 
 from spinestream import SpinestreamError
 
-from . import progress
+from .progress import bar
 from .fsutil import sha256_file
 from .layout import Layout
 from .manifest import Manifest, ShardEntry, read_manifest
@@ -51,7 +51,7 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
         problems.append(f"{lay.slices}: slice_id is not 0..{n_total - 1} in order")
     shard_col = slices.shard.to_numpy()
 
-    for s in progress.bar(m.shards, desc="verify", unit="shard", disable=not progress):
+    for s in bar(m.shards, desc="verify", unit="shard", disable=not progress):
         try:
             ids = _shard_ids(root, s, quick=quick, decode=decode)
             bad = ids[(ids < 0) | (ids >= n_total)]

@@ -126,13 +126,14 @@ def make_n(tmp_path, gpu, *extra) -> tuple[list[str], list[str]]:
 
 @make
 def test_make_without_gpu_installs_exactly_as_before(tmp_path):
-    # the commands CI ran before the selection existed (`make -n venv` at the parent commit)
+    # the commands CI ran before the selection existed (`make -n venv` at the parent commit), with the `train`
+    # extra since the inference dependencies became the core ones (the Kaggle bundle installs only those)
     lines, _ = make_n(tmp_path, None)
     assert lines == [
         "python3 -m venv .venv",
         ".venv/bin/python -m pip install --upgrade pip",
         ".venv/bin/python -m pip install torch==2.14.1 torchvision==0.29.1",
-        '.venv/bin/python -m pip install -e ".[dev,dali-cu13]" torch==2.14.1 torchvision==0.29.1',
+        '.venv/bin/python -m pip install -e ".[dev,train,dali-cu13]" torch==2.14.1 torchvision==0.29.1',
         "touch .venv/.installed",
     ]
 
@@ -141,7 +142,7 @@ def test_make_without_gpu_installs_exactly_as_before(tmp_path):
 def test_make_on_a_p100_takes_the_cu126_pair_and_dali_cu12_from_one_detection(tmp_path):
     lines, calls = make_n(tmp_path, P100, "USE_SYSTEM_TORCH=0")
     assert f".venv/bin/python -m pip install --index-url {CU126} torch==2.14.1 torchvision==0.29.1" in lines
-    assert '.venv/bin/python -m pip install -e ".[dev,dali-cu12]" torch==2.14.1 torchvision==0.29.1' in lines
+    assert '.venv/bin/python -m pip install -e ".[dev,train,dali-cu12]" torch==2.14.1 torchvision==0.29.1' in lines
     assert len(calls) == 1  # one nvidia-smi query for torch and DALI together
 
 
