@@ -36,7 +36,7 @@ def make_run(run_dir: Path, *, model: str, image_size: int, out_size: int) -> Pa
     from spinestream.engine.config import RunConfig
     from spinestream.engine.model import build_model, model_fingerprint
     from spinestream.engine.rundir import write_config
-    from spinestream.shards.config import load_config, to_dict
+    from spinestream.shards.config import load_config
     from spinestream.shards.layout import ROW_TYPES
     from spinestream.shards.manifest import ImageSpec
     from spinestream.shards.shard_config import ShardConfig

@@ -19,9 +19,7 @@ KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-co
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +28,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, \
-    load_config, plain, print_config
+from spinestream.shards.config import ConfigError, parse_verb_config
 from spinestream.shards.layout import TARGETS, Layout
 from spinestream.shards.tables import read_label_table, read_slice_table, read_study_table
 
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
+from spinestream.shards.fsutil import atomic_save_figure
 
 from .rundir import EvalLayout, EvalSummary, RunLayout, read_config, write_eval_summary
 
@@ -52,7 +50,6 @@ def load_run_model(run_dir: Path, which: str = "best", device="cpu"):
     The model is built as the trainer builds it (:func:`spinestream.engine.build.build_model_for`): at the run's
     ``loader.image_size``, which a fixed-input-size model (a ViT) needs to have the checkpoint's shapes."""
     from . import checkpoint as ck
-    from .config import RunConfig
     from .model import build_model, check_state_dict, model_fingerprint
 
     ck.check_run_dir(run_dir)
@@ -170,11 +167,7 @@ def heatmaps(probs: dict[str, np.ndarray], studies: pd.DataFrame, path: Path, ma
     fig.tight_layout(rect=(0, 0, 0.94, 1))
     if im is not None:
         fig.colorbar(im, cax=fig.add_axes((0.95, 0.15, 0.012, 0.7)), label="probability / label")
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
     return fig
 
 
@@ -267,19 +260,11 @@ def run(cfg: EvaluateConfig) -> tuple[Path, EvalSummary, pd.DataFrame]:
     return out.root, summary, report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinestream evaluate", description=plain(__doc__), formatter_class=HelpFormatter)
-    add_config_arguments(p, EvaluateConfig)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """Errors are not caught here: the console script prints a project error on one line (exit 2), and
     anything else is a bug that keeps its traceback."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(EvaluateConfig, args)
-    if args.print_config:
-        print_config(cfg)
+    cfg = parse_verb_config(EvaluateConfig, "spinestream evaluate", __doc__, argv)
+    if cfg is None:  # --print-config
         return 0
     out, s, report = run(cfg)
     with pd.option_context("display.width", 120, "display.precision", 3):

@@ -62,8 +62,6 @@ KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-co
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +71,8 @@ import numpy as np
 import pandas as pd
 
 from spinestream import SpinestreamError
-from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, plain, \
-    print_config
+from spinestream.shards.config import ConfigError, parse_verb_config
+from spinestream.shards.fsutil import atomic_save_figure
 from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
 from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
@@ -309,10 +307,7 @@ def heatmaps(df: pd.DataFrame, slices: pd.DataFrame, path: Path, max_studies: in
     fig.suptitle("pseudo-labels: model probabilities (left) and targets (right)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.93, 1))
     fig.colorbar(im, cax=fig.add_axes((0.94, 0.15, 0.015, 0.7)), label="probability / target")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
     return fig
 
 
@@ -356,13 +351,6 @@ class PseudoLabelConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.heatmap_studies < 0:
             raise ValueError(f"heatmap_studies must be >= 0, got {self.heatmap_studies}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinestream pseudo-label", description=plain(__doc__),
-                                formatter_class=HelpFormatter)
-    add_config_arguments(p, PseudoLabelConfig)
-    return p
 
 
 def _thresholds(cfg: PseudoLabelConfig, probs: dict[str, np.ndarray], studies: pd.DataFrame, tune: pd.DataFrame,
@@ -472,10 +460,8 @@ def _print(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Errors are not caught here: the console script prints a project error on one line (exit 2), and
     anything else is a bug that keeps its traceback."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(PseudoLabelConfig, args)
-    if args.print_config:
-        print_config(cfg)
+    cfg = parse_verb_config(PseudoLabelConfig, "spinestream pseudo-label", __doc__, argv)
+    if cfg is None:  # --print-config
         return 0
     _print(run(cfg))
     return 0

@@ -52,12 +52,12 @@ import torch
 
 from spinestream import SpinestreamError
 from spinestream.shards.config import to_dict
+from spinestream.shards.fsutil import atomic_save_figure
 from spinestream.shards.progress import write
+from spinestream.shards.spec import ShardSpec
 
 from . import checkpoint as ck
 from .autobatch import resolve_batch_size
-from spinestream.shards.spec import ShardSpec
-
 from .buffers import BufferSnapshot
 from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, init_reference, \
     init_weights, select_training_shards, steps_per_epoch
@@ -586,5 +586,4 @@ def plot_curves(run_dir: Path) -> None:
         axes[1].legend(fontsize=8)
     axes[1].set(title="validation: competition loss (study level)", xlabel="step")
     fig.tight_layout()
-    fig.savefig(RunLayout(run_dir).curves, dpi=110)
-    plt.close(fig)
+    atomic_save_figure(fig, RunLayout(run_dir).curves)

@@ -500,3 +500,22 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     given = [f"{name.removeprefix('field.')}={format_value(value)}" for name, value in vars(args).items()
              if name.startswith("field.")]
     return load_config(cls, args.config, [*args.set, *given])
+
+
+def verb_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a typed verb: ``-c``, ``--set``, ``--print-config`` and one flag per field of ``cls``."""
+    p = argparse.ArgumentParser(prog=prog, description=plain(doc or ""), formatter_class=HelpFormatter)
+    add_config_arguments(p, cls)
+    return p
+
+
+def parse_verb_config(cls: type[T], prog: str, doc: str | None, argv: list[str] | None) -> T | None:
+    """A typed verb's whole command line: ``cls`` from ``-c``, ``--set`` and one flag per field (``--help`` from
+    ``doc`` and the fields' docstrings), or None once ``--print-config`` has printed it (the verb then exits 0).
+    Errors are not caught: a :class:`ConfigError` reaches the console script, which prints it on one line."""
+    args = verb_parser(cls, prog, doc).parse_args(argv)
+    cfg = config_from_args(cls, args)
+    if args.print_config:
+        print_config(cfg)
+        return None
+    return cfg

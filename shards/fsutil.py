@@ -39,6 +39,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """A matplotlib figure as an image (format from the suffix), written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_parquet(path: str | Path, df) -> None:
     """A pandas DataFrame as parquet, written atomically and byte-reproducibly (no pandas index metadata)."""
     import pyarrow as pa

@@ -33,7 +33,6 @@ file. From Python: :func:`run` with a :class:`PredictConfig`, or :func:`load_run
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import multiprocessing as mp
@@ -54,8 +53,7 @@ from spinestream import SpinestreamError
 from spinestream.preprocess.dicom import DicomError
 from spinestream.preprocess.errors import DataWarning
 from spinestream.preprocess.ingest import ingest_study
-from spinestream.shards.config import ConfigError, HelpFormatter, add_config_arguments, config_from_args, parse, \
-    plain, print_config
+from spinestream.shards.config import ConfigError, parse, parse_verb_config
 from spinestream.shards.fsutil import atomic_write_bytes
 from spinestream.shards.layout import ROW_TYPES
 from spinestream.shards.shard_config import ShardConfig
@@ -492,19 +490,11 @@ def run(cfg: PredictConfig) -> tuple[pd.DataFrame, dict]:
     return frame, stats
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinestream predict", description=plain(__doc__), formatter_class=HelpFormatter)
-    add_config_arguments(p, PredictConfig)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """Errors are not caught here: the console script prints a project error on one line (exit 2), and
     anything else is a bug that keeps its traceback."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(PredictConfig, args)
-    if args.print_config:
-        print_config(cfg)
+    cfg = parse_verb_config(PredictConfig, "spinestream predict", __doc__, argv)
+    if cfg is None:  # --print-config
         return 0
     warnings.simplefilter("always", DataWarning)  # every bad file and study is named, not the first only
     frame, stats = run(cfg)

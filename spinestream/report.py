@@ -45,7 +45,7 @@ from pathlib import Path
 
 from spinestream.engine.rundir import (EvalLayout, PseudoLayout, RunLayout, read_eval_summary, read_metrics,
                                        read_pseudo_summary)
-from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
+from spinestream.shards.fsutil import atomic_save_figure, atomic_write_bytes, atomic_write_json
 from spinestream.shards.layout import ROW_TYPES, Layout
 
 from .stages import read_record
@@ -350,11 +350,7 @@ def loss_chart(evals: list[dict], path: Path) -> bool:
     ax.set(title="competition loss (lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
     return True
 
 

@@ -4,14 +4,18 @@ loaded here: ``--print-config`` stops before, and the errors come from the confi
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
-from spinestream.engine.evaluate import EvaluateConfig, build_parser as evaluate_parser, main as evaluate
-from spinestream.engine.pseudo import PseudoLabelConfig, build_parser as pseudo_parser, main as pseudo
-from spinestream.predict import PredictConfig, build_parser as predict_parser, main as predict
-from spinestream.shards.config import ConfigError, config_from_args, field_docs, load_config, plain
+from spinestream.engine.evaluate import EvaluateConfig, main as evaluate
+from spinestream.engine.pseudo import PseudoLabelConfig, main as pseudo
+from spinestream.predict import PredictConfig, main as predict
+from spinestream.shards.config import ConfigError, config_from_args, field_docs, load_config, plain, verb_parser
 
+evaluate_parser = functools.partial(verb_parser, EvaluateConfig, "spinestream evaluate", None)
+pseudo_parser = functools.partial(verb_parser, PseudoLabelConfig, "spinestream pseudo-label", None)
+predict_parser = functools.partial(verb_parser, PredictConfig, "spinestream predict", None)
 VERBS = [(EvaluateConfig, evaluate, evaluate_parser), (PseudoLabelConfig, pseudo, pseudo_parser),
          (PredictConfig, predict, predict_parser)]
 IDS = ["evaluate", "pseudo-label", "predict"]
