@@ -42,7 +42,7 @@ def _sync(device: torch.device) -> None:
 def prepare(cache: Path, size: int, studies: int, slices: int) -> Path:
     """A synthetic shard set (uncompressed DICOM in, one worker per core) cached under ``cache``."""
     from spinestream.benchmarks.shard import dataset
-    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.convert import shard_dataset
     from spinestream.shards.shard_config import ShardConfig
 
     raw = dataset(cache, "explicit", studies, (slices, slices), size)
@@ -52,7 +52,7 @@ def prepare(cache: Path, size: int, studies: int, slices: int) -> Path:
         import io
 
         with contextlib.redirect_stderr(io.StringIO()):
-            run(raw, out, ShardConfig(image_size=size, folds=4), workers=os.cpu_count() or 1)
+            shard_dataset(raw, out, ShardConfig(image_size=size, folds=4), workers=os.cpu_count() or 1)
     return out
 
 

@@ -209,7 +209,7 @@ def dali_loader(sel, labels, cfg, *, device: str, rank: int = 0, world: int = 1)
 def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path]:
     """Synthetic DICOM (uncompressed and JPEG 2000) and the shards of the uncompressed set."""
     from spinestream.benchmarks.shard import dataset
-    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.convert import shard_dataset
     from spinestream.shards.shard_config import ShardConfig
 
     from spinestream.shards.layout import Layout
@@ -221,7 +221,7 @@ def prepare(cache: Path, size: int, studies: int) -> tuple[dict[str, Path], Path
         import io
 
         with contextlib.redirect_stderr(io.StringIO()):
-            run(raw["explicit"], out, ShardConfig(image_size=size, folds=4), workers=os.cpu_count() or 1)
+            shard_dataset(raw["explicit"], out, ShardConfig(image_size=size, folds=4), workers=os.cpu_count() or 1)
     return raw, out
 
 

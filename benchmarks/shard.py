@@ -167,7 +167,7 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
     import contextlib
     import io
 
-    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.convert import shard_dataset
     from spinestream.shards.layout import Layout
     from spinestream.shards.shard_config import ShardConfig
 
@@ -175,7 +175,7 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
     cfg = ShardConfig(image_size=size, folds=4)
     t0 = time.perf_counter()
     with PeakRSS() as mem, contextlib.redirect_stderr(io.StringIO()):
-        m = run(data, out, cfg, workers=workers, limit=limit)
+        m = shard_dataset(data, out, cfg, workers=workers, limit=limit)
     dt = time.perf_counter() - t0
     n = m.counts.slices
     return {"slices": n, "studies": m.counts.studies, "seconds": dt, "slices_per_s": n / dt,

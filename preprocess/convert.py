@@ -565,7 +565,7 @@ def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> Manifest | None
     return None
 
 
-def run(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
+def shard_dataset(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
         limit: int | None = None) -> Manifest:
     """The whole job; resumes from ``out/_work`` if an earlier run was interrupted.
 
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None or args.out is None:
         build_parser().error("--data and --out are required (only --print-config runs without them)")
     # what the user can fix raises a SpinestreamError (one line from the console script); a bug keeps its traceback
-    run(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
+    shard_dataset(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
     return 0
 
 

@@ -28,11 +28,11 @@ def raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards(raw, tmp_path_factory) -> Path:
-    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.convert import shard_dataset
     from spinestream.shards.shard_config import ShardConfig
 
     out = tmp_path_factory.mktemp("shards") / "out"
-    run(raw, out, ShardConfig(**CFG), workers=2)
+    shard_dataset(raw, out, ShardConfig(**CFG), workers=2)
     return out
 
 
@@ -51,7 +51,7 @@ def learned_round1(tmp_path_factory):
     from spinestream.engine.config import RunConfig
     from spinestream.engine.rundir import write_config
     from spinestream.engine.trainer import Trainer
-    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.convert import shard_dataset
     from spinestream.preprocess.synth import make_dataset
     from spinestream.shards.config import load_config
     from spinestream.shards.shard_config import ShardConfig
@@ -60,7 +60,7 @@ def learned_round1(tmp_path_factory):
     make_dataset(raw, studies=160, seed=0, size=LEARN_SIZE, slices=(16, 24), test_studies=0, syntax="explicit",
                  boxed_share=0.5, crack_width=(3.0, 4.0), workers=2)
     out = tmp_path_factory.mktemp("learn-shards") / "out"
-    run(raw, out, ShardConfig(image_size=LEARN_SIZE, folds=4), workers=2)
+    shard_dataset(raw, out, ShardConfig(image_size=LEARN_SIZE, folds=4), workers=2)
     runs = tmp_path_factory.mktemp("learn-runs")
     cfg = load_config(RunConfig, str(ROOT / "configs/demo-round1.yaml"), [
         f"data.root={out}", f"out_dir={runs}", "name=round1", f"loader.image_size={LEARN_SIZE}",

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinestream.preprocess.convert import run
+from spinestream.preprocess.convert import shard_dataset
 from spinestream.shards.config import to_dict
 from spinestream.shards.layout import COHORTS, TARGETS
 from spinestream.shards.manifest import read_manifest
@@ -116,13 +116,13 @@ def test_groups_are_shuffled_across_studies(shards):
 
 def test_same_input_same_bytes_and_rerun_is_a_noop(raw, shards, tmp_path):
     out = tmp_path / "again"
-    run(raw, out, ShardConfig(**CFG), workers=1)
+    shard_dataset(raw, out, ShardConfig(**CFG), workers=1)
     assert tree_digest(out) == tree_digest(shards)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
-    run(raw, out, ShardConfig(**CFG), workers=1)  # already complete: touches nothing
+    shard_dataset(raw, out, ShardConfig(**CFG), workers=1)  # already complete: touches nothing
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
     with pytest.raises(ValueError, match="another config"):
-        run(raw, out, ShardConfig(**{**CFG, "jpeg_quality": 80}), workers=1)
+        shard_dataset(raw, out, ShardConfig(**{**CFG, "jpeg_quality": 80}), workers=1)
 
 
 def test_kill_during_shard_then_rerun_gives_the_clean_output(raw, shards, tmp_path):
@@ -150,7 +150,7 @@ def test_kill_during_shard_then_rerun_gives_the_clean_output(raw, shards, tmp_pa
 def test_crash_in_the_group_phase_then_rerun(raw, shards, tmp_path):
     """State of a crash after some groups were committed and a shard was half written."""
     out = tmp_path / "crashed"
-    run(raw, out, ShardConfig(**CFG), workers=1, keep_work=True)
+    shard_dataset(raw, out, ShardConfig(**CFG), workers=1, keep_work=True)
     (out / "manifest.json").unlink()
     groups = sorted((out / "_work" / "groups").glob("*.json"))
     victim = json.loads(groups[-1].read_text())
@@ -158,7 +158,7 @@ def test_crash_in_the_group_phase_then_rerun(raw, shards, tmp_path):
     tar = out / victim[0]["path"]
     tar.write_bytes(tar.read_bytes()[:1000])  # a torn shard under its final name
     (out / "wds" / "boxed-f0-0000.tar.tmp-999").write_bytes(b"junk")
-    run(raw, out, ShardConfig(**CFG), workers=1)
+    shard_dataset(raw, out, ShardConfig(**CFG), workers=1)
     (out / "wds" / "boxed-f0-0000.tar.tmp-999").unlink()
     assert tree_digest(out) == tree_digest(shards)
 
@@ -192,7 +192,7 @@ def test_bad_slices_are_reported_and_the_job_goes_on(raw, tmp_path):
     for f in (data / "train_images" / uids[1]).glob("*.dcm"):
         f.write_bytes(b"not a dicom file")
     out = tmp_path / "out"
-    m = run(data, out, ShardConfig(**CFG), workers=1).to_dict()
+    m = shard_dataset(data, out, ShardConfig(**CFG), workers=1).to_dict()
     assert [b["file"] for b in m["bad_files"]] == [victim.name] and m["bad_files"][0]["study"] == uids[0]
     assert [f["study"] for f in m["failed_studies"]] == [uids[1]]
     assert m["counts"]["studies"] == len(uids) - 1
@@ -255,17 +255,17 @@ def subset(raw: Path, dst: Path, uids: list[str]) -> Path:
 
 def test_a_limited_run_is_another_job(raw, tmp_path):
     out = tmp_path / "out"
-    m = run(raw, out, ShardConfig(**CFG), workers=1, limit=2)
+    m = shard_dataset(raw, out, ShardConfig(**CFG), workers=1, limit=2)
     assert m.counts.studies == 2
     with pytest.raises(ValueError, match=r"--limit 2.*another --out"):  # a JobError
-        run(raw, out, ShardConfig(**CFG), workers=1)  # the full job: refused, not "already complete"
-    assert run(raw, out, ShardConfig(**CFG), workers=1, limit=2).counts.studies == 2  # same job: a no-op
+        shard_dataset(raw, out, ShardConfig(**CFG), workers=1)  # the full job: refused, not "already complete"
+    assert shard_dataset(raw, out, ShardConfig(**CFG), workers=1, limit=2).counts.studies == 2  # same job: a no-op
     # the same for an interrupted limited job
     out2 = tmp_path / "interrupted"
-    run(raw, out2, ShardConfig(**CFG), workers=1, limit=2, keep_work=True)
+    shard_dataset(raw, out2, ShardConfig(**CFG), workers=1, limit=2, keep_work=True)
     (out2 / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"interrupted job over 2 studies \(--limit 2\)"):
-        run(raw, out2, ShardConfig(**CFG), workers=1, limit=3)
+        shard_dataset(raw, out2, ShardConfig(**CFG), workers=1, limit=3)
 
 
 def test_a_bug_in_the_worker_stops_the_job_with_its_traceback(raw, tmp_path, monkeypatch):
@@ -277,7 +277,7 @@ def test_a_bug_in_the_worker_stops_the_job_with_its_traceback(raw, tmp_path, mon
     monkeypatch.setattr(convert, "study_labels", buggy)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="an index bug") as err:
-        run(raw, out, ShardConfig(**CFG), workers=1, limit=2)
+        shard_dataset(raw, out, ShardConfig(**CFG), workers=1, limit=2)
     assert any("not bad input" in n for n in getattr(err.value, "__notes__", []))
     assert not (out / "manifest.json").exists() and not list((out / "_work").glob("failed/*.json"))
     with pytest.raises(ValueError, match="an index bug"):  # the CLI does not turn it into a one-line error
@@ -294,7 +294,7 @@ def test_bad_boxes_are_bad_input_for_that_study(raw, tmp_path):
     b = pd.read_csv(data / "train_bounding_boxes.csv")
     b.loc[b.index[0], "width"] = np.nan  # a box without a width: a LabelError, the study fails
     b.to_csv(data / "train_bounding_boxes.csv", index=False)
-    m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+    m = shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
     assert [f.study for f in m.failed_studies] == [boxed]
     assert "non-numeric coordinate" in m.failed_studies[0].reason
     assert m.counts.studies == 1
@@ -317,6 +317,6 @@ def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypat
         return real(ds, **kw)
 
     monkeypatch.setattr(dicom, "pixel_array", panics)
-    m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+    m = shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
     assert [(b.study, b.file) for b in m.bad_files] == [(uid, victim.name)]
     assert "Panic" in m.bad_files[0].reason

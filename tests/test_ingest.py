@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinestream.preprocess.convert import run
+from spinestream.preprocess.convert import shard_dataset
 from spinestream.shards.manifest import read_manifest
 from spinestream.shards.sample import encode_jpeg, neighbour_index, sample_image
 from spinestream.shards.shard_config import ShardConfig
@@ -51,7 +51,7 @@ def ragged(tmp_path_factory) -> dict:
     files = sorted((d / "train_images" / uid).glob("*.dcm"), key=lambda p: int(p.stem))
     _shrink_slice(files[len(files) // 2], ODD)
     out = tmp_path_factory.mktemp("ragged-shards") / "out"
-    run(d, out, ShardConfig(**CFG), workers=1)
+    shard_dataset(d, out, ShardConfig(**CFG), workers=1)
     return {"raw": d, "shards": out, "uid": uid, "n_files": len(files)}
 
 

@@ -129,11 +129,11 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def other_shards(raw, tmp_path_factory) -> Path:
     """The tiny dataset sharded at another image size and window."""
-    from spinestream.preprocess.convert import run
+    from spinestream.preprocess.convert import shard_dataset
     from spinestream.shards.shard_config import ShardConfig
 
     out = tmp_path_factory.mktemp("other-shards") / "out"
-    run(raw, out, ShardConfig(image_size=40, folds=2, shard_max_samples=40, windows=[[80, 300]]), workers=2)
+    shard_dataset(raw, out, ShardConfig(image_size=40, folds=2, shard_max_samples=40, windows=[[80, 300]]), workers=2)
     return out
 
 

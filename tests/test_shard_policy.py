@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from conftest import CFG
-from spinestream.preprocess.convert import run
+from spinestream.preprocess.convert import shard_dataset
 from spinestream.preprocess.errors import DataWarning
 from spinestream.shards.manifest import read_manifest
 from spinestream.shards.shard_config import ShardConfig
@@ -39,7 +39,7 @@ def test_a_warning_in_a_worker_reaches_the_manifest(raw, tmp_path):
     b = pd.read_csv(data / "train_bounding_boxes.csv")
     extra = b.iloc[[0]].assign(slice_number=999)
     pd.concat([b, extra]).to_csv(data / "train_bounding_boxes.csv", index=False)
-    m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=2)
+    m = shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=2)
     assert [(w.study, "[999]" in w.message) for w in m.warnings] == [(boxed, True)]
     assert m.counts.warnings == 1
     assert read_manifest(tmp_path / "out").warnings == m.warnings
@@ -61,7 +61,7 @@ def test_a_monkeypatched_worker_warning_names_the_study(raw, tmp_path, monkeypat
 
     monkeypatch.setattr(convert, "study_labels", warns)
     with pytest.warns(UserWarning, match="ordinary"):  # re-emitted, not swallowed
-        m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+        m = shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
     assert [(w.study, w.message) for w in m.warnings] == [(neg, "something was changed for a test")]
 
 
@@ -74,7 +74,7 @@ def test_ragged_slice_is_resized_and_warned_not_dropped(raw, tmp_path):
     ds.PixelData, ds.Rows, ds.Columns = small.tobytes(), small.shape[0], small.shape[1]
     ds.save_as(victim, enforce_file_format=True)
     n_files = len(list((data / "train_images" / neg).glob("*.dcm")))
-    m = run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+    m = shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
     assert m.bad_files == [] and m.counts.slices == n_files
     assert len(m.warnings) == 1 and m.warnings[0].study == neg
     assert "resized 1 slice" in m.warnings[0].message and victim.name in m.warnings[0].message
@@ -86,7 +86,7 @@ def test_unreadable_segmentation_leaves_the_study_labelled_without_it(raw, tmp_p
     data = subset(raw, tmp_path / "raw", [boxed])
     (data / "segmentations" / f"{boxed}.nii").write_bytes(b"not a nifti file at all")
     out = tmp_path / "out"
-    m = run(data, out, ShardConfig(**CFG), workers=1)
+    m = shard_dataset(data, out, ShardConfig(**CFG), workers=1)
     assert m.failed_studies == [] and m.counts.studies == 1
     assert [w.study for w in m.warnings] == [boxed] and "segmentation" in m.warnings[0].message
     truth = pd.read_parquet(out / "labels" / "truth.parquet")
@@ -133,6 +133,6 @@ def test_a_base_exception_outside_the_decoder_stops_the_job(raw, tmp_path, monke
     monkeypatch.setattr(convert, "study_labels", panics)
     data = subset(raw, tmp_path / "raw", [_negative(raw)])
     with pytest.raises(convert.StudyCrash, match="Panic: a codec panicked") as err:
-        run(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
+        shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
     assert isinstance(err.value.__cause__, Panic)
     assert not (tmp_path / "out" / "manifest.json").exists()
