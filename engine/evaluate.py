@@ -9,9 +9,9 @@ rule, fold, checkpoint: what the pipeline's report reads), report.csv, slice_pro
 
 The shards are the run's ``data.root`` unless ``--shards DIR`` names them (the run moved, or was trained
 elsewhere); either way they must make the images the run trained on (``RUN_DIR/shard_spec.json``,
-:meth:`spinestream.shards.spec.ShardSpec.check_same_images`), else the run is refused. A relative ``data.root`` is
-relative to the directory ``spinestream train`` ran in; when it does not exist from the current directory
-the error says so and names ``--shards``. A model that gives non-finite probabilities on a study is an
+:meth:`spinestream.shards.spec.ShardSpec.check_same_images`), else the run is refused. A relative ``data.root`` (a
+run's config.yaml from before they were stored absolute) is relative to the run directory, as every path in a
+YAML file is to its file (:func:`spinestream.engine.rundir.read_config`). A model that gives non-finite probabilities on a study is an
 error naming the study (:func:`spinestream.engine.infer.check_finite`): nothing is scored.
 
 The options are :class:`EvaluateConfig`'s fields: flags (``--batch-size 16``), a ``-c`` YAML file or ``--set
@@ -75,20 +75,11 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
 
     The shard set must make the images the run trained on: its spec is checked against the run's
     (``RUN_DIR/shard_spec.json``; a run without one is checked against its ``data.root`` when that is there,
-    else it cannot be and a warning says so). A relative ``data.root`` that does not exist from the current
-    directory is a :class:`~spinestream.engine.checkpoint.RunError` naming ``--shards``, and so is a shard set
-    that makes other images."""
+    else it cannot be and a warning says so). A shard set that makes other images is a
+    :class:`~spinestream.engine.checkpoint.RunError` naming ``--shards``."""
     from .checkpoint import RunError
 
-    if shards is None:
-        root = Path(cfg.data.root)
-        if not root.is_absolute() and not root.exists():
-            raise RunError(
-                f"{run_dir}: data.root={cfg.data.root} is relative to the directory the run was trained in, and "
-                f"{Path.cwd()} has no {root}: run {verb} from that directory, or pass --shards DIR (the run's "
-                f"shard directory)")
-    else:
-        root = Path(shards)
+    root = Path(cfg.data.root if shards is None else shards)  # the run's is absolute (read_config resolves it)
     other = ShardSpec.from_shards(root)
     try:
         own = run_shard_spec(run_dir, cfg.data.root)
