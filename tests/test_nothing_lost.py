@@ -232,6 +232,9 @@ def test_ctrl_c_saves_and_prints_the_resume_command(shards, tmp_path, monkeypatc
     from spinestream.cli import main
 
     real = Trainer._after_step
+    # as in a terminal: a job started in the background by a non-interactive shell (`.ci/run &`) inherits SIGINT
+    # ignored, and the trainer then rightly leaves it alone
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def after_step(self, epoch_end=False):
         out = real(self, epoch_end)
@@ -239,21 +242,24 @@ def test_ctrl_c_saves_and_prints_the_resume_command(shards, tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag: the step finishes, then it stops
         return out
 
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
-    sets = ["--set", f"data.root={shards}", "--set", f"out_dir={tmp_path}", "--set", "name=c",
-            "--set", "model.name=test_resnet", "--set", "model.pretrained=false", "--set", "loader.image_size=48",
-            "--set", "train.batch_size=8", "--set", "train.max_steps=8", "--set", "log.wandb=disabled",
-            "--set", "train.checkpoint_every_steps=100", "--set", "data.val_fold=1"]
-    assert main(["train", *sets]) == 130
-    err = capsys.readouterr().err
-    run = tmp_path / "c"
-    assert "Traceback" not in err
-    assert f"spinestream train --resume {run}" in err and "ckpt-000000003.pt" in err
-    assert ck.load(ck.latest(run))["step"] == 3
-    monkeypatch.setattr(Trainer, "_after_step", real)
-    assert main(["train", "--resume", str(run)]) == 0
-    assert ck.load(ck.latest(run))["step"] == 8
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    try:
+        monkeypatch.setattr(Trainer, "_after_step", after_step)
+        sets = ["--set", f"data.root={shards}", "--set", f"out_dir={tmp_path}", "--set", "name=c",
+                "--set", "model.name=test_resnet", "--set", "model.pretrained=false", "--set", "loader.image_size=48",
+                "--set", "train.batch_size=8", "--set", "train.max_steps=8", "--set", "log.wandb=disabled",
+                "--set", "train.checkpoint_every_steps=100", "--set", "data.val_fold=1"]
+        assert main(["train", *sets]) == 130
+        err = capsys.readouterr().err
+        run = tmp_path / "c"
+        assert "Traceback" not in err
+        assert f"spinestream train --resume {run}" in err and "ckpt-000000003.pt" in err
+        assert ck.load(ck.latest(run))["step"] == 3
+        monkeypatch.setattr(Trainer, "_after_step", real)
+        assert main(["train", "--resume", str(run)]) == 0
+        assert ck.load(ck.latest(run))["step"] == 8
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --------------------------------------------------------------------------- found in review
