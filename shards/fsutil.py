@@ -51,15 +51,16 @@ def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def atomic_write_parquet(path: str | Path, df) -> None:
-    """A pandas DataFrame as parquet, written atomically and byte-reproducibly (no pandas index metadata)."""
+def atomic_write_parquet(path: str | Path, df, metadata: dict[bytes, bytes] | None = None) -> None:
+    """A pandas DataFrame as parquet (zstd), written atomically and byte-reproducibly: no pandas index metadata,
+    only ``metadata`` (a label table's record of where it came from) as the schema's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(metadata)
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
 

@@ -16,7 +16,6 @@ is there and name the file and the column when one is not.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 
 from spinestream import InputError, MissingInput
 
+from .fsutil import atomic_write_parquet
 from .layout import TARGETS, VERTEBRAE
 
 LABEL_METADATA_KEY = b"spinestream.label_table"
@@ -86,19 +86,6 @@ def _cast(df: pd.DataFrame, columns: tuple[Column, ...], where: str) -> pd.DataF
     return pd.DataFrame(out)
 
 
-def _write(path: str | Path, df: pd.DataFrame, metadata: dict[bytes, bytes] | None = None) -> None:
-    """Atomic, byte-reproducible parquet (zstd, no pandas index metadata)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(metadata)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
 def _read(path: str | Path, columns: tuple[Column, ...], only: Sequence[str] | None = None) -> pd.DataFrame:
     """The table at ``path``, checked for the declared ``columns``; with ``only``, just those
     (each one of the declared columns), in that order."""
@@ -128,7 +115,7 @@ def _read(path: str | Path, columns: tuple[Column, ...], only: Sequence[str] | N
 
 def write_study_table(path: str | Path, df: pd.DataFrame) -> None:
     """Write the study table: :data:`STUDY_COLUMNS`, in that order and dtype (other columns dropped)."""
-    _write(path, _cast(df, STUDY_COLUMNS, str(path)))
+    atomic_write_parquet(path, _cast(df, STUDY_COLUMNS, str(path)))
 
 
 def read_study_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -141,7 +128,7 @@ def write_slice_table(path: str | Path, df: pd.DataFrame) -> None:
     out = _cast(df, SLICE_COLUMNS, str(path))
     if not np.array_equal(out.slice_id.to_numpy(), np.arange(len(out))):
         raise InputError(f"{path}: slice_id must run 0..{len(out) - 1} in order")
-    _write(path, out)
+    atomic_write_parquet(path, out)
 
 
 def read_slice_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -194,7 +181,7 @@ def write_label_table(path: str | Path, table: LabelTable) -> None:
     for c in table.extra_columns:
         out[c] = df[c].to_numpy()
     meta = json.dumps(table.metadata, sort_keys=True).encode()
-    _write(path, out, {LABEL_METADATA_KEY: meta})
+    atomic_write_parquet(path, out, {LABEL_METADATA_KEY: meta})
 
 
 def read_label_table(path: str | Path) -> LabelTable:
