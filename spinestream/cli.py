@@ -48,6 +48,8 @@ def usage() -> str:
     lines = ["usage: spinestream [--version] <verb> [options]   (spinestream <verb> --help for each)", "",
              "verbs:"]
     lines += [f"  {v.ljust(width)}  {desc}" for v, (_, desc) in VERBS.items()]
+    lines += ["", "every verb also takes --no-progress (no progress bars; off a terminal they redraw at most every 30 s).",
+              "A refused input or state is one line on stderr and exit status 2; anything else keeps its traceback."]
     return "\n".join(lines)
 
 

@@ -150,3 +150,9 @@ def test_demo_stale_check_compares_every_synth_config_field(tmp_path):
     assert demo._stale(marker, args) == ""
     marker.write_text(json.dumps({"params": {**params, "syntax": "rle", "test_studies": 0}}))
     assert demo._stale(marker, args) == "test_studies 0 != 2, syntax rle != mixed"
+
+
+def test_help_names_the_options_every_verb_takes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--no-progress" in out and "exit status 2" in out
