@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from spinestream.shards.config import ConfigError, format_value, load_config, to_dict
+from spinestream.shards.config import ConfigError, config_from_args, format_value, load_config, to_dict
 from spinestream.shards.fsutil import atomic_write_bytes
 from spinestream.engine.rundir import PseudoLayout, RunLayout
 from spinestream.shards.layout import Layout
@@ -313,6 +313,27 @@ def call_with_config(verb: Verb, name: str, path: Path, cfg) -> None:
 
 
 EVALUATE_OWNS = ("run", "shards", "out")
+PREDICT_OWNS = ("run", "images", "sample_submission", "out")
+PSEUDO_OWNS = ("run", "shards", "out", "truth")
+
+
+def args_as_options(cls: type, owned: tuple[str, ...]) -> Callable[[dict], dict]:
+    """The ``upgrade`` of a stage whose record predates the typed verb configs: its ``"args"`` (the verb's argv
+    less the paths the pipeline owns) become the ``"options"`` they meant, by the verb's own parser; a record
+    without them (predict recorded none) gets the verb's defaults. Unreadable args stay as they were (a redo)."""
+    from spinestream.shards.config import verb_parser
+
+    def upgrade(old: dict) -> dict:
+        if "options" in old:
+            return old
+        new = {k: v for k, v in old.items() if k != "args"}
+        try:
+            cfg = config_from_args(cls, verb_parser(cls, "upgrade", None).parse_args(list(old.get("args", []))))
+        except (SystemExit, ConfigError):
+            return old
+        return new | {"options": options(cfg, owned)}
+
+    return upgrade
 
 
 def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -329,7 +350,8 @@ def _evaluate(name, cfg, paths, configs, verb, workers) -> Stage:
                 "shards": shards_fp(paths.shards)}
 
     return Stage(name, lambda: call_with_config(verb, "evaluate", paths.stages / f"{name}.yaml", ec), inputs,
-                 outputs=[out.root], required=[out.report], feeds_later=False)
+                 outputs=[out.root], required=[out.report], feeds_later=False,
+                 upgrade=args_as_options(EvaluateConfig, EVALUATE_OWNS))
 
 
 def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -352,9 +374,13 @@ def _compare(name, cfg, paths, configs, verb, workers) -> Stage:
         return {r: {"latest": latest_checkpoints(Path(ec.run)), "options": options(ec, EVALUATE_OWNS)}
                 for r, (ec, _) in jobs.items()} | {"shards": shards_fp(paths.shards)}
 
+    def upgrade(old: dict) -> dict:
+        each = args_as_options(EvaluateConfig, EVALUATE_OWNS)
+        return {k: each(v) if k in jobs and isinstance(v, dict) else v for k, v in old.items()}
+
     outs = [out for _, out in jobs.values()]
     return Stage(name, run, inputs, outputs=[o.root for o in outs], required=[o.report for o in outs],
-                 feeds_later=False)
+                 feeds_later=False, upgrade=upgrade)
 
 
 def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -372,11 +398,11 @@ def _pseudo(name, cfg, paths, configs, verb, workers) -> Stage:
         call_with_config(verb, "pseudo-label", paths.stages / f"{name}.yaml", pc)
 
     def inputs():
-        return {"run": checkpoint_fp(run_dir, pc.checkpoint), "options": options(pc, ("run", "shards", "out", "truth")),
+        return {"run": checkpoint_fp(run_dir, pc.checkpoint), "options": options(pc, PSEUDO_OWNS),
                 "synth_truth": p.synth_truth, "shards": shards_fp(paths.shards)}
 
     return Stage(name, run, inputs, outputs=[table, *side] + ([paths.crack_truth] if p.synth_truth else []),
-                 required=[table, side[0]])
+                 required=[table, side[0]], upgrade=args_as_options(PseudoLabelConfig, PSEUDO_OWNS))
 
 
 def _predict(name, cfg, paths, configs, verb, workers) -> Stage:
@@ -390,10 +416,10 @@ def _predict(name, cfg, paths, configs, verb, workers) -> Stage:
     def inputs():
         return {"runs": {r: checkpoint_fp(paths.run(r), pc.checkpoint) for r in p.runs},
                 "images": files_fp(images), "sample_submission": fingerprint(sample) if sample else None,
-                "options": options(pc, ("run", "images", "sample_submission", "out"))}
+                "options": options(pc, PREDICT_OWNS)}
 
     return Stage(name, lambda: call_with_config(verb, "predict", paths.stages / f"{name}.yaml", pc), inputs,
-                 outputs=[paths.submission])
+                 outputs=[paths.submission], upgrade=args_as_options(PredictConfig, PREDICT_OWNS))
 
 
 def _report(name, cfg, paths, configs, verb, workers) -> Stage:

@@ -26,7 +26,8 @@ anything runs or is moved, when a ``keep`` stage's existing outputs would be red
 
 A complete record that lacks only keys of :data:`ADOPTED_KEYS` (written before spinestream fingerprinted
 them) is adopted: the stage is skipped, its record gets the current fingerprints, and the log says how to
-redo it if those inputs changed since.
+redo it if those inputs changed since. So is one whose inputs, brought to today's form by the stage's
+``upgrade`` (a verb's recorded argv read as the typed options it meant), equal the current ones.
 """
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ class Stage:
     check_resume: Callable[[], tuple[str, list[str]]] | None = None
     """Before resuming existing outputs: (why they cannot be resumed, '' when they can; the changed keys, for
     ``superseded.json``). A reason makes a redo."""
+    upgrade: Callable[[dict], dict] | None = None
+    """An older record's inputs in today's form (e.g. a verb's argv, recorded before the verbs had typed configs,
+    as the options it meant): a complete record that then equals the current inputs is adopted, not redone."""
 
 
 @dataclass
@@ -249,7 +253,10 @@ def decide(stage: Stage, rec: dict | None, inputs: dict, *, forced: str) -> tupl
         keys = changed_key_list(old, inputs)
         if (rec.get("state") == "complete" and not missing and keys
                 and all(k in ADOPTED_KEYS and _dotted(old, k) is _ABSENT for k in keys)):
-            return "adopted", ", ".join(keys)
+            return "adopted", f"predates fingerprinting {', '.join(keys)}"
+        if rec.get("state") == "complete" and not missing and stage.upgrade and \
+                canonical(stage.upgrade(old)) == inputs:
+            return "adopted", "holds the same options in an older form (a verb's arguments)"
         return "redone", f"inputs changed ({changed_keys(old, inputs)})"
     if rec.get("state") == "complete":
         return ("skipped", "") if not missing else ("redone", f"output missing: {missing[0]}")
@@ -312,8 +319,8 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, root: Path, *, from_sta
             rec = _write_record(state_dir, stage.name, "complete", inputs,
                                 **{k: v for k, v in rec.items() if k not in ("format", "stage", "state", "inputs")})
             results.append(StageResult(stage.name, "skipped", 0.0, record=rec))
-            log(f"{tag} skipped (complete; its record predates fingerprinting {reason}: the current ones are "
-                f"recorded now; if they changed since that run, rerun with --from {stage.name})")
+            log(f"{tag} skipped (complete; its record {reason}: the current inputs are recorded now; if they "
+                f"changed since that run, rerun with --from {stage.name})")
             continue
         if status == "skipped":
             results.append(StageResult(stage.name, status, 0.0, record=rec))

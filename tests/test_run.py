@@ -816,3 +816,44 @@ def test_editing_a_check_stage_retrains_nothing(pipeline, capsys):
         {"skipped"}
     assert st["report"] in ("redone", "run")
     assert not (out / "runs" / "superseded").exists()
+
+
+def test_records_from_before_the_typed_verb_configs_are_adopted_not_redone(pipeline, capsys):
+    """A pipeline made when evaluate, pseudo-label, predict and compare recorded their argv (67a8963 and before):
+    with the same options it is adopted (nothing reruns, round 2 is not redone through pseudo); an option that
+    changed since still redoes its stage."""
+    run, fakes, out = pipeline
+    assert run() == 0
+    old_args = {  # what the old plan recorded for the demo config's options
+        "evaluate1": ["--checkpoint", "best", "--batch-size", "32"],
+        "evaluate2": ["--checkpoint", "best", "--batch-size", "32"],
+        "pseudo": ["--mode", "hard", "--threshold", "train-share", "--batch-size", "64"],
+    }
+    for stage in ("evaluate1", "evaluate2", "pseudo", "predict", "compare"):
+        path = out / "stages" / f"{stage}.json"
+        rec = json.loads(path.read_text())
+        inputs = rec["inputs"]
+        if stage == "compare":
+            for r in ("round1", "round2"):
+                inputs[r] = {"latest": inputs[r]["latest"], "args": ["--checkpoint", "last", "--batch-size", "32"]}
+        else:
+            del inputs["options"]
+            if stage in old_args:
+                inputs["args"] = old_args[stage]
+        path.write_text(json.dumps(rec))
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run() == 0
+    text = capsys.readouterr().out
+    assert set(_statuses_of(text).values()) == {"skipped"} and fakes.verbs() == []
+    assert text.count("holds the same options in an older form") == 5
+    assert "options" in json.loads((out / "stages/pseudo.json").read_text())["inputs"]  # recorded in today's form
+    # an old record whose options differ from today's config: redone
+    rec = json.loads((out / "stages/evaluate2.json").read_text())
+    del rec["inputs"]["options"]
+    rec["inputs"]["args"] = ["--checkpoint", "best", "--batch-size", "32", "--rule", "noisy_or"]
+    (out / "stages/evaluate2.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert run() == 0
+    st = _statuses(capsys)
+    assert st["evaluate2"] == "redone" and st["round2"] == "skipped" and st["pseudo"] == "skipped"
