@@ -202,8 +202,18 @@ def _shard(name, cfg, paths, configs, verb, workers) -> Stage:
         write_yaml(paths.stages / "shard.yaml", sc)
         call(verb, argv)  # resumable: a rerun skips committed studies
 
+    def upgrade(old: dict) -> dict:
+        """A dataset path recorded as written (relative to the directory run started in): today's paths in a YAML
+        are made absolute against the YAML's folder. The same directory is the same dataset (its files are
+        fingerprinted beside the path); a relative path is read against the current directory."""
+        rec = old.get("dataset")
+        if isinstance(rec, dict) and isinstance(rec.get("path"), str) and \
+                Path(rec["path"]).absolute().resolve() == Path(data).absolute().resolve():
+            return old | {"dataset": rec | {"path": str(data)}}
+        return old
+
     return Stage(name, run, lambda: {"config": to_dict(sc), "dataset": dataset_fp(data), "limit": cfg.shard.limit},
-                 outputs=[paths.shards], required=[Layout(paths.shards).manifest])
+                 outputs=[paths.shards], required=[Layout(paths.shards).manifest], upgrade=upgrade)
 
 
 def _verify(name, cfg, paths, configs, verb, workers) -> Stage:

@@ -857,3 +857,25 @@ def test_records_from_before_the_typed_verb_configs_are_adopted_not_redone(pipel
     assert run() == 0
     st = _statuses(capsys)
     assert st["evaluate2"] == "redone" and st["round2"] == "skipped" and st["pseudo"] == "skipped"
+
+
+def test_a_dataset_path_recorded_relative_is_the_same_dataset(pipeline, capsys, monkeypatch):
+    """Paths in a YAML are now made absolute against the YAML's folder; a pipeline recorded with the same
+    dataset written relative to the directory it ran in is adopted, not re-sharded (which would redo every stage
+    after it, both training rounds included)."""
+    run, fakes, out = pipeline
+    assert run() == 0
+    path = out / "stages/shard.json"
+    rec = json.loads(path.read_text())
+    rec["inputs"]["dataset"]["path"] = "out/raw"
+    path.write_text(json.dumps(rec))
+    monkeypatch.chdir(out.parent)
+    capsys.readouterr()
+    fakes.calls.clear()
+    assert run() == 0
+    text = capsys.readouterr().out
+    assert set(_statuses_of(text).values()) == {"skipped"} and fakes.verbs() == []
+    rec["inputs"]["dataset"]["path"] = "elsewhere/raw"  # another directory: the shard stage is redone
+    path.write_text(json.dumps(rec))
+    assert run() == 0
+    assert _statuses(capsys)["shard"] == "redone"
