@@ -113,6 +113,8 @@ def test_the_verbs_run_from_outside_the_checkout(venv, tmp_path):
     exe = venv / "bin" / "spinestream"
     r = _run([exe, "--version"], cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("spinestream "), r.stderr
+    r = _run([venv / "bin" / "python", "-m", "spinestream", "--version"], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("spinestream "), r.stderr
     r = _run([exe, "configs"], cwd=tmp_path)
     assert r.returncode == 0 and "pipeline" in r.stdout and "smoke" in r.stdout, r.stderr
     # the whole pipeline on the shipped smoke config: synth, shard, a few training steps, predict, report
