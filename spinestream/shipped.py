@@ -6,7 +6,8 @@
     spinestream configs copy --all --to my-configs
     spinestream run -c my-configs/pipeline.yaml --out /data/spine      # the edited copy
 
-A copy's relative paths are then relative to the copy's own directory, and a stage's ``config: round1``
+A copy's relative paths are then relative to the copy's own directory (so set a copied pipeline's
+``shard.data`` to the dataset's absolute path), and a stage's ``config: round1``
 finds ``round1.yaml`` beside it before the shipped one, so a copied set refers to itself. An existing file
 is never overwritten without ``--force``.
 """
