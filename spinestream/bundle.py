@@ -19,7 +19,7 @@ Writes ``OUT/``:
   ``data.root``). ``spinestream predict --run`` and ``api.load_runs`` read it as they read a run directory.
 * ``README.md`` (the notebook cell: offline install, then predict) and ``bundle.json`` (what was written, how).
 
-The project's wheel comes from the source tree when this runs from a checkout (``pip wheel --no-deps``).
+The project's wheel comes from a copy of the source tree when this runs from a checkout (``pip wheel --no-deps``).
 Installed from a wheel there is no source tree, so the wheel is rebuilt from the installed distribution: its
 files as its RECORD lists them (bytecode and the installer's own records -- INSTALLER, REQUESTED,
 direct_url.json -- left out), under the same dist-info (METADATA, WHEEL, entry points, licenses), with a new
@@ -126,21 +126,32 @@ class BundleError(SpinestreamError, RuntimeError):
 # --------------------------------------------------------------------------- the project's wheel
 
 
+#: what the project's wheel is built from: pyproject.toml's package-dir folders and the files it names
+#: (tests/test_install.py checks the folders against pyproject.toml)
+SOURCES = ("spinestream", "engine", "shards", "preprocess", "benchmarks", "configs", "pyproject.toml", "README.md",
+           "LICENSE")
+
+
 def project_wheel(wheels: Path) -> Path:
-    """The project's wheel in ``wheels``: built from the checkout, else rebuilt from the installed files."""
+    """The project's wheel in ``wheels``: built from a copy of the checkout's :data:`SOURCES`, else rebuilt from
+    the installed files. The copy because setuptools stages a build in ``build/`` beside the sources, and a stale
+    one there (an earlier build's) carries modules deleted since into the wheel."""
+    import tempfile
+
     wheels.mkdir(parents=True, exist_ok=True)
-    if is_checkout():
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-               str(ROOT)]
-        fresh = not (ROOT / "build").exists()
-        try:
-            if subprocess.run(cmd).returncode != 0:
-                raise BundleError(f"failed (pip said why above): {' '.join(cmd)}")
-        finally:
-            if fresh:  # setuptools' staging copy: a stale one would carry deleted modules into the next wheel
-                shutil.rmtree(ROOT / "build", ignore_errors=True)
-        return max(wheels.glob(f"{PROJECT}-*.whl"), key=lambda p: p.stat().st_mtime)
-    return wheel_from_installed(metadata.distribution(PROJECT), wheels)
+    if not is_checkout():
+        return wheel_from_installed(metadata.distribution(PROJECT), wheels)
+    with tempfile.TemporaryDirectory(prefix="spinestream-src-") as tmp:
+        for name in SOURCES:
+            src, dst = ROOT / name, Path(tmp) / name
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "results"))
+            else:
+                shutil.copy2(src, dst)
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), tmp]
+        if subprocess.run(cmd).returncode != 0:
+            raise BundleError(f"failed (pip said why above): {' '.join(cmd)}")
+    return max(wheels.glob(f"{PROJECT}-*.whl"), key=lambda p: p.stat().st_mtime)
 
 
 def _record_hash(data: bytes) -> str:

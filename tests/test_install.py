@@ -42,6 +42,9 @@ def test_the_package_list_names_every_package_folder():
     found.add("spinestream.configs")  # data only, no __init__.py
     assert sorted(found) == sorted(packages)
     assert {folders[m] for m in MAPPED} == {f"spinestream.{m}" for m in MAPPED}
+    from spinestream.bundle import SOURCES
+
+    assert set(package_dir.values()) <= set(SOURCES)  # the wheel is built from a copy of these
 
 
 def _site_links(dest: Path) -> Path:
@@ -61,29 +64,12 @@ def _run(cmd, cwd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, **kw)
 
 
-def _source_copy(dest: Path) -> Path:
-    """What the wheel is built from, copied: a build in the checkout leaves setuptools' build/ folder behind,
-    whose stale copies of deleted modules the next wheel would carry."""
-    import shutil
-
-    package_dir, _ = _pyproject_packages()
-    for name in (*package_dir.values(), "pyproject.toml", "README.md", "LICENSE"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("install")
-    src = _source_copy(tmp / "src")
-    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist",
-              src], cwd=tmp)
-    assert r.returncode == 0, r.stderr
-    (wheel,) = (tmp / "dist").glob("spinestream-*.whl")
+    from spinestream.bundle import project_wheel
+
+    wheel = project_wheel(tmp / "dist")  # what kaggle-bundle ships: built from a copy of the sources
     v = tmp / "venv"
     assert _run([sys.executable, "-m", "venv", "--without-pip", v], cwd=tmp).returncode == 0
     py = v / "bin" / "python"
