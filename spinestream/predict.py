@@ -53,7 +53,7 @@ from spinestream import SpinestreamError
 from spinestream.preprocess.dicom import DicomError
 from spinestream.preprocess.errors import DataWarning
 from spinestream.preprocess.ingest import ingest_study
-from spinestream.shards.config import ConfigError, parse, parse_verb_config
+from spinestream.shards.config import ConfigError, parse_verb_config
 from spinestream.shards.fsutil import atomic_write_bytes
 from spinestream.shards.layout import ROW_TYPES
 from spinestream.shards.shard_config import ShardConfig
@@ -99,9 +99,8 @@ def decode_study(uid: str, image_dir: str | Path, cfg: ShardConfig) -> Decoded:
                    notes=study.warnings + [str(w.message) for w in caught], seconds=time.perf_counter() - t0)
 
 
-def _decode_task(args: tuple[str, str, dict]) -> Decoded:
-    uid, path, cfg = args
-    return decode_study(uid, path, parse(ShardConfig, cfg, "shard config"))
+def _decode_task(args: tuple[str, str, ShardConfig]) -> Decoded:
+    return decode_study(*args)
 
 
 @contextlib.contextmanager
@@ -126,10 +125,7 @@ def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool,
     """Yield each ``(uid, directory)`` decoded, in order, by ``pool`` kept busy ahead of the consumer:
     at most ``ahead`` studies are submitted and not yet consumed, which bounds memory. ``pool=None``
     decodes in this process (no overlap)."""
-    from spinestream.shards.config import to_dict
-
-    cfg_d = to_dict(cfg)
-    todo = iter([(uid, str(path), cfg_d) for uid, path in studies])
+    todo = iter([(uid, str(path), cfg) for uid, path in studies])  # the config pickles as it is, as convert's does
     if pool is None:
         yield from map(_decode_task, todo)
         return
