@@ -53,6 +53,7 @@ from spinestream.shards.manifest import ImageSpec, read_manifest
 from spinestream.shards.sample import CHANNEL_MODES, neighbour_index
 from spinestream.shards.volumes import VolumeAttrs, open_volume
 
+from . import dist
 from .device import autocast
 from .loader.augment import normalize
 from .metrics import classification_report, score_submission, solution_from_train, study_probabilities, \
@@ -272,17 +273,23 @@ def predict_run(model: torch.nn.Module, cfg, studies: Sequence[str], device, pre
     """:func:`predict_studies` with a run's settings: ``cfg.data.root``, ``cfg.loader.image_size``, the
     model's mean/std, channels_last when the model's weights are in that format. Non-finite probabilities
     on any study raise :class:`NonFiniteProbabilities` naming it (:func:`check_finite`): this is the path of
-    validation, ``evaluate`` and ``pseudo-label``."""
+    validation, ``evaluate`` and ``pseudo-label``. Under torchrun (:mod:`spinestream.engine.dist`) each rank
+    infers its contiguous part of ``studies`` and every rank returns all of them, in ``studies``' order: a
+    study's probabilities do not depend on the batch it shares (batches never mix studies), so the result
+    equals one process's."""
     from .model import data_config
 
     dc = data_config(model)
     first = next(model.parameters(), None)
     cl = first is not None and first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) \
         and not first.is_contiguous()
-    probs = predict_studies(model, cfg.data.root, studies, image_size=cfg.loader.image_size, mean=tuple(dc["mean"]),
-                            std=tuple(dc["std"]), batch_size=batch_size or cfg.loader.batch_size, device=device,
-                            precision=precision, tta=tta, channels_last=cl, progress=progress)
-    check_finite(probs, f"{cfg.name} ({len(probs)} studies of {cfg.data.root})")
+    d = dist.current()  # under torchrun each rank infers its part of the studies; every rank gets them all
+    mine = predict_studies(model, cfg.data.root, d.part(list(studies)), image_size=cfg.loader.image_size,
+                           mean=tuple(dc["mean"]), std=tuple(dc["std"]), batch_size=batch_size or cfg.loader.batch_size,
+                           device=device, precision=precision, tta=tta, channels_last=cl, progress=progress and d.main)
+    merged = d.merge(mine)
+    probs = {u: merged[u] for u in studies}
+    check_finite(probs, f"{cfg.name} ({len(probs)} studies of {cfg.data.root})")  # on every rank: all raise alike
     return probs
 
 
