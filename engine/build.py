@@ -26,6 +26,7 @@ from spinestream.shards.tables import read_study_table
 
 from . import checkpoint as ck
 from .config import RunConfig
+from .dist import Dist
 from .device import channels_last_default, compile_unsupported, pick_device, resolve_loader_dtype, \
     resolve_precision, set_memory_cap
 from .ema import ModelEma
@@ -34,13 +35,18 @@ from .metrics import constant_baseline
 from .model import build_model, check_state_dict, data_config, model_fingerprint
 
 
-def build_device(cfg: RunConfig) -> tuple[torch.device, str]:
-    """The indexed device and precision; seeds torch, sets cudnn.benchmark and the memory cap."""
-    device = pick_device(cfg.train.device)
+def build_device(cfg: RunConfig, d: Dist | None = None) -> tuple[torch.device, str]:
+    """The indexed device (the local rank's under torchrun) and precision; seeds torch (``train.seed`` + rank:
+    ranks draw different dropout masks), sets cudnn.benchmark and the memory cap."""
+    d = d or Dist()
+    device = pick_device(cfg.train.device, d.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.compile and (why := compile_unsupported(device)):
         raise InputError(f"train.compile=true: {why}; set train.compile=false")
-    torch.manual_seed(cfg.train.seed)
+    if cfg.train.sync_batchnorm and d.enabled and device.type != "cuda":
+        raise InputError("train.sync_batchnorm=true needs CUDA devices (SyncBatchNorm has no CPU kernel); set "
+                         "train.sync_batchnorm=false")
+    torch.manual_seed(cfg.train.seed + d.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     set_memory_cap(device, cfg.train.max_memory_gb)
@@ -232,11 +238,19 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return f
 
 
+def effective_lr(cfg: RunConfig, world: int) -> float:
+    """``optim.lr`` scaled for ``world`` ranks as ``optim.lr_scaling`` says (none: as written)."""
+    factor = {"none": 1.0, "linear": float(world), "sqrt": math.sqrt(world)}[cfg.optim.lr_scaling]
+    return cfg.optim.lr * factor
+
+
 def build_optimization(cfg: RunConfig, model: torch.nn.Module, precision: str, device: torch.device,
-                       total_steps: int):
-    """Adam (fused: it takes a found-inf flag and skips the update on the device, no host sync), the
-    warm-up + cosine schedule, the GradScaler (on for fp16 only) and the EMA (None when off)."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
+                       total_steps: int, world: int = 1):
+    """Adam (fused: it takes a found-inf flag and skips the update on the device, no host sync; its learning
+    rate :func:`effective_lr` for ``world`` ranks), the warm-up + cosine schedule, the GradScaler (on for fp16
+    only) and the EMA (None when off)."""
+    opt = torch.optim.Adam(model.parameters(), lr=effective_lr(cfg, world), weight_decay=cfg.optim.weight_decay,
+                           fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = ModelEma(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None

@@ -110,6 +110,10 @@ class OptimConfig:
     """0 = no EMA of the weights; validation uses the EMA weights when on."""
     focal_gamma: float = 0.0
     pos_weight: float = 1.0
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Under torchrun, scale optim.lr with the number of ranks (the global batch is train.batch_size x ranks
+    x grad_accum): linear (Goyal et al.: lr x ranks, with warm-up), sqrt (lr x sqrt(ranks), gentler for Adam) or
+    none (optim.lr as written, whatever the world size). optim.lr is the one-process value in every case."""
 
     def __post_init__(self) -> None:
         _require(0 < self.lr < 1, "optim.lr", self.lr, "in (0, 1)")
@@ -133,8 +137,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: bf16 on sm80+, fp16 + GradScaler below (the P100 has no bf16), fp32 on CPU."""
     batch_size: int | Literal["auto"] = "auto"
-    """auto: the largest batch whose whole step (forward, backward, Adam, EMA), probed on a copy of the model,
-    stays under max_memory_gb - memory_headroom_gb (CPU: loader.batch_size); reused on resume."""
+    """Per rank. auto: the largest batch whose whole step (forward, backward, Adam, EMA), probed on a copy of the
+    model, stays under max_memory_gb - memory_headroom_gb (CPU: loader.batch_size); reused on resume; under
+    torchrun rank 0 probes and every rank uses its answer."""
     max_memory_gb: float = 16.0
     """Memory cap (set_per_process_memory_fraction) so a bigger card behaves like the 16 GB reference card."""
     memory_headroom_gb: float = 1.5
@@ -159,6 +164,13 @@ class TrainConfig:
     """Non-finite losses in a row before the run stops (each one skips its step)."""
     study_rule: Literal["max", "mean_top_k", "quantile", "noisy_or"] = "max"
     """How slice probabilities become study probabilities."""
+    sync_batchnorm: bool = False
+    """Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm; one collective per
+    BatchNorm layer and step), for per-rank batches too small for good statistics. Off: each rank normalises
+    with its own batch and DDP keeps rank 0's running statistics (plain BatchNorm, the usual choice)."""
+    dist_timeout_s: float = 1800.0
+    """Under torchrun: how long a rank waits for the others at a collective (a step's gradients, a validation's
+    results, a checkpoint) before it stops with an error naming the wait (a rank died or hangs)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -177,6 +189,7 @@ class TrainConfig:
         _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience,
                  ">= 0 (0 = never stop early)")
         _require(self.max_nan_steps >= 1, "train.max_nan_steps", self.max_nan_steps, ">= 1")
+        _require(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "> 0 seconds")
 
 
 @dataclass(kw_only=True)

@@ -162,6 +162,14 @@ class Dist:
             for b in module.buffers():
                 torch.distributed.broadcast(b.data, src=0)
 
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers in ``module`` on every rank (a copy DDP does not know of: the EMA)."""
+        if not self.enabled:
+            return
+        with self._waiting("rank 0's weights"):
+            for t in [*module.parameters(), *module.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
+
     @contextlib.contextmanager
     def _waiting(self, what: str) -> Iterator[None]:
         """A collective's timeout or a peer's exit as :class:`RankTimeout`, saying what this rank waited for."""

@@ -4,6 +4,7 @@
     spinestream train --resume runs/round1 --set optim.lr=3e-4      # continue, with a new learning rate
     spinestream train -c demo-round1                                 # the CPU demo
     spinestream train -c my-round1.yaml       # a file: its paths are relative to it (spinestream configs)
+    torchrun --nproc-per-node 4 $(which spinestream) train -c round2   # data-parallel on 4 GPUs (engine/dist.py)
 
 Writes runs/<name>/: config.yaml, batch_size.json, metrics.jsonl, curves.png,
 ckpt-<step>.pt (last keep_last), best.pt; wandb's files under runs/<name>/wandb/ (log.wandb; WANDB_MODE,
@@ -59,13 +60,19 @@ def main(argv: list[str] | None = None) -> int:
                                   f"or choose another name (--set name=...)")
         cfg = cfg.with_absolute_paths()  # the run directory works from any directory later (evaluate, predict)
         trainer = Trainer(cfg, run_dir, resume_from=resume_from)  # checks everything before it writes
-        ck.mark_run(run_dir)
-        write_config(run_dir, cfg)  # only once the config is known to fit the run: a failed resume changes nothing
+        main = trainer.dist.main  # under torchrun rank 0 writes the run directory and speaks for the group
+        if main:
+            ck.mark_run(run_dir)
+            write_config(run_dir, cfg)  # only once the config is known to fit: a failed resume changes nothing
         sel = trainer.train_sel
         extra = sel.oversampled
         n_shards = sum(s.oversample_of is None for s in sel.shards)
-        print(f"spinestream train: {cfg.model.name} on {trainer.device} ({trainer.precision}), "
-              f"{trainer.loader.backend} loader, batch {trainer.loader_cfg.batch_size}, "
+        d = trainer.dist
+        ranks = f" x {d.world} ranks (global batch {trainer.loader_cfg.batch_size * d.world * cfg.optim.grad_accum})" \
+            if d.enabled else ""
+        print_main = print if main else (lambda *a, **k: None)
+        print_main(f"spinestream train: {cfg.model.name} on {trainer.device} ({trainer.precision}), "
+              f"{trainer.loader.backend} loader, batch {trainer.loader_cfg.batch_size}{ranks}, "
               f"{sel.samples - extra} training slices in {n_shards} shards"
               + (f" (+{extra} oversampled reads of positives)" if extra else "") + ", "
               f"{len(trainer.val_studies)} validation studies (fold {cfg.data.val_fold}), "
@@ -78,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # TrainingInterrupted (Ctrl-C: the step in flight finished and was saved)
         print(interrupted_message(e, run_dir), file=sys.stderr)
         return 130
-    print(f"done: best validation competition loss {best['metric']:.4f} at step {best['step']} -> "
-          f"{RunLayout(run_dir).best}")
+    if main:
+        print(f"done: best validation competition loss {best['metric']:.4f} at step {best['step']} -> "
+              f"{RunLayout(run_dir).best}")
     return 0
 
 

@@ -30,6 +30,14 @@ Guarantees (tests/test_train.py, tests/test_trainer_*.py):
   best is read (:func:`spinestream.engine.checkpoint.sync_best`).
 * **Ctrl-C** finishes the step in flight, saves a checkpoint and raises :class:`TrainingInterrupted`
   (``spinestream train`` prints the resume command); a second Ctrl-C stops at once.
+* **Data-parallel under torchrun** (:mod:`spinestream.engine.dist`; tests/test_ddp.py, 2 ranks with gloo): each rank
+  trains on its disjoint part of the epoch's permutation (the loader's split), DDP averages the gradients (only in
+  an accumulation window's last backward: ``no_sync`` before it), a non-finite loss on any rank skips the step on
+  every rank, the EMA copy starts from rank 0's weights, the logged loss is the ranks' mean and images/s their sum;
+  rank 0 alone writes checkpoints (with every rank's generators), metrics, plots and wandb; validation splits
+  the studies and gathers them (rank 0's BatchNorm statistics broadcast first), so its metric is one process's.
+  A checkpoint resumes on the same number of ranks exactly; on another only from an epoch's start (refused
+  mid-epoch, naming the fix). Ctrl-C under torchrun stops every rank at once (resume from the last checkpoint).
 * **No host sync per step** in bf16/fp32 beyond the log line every ``log.every_steps`` steps
   (``loss.item()``), checkpoints and validation: the skip is decided on the device and learned by
   the host a step or more late (:mod:`spinestream.engine.skips`). fp16 adds none either (fused Adam takes
@@ -56,11 +64,11 @@ from spinestream.shards.fsutil import atomic_save_figure
 from spinestream.shards.progress import write
 from spinestream.shards.spec import ShardSpec
 
-from . import checkpoint as ck
+from . import checkpoint as ck, dist
 from .autobatch import resolve_batch_size
 from .buffers import BufferSnapshot
-from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, init_reference, \
-    init_weights, select_training_shards, steps_per_epoch
+from .build import build_data, build_device, build_loader_cfg, build_model_for, build_optimization, effective_lr, \
+    init_reference, init_weights, select_training_shards, steps_per_epoch
 from .config import RunConfig
 from .device import autocast
 from .infer import predict_run, score_studies
@@ -134,32 +142,39 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # under torchrun: this rank's place in the group (a world of one otherwise; engine/dist.py)
+        self.dist = d = dist.init_from_env(cfg.train.dist_timeout_s)
         # every check before anything in the run directory is written (a failed resume leaves it as it was)
         spec = self._check_shard_spec(cfg, resume_from)
-        if self.run_dir.is_dir():
+        if self.run_dir.is_dir() and d.main:
             ck.clean_stale(self.run_dir)
-        self.device, self.precision = build_device(cfg)
+        self.device, self.precision = build_device(cfg, d)
         state = ck.load(resume_from, map_location="cpu") if resume_from else None
         init = init_weights(cfg) if state is None else None  # model.init_from (ignored on resume)
         self.model, self.channels_last = build_model_for(cfg, self.device, state, str(resume_from), init=init)
         # round 1's best on this validation fold, drawn beside this run's curve (kept across resumes)
         self.reference = state.get("reference") if state is not None else init_reference(cfg, init)
         del init
-        data = build_data(cfg, self.run_dir)
+        with d.main_first("rank 0's oversampling indexes"):  # rank 0 writes RUN/oversample, the others read it
+            data = build_data(cfg, self.run_dir)
         self.train_sel, self.labels, self.val_studies, self.baseline = \
             data.train_sel, data.labels, data.val_studies, data.baseline
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # predict's copy of the shard spec; never rewritten on resume
-        if resume_from is None or not RunLayout(self.run_dir).shard_spec.is_file():
+        if d.main and (resume_from is None or not RunLayout(self.run_dir).shard_spec.is_file()):
             spec.save(self.run_dir)
         bs = resolve_batch_size(cfg, self.model, self.run_dir, self.device, self.precision,
-                                channels_last=self.channels_last, resuming=state is not None)
+                                channels_last=self.channels_last, resuming=state is not None) if d.main else None
+        bs = d.broadcast(bs)  # per rank, probed once (rank 0; the ranks' cards are alike) and used by every rank
         self.loader_cfg = build_loader_cfg(cfg, self.model, self.device, self.precision, self.channels_last, bs)
-        self.loader = build_loader(self.train_sel, self.labels, self.loader_cfg, device=self.device, train=True)
+        self.loader = build_loader(self.train_sel, self.labels, self.loader_cfg, device=self.device, train=True,
+                                   rank=d.rank, world=d.world)
         self.steps_per_epoch = steps_per_epoch(len(self.loader), cfg.optim.grad_accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.sync_batchnorm and d.enabled:  # before the optimizer and the EMA copy see the modules
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt, self.sched, self.scaler, self.ema = build_optimization(cfg, self.model, self.precision,
-                                                                         self.device, self.total_steps)
+                                                                         self.device, self.total_steps, d.world)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.step, self.nan_streak, self.nan_total, self.bad_vals = 0, 0, 0, 0
         self.best = {"metric": float("inf"), "step": -1}
@@ -171,9 +186,17 @@ class Trainer:
         self._last_val_step, self._early_stop = -1, False
         if state is not None:
             self._restore(state)
-            truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
-            ck.sync_best(self.run_dir)  # a kill between this checkpoint and best.pt
-        self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
+            if d.main:
+                truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
+                ck.sync_best(self.run_dir)  # a kill between this checkpoint and best.pt
+        # data-parallel under torchrun: DDP averages the gradients in the backward pass (and broadcasts rank 0's
+        # weights and buffers at construction, so every rank starts from the same ones)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if d.enabled else None
+        if self.ema is not None:
+            d.broadcast_module(self.ema.module)  # the EMA copy starts from rank 0's weights too
+        wrapped = self.ddp if self.ddp is not None else self.model
+        self.train_model = torch.compile(wrapped) if cfg.train.compile else wrapped
 
     def _check_shard_spec(self, cfg: RunConfig, resume_from: Path | None) -> ShardSpec:
         """The shard set's spec; on resume it must make the images the run's ``shard_spec.json`` records."""
@@ -189,6 +212,7 @@ class Trainer:
     def state(self) -> dict:
         """Everything :meth:`_restore` needs to continue exactly (no accumulation window is ever pending)."""
         assert self._micro == 0 and len(self._flags) == 0, "state() inside an accumulation window or unsettled"
+        rngs = self.dist.gather(rng_state())
         return {
             "config": to_dict(self.cfg),
             "model_fingerprint": model_fingerprint(self.model),
@@ -203,14 +227,16 @@ class Trainer:
             "bad_vals": self.bad_vals,
             "nan_total": self.nan_total,
             "nan_streak": self.nan_streak,
-            "rng": rng_state(),
+            "rng": rngs[0],
+            **({"rng_ranks": rngs} if len(rngs) > 1 else {}),  # each rank's generators (a collective)
+            "world": self.dist.world,
             "reference": self.reference,
         }
 
     def _restore(self, s: dict) -> None:
         self.opt.load_state_dict(s["optimizer"])
         for g in self.opt.param_groups:  # changed hyper-parameters win (the "babysitting" resume)
-            g["initial_lr"] = self.cfg.optim.lr
+            g["initial_lr"] = effective_lr(self.cfg, self.dist.world)
             g["weight_decay"] = self.cfg.optim.weight_decay
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.sched.lr_lambdas[0], last_epoch=s["step"] - 1)
         self.scaler.load_state_dict(s["scaler"])
@@ -222,15 +248,25 @@ class Trainer:
         self.bad_vals = int(s.get("bad_vals", 0))
         self.nan_total = int(s.get("nan_total", 0))
         self.nan_streak = int(s.get("nan_streak", 0))
-        set_rng_state(s["rng"] if "rng" in s else s["torch_rng"])
+        ranks = s.get("rng_ranks") or []
+        if len(ranks) == self.dist.world:  # each rank continues with its own generators
+            set_rng_state(ranks[self.dist.rank])
+        else:  # one process, or resumed on another number of ranks: rank 0's (then the seeds differ by rank)
+            set_rng_state(s["rng"] if "rng" in s else s["torch_rng"])
 
     def save(self, best: bool = False) -> None:
         """The step checkpoint, then best.pt (a kill between the two: :func:`spinestream.engine.checkpoint.sync_best`)."""
-        state = self.state()
-        ck.save_step(self.run_dir, self.step, state, self.cfg.train.keep_last)
-        if best:
-            ck.save(RunLayout(self.run_dir).best, state)
+        state = self.state()  # on every rank (it gathers their generators); rank 0 writes
+        if self.dist.main:
+            ck.save_step(self.run_dir, self.step, state, self.cfg.train.keep_last)
+            if best:
+                ck.save(RunLayout(self.run_dir).best, state)
         self._saved_step = self.step
+
+    def _say(self, line: str) -> None:
+        """A console line (above the bar), from rank 0 only."""
+        if self.dist.main:
+            write(line)
 
     def _length_reached(self) -> bool:
         """The run's length is done: its last step, or (without train.max_steps) its epochs, which skipped steps
@@ -246,14 +282,26 @@ class Trainer:
     # ----------------------------------------------------------------------- logging
 
     def log(self, record: dict) -> None:
+        """A metrics.jsonl record (and wandb's), from rank 0 only."""
+        if not self.dist.main:
+            return
         record = {"step": self.step, "epoch": self.loader.epoch, **record}
         append_metrics(self.run_dir, record)
         self.logbook.send(record, self.step)
 
     def _log_train(self) -> None:
         self._settle(block=True)  # the loss is read below anyway
+        d = self.dist
+        if d.enabled:  # the ranks' mean loss; images and the data wait over every rank (a collective)
+            lb = self.logbook
+            lb.last_loss = d.mean(lb.last_loss.float())
+            totals = d.sum_(torch.tensor([float(lb.images), lb.wait], dtype=torch.float64,
+                                         device=self.device))
+            lb.images, lb.wait = int(totals[0].item()), float(totals[1].item()) / d.world
         rec = {"loss": self.logbook.last_loss.item(),  # note: CPU-GPU sync point, once per log.every_steps steps
                "lr": self.sched.get_last_lr()[0], **self.logbook.rates(), "nan_total": self.nan_total}
+        if d.enabled:
+            rec["images_per_s_rank"], rec["ranks"] = rec["images_per_s"] / d.world, d.world
         self.log(rec)
         self.logbook.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
                               wait=f"{rec['data_wait']:.0%}")
@@ -279,7 +327,7 @@ class Trainer:
                          "epoch_seconds": per_step * self.steps_per_epoch, "remaining_seconds": per_step * left,
                          "measured_steps": self.step - s0}
         self.log({"projection": lb.projection})
-        write(f"projected: {_hms(lb.projection['epoch_seconds'])} per epoch "
+        self._say(f"projected: {_hms(lb.projection['epoch_seconds'])} per epoch "
                    f"({self.steps_per_epoch} steps at {per_step:.3g} s/step), {_hms(per_step * left)} for the "
                    f"{left} steps left, validation not included")
 
@@ -288,19 +336,24 @@ class Trainer:
     def fit(self) -> dict:
         """Train until train.max_steps / train.epochs or early stopping; the best validation result."""
         if self.finished():  # before wandb and the bar: nothing to report
-            write(f"{self.run_dir}: already complete at step {self.step} (best {self.best['metric']:.4f} at step "
+            self._say(f"{self.run_dir}: already complete at step {self.step} (best {self.best['metric']:.4f} at step "
                   f"{self.best['step']}); nothing to train: raise train.epochs or train.max_steps to continue")
             return dict(self.best)
-        self.logbook.start(self.cfg, self.step, self.total_steps)
-        self.log({"hardware": hardware(self.device), "precision": self.precision})  # the report's headline
+        if self.dist.main:  # wandb, the clocks and the bar (the clocks are restarted below on every rank)
+            self.logbook.start(self.cfg, self.step, self.total_steps)
+        else:
+            self.logbook.t_fit, self.logbook.fit_step0 = time.perf_counter(), self.step
+        self.log({"hardware": hardware(self.device, self.dist.world), "precision": self.precision})  # headline
         if self.step == 0 and self.reference is not None:
             self.log({"reference": self.reference})
         try:
             with self._sigint_deferred():
                 self._loop()
+            self.dist.barrier("rank 0's last checkpoint")  # torchrun's success means the files are written
         finally:
             self.logbook.close()
-            self.plot()
+            if self.dist.main:
+                self.plot()
         return dict(self.best)
 
     def _loop(self) -> None:
@@ -311,7 +364,8 @@ class Trainer:
                 for batch in self._timed(self.loader):
                     # at an epoch end or the last step, Ctrl-C waits for the validation and checkpoint due there
                     end = self.loader.at_epoch_end
-                    if self._step(batch) and (self._after_step(epoch_end=end) or (self._interrupt and not end)):
+                    if self._step(batch, last=end) and \
+                            (self._after_step(epoch_end=end) or (self._interrupt and not end)):
                         break
             except Exception as e:
                 if self._interrupt and "DataLoader worker" in str(e):  # Ctrl-C also reached the loader's workers
@@ -328,8 +382,10 @@ class Trainer:
         """Ctrl-C sets a flag the loop reads after the step in flight (a consistent place to checkpoint);
         a second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (signals go there)."""
         self._interrupt = False
-        if threading.current_thread() is not threading.main_thread() or \
+        if threading.current_thread() is not threading.main_thread() or self.dist.enabled or \
                 signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started with `&` from a script
+            # under torchrun the ranks would stop at different steps: Ctrl-C stops the group at once (torchrun
+            # ends every rank) and the run resumes from its last checkpoint
             yield
             return
         owner = os.getpid()
@@ -341,7 +397,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
             self._interrupt = True
-            write("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+            self._say("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
 
         previous = signal.signal(signal.SIGINT, handler)
         try:
@@ -371,18 +427,22 @@ class Trainer:
             self.logbook.wait += time.perf_counter() - t
             yield batch
 
-    def _step(self, batch) -> bool:
+    def _step(self, batch, last: bool = False) -> bool:
         """One micro-batch (forward, loss, backward); at the end of an accumulation window the optimizer
-        step. True when an optimizer step was issued (the device may still skip it: see :meth:`_settle`)."""
+        step. True when an optimizer step was issued (the device may still skip it: see :meth:`_settle`).
+        ``last``: the epoch's last batch (its window ends here, short or not). Under DDP the gradients are
+        averaged across ranks only in the window's last backward (``no_sync`` on the others)."""
         o = self.cfg.optim
         if self._micro == 0:
             self._buffers.take()  # a skipped window gives back what its forward passes did to BatchNorm
-        with autocast(self.precision, self.device):
-            logits = self.train_model(batch.images)
-        loss = weighted_bce(logits.float(), batch.targets, valid=batch.valid, focal_gamma=o.focal_gamma,
-                            pos_weight=o.pos_weight)
-        self._window_bad |= ~torch.isfinite(loss)  # decided on the device: no `if` on a device tensor here
-        self.scaler.scale(loss / o.grad_accum).backward()
+        window_end = last or self._micro + 1 >= o.grad_accum
+        with (self.ddp.no_sync() if self.ddp is not None and not window_end else contextlib.nullcontext()):
+            with autocast(self.precision, self.device):
+                logits = self.train_model(batch.images)
+            loss = weighted_bce(logits.float(), batch.targets, valid=batch.valid, focal_gamma=o.focal_gamma,
+                                pos_weight=o.pos_weight)
+            self._window_bad |= ~torch.isfinite(loss)  # decided on the device: no `if` on a device tensor here
+            self.scaler.scale(loss / o.grad_accum).backward()
         self.logbook.last_loss = loss.detach()
         self._micro += 1
         self.logbook.images += batch.n_valid  # counted on the host by the loader
@@ -395,6 +455,9 @@ class Trainer:
         """Unscale, clip, Adam, EMA, schedule for the window's accumulated gradients (skipped on the device
         when the window had a non-finite loss or gradient)."""
         o = self.cfg.optim
+        # one rank's non-finite loss skips the step on every rank (gradients are averaged, so a non-finite one is
+        # already everywhere; a loss is not): one collective on the device, no host sync
+        self._window_bad = self.dist.any_(self._window_bad)
         grads = [p.grad for p in self._params if p.grad is not None]
         if self.scaler.is_enabled():
             # a non-finite loss with finite gradients (an fp16 logit overflow) must skip Adam too: GradScaler only
@@ -510,7 +573,7 @@ class Trainer:
         self.log({"val": result})
         ref = "" if self.reference is None else (f"; {self.reference['name']} best "
                                                  f"{self.reference['competition_loss']:.4f}")
-        write(f"step {self.step}: val competition loss {result['competition_loss']:.4f} "
+        self._say(f"step {self.step}: val competition loss {result['competition_loss']:.4f} "
                    f"(best {self.best['metric']:.4f} @ {self.best['step']}; constant baseline {self.baseline:.4f}"
                    f"{ref}), accuracy {result['accuracy']:.3f}, {seconds:.1f} s")
         self._check_val_share()
@@ -530,7 +593,7 @@ class Trainer:
             t = self.cfg.train
             every = f"train.val_every_steps={t.val_every_steps}" if t.val_every_steps else \
                 f"train.val_every_epochs={t.val_every_epochs}"
-            write(f"warning: validation has taken {share:.0%} of the run so far ({lb.val_seconds:.0f} s of "
+            self._say(f"warning: validation has taken {share:.0%} of the run so far ({lb.val_seconds:.0f} s of "
                        f"{total:.0f} s, {len(self.val_studies)} studies each time): validate less often "
                        f"(now {every}) or on fewer studies (data.val_cohorts)")
             self.log({"warning": f"validation share {share:.2f}"})
@@ -539,6 +602,7 @@ class Trainer:
         """The study-level competition loss on the validation fold, with the EMA weights when on (study
         inference on the device: :mod:`spinestream.engine.infer`)."""
         model = self.ema.module if self.ema else self.model
+        self.dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics: every rank scores the same model
         probs = predict_run(model, self.cfg, self.val_studies.StudyInstanceUID.tolist(), self.device,
                             self.precision, batch_size=self.loader_cfg.batch_size)
         self.model.train()  # inference left it in eval mode; training may go on mid-epoch (val_every_steps)
@@ -553,10 +617,11 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def hardware(device: torch.device) -> str:
-    """The machine a run trains on, as the report names it: host, cores and accelerator."""
+def hardware(device: torch.device, world: int = 1) -> str:
+    """The machine a run trains on, as the report names it: host, cores and accelerator (and the ranks)."""
     acc = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return f"{platform.node() or 'host'}: {os.cpu_count()} cores, {acc}"
+    ranks = f", {world} ranks (torchrun)" if world > 1 else ""
+    return f"{platform.node() or 'host'}: {os.cpu_count()} cores, {acc}{ranks}"
 
 
 def plot_curves(run_dir: Path) -> None:

@@ -81,6 +81,10 @@ def run_verb(verb: str, verb_main: Callable[[list[str]], int | None], argv: list
     except SpinestreamError as e:
         print(f"spinestream {verb}: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        dist = sys.modules.get("spinestream.engine.dist")  # a verb run under torchrun leaves its process group
+        if dist is not None:
+            dist.shutdown()
 
 
 def one_line(e: BaseException) -> str:

@@ -32,10 +32,12 @@ DIR/report.json and the submission DIR/submission.csv.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+from spinestream import InputError
 from spinestream.shards.config import HelpFormatter, add_print_config, load_config, plain, print_config
 
 from .config import STAGES, PipelineConfig
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None, verb=None) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise InputError("spinestream run is one process: its stages write the shards, tables and records one after "
+                         "another. Under torchrun start the stages' verbs (spinestream train / evaluate / "
+                         "pseudo-label / predict -c ...; README, 'More than one GPU'), or run the pipeline without "
+                         "torchrun")
     root = Path(args.out or cfg.out)
     check_stage(cfg.stages, args.from_stage)
     stages = build_stages(cfg, root, verb or cli_verb)

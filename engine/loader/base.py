@@ -33,6 +33,9 @@ each backend; DALI in its CPU-only mode):
   last checkpoint, and any checkpoint that lands on an epoch end) is the start of the next epoch:
   :meth:`Loader.state_dict` records it so, :meth:`Loader.load_state_dict` reads an older
   checkpoint's "position == end of epoch" so too, and the next epoch draws its own permutation.
+  Another number of ranks (``torchrun --nproc-per-node``) may resume a state at an epoch's start (the
+  next epoch is split the new way); a mid-epoch state is refused for it, naming the fix: the samples
+  its ranks have not yet seen are not one stretch of the epoch.
 """
 from __future__ import annotations
 
@@ -122,20 +125,28 @@ class Loader:
     def _seek(self, state: dict) -> None:
         """Go to a :meth:`_state` position (an old checkpoint's end-of-epoch position is the next epoch's start)."""
         epoch, position = int(state["epoch"]), int(state["position"])
-        if not 0 <= position <= self.positions:
-            raise InputError(f"loader state position {position} is outside this rank's epoch of {self.positions} "
+        positions = per_rank(self.n, int(state.get("world") or self.world))  # the saving ranks' epoch length
+        if not 0 <= position <= positions:
+            raise InputError(f"loader state position {position} is outside this rank's epoch of {positions} "
                              f"positions")
-        self.epoch, self.position = (epoch + 1, 0) if position == self.positions else (epoch, position)
+        self.epoch, self.position = (epoch + 1, 0) if position == positions else (epoch, position)
 
     def _check_state(self, state: dict) -> None:
         """A saved position only means something for the same backend, selection, ranks and seed."""
         if state.get("backend") != self.backend:
             raise InputError(f"loader state was written by the {state.get('backend')!r} backend; resume with it "
                              f"(loader.backend={state.get('backend')})")
-        if (state.get("n"), state.get("world"), state.get("seed")) != (self.n, self.world, self.cfg.seed):
-            raise InputError(f"loader state is for n={state.get('n')} world={state.get('world')} "
-                             f"seed={state.get('seed')}, this loader has n={self.n} world={self.world} "
-                             f"seed={self.cfg.seed}: resume with the same selection, ranks and seed")
+        if (state.get("n"), state.get("seed")) != (self.n, self.cfg.seed):
+            raise InputError(f"loader state is for n={state.get('n')} seed={state.get('seed')}, this loader has "
+                             f"n={self.n} seed={self.cfg.seed}: resume with the same selection and seed")
+        position = int(state.get("position", 0))
+        if state.get("world") != self.world and position not in (0, per_rank(self.n, int(state.get("world") or 1))):
+            # a mid-epoch position counts this rank's part of a split into another number of ranks: the samples
+            # not yet seen are not one stretch of the epoch, so no other split can continue them exactly once
+            raise InputError(f"this checkpoint stopped {state.get('position')} samples into epoch {state.get('epoch')} "
+                             f"of each of {state.get('world')} rank(s); it cannot continue that epoch on "
+                             f"{self.world}: resume with {state.get('world')} rank(s) (torchrun --nproc-per-node), "
+                             f"or from a checkpoint written at an epoch end")
 
     def close(self) -> None:
         pass
