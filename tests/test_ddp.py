@@ -196,3 +196,14 @@ def test_one_process_is_a_world_of_one(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(InputError, match=r"RANK=2 is not in \[0, WORLD_SIZE=2\)"):
         dist.env_world()
+
+
+@pytest.mark.slow
+def test_the_torch_loader_splits_and_trains_data_parallel_too(shards, tmp_path):
+    run_ranks([WORKER, *_sets(shards, tmp_path, **{"loader.backend": "torch"})],
+              env={"DDP_OUT": str(tmp_path / "report")})
+    a, b = (json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(2))
+    assert a["params"] == b["params"] and a["val_split"] == a["val_alone"]
+    for epoch in ("0", "1"):
+        assert not set(a["seen"][epoch]) & set(b["seen"][epoch])
+        assert len(a["seen"][epoch]) + len(b["seen"][epoch]) == a["samples"]
