@@ -13,6 +13,8 @@ model learnt):
 * ``predict`` runs as ``python -m spinestream predict``: the submission.csv is byte-identical, each rank says
   which part of the studies it decoded, and the warning about an unreadable study comes from the one rank
   whose part holds it (so the work was split, not repeated).
+* a write that fails on rank 0 (:meth:`~spinestream.engine.dist.Dist.main_only`) fails rank 1 too, naming it,
+  instead of leaving it waiting.
 """
 from __future__ import annotations
 
@@ -88,6 +90,17 @@ def _two_ranks(verb: str, args: list[str], watch: Path, factory):
 def run_dir(shards, tmp_path_factory) -> Path:
     return _write_run(tmp_path_factory.mktemp("dist-runs") / "round1",
                       [f"data.root={shards}", "loader.image_size=48", "log.wandb=disabled"])
+
+
+def test_a_failed_write_on_rank_0_fails_every_rank_without_waiting():
+    code = ("from spinestream.engine import dist\n"
+            "d = dist.init_from_env(device_type='cpu')\n"
+            "assert d.main_only(lambda: 'written', 'the test write') == ('written' if d.main else None)\n"
+            "d.main_only(lambda: 1 / 0, 'the second write')\n")
+    ranks = run_ranks(["-c", code], world=2, timeout=120, check=False)
+    assert ranks[0].returncode != 0 and "ZeroDivisionError" in ranks[0].stderr, ranks[0].stderr  # its own error
+    assert ranks[1].returncode != 0 and "MainFailed" in ranks[1].stderr, ranks[1].stderr
+    assert "rank 0 failed at the second write (ZeroDivisionError: division by zero)" in ranks[1].stderr
 
 
 def test_parts_cover_the_list_once_in_order():
