@@ -17,6 +17,8 @@ What the engine relies on (each helper is a collective: every rank calls it at t
 * :meth:`Dist.any_` -- a flag agreed on every rank (a non-finite loss on one rank skips the step on all),
   :meth:`Dist.mean` / :meth:`Dist.sum_` for the logged loss and throughput;
 * :meth:`Dist.main_first` -- rank 0 runs a block (writes files), the others run it after (they read them);
+* :meth:`Dist.main_only` -- rank 0 alone runs a function (writes a verb's outputs), the others wait for it and
+  raise :class:`MainFailed` when it failed;
 * :meth:`Dist.broadcast_buffers` -- rank 0's BatchNorm statistics everywhere (before validation with EMA);
 * every collective times out after ``timeout_s`` (``train.dist_timeout_s``): a rank that died or hangs
   raises :class:`RankTimeout` in the others, naming the wait, instead of leaving them waiting forever
@@ -43,6 +45,10 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 class RankTimeout(SpinestreamError, RuntimeError):
     """A collective waited longer than ``train.dist_timeout_s`` for the other ranks (one died or hangs)."""
+
+
+class MainFailed(SpinestreamError, RuntimeError):
+    """Rank 0 failed at a step the other ranks waited for (:meth:`Dist.main_only`); its own log has the error."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,12 @@ class Dist:
             merged.update(d)
         return merged
 
-    def broadcast(self, obj: T) -> T:
+    def broadcast(self, obj: T, what: str = "rank 0's value") -> T:
         """Rank 0's ``obj`` on every rank."""
         if not self.enabled:
             return obj
         box = [obj if self.main else None]
-        with self._waiting("rank 0's value"):
+        with self._waiting(what):
             torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -152,6 +158,26 @@ class Dist:
         yield
         if self.enabled and self.main:
             self.barrier(what)
+
+    def main_only(self, fn: Callable[[], T], what: str = "rank 0's writes") -> T | None:
+        """``fn()`` on rank 0 only (it writes the outputs); every rank returns once it is done, so the files
+        exist when any rank has finished (torchrun reports success only then). An exception in ``fn`` is raised
+        on rank 0 and, as :class:`MainFailed` naming it, on the others: no rank waits for a write that failed.
+        Returns ``fn()``'s value on rank 0, None elsewhere."""
+        if not self.enabled:
+            return fn()
+        result, error, failed = None, None, None
+        if self.main:
+            try:
+                result = fn()
+            except BaseException as e:  # re-raised below, once the other ranks know
+                error, failed = e, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failed = self.broadcast(failed, what)
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise MainFailed(f"rank {self.rank} of {self.world}: rank 0 failed at {what} ({failed}); see its log")
+        return result
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) in ``module`` on every rank (parameters are kept in

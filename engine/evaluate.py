@@ -14,6 +14,10 @@ run's config.yaml from before they were stored absolute) is relative to the run 
 YAML file is to its file (:func:`spinestream.engine.rundir.read_config`). A model that gives non-finite probabilities on a study is an
 error naming the study (:func:`spinestream.engine.infer.check_finite`): nothing is scored.
 
+Under ``torchrun --nproc-per-node N $(which spinestream) evaluate ...`` (:mod:`spinestream.engine.dist`) each rank
+infers its contiguous part of the studies on its own device (``LOCAL_RANK``), the parts are gathered, every rank
+scores all of them, and rank 0 alone writes the outputs and prints the report: the files one process writes.
+
 The options are :class:`EvaluateConfig`'s fields: flags (``--batch-size 16``), a ``-c`` YAML file or ``--set
 KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-config`` prints such a file.
 """
@@ -77,6 +81,7 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
     (``RUN_DIR/shard_spec.json``; a run without one is checked against its ``data.root`` when that is there,
     else it cannot be and a warning says so). A shard set that makes other images is a
     :class:`~spinestream.engine.checkpoint.RunError` naming ``--shards``."""
+    from . import dist
     from .checkpoint import RunError
 
     root = Path(cfg.data.root if shards is None else shards)  # the run's is absolute (read_config resolves it)
@@ -86,8 +91,9 @@ def with_shards(run_dir: Path, cfg: RunConfig, shards: Path | None, verb: str) -
     except FileNotFoundError:
         own = None
     if own is None:
-        print(f"warning: {run_dir} has no {SPEC_FILE} and its data.root {cfg.data.root} is not there: "
-              f"cannot check that {root} makes the images it trained on", file=sys.stderr)
+        if dist.current().main:  # under torchrun: said once
+            print(f"warning: {run_dir} has no {SPEC_FILE} and its data.root {cfg.data.root} is not there: "
+                  f"cannot check that {root} makes the images it trained on", file=sys.stderr)
     else:
         try:
             own.check_same_images(other, f"{verb} --shards {root}" if shards is not None else f"{verb}: {run_dir}")
@@ -194,6 +200,11 @@ class EvaluateConfig:
             raise ValueError("checkpoint: best, last, or a checkpoint path")
 
 
+def report_frame(result: dict) -> pd.DataFrame:
+    """The per-vertebra report of :func:`spinestream.engine.infer.score_studies`' ``result``, by target."""
+    return pd.DataFrame(result["report"]).set_index("target")
+
+
 def write_outputs(out: EvalLayout, probs: dict[str, np.ndarray], studies: pd.DataFrame, result: dict, rule: str,
                   shards: Layout) -> pd.DataFrame:
     """report.csv, slice_probs.parquet, submission.csv and heatmaps.png (with the slice truth of ``shards``' boxed
@@ -201,7 +212,7 @@ def write_outputs(out: EvalLayout, probs: dict[str, np.ndarray], studies: pd.Dat
     from .metrics import study_probabilities, submission_frame
 
     out.root.mkdir(parents=True, exist_ok=True)
-    report = pd.DataFrame(result["report"]).set_index("target")
+    report = report_frame(result)
     report.to_csv(out.report)
     rows = [pd.DataFrame({"StudyInstanceUID": u, "index": np.arange(len(v)), **{t: v[:, k] for k, t in
                                                                                 enumerate(TARGETS)}})
@@ -214,15 +225,21 @@ def write_outputs(out: EvalLayout, probs: dict[str, np.ndarray], studies: pd.Dat
 
 def run(cfg: EvaluateConfig) -> tuple[Path, EvalSummary, pd.DataFrame]:
     """Evaluate ``cfg.run`` and write the outputs (module doc); returns (the output directory, its summary,
-    the per-vertebra report)."""
+    the per-vertebra report).
+
+    Under torchrun (:mod:`spinestream.engine.dist`) each rank infers its part of the studies on its own device
+    (``LOCAL_RANK``) and scores all of them; rank 0 alone writes, and every rank returns once it has written."""
+    from . import dist
     from .device import pick_device, resolve_precision
     from .infer import predict_run, score_studies
     from .metrics import constant_baseline
 
     if cfg.run is None:
         raise ConfigError("evaluate: no run to evaluate: pass --run RUN_DIR (or run: in the -c file)")
+    d = dist.init_from_env(device_type="cpu" if cfg.device == "cpu" else None)  # a world of one: a no-op
     run_dir = Path(cfg.run)
-    dev = pick_device(cfg.device)
+    dev = pick_device(cfg.device, d.local_rank)
+    # every check up to predict_run reads the same files on every rank, so a refusal raises on all of them
     model, rc, path = load_run_model(run_dir, cfg.checkpoint, dev)
     rc = with_shards(run_dir, rc, None if cfg.shards is None else Path(cfg.shards), "evaluate")
     fold = rc.data.val_fold if cfg.fold is None else cfg.fold
@@ -233,21 +250,26 @@ def run(cfg: EvaluateConfig) -> tuple[Path, EvalSummary, pd.DataFrame]:
     if chosen.empty:
         raise ConfigError(f"fold {fold}: no {'/'.join(rc.data.val_cohorts)} studies in fold {fold} of "
                           f"{rc.data.root}; choose another --fold")
-    if fold != rc.data.val_fold:
+    if fold != rc.data.val_fold and d.main:
         print(f"warning: fold {fold} is not the run's validation fold ({rc.data.val_fold}): "
               f"the model may have trained on it", file=sys.stderr)
     probs = predict_run(model, rc, chosen.StudyInstanceUID.tolist(), dev, resolve_precision(rc.train.precision, dev),
-                        batch_size=cfg.batch_size, progress=True)
+                        batch_size=cfg.batch_size, progress=True)  # every rank gets every study's probabilities
     result = score_studies(probs, studies, rule)
     baseline = constant_baseline(chosen, prevalence_from=studies[studies.fold != fold])
     out = EvalLayout(Path(cfg.out)) if cfg.out is not None else RunLayout(run_dir).evaluation(fold)
-    report = write_outputs(out, probs, studies, result, rule, shards)
+    report = report_frame(result)
     summary = EvalSummary(
         run=str(run_dir), checkpoint=str(path), shards=str(rc.data.root), fold=int(fold), rule=rule,
         studies=int(result["studies"]), competition_loss=float(result["competition_loss"]),
         constant_baseline=float(baseline), accuracy=float(result["accuracy"]),
         validation_fold=bool(fold == rc.data.val_fold))
-    write_eval_summary(out.root, summary)
+
+    def write() -> None:
+        write_outputs(out, probs, studies, result, rule, shards)
+        write_eval_summary(out.root, summary)
+
+    d.main_only(write, f"writing the evaluation to {out.root}")
     return out.root, summary, report
 
 
@@ -258,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:  # --print-config
         return 0
     out, s, report = run(cfg)
+    from .dist import current
+
+    if not current().main:  # under torchrun rank 0 reports, as it writes
+        return 0
     with pd.option_context("display.width", 120, "display.precision", 3):
         print(report[["accuracy", "sensitivity", "specificity", "auc", "n_pos", "n_neg"]])
     print(f"\n{Path(s.checkpoint).name}, fold {s.fold}, {s.studies} studies, rule={s.rule}: competition loss "

@@ -57,6 +57,11 @@ synthetic generator knows every crack, see ``preprocess/synth_truth.py``) and
 ``<name>.heatmap.png`` (slices x vertebrae for a sample of studies, probabilities beside
 the labels).
 
+Under ``torchrun --nproc-per-node N $(which spinestream) pseudo-label ...`` (:mod:`spinestream.engine.dist`) each
+rank infers its contiguous part of the studies on its own device (``LOCAL_RANK``), the parts are gathered, every
+rank makes the whole table, and rank 0 alone writes it (with its summary and heat map): the table one process
+writes.
+
 The options are :class:`PseudoLabelConfig`'s fields: flags (``--mode soft``), a ``-c`` YAML file or ``--set
 KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-config`` prints such a file.
 """
@@ -368,7 +373,10 @@ def _thresholds(cfg: PseudoLabelConfig, probs: dict[str, np.ndarray], studies: p
                             f"(leaks that fold's labels into round 2, which is scored on it)"), detail
     thresholds, detail = share_thresholds(probs, studies, truth, tune.StudyInstanceUID.tolist())
     if not len(tune):
-        print(f"warning: {root} has no boxed study outside validation fold {k}: thresholds 0.5", file=sys.stderr)
+        from .dist import current
+
+        if current().main:  # under torchrun: said once
+            print(f"warning: {root} has no boxed study outside validation fold {k}: thresholds 0.5", file=sys.stderr)
         return thresholds, (f"train-share: no boxed study outside validation fold {k} to take the shares from: 0.5 "
                             f"for every vertebra"), detail
     folds = sorted(int(f) for f in set(tune.fold))
@@ -378,19 +386,26 @@ def _thresholds(cfg: PseudoLabelConfig, probs: dict[str, np.ndarray], studies: p
 
 
 def run(cfg: PseudoLabelConfig) -> dict:
-    """Inference, thresholds, table, summary and heat map; returns the summary."""
+    """Inference, thresholds, table, summary and heat map; returns the summary.
+
+    Under torchrun (:mod:`spinestream.engine.dist`) each rank infers its part of the studies on its own device
+    (``LOCAL_RANK``) and builds the whole table and summary from all of them; rank 0 alone writes, and every
+    rank returns the summary once it has written."""
     import torch
 
+    from . import dist
     from .device import pick_device, resolve_precision
     from .evaluate import load_run_model, with_shards
     from .infer import predict_run
 
     if cfg.run is None:
         raise ConfigError("pseudo-label: no run to label with: pass --run RUN_DIR (or run: in the -c file)")
+    d = dist.init_from_env(device_type="cpu" if cfg.device == "cpu" else None)  # a world of one: a no-op
     run_dir = Path(cfg.run)
-    dev = pick_device(cfg.device)
+    dev = pick_device(cfg.device, d.local_rank)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes (engine.infer): tuned once
+    # every check up to predict_run reads the same files on every rank, so a refusal raises on all of them
     model, rc, ckpt = load_run_model(run_dir, cfg.checkpoint, dev)
     rc = with_shards(run_dir, rc, None if cfg.shards is None else Path(cfg.shards), "pseudo-label")
     root = Path(rc.data.root)
@@ -403,13 +418,14 @@ def run(cfg: PseudoLabelConfig) -> dict:
     boxed = studies[studies.cohort == "boxed"]
     tune = boxed[boxed.fold == k] if method == "val" else boxed[boxed.fold != k] if method == "train-share" \
         else boxed.iloc[:0]
-    if method == "val":
+    if method == "val" and d.main:
         print(f"warning: threshold val tunes the thresholds on the {len(tune)} boxed studies of validation fold "
               f"{k}, the fold round 2 is scored on: its validation loss will be optimistic (the default, "
               f"train-share, never reads that fold)", file=sys.stderr)
     uids = targets.StudyInstanceUID.tolist() + (tune.StudyInstanceUID.tolist() if method == "val" else [])
     probs = predict_run(model, rc, uids, dev, resolve_precision(rc.train.precision, dev),
-                        batch_size=cfg.batch_size, tta=cfg.tta, progress=sys.stderr.isatty())
+                        batch_size=cfg.batch_size, tta=cfg.tta, progress=sys.stderr.isatty())  # all, on every rank
+    # from here on every rank computes the same from the same probabilities (a refusal raises on all of them)
     thresholds, source, detail = _thresholds(cfg, probs, studies, tune, root, k)
     df = pseudo_table(probs, studies, mode=cfg.mode, thresholds=thresholds)
     out = Path(cfg.out) if cfg.out is not None else PseudoLayout.default(root, run_dir).table
@@ -421,22 +437,33 @@ def run(cfg: PseudoLabelConfig) -> dict:
             "threshold_folds": None if method is None else sorted(int(f) for f in set(tune.fold)),
             "threshold_excludes_fold": int(k) if method == "train-share" else None,
             "threshold_detail": detail}
-    write_table(out, df, meta)
-    return write_summary(cfg, df, meta, out, root)
-
-
-def write_summary(cfg: PseudoLabelConfig, df: pd.DataFrame, meta: dict, out: Path, root: Path) -> dict:
-    """``<name>.summary.json`` (and ``<name>.heatmap.png``) beside the table ``out``; returns the summary."""
     slices = read_slice_table(Layout(root).slices, columns=["slice_id", "StudyInstanceUID"])
+    summary = make_summary(cfg, df, meta, out, slices)
+
+    def write() -> None:
+        write_table(out, df, meta)
+        _write_summary(cfg, df, summary, out, slices)
+
+    d.main_only(write, f"writing the pseudo-labels to {out}")
+    return summary
+
+
+def make_summary(cfg: PseudoLabelConfig, df: pd.DataFrame, meta: dict, out: Path, slices: pd.DataFrame) -> dict:
+    """The summary of the table ``df`` written to ``out`` (``slices``: the shard set's slice_id ->
+    StudyInstanceUID), with its quality against ``cfg.truth`` when given."""
     keys = ("run", "checkpoint", "shards", "mode", "thresholds", "threshold_method", "threshold_source",
             "threshold_studies", "threshold_folds", "threshold_excludes_fold")
     summary = {"table": str(out), **{k: meta[k] for k in keys}, **summarize(df, slices)}
     if cfg.truth is not None:
         summary["quality"] = quality(df, read_label_table(cfg.truth).frame)
+    PseudoSummary.from_dict(summary)  # checked where it is made: a summary that does not fit raises on every rank
+    return summary
+
+
+def _write_summary(cfg: PseudoLabelConfig, df: pd.DataFrame, summary: dict, out: Path, slices: pd.DataFrame) -> None:
     write_pseudo_summary(out, PseudoSummary.from_dict(summary))
     if cfg.heatmap_studies > 0:
         heatmaps(df, slices, PseudoLayout(out).heatmap, cfg.heatmap_studies)
-    return summary
 
 
 def _print(summary: dict) -> None:
@@ -463,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_verb_config(PseudoLabelConfig, "spinestream pseudo-label", __doc__, argv)
     if cfg is None:  # --print-config
         return 0
-    _print(run(cfg))
+    summary = run(cfg)
+    from .dist import current
+
+    if current().main:  # under torchrun rank 0 reports, as it writes
+        _print(summary)
     return 0
 
 

@@ -27,6 +27,11 @@ it cannot parse is an error. Without it: every study directory in ``--images``, 
 ``--images`` must hold study directories of ``.dcm`` files: a folder with none (e.g. the dataset root,
 whose ``test_images/`` is the one to pass) is refused with exit status 2.
 
+Under ``torchrun --nproc-per-node N $(which spinestream) predict ...`` (:mod:`spinestream.engine.dist`) each rank
+decodes and predicts its contiguous part of the test studies on its own device (``LOCAL_RANK``; ``--workers``
+unset: the CPUs shared among the machine's ranks), says so on stderr and warns of its own studies' bad files; the
+parts and counts are gathered, and rank 0 alone writes the submission: byte for byte the file one process writes.
+
 The options are :class:`PredictConfig`'s fields: flags (``--workers 4``, ``--run`` repeated), a ``-c`` YAML file
 or ``--set KEY=VALUE`` (a flag wins over ``--set``, which wins over the file); ``--print-config`` prints such a
 file. From Python: :func:`run` with a :class:`PredictConfig`, or :func:`load_runs` and :func:`predict`.
@@ -307,16 +312,40 @@ def _names(items: Sequence[str], n: int = 10) -> str:
 def predict_study_probs(runs: Sequence[Run], studies: Sequence[tuple[str, Path]], *, rule: str, workers: int,
                         prefetch: int, progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """``{uid: (8,) study probabilities}`` for ``studies`` (prevalence where nothing could be read),
-    and a summary (counts, slices, seconds, decode seconds summed over the workers)."""
+    and a summary (counts, slices, seconds, decode seconds summed over the workers).
+
+    Under torchrun (:mod:`spinestream.engine.dist`) each rank decodes and predicts its contiguous part of
+    ``studies`` (a line on stderr says which) and every rank returns all of them, with the ranks' summaries
+    combined (:func:`combine_stats`): what one process returns."""
+    from spinestream.engine import dist
+
+    d = dist.current()
+    mine = d.part(list(studies))
+    if d.enabled:
+        print(f"spinestream predict: rank {d.rank} of {d.world} on {runs[0].kwargs['device']}: {len(mine)} of "
+              f"{len(studies)} studies", file=sys.stderr)
     spec, prev = runs[0].spec, prevalence(runs)
     out: dict[str, np.ndarray] = {}
-    stats = {"studies": len(studies), "slices": 0, "bad_files": 0, "unreadable_studies": [], "decode_s": 0.0}
-    with decoding_pool(min(workers, len(studies))) as pool:
+    stats = {"studies": len(mine), "slices": 0, "bad_files": 0, "unreadable_studies": [], "decode_s": 0.0}
+    with decoding_pool(min(workers, len(mine))) as pool:
         t0 = time.perf_counter()
-        _run_studies(runs, decoded_studies(studies, spec.config, pool, ahead=workers + prefetch),
-                     rule, prev, out, stats, progress)
+        _run_studies(runs, decoded_studies(mine, spec.config, pool, ahead=workers + prefetch),
+                     rule, prev, out, stats, progress and d.main)
     stats["seconds"] = time.perf_counter() - t0
-    return out, stats
+    if not d.enabled:
+        return out, stats
+    parts = d.gather((out, stats))  # in rank order: the parts are contiguous, so this is the studies' order
+    merged = {u: p for part, _ in parts for u, p in part.items()}
+    return {u: merged[u] for u, _ in studies}, combine_stats([s for _, s in parts])
+
+
+def combine_stats(parts: Sequence[dict]) -> dict:
+    """The ranks' summaries (in rank order) as one process's: counts, slices, bad files and decode seconds
+    summed, unreadable studies in order, wall seconds the slowest rank's."""
+    return {"studies": sum(s["studies"] for s in parts), "slices": sum(s["slices"] for s in parts),
+            "bad_files": sum(s["bad_files"] for s in parts),
+            "unreadable_studies": [u for s in parts for u in s["unreadable_studies"]],
+            "decode_s": sum(s["decode_s"] for s in parts), "seconds": max(s["seconds"] for s in parts)}
 
 
 def _run_studies(runs, decoded, rule: str, prev: np.ndarray, out: dict, stats: dict, progress: bool) -> None:
@@ -366,6 +395,9 @@ def predict(runs: Sequence[Run], images: Path, *, sample: Path | None = None, ru
     """The submission frame (``row_id, fractured``) and a summary; see the module doc for the rules."""
     from spinestream.engine.metrics import submission_frame
 
+    from spinestream.engine import dist
+
+    main = dist.current().main  # under torchrun rank 0 says what concerns every study (a rank warns of its own)
     rule = ensemble_rule(runs, rule)
     found = list_studies(Path(images))
     prev = prevalence(runs)
@@ -377,12 +409,12 @@ def predict(runs: Sequence[Run], images: Path, *, sample: Path | None = None, ru
         rows = read_sample(Path(sample))
         wanted = list(dict.fromkeys(rows["uid"]))  # studies in first-appearance order
         missing = [u for u in wanted if u not in found]
-        if missing:
+        if missing and main:
             _warn(f"{len(missing)} stud{'y' if len(missing) == 1 else 'ies'} of the sample submission "
                   f"{'is' if len(missing) == 1 else 'are'} not in {images}, predicting the training prevalence: "
                   f"{_names(missing)}")
         extra = sorted(set(found) - set(wanted))
-        if extra:
+        if extra and main:
             print(f"spinestream predict: {len(extra)} stud(y/ies) in {images} not in the sample submission, "
                   f"skipped: {_names(extra, 3)}", file=sys.stderr)
         todo = [(u, found[u]) for u in wanted if u in found]
@@ -439,7 +471,8 @@ class PredictConfig:
     out: str | None = None
     """The submission.csv to write; required."""
     workers: int | None = None
-    """DICOM decoding processes; unset: one per CPU; 0: decode inline."""
+    """DICOM decoding processes; unset: one per CPU (under torchrun: shared among the machine's ranks); 0: decode
+    inline."""
     prefetch: int = 2
     """Decoded studies waiting beyond one per worker."""
     batch_size: int | None = None
@@ -464,25 +497,43 @@ class PredictConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+def default_workers() -> int:
+    """Decoding processes when ``--workers`` is unset: the CPUs, shared among the ranks on this machine
+    (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        local = 1
+    return max(1, (os.cpu_count() or 1) // local)
+
+
 def run(cfg: PredictConfig) -> tuple[pd.DataFrame, dict]:
     """Predict ``cfg.images`` with ``cfg.run`` and write ``cfg.out``; returns the (unclipped) submission frame and
-    the summary of :func:`predict`."""
+    the summary of :func:`predict`.
+
+    Under torchrun (:mod:`spinestream.engine.dist`) each rank decodes and predicts its part of the studies on
+    its own device (``LOCAL_RANK``), every rank returns the whole frame and summary, and rank 0 alone writes
+    ``cfg.out``: the file one process writes; every rank returns once it is written."""
+    from spinestream.engine import dist
     from spinestream.engine.device import pick_device
 
     missing = [f"--{k.replace('_', '-')}" for k in ("run", "images", "out") if not getattr(cfg, k)]
     if missing:
         raise ConfigError(f"predict: {', '.join(missing)} required (or {', '.join(m[2:] for m in missing)} in the "
                           f"-c file)")
-    images, workers = Path(cfg.images), (os.cpu_count() or 1) if cfg.workers is None else cfg.workers
-    list_studies(images)  # a wrong --images is refused before any model is loaded
-    dev = pick_device(cfg.device)
+    images, workers = Path(cfg.images), default_workers() if cfg.workers is None else cfg.workers
+    list_studies(images)  # a wrong --images is refused before any model is loaded (on every rank alike)
+    d = dist.init_from_env(device_type="cpu" if cfg.device == "cpu" else None)  # a world of one: a no-op
+    dev = pick_device(cfg.device, d.local_rank)
     runs = load_runs([Path(r) for r in cfg.run], dev, checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
                      tta=cfg.tta)
-    print(f"spinestream predict: {len(runs)} run(s) on {dev}, image spec {runs[0].spec.key()} "
-          f"(from {runs[0].spec.source}), {workers} decoding worker(s)", file=sys.stderr)
+    if d.main:
+        print(f"spinestream predict: {len(runs)} run(s) on {dev}, image spec {runs[0].spec.key()} "
+              f"(from {runs[0].spec.source}), {workers} decoding worker(s)"
+              + (f" per rank, {d.world} ranks" if d.enabled else ""), file=sys.stderr)
     frame, stats = predict(runs, images, sample=None if cfg.sample_submission is None else Path(cfg.sample_submission),
                            rule=cfg.rule, workers=workers, prefetch=cfg.prefetch, progress=cfg.progress)
-    write_submission(frame, Path(cfg.out))
+    d.main_only(lambda: write_submission(frame, Path(cfg.out)), f"writing {cfg.out}")
     return frame, stats
 
 
@@ -494,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     warnings.simplefilter("always", DataWarning)  # every bad file and study is named, not the first only
     frame, stats = run(cfg)
+    from spinestream.engine.dist import current
+
+    if not current().main:  # under torchrun rank 0 reports, as it writes
+        return 0
     rate = stats["studies"] / stats["seconds"] * 60 if stats["seconds"] > 0 else math.inf
     print(f"done: {len(frame)} rows, {stats['studies']} studies decoded ({stats['slices']} slices, "
           f"{stats['bad_files']} bad files, {len(stats['unreadable_studies'])} unreadable, "
