@@ -19,8 +19,10 @@ JPEG-LS 4.80 / 4.81           ``imagecodecs.jpegls`` (CharLS), ``pydicom.gdcm``,
                               ``pydicom.pylibjpeg``, ``pydicom.pyjpegls``
 JPEG 2000 4.90 / 4.91         ``imagecodecs.jpeg2k`` (OpenJPEG, 1 thread unless asked),
                               ``pydicom.pylibjpeg``, ``pydicom.gdcm``, ``pydicom.pillow``
-HTJ2K 4.201 / 4.202 / 4.203   ``imagecodecs.htj2k`` (OpenJPH), ``imagecodecs.jpeg2k``,
+HTJ2K lossless 4.201 / 4.202  ``imagecodecs.htj2k`` (OpenJPH), ``imagecodecs.jpeg2k``,
                               ``pydicom.pylibjpeg``
+HTJ2K 4.203 (lossy)           ``imagecodecs.jpeg2k``, ``pydicom.pylibjpeg`` (OpenJPEG both;
+                              OpenJPH rounds 0.02% of lossy pixels differently)
 RLE Lossless 1.2.5            ``imagecodecs.dicomrle``, ``pydicom.pylibjpeg``,
                               ``pydicom.pydicom``, ``pydicom.gdcm``
 anything else                 pydicom's plugins (lossy JPEG baseline/extended: GDCM,
@@ -269,8 +271,11 @@ def _chains() -> dict[str, tuple[Decoder, ...]]:
         c[ts] = (IC_JPEGLS, PD_GDCM, PD_PYLIBJPEG, PD_PYJPEGLS)
     for ts in _J2K:
         c[ts] = (IC_JPEG2K, PD_PYLIBJPEG, PD_GDCM, PD_PILLOW)
-    for ts in _HTJ2K:
+    for ts in (uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL):
         c[ts] = (IC_HTJ2K, IC_JPEG2K, PD_PYLIBJPEG)
+    # Lossy HTJ2K: OpenJPH's irreversible wavelet rounds 0.02% of pixels 1 away from OpenJPEG's
+    # (pylibjpeg's, the decoder before issue 21); OpenJPEG only, so HU do not depend on the build.
+    c[uid.HTJ2K] = (IC_JPEG2K, PD_PYLIBJPEG)
     c[uid.RLELossless] = (IC_DICOMRLE, PD_PYLIBJPEG, PD_RLE, PD_GDCM)
     for ts in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit):  # lossy: left as before
         c[ts] = (PD_GDCM, PD_PYLIBJPEG, PD_PILLOW)
