@@ -81,6 +81,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
@@ -146,20 +147,55 @@ class FrameInfo:
         return self.rows * self.cols * self.samples * self.dtype.itemsize
 
 
+_US = struct.Struct("<H").unpack
+
+
+def _us(ds: Dataset, tag: int, keyword: str, default: int) -> int:
+    """An unsigned short of ``ds``: straight from the raw bytes while pydicom has not converted
+    the element yet (a conversion costs ~30 us, and the pixel module has six of them), else as
+    pydicom gives it. Same value either way: a US of length 2 little endian is just that."""
+    raw = ds._dict.get(tag)  # noqa: SLF001 -- pydicom keeps unconverted elements there
+    if isinstance(raw, RawDataElement) and raw.VR == "US" and raw.length == 2 and raw.is_little_endian:
+        return _US(raw.value)[0]
+    value = ds.get(keyword, default)
+    return int(default if value in (None, "") else value)
+
+
+def _text(ds: Dataset, tag: int) -> str | None:
+    """A single-valued ASCII string (CS, UI, IS) straight from the raw bytes, as pydicom would
+    convert it (padding stripped); None when converted already or not that simple."""
+    raw = ds._dict.get(tag)  # noqa: SLF001
+    if not isinstance(raw, RawDataElement) or raw.VR not in ("CS", "UI", "IS") or not raw.value:
+        return None
+    value = bytes(raw.value)
+    if b"\\" in value or not value.isascii():
+        return None
+    return value.decode("ascii").strip(" \x00")
+
+
+def _frames(ds: Dataset) -> int:
+    text = _text(ds, 0x00280008)
+    if text is not None and text.isdigit():
+        return max(int(text), 1)
+    return _n_frames(ds)
+
+
 def frame_info(ds: Dataset) -> FrameInfo:
     """The pixel module of ``ds`` as a FrameInfo (missing BitsStored = BitsAllocated)."""
-    allocated = int(ds.get("BitsAllocated", 16) or 16)
-    stored = int(ds.get("BitsStored", allocated) or allocated)
+    tsyntax = _text(ds.file_meta, 0x00020010)
+    photometric = _text(ds, 0x00280004)
+    allocated = _us(ds, 0x00280100, "BitsAllocated", 16) or 16
+    stored = _us(ds, 0x00280101, "BitsStored", allocated) or allocated
     return FrameInfo(
-        tsyntax=str(ds.file_meta.TransferSyntaxUID),
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        tsyntax=tsyntax or str(ds.file_meta.TransferSyntaxUID),
+        rows=_us(ds, 0x00280010, "Rows", 0),
+        cols=_us(ds, 0x00280011, "Columns", 0),
+        samples=_us(ds, 0x00280002, "SamplesPerPixel", 1) or 1,
         bits_allocated=allocated,
         bits_stored=min(stored, allocated),
-        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
-        photometric=str(ds.get("PhotometricInterpretation", "") or ""),
-        n_frames=_n_frames(ds),
+        signed=_us(ds, 0x00280103, "PixelRepresentation", 0) == 1,
+        photometric=photometric if photometric is not None else str(ds.get("PhotometricInterpretation", "") or ""),
+        n_frames=_frames(ds),
     )
 
 

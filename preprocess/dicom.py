@@ -87,7 +87,7 @@ from pydicom.pixels import get_decoder
 
 from spinestream import SpinestreamError
 
-from . import decoders
+from . import decoders, lightparse
 from .errors import DataWarning
 
 __all__ = ["DicomError", "SeriesMeta", "read_hu", "read_series", "AIR_HU"]
@@ -208,6 +208,14 @@ def _read_dataset(path: Path) -> Dataset:
         raise DicomError(path, f"cannot read file ({e.strerror or e})") from e
     if not data:
         raise DicomError(path, "empty file")
+    # The light parse (explicit VR little endian and encapsulated files, no functional groups:
+    # nearly every CT slice) gives the Dataset dcmread would, 3-4x faster; anything else is
+    # dcmread's, as before (preprocess/lightparse.py).
+    ds = lightparse.parse(data)
+    if ds is not None:
+        with _header_errors(path):
+            _check_image(ds, path)
+        return ds
     try:
         # force=False: files without the DICM preamble are rejected here, so random bytes
         # never half-parse into a dataset.
