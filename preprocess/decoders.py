@@ -55,8 +55,9 @@ chain is tried, and only when all fail does the reader raise ``DicomError`` list
   here means pydicom's own pure-Python decoders: native data and RLE). Native data keeps its
   default chain when the list names no native decoder (``numpy`` or ``pydicom``), so
   ``SPINESTREAM_DICOM_DECODER=gdcm`` still reads uncompressed files;
-* ``legacy``: the choice before issue 21 -- pydicom's ``pixel_array`` for everything, GDCM first
-  for JPEG Lossless/JPEG-LS, pylibjpeg first for JPEG 2000 and RLE.
+* ``legacy``: the read path before issue 21 -- ``pydicom.dcmread`` (not the light parse of
+  ``preprocess.lightparse``), then ``pixel_array`` for everything, GDCM first for JPEG
+  Lossless/JPEG-LS, pylibjpeg first for JPEG 2000 and RLE.
 
 A pin is an environment variable, not a ``ShardConfig`` field, on purpose: every decoder path gives
 the same stored values (the correctness gate, tests/test_decoders.py), so the choice must not
@@ -150,18 +151,17 @@ class FrameInfo:
 _US = struct.Struct("<H").unpack
 
 
-def _us(ds: Dataset, tag: int, keyword: str, default: int) -> int:
-    """An unsigned short of ``ds``: straight from the raw bytes while pydicom has not converted
-    the element yet (a conversion costs ~30 us, and the pixel module has six of them), else as
-    pydicom gives it. Same value either way: a US of length 2 little endian is just that."""
+def raw_us(ds: Dataset, tag: int) -> int | None:
+    """An unsigned short of ``ds`` straight from its raw bytes while pydicom has not converted the
+    element yet (a conversion costs ~30 us; the pixel module has six), else None. The same value
+    pydicom would give: a little-endian US of length 2 is just that."""
     raw = ds._dict.get(tag)  # noqa: SLF001 -- pydicom keeps unconverted elements there
     if isinstance(raw, RawDataElement) and raw.VR == "US" and raw.length == 2 and raw.is_little_endian:
         return _US(raw.value)[0]
-    value = ds.get(keyword, default)
-    return int(default if value in (None, "") else value)
+    return None
 
 
-def _text(ds: Dataset, tag: int) -> str | None:
+def raw_text(ds: Dataset, tag: int) -> str | None:
     """A single-valued ASCII string (CS, UI, IS) straight from the raw bytes, as pydicom would
     convert it (padding stripped); None when converted already or not that simple."""
     raw = ds._dict.get(tag)  # noqa: SLF001
@@ -173,8 +173,16 @@ def _text(ds: Dataset, tag: int) -> str | None:
     return value.decode("ascii").strip(" \x00")
 
 
+def _us(ds: Dataset, tag: int, keyword: str, default: int) -> int:
+    value = raw_us(ds, tag)
+    if value is not None:
+        return value
+    value = ds.get(keyword, default)
+    return int(default if value in (None, "") else value)
+
+
 def _frames(ds: Dataset) -> int:
-    text = _text(ds, 0x00280008)
+    text = raw_text(ds, 0x00280008)
     if text is not None and text.isdigit():
         return max(int(text), 1)
     return _n_frames(ds)
@@ -182,8 +190,8 @@ def _frames(ds: Dataset) -> int:
 
 def frame_info(ds: Dataset) -> FrameInfo:
     """The pixel module of ``ds`` as a FrameInfo (missing BitsStored = BitsAllocated)."""
-    tsyntax = _text(ds.file_meta, 0x00020010)
-    photometric = _text(ds, 0x00280004)
+    tsyntax = raw_text(ds.file_meta, 0x00020010)
+    photometric = raw_text(ds, 0x00280004)
     allocated = _us(ds, 0x00280100, "BitsAllocated", 16) or 16
     stored = _us(ds, 0x00280101, "BitsStored", allocated) or allocated
     return FrameInfo(
@@ -369,6 +377,12 @@ def _pin() -> str:
     return os.environ.get(ENV_PIN, "").strip().lower()
 
 
+def light_parse() -> bool:
+    """Whether the reader may use ``preprocess.lightparse`` (not under the ``legacy`` pin, which
+    stands for the whole read path before issue 21: ``dcmread``, then ``pixel_array``)."""
+    return _pin() != "legacy"
+
+
 def chain_for(tsyntax: str, pin: str | None = None) -> tuple[Decoder, ...]:
     """Installed decoders for ``tsyntax`` in the order they are tried, under ``pin`` (default:
     the environment's :data:`ENV_PIN`); () when nothing here decodes it.
@@ -464,9 +478,15 @@ def check(arr: Any, info: FrameInfo) -> np.ndarray:
 
 
 def _shift(arr: np.ndarray, bits: int) -> np.ndarray:
-    """Keep the low ``bits`` bits; sign-extend them for a signed dtype (PS3.5 8.1.1)."""
+    """Keep the low ``bits`` bits; sign-extend them for a signed dtype (PS3.5 8.1.1).
+
+    ``arr`` itself (maybe read-only) when every value already fits in ``bits`` -- the shift is
+    then the identity, and two reductions cost a third of the copy and two shifts."""
     shift = 8 * arr.dtype.itemsize - bits
     if shift <= 0:
+        return arr
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if arr.dtype.kind == "i" else (0, (1 << bits) - 1)
+    if arr.size and lo <= arr.min() and arr.max() <= hi:
         return arr
     if not arr.flags.writeable:
         arr = arr.copy()

@@ -493,3 +493,91 @@ def test_frame_info_and_jpeg_precision(cases):
     assert (info.rows, info.cols, info.bits_stored, info.signed, info.dtype) == (128, 128, 16, True, np.dtype("int16"))
     assert decoders._jpeg_precision(decoders.frame_bytes(ds, info, 0)) == 16
     assert decoders._jpeg_precision(b"not a jpeg") is None
+
+
+# ---------------------------------------------------------------------------------------
+# The light parse gives dcmread's dataset, or None
+# ---------------------------------------------------------------------------------------
+
+from spinestream.preprocess import lightparse  # noqa: E402
+
+_PYDICOM_FILES = sorted(p.name for p in Path(pydicom.data.__file__).parent.joinpath("test_files").glob("*.dcm"))
+
+
+def _same_as_dcmread(ds: Dataset, ref: Dataset, name: str) -> None:
+    assert str(ds.file_meta.TransferSyntaxUID) == str(ref.file_meta.TransferSyntaxUID)
+    assert list(ds.file_meta.keys()) == list(ref.file_meta.keys())
+    for tag in ref.keys():
+        if tag not in ds:  # only sequences are left out
+            assert ref[tag].VR == "SQ", (name, tag)
+            continue
+        mine, theirs = ds[tag], ref[tag]
+        assert mine.VR == theirs.VR and mine.value == theirs.value, (name, theirs)
+    assert set(ds.keys()) <= set(ref.keys())
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", _PYDICOM_FILES)
+def test_light_parse_equals_dcmread_or_declines(name):
+    path = get_testdata_file(name, download=False)
+    ds = lightparse.parse(Path(path).read_bytes())
+    try:
+        ref = pydicom.dcmread(path)
+    except Exception:  # noqa: BLE001 -- a file dcmread refuses must not be read by the light parse
+        assert ds is None
+        return
+    if ds is None:  # declining is always safe: dcmread reads it
+        assert name not in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+                            "MR_small_jpeg_ls_lossless.dcm", "J2K_pixelrep_mismatch.dcm")
+        return
+    assert str(ref.file_meta.TransferSyntaxUID) in lightparse._SYNTAXES
+    _same_as_dcmread(ds, ref, name)
+    try:
+        expected = pixel_array(ref, index=0)
+    except Exception:  # noqa: BLE001 -- pydicom cannot decode it either (JPGExtended 12-bit, ...)
+        return
+    np.testing.assert_array_equal(pixel_array(ds, index=0), expected)
+
+
+def test_light_parse_declines_what_it_does_not_handle(cases):
+    by = {c.name: c for c in cases}
+    for name in ("ct_small_s16-implicit", "ct_small_s16-deflated"):
+        assert lightparse.parse(by[name].path.read_bytes()) is None, name
+    assert lightparse.parse(by["ct_small_s16-explicit"].path.read_bytes()) is not None
+    assert lightparse.parse(by["ct_small_s16-rle-pydicom"].path.read_bytes()) is not None
+    assert lightparse.parse(b"") is None and lightparse.parse(b"\0" * 200) is None
+    ect = _testfile("eCT_Supplemental.dcm")
+    if ect is not None:  # functional groups: dcmread reads the sequences
+        assert lightparse.parse(Path(ect).read_bytes()) is None
+
+
+def test_light_parse_never_raises_on_damaged_files(cases):
+    """Truncations and flipped bytes: a Dataset or None, never an exception (dcmread then decides)."""
+    rng = np.random.default_rng(21)
+    for name in ("ct_small_s16-explicit", "ct_small_s16-rle-pydicom", "ct_small_s16-j2k-gdcm"):
+        c = next((c for c in cases if c.name == name), None)
+        if c is None:
+            continue
+        data = c.path.read_bytes()
+        header_end = data.find(b"\xe0\x7f\x10\x00") + 16
+        for cut in list(range(128, header_end, 7)) + [len(data) - 1, len(data) - 100]:
+            out = lightparse.parse(data[:cut])
+            assert out is None or isinstance(out, Dataset)
+        for _ in range(300):
+            b = bytearray(data)
+            for i in rng.integers(132, header_end, 3):
+                b[i] = int(rng.integers(0, 256))
+            out = lightparse.parse(bytes(b))
+            assert out is None or isinstance(out, Dataset)
+
+
+def test_legacy_pin_reads_with_dcmread(cases, monkeypatch):
+    c = _case(cases, "ct_small_s16-explicit")
+    calls = []
+    real = lightparse.parse
+    monkeypatch.setattr(lightparse, "parse", lambda data: calls.append(1) or real(data))
+    read_hu(c.path)
+    assert calls == [1]
+    monkeypatch.setenv(decoders.ENV_PIN, "legacy")
+    read_hu(c.path)
+    assert calls == [1]
