@@ -267,11 +267,11 @@ def _decode_frame(
     ``correct_unused_bits`` (BitsStored < BitsAllocated: drop the high bits, PS3.5) is on
     unless the caller needs the raw container values first (see ``_padding``).
     """
-    tsyntax = str(ds.file_meta.TransferSyntaxUID)
     options = dict(_DECODE_OPTIONS, correct_unused_bits=correct_unused_bits)
+    with _header_errors(path):
+        info = decoders.frame_info(ds)
+    tsyntax = info.tsyntax
     try:
-        with _header_errors(path):
-            info = decoders.frame_info(ds)
         arr, _ = decoders.decode(ds, index, options, info=info)
     except NotImplementedError as e:
         try:

@@ -581,3 +581,24 @@ def test_legacy_pin_reads_with_dcmread(cases, monkeypatch):
     monkeypatch.setenv(decoders.ENV_PIN, "legacy")
     read_hu(c.path)
     assert calls == [1]
+
+
+def test_single_frame_extraction_equals_pydicom(cases):
+    from pydicom.encaps import get_frame
+
+    n = 0
+    for c in cases:
+        ds = pydicom.dcmread(c.path)
+        info = decoders.frame_info(ds)
+        if c.tsyntax in decoders._NATIVE_LE or info.n_frames != 1:
+            continue
+        assert decoders.frame_bytes(ds, info, 0) == get_frame(ds.PixelData, 0, number_of_frames=1), c.name
+        n += 1
+    assert n > 20
+    # several fragments for one frame are joined, as pydicom does
+    item = b"\xfe\xff\x00\xe0"
+    two = item + bytes(4) + item + b"\x04\x00\x00\x00abcd" + item + b"\x04\x00\x00\x00efgh"
+    assert decoders._single_frame(two) == b"abcdefgh"
+    assert decoders._single_frame(encapsulate([b"abcdefgh"])) == b"abcdefgh"
+    with pytest.raises(ValueError):
+        decoders._single_frame(b"\x00" * 16)
