@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-SYNTAXES = ("explicit", "jpeg-lossless", "jpeg-ls", "htj2k", "rle", "j2k")
+SYNTAXES = ("explicit", "jpeg-lossless", "jpeg-lossless-p14", "jpeg-ls", "htj2k", "rle", "j2k")
+"""``jpeg-lossless`` is GDCM's encoding (as archives hold it); ``jpeg-lossless-p14`` libjpeg-turbo's at
+precision == BitsStored (14), the case where a decoder that does not sign-extend returns -2000 as 14384."""
 KAGGLE_STUDIES, KAGGLE_SLICES, LIMIT_H = 1500, 350, 9.0
 
 
@@ -56,6 +58,7 @@ def _uid(syntax: str) -> str:
     from pydicom import uid
 
     return {"explicit": uid.ExplicitVRLittleEndian, "jpeg-lossless": uid.JPEGLosslessSV1,
+            "jpeg-lossless-p14": uid.JPEGLosslessSV1,
             "jpeg-ls": uid.JPEGLSLossless, "htj2k": uid.HTJ2KLossless, "rle": uid.RLELossless,
             "j2k": uid.JPEG2000Lossless}[syntax]
 
@@ -102,7 +105,8 @@ def write_syntax(ds, syntax: str, path: Path) -> Path:
         out.compress(ts, encoding_plugin="pydicom" if syntax == "rle" else "pylibjpeg")
         out.save_as(path, enforce_file_format=True)
         return path
-    frame = {"jpeg-lossless": lambda: imagecodecs.jpeg8_encode(samples, lossless=True, predictor=1, bitspersample=bits),
+    frame = {"jpeg-lossless-p14": lambda: imagecodecs.jpeg8_encode(samples, lossless=True, predictor=1, bitspersample=bits),
+             "jpeg-lossless": lambda: imagecodecs.jpeg8_encode(samples, lossless=True, predictor=1, bitspersample=bits),
              "jpeg-ls": lambda: imagecodecs.jpegls_encode(a.view(np.uint16) if a.dtype.kind == "i" else a),
              "htj2k": lambda: imagecodecs.htj2k_encode(a, reversible=True)}[syntax]()
     out.PixelData = encapsulate([frame])
