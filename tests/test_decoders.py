@@ -82,7 +82,7 @@ def _dataset(src: Source) -> Dataset:
     ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, src.bits_stored, src.bits_stored - 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8 * src.stored.dtype.itemsize, src.bits_stored, src.bits_stored - 1
     ds.PixelRepresentation = int(src.signed)
     if frames > 1:
         ds.NumberOfFrames = frames
@@ -96,7 +96,7 @@ def _dataset(src: Source) -> Dataset:
 def _bits(stored: np.ndarray, precision: int) -> np.ndarray:
     """Stored values as the unsigned ``precision``-bit samples a JPEG/JPEG-LS encoder is given
     (two's complement in ``precision`` bits for signed data)."""
-    return (stored.astype(np.int64) & ((1 << precision) - 1)).astype(np.uint16)
+    return (stored.astype(np.int64) & ((1 << precision) - 1)).astype(np.uint8 if precision <= 8 else np.uint16)
 
 
 def _encapsulated(src: Source, ts: str, encode) -> Dataset:
@@ -141,6 +141,8 @@ def _sources() -> list[Source]:
             Source("ct693_s16", a[128:384, 128:384][None], 16, ds),
             Source("ct693_u12", np.clip(a[:256, 256:] + 2000, 0, 4095).astype(np.uint16)[None], 12, ds),
             Source("ct693_s14_3frames", np.stack([a[:128, :128], a[200:328, 200:328], a[384:, 384:]]), 14, ds),
+            # 8 bits allocated: a bone window of the same slice, as some exports store it
+            Source("ct693_u8", (np.clip(a[256:, :256] + 200, 0, 2000) * 255 // 2000).astype(np.uint8)[None], 8, ds),
         ]
     pect = _testfile("eCT_Supplemental.dcm")
     if pect is not None:  # enhanced CT, unsigned 16-bit, 2 frames
@@ -174,19 +176,20 @@ def _build(tmp: Path) -> list[Case]:
             ds.save_as(tmp / f"{n}-{tag}.dcm", implicit_vr=ts == uid.ImplicitVRLittleEndian, little_endian=True)
             add(f"{n}-{tag}", tmp / f"{n}-{tag}.dcm", ts, s)
         # JPEG Lossless SV1: libjpeg-turbo at precision == BitsStored and at 16; GDCM
-        for p in sorted({bs, 16}):
+        for p in sorted({bs, 8 * s.dtype.itemsize}):
             add(f"{n}-sv1-jpeg8-p{p}", _encapsulated(src, uid.JPEGLosslessSV1, lambda f, p=p: imagecodecs.jpeg8_encode(
                 _bits(f, p), lossless=True, predictor=1, bitspersample=p)), uid.JPEGLosslessSV1, s)
         add(f"{n}-sv1-gdcm", _gdcm(plain, tmp / f"{n}-sv1-gdcm.dcm", "JPEGLosslessProcess14_1"), uid.JPEGLosslessSV1, s)
         # JPEG Lossless 4.57 (any predictor): liblj92 (predictor 6), libjpeg-turbo predictor 7, GDCM
         add(f"{n}-457-ljpeg-p{bs}", _encapsulated(src, uid.JPEGLossless, lambda f: imagecodecs.ljpeg_encode(
             _bits(f, bs), bitspersample=bs)), uid.JPEGLossless, s)
-        add(f"{n}-457-jpeg8-p16", _encapsulated(src, uid.JPEGLossless, lambda f: imagecodecs.jpeg8_encode(
-            _bits(f, 16), lossless=True, predictor=7, bitspersample=16)), uid.JPEGLossless, s)
+        top = 8 * s.dtype.itemsize
+        add(f"{n}-457-jpeg8-p{top}", _encapsulated(src, uid.JPEGLossless, lambda f: imagecodecs.jpeg8_encode(
+            _bits(f, top), lossless=True, predictor=7, bitspersample=top)), uid.JPEGLossless, s)
         add(f"{n}-457-gdcm", _gdcm(plain, tmp / f"{n}-457-gdcm.dcm", "JPEGLosslessProcess14"), uid.JPEGLossless, s)
         # JPEG-LS lossless: CharLS via imagecodecs (writes precision 16), GDCM (precision BitsStored)
-        add(f"{n}-jls-charls-p16", _encapsulated(src, uid.JPEGLSLossless, lambda f: imagecodecs.jpegls_encode(
-            _bits(f, 16))), uid.JPEGLSLossless, s)
+        add(f"{n}-jls-charls-p{top}", _encapsulated(src, uid.JPEGLSLossless, lambda f: imagecodecs.jpegls_encode(
+            _bits(f, top))), uid.JPEGLSLossless, s)
         add(f"{n}-jls-gdcm", _gdcm(plain, tmp / f"{n}-jls-gdcm.dcm", "JPEGLSLossless"), uid.JPEGLSLossless, s)
         # JPEG 2000 lossless: pylibjpeg-openjpeg (pydicom), GDCM, imagecodecs signed at 16 bits, and
         # unsigned at BitsStored for signed data (the codestream/PixelRepresentation mismatch)
