@@ -209,7 +209,7 @@ def _read_dataset(path: Path) -> Dataset:
     if not data:
         raise DicomError(path, "empty file")
     # The light parse (explicit VR little endian and encapsulated files, no functional groups:
-    # nearly every CT slice) gives the Dataset dcmread would, 3-4x faster; anything else is
+    # nearly every CT slice) gives the Dataset dcmread would, ~3x faster; anything else is
     # dcmread's, as before (preprocess/lightparse.py).
     ds = lightparse.parse(data) if decoders.light_parse() else None
     if ds is not None:
