@@ -10,6 +10,7 @@ SUITES = {
     "loader": ("spinestream.benchmarks.loader", "images/s into the training loop: dicom baseline, torch, DALI, decode-only"),
     "train": ("spinestream.benchmarks.train", "model-only vs through-the-loader training images/s (saturation), auto batch"),
     "predict": ("spinestream.benchmarks.predict", "test DICOM -> submission: studies/min per syntax, 1,500-study projection"),
+    "decode": ("spinestream.benchmarks.decode", "DICOM decode per transfer syntax: spinestream vs each library alone (the floor)"),
     "infer": ("spinestream.benchmarks.infer", "study inference slices/s from Zarr vs the model alone (saturation), peak memory"),
 }
 

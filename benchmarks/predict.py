@@ -4,14 +4,20 @@ submission, per transfer syntax, and whether 1,500 hidden test studies fit Kaggl
 Per syntax (explicit, JPEG Lossless, JPEG 2000, RLE; a synthetic test set each):
 
 * **decode** -- slices/s on one core of predict's ingest (``spinestream.preprocess.ingest.ingest_study``, the shard
-  job's too: read, HU, resize, window, neighbour index);
+  job's too: read, HU, resize, window, neighbour index), and the same **before** issue 21's decoders
+  (``SPINESTREAM_DICOM_DECODER=legacy``: dcmread + pydicom's plugins), alternating study by study in the same run;
 * **model** -- slices/s of the model alone on in-memory volumes (here a tiny CPU model, ``test_resnet``
   by default: a stand-in, not the GPU figure of the real backbone);
 * **end to end** -- studies/min of ``predict`` with ``--workers`` decoding processes.
 
 Projection: 1,500 studies x 350 slices with 2 and with 4 CPU cores (Kaggle's GPU sessions have 2 physical /
 4 logical): prediction is decode-bound on CPU, so the time is the max of decode (slices / (rate x cores))
-and model (slices / rate). Figures go to ``benchmarks/results/predict.json``.
+and model (slices / rate); for the slowest syntax, the mean mix and all-JPEG-Lossless, before and after.
+
+Then the **decode table** (``spinestream bench decode``, ``benchmarks/decode.py``): per transfer syntax (HTJ2K and
+JPEG-LS too) spinestream's read path next to the fastest single library measured in the same run (the decode
+floor), slices/s per core, and the decode-only projection before/after. Figures go to
+``benchmarks/results/predict.json``.
 """
 from __future__ import annotations
 
@@ -70,18 +76,31 @@ def bench_syntax(syntax: str, work: Path, run: Path, model, cfg, sc, args, dev) 
                  slices=tuple(args.slices), syntax=syntax, workers=args.workers)
     images = d / "test_images"
     dc = data_config(model)
-    dec_s = model_s = 0.0
+    from spinestream.preprocess.decoders import pinned
+
+    dec_s = before_s = model_s = 0.0
     n = 0
-    for study in sorted(images.iterdir()):
-        t0 = time.perf_counter()
-        ing = ingest_study(study, sc)  # predict's ingest (and the shard job's)
+    studies = sorted(images.iterdir())
+    for pin in (None, "legacy"):  # untimed: imports and first-call set-up of each path's libraries
+        with pinned(pin):
+            ingest_study(studies[0], sc)
+    for i, study in enumerate(studies):
+        # before (the legacy decoders) and after, alternating which goes first, same files warm
+        for pin in (("legacy", None) if i % 2 else (None, "legacy")):
+            t0 = time.perf_counter()
+            with pinned(pin):
+                ing = ingest_study(study, sc)  # predict's ingest (and the shard job's)
+            if pin is None:
+                dec_s += time.perf_counter() - t0
+            else:
+                before_s += time.perf_counter() - t0
         t1 = time.perf_counter()
         vol = ing.volume
         sv = StudyVolume(study.name, vol, ing.nbr, sc.channels, -1)
         next(predict_volumes(model, [sv], image_size=cfg.loader.image_size, mean=dc["mean"], std=dc["std"],
                              batch_size=cfg.loader.batch_size, device=dev))
         t2 = time.perf_counter()
-        dec_s, model_s, n = dec_s + t1 - t0, model_s + t2 - t1, n + vol.shape[0]
+        model_s, n = model_s + t2 - t1, n + vol.shape[0]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "spinestream.cli", "predict", "--run", str(run), "--images",
                         str(images), "--out", str(d / "submission.csv"), "--workers", str(args.workers),
@@ -90,6 +109,7 @@ def bench_syntax(syntax: str, work: Path, run: Path, model, cfg, sc, args, dev) 
     if r.returncode != 0:
         raise RuntimeError(f"spinestream predict failed:\n{r.stderr[-2000:]}")
     return {"studies": args.studies, "slices": n, "decode_slices_s_per_core": n / dec_s,
+            "decode_before_slices_s_per_core": n / before_s,
             "model_slices_s": n / model_s, "end_to_end_studies_min": args.studies / e2e * 60,
             "end_to_end_slices_s": n / e2e, "workers": args.workers, "end_to_end_includes": "process start-up"}
 
@@ -116,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--syntaxes", nargs="+", default=list(SYNTAXES), choices=SYNTAXES)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--decode-rounds", type=int, default=64,
+                   help="alternating calls per library in the decode table (0: no table)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/predict.json"))
     args = p.parse_args(argv)
     from spinestream.engine.device import pick_device
@@ -130,23 +152,44 @@ def main(argv: list[str] | None = None) -> int:
         per = {}
         for syn in args.syntaxes:
             per[syn] = r = bench_syntax(syn, work, run, model, cfg, sc, args, dev)
-            print(f"{syn:14s} decode {r['decode_slices_s_per_core']:7.1f} slices/s/core   model "
+            print(f"{syn:14s} decode {r['decode_slices_s_per_core']:7.1f} slices/s/core (before issue 21: "
+                  f"{r['decode_before_slices_s_per_core']:6.1f})   model "
                   f"{r['model_slices_s']:7.1f} slices/s   end to end {r['end_to_end_studies_min']:6.2f} studies/min "
                   f"({r['end_to_end_slices_s']:.1f} slices/s, {args.workers} workers)")
-    # the hidden test set's syntax mix is unpublished: project with the slowest syntax measured, and the mean
-    worst = min(per.values(), key=lambda r: r["decode_slices_s_per_core"])
+    # the hidden test set's syntax mix is unpublished: project with the slowest syntax measured, the mean, and
+    # all-JPEG-Lossless (the syntax whose decoder changed most), before and after issue 21's decoders
     model_rate = float(np.mean([r["model_slices_s"] for r in per.values()]))
-    proj = {"slowest_syntax": project(worst["decode_slices_s_per_core"], model_rate),
-            "mean_syntax": project(float(np.mean([r["decode_slices_s_per_core"] for r in per.values()])), model_rate)}
-    for k, v in proj.items():
-        print(f"projection ({k}) for {KAGGLE_STUDIES} x {KAGGLE_SLICES} slices: " + ", ".join(
-            f"{c}: {x['hours']:.2f} h (decode {x['decode_h']:.2f}, model {x['model_h']:.2f})" for c, x in v.items()))
+    proj = {}
+    for when, key in (("after", "decode_slices_s_per_core"), ("before", "decode_before_slices_s_per_core")):
+        rates = {syn: r[key] for syn, r in per.items()}
+        proj[when] = {"slowest_syntax": project(min(rates.values()), model_rate),
+                      "mean_syntax": project(float(np.mean(list(rates.values()))), model_rate)}
+        if "jpeg-lossless" in rates:
+            proj[when]["all_jpeg_lossless"] = project(rates["jpeg-lossless"], model_rate)
+    for k in proj["after"]:
+        for when in ("before", "after"):
+            v = proj[when][k]
+            print(f"projection ({k}, {when}) for {KAGGLE_STUDIES} x {KAGGLE_SLICES} slices: " + ", ".join(
+                f"{c}: {x['hours']:.2f} h (decode {x['decode_h']:.2f}, model {x['model_h']:.2f})" for c, x in v.items()))
+    table = None
+    if args.decode_rounds > 0:
+        from spinestream.benchmarks.decode import print_decode_table, project_decode, decode_table
+
+        rows = decode_table(rounds=args.decode_rounds)
+        print_decode_table(rows, candidates=False)
+        table = {"rows": rows, "projection_decode_only": {"after": project_decode(rows),
+                                                          "before": project_decode(rows, "before_slices_s_per_core")}}
+        for mix in ("mean_mix", "all_jpeg-lossless"):
+            a, b = table["projection_decode_only"]["after"].get(mix), table["projection_decode_only"]["before"].get(mix)
+            if a and b:
+                print(f"decode-only projection ({mix}) for {KAGGLE_STUDIES} x {KAGGLE_SLICES} slices: " + ", ".join(
+                    f"{c} cores {b[f'{c}_cores_h']:.2f} h before -> {a[f'{c}_cores_h']:.2f} h" for c in (2, 4)))
     result = {"args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                        for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
                           "device": str(dev), "torch": torch.__version__},
               "note": f"model figures are {args.model} on {dev} (a stand-in for the real backbone on a GPU)",
-              "per_syntax": per, "projection": proj}
+              "per_syntax": per, "projection": proj, "decode_table": table}
     atomic_write_json(args.out, result)
     print(f"-> {args.out}")
     return 0

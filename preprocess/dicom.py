@@ -27,12 +27,14 @@ Traps handled (real CT files break naive code on each of these):
   -2000 decodes as 6192). pydicom's ``apply_j2k_sign_correction`` re-interprets the
   decoded values from the codestream header; it is passed explicitly, so a changed
   default cannot silently break HU.
-- **Compressed transfer syntaxes.** JPEG Lossless (4.57, 4.70), JPEG-LS, JPEG 2000
-  (lossless and lossy), RLE, JPEG baseline/extended, deflated and big-endian explicit VR
-  all go through ``pydicom.pixels.pixel_array``. The decoding plugin is chosen per
-  transfer syntax, fastest first (GDCM for JPEG Lossless/JPEG-LS, pylibjpeg for JPEG
-  2000 and RLE; measured on 512x512 CT, see ``_PLUGIN_PREFERENCE``), with the other
-  installed plugins as fallbacks, so one plugin's failure is not a bad file.
+- **Compressed transfer syntaxes.** JPEG Lossless (4.57, 4.70), JPEG-LS, JPEG 2000 and HTJ2K
+  (lossless and lossy), RLE, JPEG baseline/extended, deflated and big-endian explicit VR. The
+  stored values of a frame come from ``preprocess.decoders``: per transfer syntax the fastest
+  decoder that is correct for it (imagecodecs' libjpeg-turbo, CharLS, OpenJPH, OpenJPEG, RLE;
+  ``np.frombuffer`` for uncompressed data), pydicom's plugins as fallbacks, every result checked
+  (``None``, a wrong dtype or shape is a failure, never pixels) and made equal to what
+  ``pydicom.pixels.pixel_array`` returns with the options below (so the traps above hold
+  whichever decoder ran). ``SPINESTREAM_DICOM_DECODER`` pins a decoder (see that module).
 - **Multi-valued tags.** WindowCenter/WindowWidth are never read. A multi-valued
   RescaleSlope/Intercept (non-conformant) uses its first value.
 - **MONOCHROME1.** Not inverted: for CT the Modality LUT (rescale) applies to the stored
@@ -66,12 +68,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -81,44 +83,17 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder, pixel_array
+from pydicom.pixels import get_decoder
 
 from spinestream import SpinestreamError
 
+from . import decoders, lightparse
 from .errors import DataWarning
 
 __all__ = ["DicomError", "SeriesMeta", "read_hu", "read_series", "AIR_HU"]
 
 AIR_HU = -1024.0
 """HU given to padded pixels (PixelPaddingValue)."""
-
-# Decoding plugins to try, fastest first, per transfer syntax. Measured here (2 shared
-# cores; CT_small upsampled to 512x512 int16 with CT-like noise; ms per slice for the
-# decode alone -- parsing the file adds ~0.5-1.5 ms):
-#   JPEG Lossless SV1 / 4.57: gdcm 5.0 / 4.9, pylibjpeg 7.5 / 7.5
-#   JPEG-LS lossless:         gdcm 6.0, pylibjpeg 17.2
-#   RLE lossless:             pylibjpeg 0.4, pydicom 2.7
-#   JPEG 2000 lossless:       gdcm 18 wall but 31 CPU (it decodes on 2 threads),
-#                             pylibjpeg 26 wall = 26 CPU, pillow 28
-#   JPEG 2000 lossless, 2 worker processes on 2 cores (how the shard job runs), ms per
-#   slice aggregate, 4 paired runs on a shared machine: gdcm 29, 30, 16, 16;
-#                             pylibjpeg 27, 23, 13, 13 -- pylibjpeg ahead in every pair
-#   JPEG 2000 lossy (10:1):   gdcm 6.7-8.5, pylibjpeg 7.3-8.0, pillow 7.8-8.9 (a tie)
-#   uncompressed:             0.06 (numpy, no plugin)
-# So pylibjpeg leads for JPEG 2000: GDCM's wall-clock win comes from extra threads,
-# which a job running one worker per core does not have to spare. Plugins not listed
-# are tried after these, in pydicom's order.
-_PLUGIN_PREFERENCE: dict[str, tuple[str, ...]] = {
-    uid.JPEGLossless: ("gdcm", "pylibjpeg"),
-    uid.JPEGLosslessSV1: ("gdcm", "pylibjpeg"),
-    uid.JPEGLSLossless: ("gdcm", "pylibjpeg", "pyjpegls"),
-    uid.JPEGLSNearLossless: ("gdcm", "pylibjpeg", "pyjpegls"),
-    uid.JPEG2000Lossless: ("pylibjpeg", "gdcm", "pillow"),
-    uid.JPEG2000: ("pylibjpeg", "gdcm", "pillow"),
-    uid.JPEGBaseline8Bit: ("gdcm", "pylibjpeg", "pillow"),
-    uid.JPEGExtended12Bit: ("gdcm", "pylibjpeg", "pillow"),
-    uid.RLELossless: ("pylibjpeg", "pydicom", "gdcm"),
-}
 
 # Decode options pinned rather than left to pydicom's defaults: HU depend on them.
 _DECODE_OPTIONS: dict[str, Any] = {
@@ -233,6 +208,14 @@ def _read_dataset(path: Path) -> Dataset:
         raise DicomError(path, f"cannot read file ({e.strerror or e})") from e
     if not data:
         raise DicomError(path, "empty file")
+    # The light parse (explicit VR little endian and encapsulated files, no functional groups:
+    # nearly every CT slice) gives the Dataset dcmread would, ~3x faster; anything else is
+    # dcmread's, as before (preprocess/lightparse.py).
+    ds = lightparse.parse(data) if decoders.light_parse() else None
+    if ds is not None:
+        with _header_errors(path):
+            _check_image(ds, path)
+        return ds
     try:
         # force=False: files without the DICM preamble are rejected here, so random bytes
         # never half-parse into a dataset.
@@ -249,14 +232,18 @@ def _read_dataset(path: Path) -> Dataset:
 
 
 def _check_image(ds: Dataset, path: Path) -> None:
+    # Raw values where pydicom has not converted the element yet (decoders.raw_us/raw_text: the
+    # same values, without ~30 us of conversion each); pydicom's get otherwise.
     if "PixelData" not in ds:
         raise DicomError(path, "no PixelData element (not an image, or truncated)")
-    if not ds.file_meta.get("TransferSyntaxUID"):
+    if not (decoders.raw_text(ds.file_meta, 0x00020010) or ds.file_meta.get("TransferSyntaxUID")):
         raise DicomError(path, "no TransferSyntaxUID in the file meta information")
-    for tag in ("Rows", "Columns"):
-        if ds.get(tag) in (None, "", 0):
-            raise DicomError(path, f"missing or zero {tag}")
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    for tag, keyword in ((0x00280010, "Rows"), (0x00280011, "Columns")):
+        value = decoders.raw_us(ds, tag)
+        if (ds.get(keyword) if value is None else value) in (None, "", 0):
+            raise DicomError(path, f"missing or zero {keyword}")
+    spp = decoders.raw_us(ds, 0x00280002)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1) if spp is None else (spp or 1)
     if spp != 1:
         raise DicomError(
             path,
@@ -272,51 +259,37 @@ def _n_frames(ds: Dataset) -> int:
         return 1
 
 
-@cache
-def _plugin_order(tsyntax: str) -> tuple[str, ...]:
-    """Installed decoding plugins for ``tsyntax``, fastest first; ("",) for native data."""
-    decoder = get_decoder(uid.UID(tsyntax))  # NotImplementedError: no decoder at all
-    if decoder.is_native:
-        return ("",)
-    available = list(decoder.available_plugins)
-    preferred = [p for p in _PLUGIN_PREFERENCE.get(tsyntax, ()) if p in available]
-    return tuple(preferred + [p for p in available if p not in preferred])
-
-
 def _decode_frame(
     ds: Dataset, path: Path, index: int, *, correct_unused_bits: bool = True
 ) -> np.ndarray:
-    """Stored values of frame ``index`` as (rows, cols), trying each plugin in turn.
+    """Stored values of frame ``index`` as (rows, cols), from ``preprocess.decoders``' chain.
 
     ``correct_unused_bits`` (BitsStored < BitsAllocated: drop the high bits, PS3.5) is on
     unless the caller needs the raw container values first (see ``_padding``).
     """
-    tsyntax = str(ds.file_meta.TransferSyntaxUID)
-    try:
-        plugins = _plugin_order(tsyntax)
-    except NotImplementedError as e:
-        raise DicomError(path, f"unsupported transfer syntax {tsyntax}") from e
-    if not plugins:
-        raise DicomError(
-            path, f"no installed plugin decodes {uid.UID(tsyntax).name} ({tsyntax})"
-        )
     options = dict(_DECODE_OPTIONS, correct_unused_bits=correct_unused_bits)
-    failures = []
-    for plugin in plugins:
+    with _header_errors(path):
+        info = decoders.frame_info(ds)
+    tsyntax = info.tsyntax
+    try:
+        arr, _ = decoders.decode(ds, index, options, info=info)
+    except NotImplementedError as e:
         try:
-            arr = pixel_array(ds, index=index, decoding_plugin=plugin, **options)
-        except _PASS_THROUGH:
-            raise
-        except BaseException as e:
-            # Plugins raise anything from ValueError to RuntimeError, and pylibjpeg-rle
-            # pyo3's PanicException (a BaseException) on a malformed frame.
-            failures.append(f"{plugin or 'numpy'}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        if arr.ndim != 2:
-            raise DicomError(path, f"decoded frame has shape {arr.shape}, expected 2-D")
-        return arr
-    name = uid.UID(tsyntax).name
-    raise DicomError(path, f"cannot decode {name} pixel data ({'; '.join(failures)})")
+            get_decoder(uid.UID(tsyntax))
+        except NotImplementedError:
+            raise DicomError(path, f"unsupported transfer syntax {tsyntax}") from e
+        pin = os.environ.get(decoders.ENV_PIN)
+        raise DicomError(
+            path,
+            f"no installed decoder decodes {uid.UID(tsyntax).name} ({tsyntax})"
+            + (f" with {decoders.ENV_PIN}={pin}" if pin else ""),
+        ) from e
+    except decoders.DecodeFailed as e:
+        name = uid.UID(tsyntax).name
+        raise DicomError(path, f"cannot decode {name} pixel data ({'; '.join(e.failures)})") from e
+    if arr.ndim != 2:
+        raise DicomError(path, f"decoded frame has shape {arr.shape}, expected 2-D")
+    return arr
 
 
 def _lookup(ds: Dataset, frame: int, keyword: str) -> Any:

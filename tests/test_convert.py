@@ -301,7 +301,7 @@ def test_bad_boxes_are_bad_input_for_that_study(raw, tmp_path):
 
 
 def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypatch):
-    import spinestream.preprocess.dicom as dicom
+    import spinestream.preprocess.decoders as decoders
 
     class Panic(BaseException):  # pyo3's PanicException is a BaseException
         pass
@@ -309,14 +309,14 @@ def test_a_decoder_panic_is_a_bad_file_in_the_shard_job(raw, tmp_path, monkeypat
     uid = sorted(p.name for p in (raw / "train_images").iterdir())[0]
     data = subset(raw, tmp_path / "raw", [uid])
     victim = sorted((data / "train_images" / uid).glob("*.dcm"))[2]
-    real = dicom.pixel_array
+    real = decoders.run
 
-    def panics(ds, **kw):
+    def panics(d, ds, *args, **kw):  # every decoder of the chain panics on the victim
         if int(ds.InstanceNumber) == int(victim.stem):
             raise Panic("index out of bounds: the len is 32768 but the index is 32768")
-        return real(ds, **kw)
+        return real(d, ds, *args, **kw)
 
-    monkeypatch.setattr(dicom, "pixel_array", panics)
+    monkeypatch.setattr(decoders, "run", panics)
     m = shard_dataset(data, tmp_path / "out", ShardConfig(**CFG), workers=1)
     assert [(b.study, b.file) for b in m.bad_files] == [(uid, victim.name)]
     assert "Panic" in m.bad_files[0].reason

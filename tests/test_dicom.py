@@ -169,33 +169,43 @@ def test_mr_siblings_decode_like_uncompressed(name):
     np.testing.assert_array_equal(read_hu(_testfile(name)), read_hu(_testfile("MR_small.dcm")))
 
 
-def test_plugin_order_prefers_fastest():
-    order = dicom._plugin_order(uid.JPEGLosslessSV1)
-    assert order[0] == "gdcm" and "pylibjpeg" in order
-    assert dicom._plugin_order(uid.RLELossless)[0] == "pylibjpeg"
-    assert dicom._plugin_order(uid.JPEG2000Lossless)[:2] == ("pylibjpeg", "gdcm")
-    assert dicom._plugin_order(uid.ExplicitVRLittleEndian) == ("",)
+def test_decoder_order_prefers_fastest(monkeypatch):
+    from spinestream.preprocess import decoders
+
+    monkeypatch.delenv(decoders.ENV_PIN, raising=False)
+    names = [d.name for d in decoders.chain_for(uid.JPEGLosslessSV1)]
+    assert names[0] == "imagecodecs.jpeg8" and {"pydicom.gdcm", "pydicom.pylibjpeg"} <= set(names)
+    assert decoders.chain_for(uid.RLELossless)[0].name == "imagecodecs.dicomrle"
+    assert decoders.chain_for(uid.JPEG2000Lossless)[0].name == "imagecodecs.jpeg2k"
+    assert decoders.chain_for(uid.ExplicitVRLittleEndian)[0].name == "numpy.frombuffer"
+    # the choice before issue 21, kept for before/after benchmarks
+    assert [d.name for d in decoders.chain_for(uid.JPEGLosslessSV1, "legacy")][:2] == ["pydicom.gdcm", "pydicom.pylibjpeg"]
+    assert [d.name for d in decoders.chain_for(uid.ExplicitVRLittleEndian, "legacy")] == ["pydicom.native"]
 
 
-def test_plugin_fallback_and_all_fail(tmp_path, monkeypatch):
+def test_decoder_fallback_and_all_fail(tmp_path, monkeypatch):
+    from spinestream.preprocess import decoders
+
+    monkeypatch.delenv(decoders.ENV_PIN, raising=False)
     dst = _encode_gdcm("JPEGLosslessProcess14_1")(Path(CT), tmp_path / "sv1.dcm")
-    real, used = dicom.pixel_array, []
+    real, used = decoders.run, []
+    chain = [d.name for d in decoders.chain_for(uid.JPEGLosslessSV1)]
 
-    def flaky(ds, *, decoding_plugin="", **kw):
-        used.append(decoding_plugin)
-        if decoding_plugin == "gdcm":
-            raise RuntimeError("gdcm says no")
-        return real(ds, decoding_plugin=decoding_plugin, **kw)
+    def flaky(d, *args, **kw):
+        used.append(d.name)
+        if d.name == chain[0]:
+            raise RuntimeError("first says no")
+        return real(d, *args, **kw)
 
-    monkeypatch.setattr(dicom, "pixel_array", flaky)
+    monkeypatch.setattr(decoders, "run", flaky)
     np.testing.assert_array_equal(read_hu(dst), read_hu(CT))
-    assert used[:2] == ["gdcm", "pylibjpeg"]
+    assert used[:2] == chain[:2]
 
-    def broken(ds, *, decoding_plugin="", **kw):
-        raise RuntimeError(f"{decoding_plugin} broken")
+    def broken(d, *args, **kw):
+        raise RuntimeError(f"{d.name} broken")
 
-    monkeypatch.setattr(dicom, "pixel_array", broken)
-    with pytest.raises(DicomError, match=r"sv1\.dcm.*gdcm.*pylibjpeg"):
+    monkeypatch.setattr(decoders, "run", broken)
+    with pytest.raises(DicomError, match=r"sv1\.dcm.*" + r".*".join(n.replace(".", r"\.") for n in chain)):
         read_hu(dst)
 
 
@@ -730,24 +740,26 @@ class _Panic(BaseException):
 def test_decoder_base_exception_becomes_dicom_error(tmp_path, monkeypatch):
     study = tmp_path / "s"
     _series(study, [float(10 - i) for i in range(4)])
-    real = dicom.pixel_array
+    from spinestream.preprocess import decoders
 
-    def panics_on_two(ds, **kw):
+    real = decoders.run
+
+    def panics_on_two(d, ds, *args, **kw):
         if int(ds.InstanceNumber) == 2:
             raise _Panic("index out of bounds")
-        return real(ds, **kw)
+        return real(d, ds, *args, **kw)
 
-    monkeypatch.setattr(dicom, "pixel_array", panics_on_two)
+    monkeypatch.setattr(decoders, "run", panics_on_two)
     with pytest.raises(DicomError, match=r"2\.dcm.*_Panic"):
         read_hu(study / "2.dcm")
     vol, meta = read_series(study)
     assert [n for n, _ in meta.bad_files] == ["2.dcm"] and "_Panic" in meta.bad_files[0][1]
     assert vol.shape[0] == 3
 
-    def interrupted(ds, **kw):
+    def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dicom, "pixel_array", interrupted)
+    monkeypatch.setattr(decoders, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):  # never swallowed
         read_hu(study / "1.dcm")
 
@@ -773,8 +785,8 @@ def test_real_malformed_rle_frame_is_a_dicom_error(tmp_path, monkeypatch):
     study = tmp_path / "s"
     _series(study, [float(10 - i) for i in range(3)])
     bad = _malformed_rle(study / "2.dcm", study / "2.dcm")
-    # only pylibjpeg, so the panic is what the reader sees (no other plugin to fall back on)
-    monkeypatch.setattr(dicom, "_plugin_order", lambda ts: ("pylibjpeg",) if ts == uid.RLELossless else ("",))
+    # only pylibjpeg, so the panic is what the reader sees (no other decoder to fall back on)
+    monkeypatch.setenv("SPINESTREAM_DICOM_DECODER", "pylibjpeg")
     with pytest.raises(DicomError, match=r"2\.dcm.*cannot decode.*PanicException"):
         read_hu(bad)
     _, meta = read_series(study)
