@@ -891,7 +891,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel processes (of this run; in a job array, per worker: e.g. $SLURM_CPUS_PER_TASK)")
-    p.add_argument("--keep-work", action="store_true", help="keep OUT/_work (per-study staging) after success (a plain run or --merge)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep OUT/_work (per-study staging) after success (a plain run or --merge)")
     p.add_argument("--limit", type=int, default=None, help="only the first N studies (by UID), for a trial run")
     arr = p.add_argument_group(
         "job array", "Split the per-study phase over N workers that share --out (on one machine or several, "
