@@ -229,3 +229,22 @@ def test_flag_misuse_from_the_console_script(raw, tmp_path):
     assert rc.returncode == 2 and rc.stderr.strip().splitlines() == [
         "spinestream shard: --worker-index needs --num-workers: a job-array worker is --worker-index I "
         "--num-workers N (0 <= I < N, N the same for every worker)"]
+
+
+def test_a_volume_is_the_same_bytes_every_time_it_is_written(tmp_path, monkeypatch):
+    """At 512 px a chunk is several Blosc blocks, which threaded c-blosc wrote in the order they finished:
+    reruns, and so a job array and a single run, differed in their volumes' bytes (not their values)."""
+    import numpy as np
+    from numcodecs import blosc
+
+    from spinestream.shards.volumes import write_volume
+
+    # as in a shard job's process: importing zarr (these tests do) turns numcodecs' threads off, the job never does
+    monkeypatch.setattr(blosc, "use_threads", None)
+
+    rng = np.random.default_rng(0)
+    vol = (rng.integers(0, 40, (16, 512, 512)) + np.linspace(0, 200, 512)[None, None, :]).astype(np.uint8)
+    for k in range(6):
+        write_volume(tmp_path / "tmp", tmp_path / f"v{k}", vol, {"study": "x"})
+    digests = {json.dumps(file_bytes(tmp_path / f"v{k}")) for k in range(6)}
+    assert len(file_bytes(tmp_path / "v0")) == 3 and len(digests) == 1
