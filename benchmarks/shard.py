@@ -225,14 +225,20 @@ def _run(cmd: list[str]) -> float:
 def run_single(data: Path, out: Path, size: int, procs: int) -> dict:
     """The plain job in one ``spinestream shard`` process (``procs`` of them in its pool)."""
     shutil.rmtree(out, ignore_errors=True)
+    from spinestream.shards.manifest import read_manifest
+
     dt = _run(_shard_cmd(data, out, size, procs))
-    m = json.loads((out / "manifest.json").read_text())["counts"]
-    return {"studies": m["studies"], "slices": m["slices"], "seconds": dt,
-            "studies_per_s": m["studies"] / dt, "slices_per_s": m["slices"] / dt}
+    c = read_manifest(out).counts
+    return {"studies": c.studies, "slices": c.slices, "seconds": dt,
+            "studies_per_s": c.studies / dt, "slices_per_s": c.slices / dt}
 
 
 def run_array(data: Path, out: Path, size: int, n: int, procs: int, single: Path | None = None) -> dict:
     """The job as ``n`` workers started together, then ``--merge``; ``single``: a plain run's OUT to compare bytes."""
+    from spinestream.preprocess.convert import worker_record
+    from spinestream.shards.layout import Layout
+    from spinestream.shards.manifest import read_manifest
+
     shutil.rmtree(out, ignore_errors=True)
     base = _shard_cmd(data, out, size, procs)
     ends: dict[int, float] = {}
@@ -256,17 +262,17 @@ def run_array(data: Path, out: Path, size: int, n: int, procs: int, single: Path
         raise RuntimeError(errors[0])
     workers = []
     for i in range(n):  # each worker's own record of what it converted (read before --merge removes _work)
-        rec = json.loads((out / "_work" / "workers" / f"w{i}-of-{n}.json").read_text())
+        rec = json.loads(worker_record(Layout(out), i, n).read_text())
         dt = ends[i] - t0
         workers.append({"index": i, "studies": rec["converted"] + rec["failed"], "slices": rec["slices"],
                         "seconds": dt, "studies_per_s": (rec["converted"] + rec["failed"]) / dt,
                         "slices_per_s": rec["slices"] / dt})
     merge = _run([*base, "--merge"])
     total = time.perf_counter() - t0
-    m = json.loads((out / "manifest.json").read_text())["counts"]
+    c = read_manifest(out).counts
     r = {"num_workers": n, "workers": workers, "workers_seconds": t1 - t0, "merge_seconds": merge,
-         "seconds": total, "studies": m["studies"], "slices": m["slices"],
-         "studies_per_s": m["studies"] / total, "slices_per_s": m["slices"] / total}
+         "seconds": total, "studies": c.studies, "slices": c.slices,
+         "studies_per_s": c.studies / total, "slices_per_s": c.slices / total}
     if single is not None:
         r["identical_to_single"] = _tree_sha(out) == _tree_sha(single)
     return r
