@@ -286,7 +286,7 @@ def array_suite(args, syntaxes: list[str], lo: int, hi: int, machine: str) -> in
     procs = max(1, args.worker_procs)
     results = {"suite": "shard-array", "machine": machine, "size": args.size, "procs_per_worker": procs,
                "studies": args.studies, "slices_per_study": [lo, hi], "num_workers": counts, "repeat": args.repeat,
-               "syntaxes": {}}
+               "load_average_at_start": list(os.getloadavg()), "syntaxes": {}}
     work = Path(tempfile.mkdtemp(prefix="spinestream-bench-"))
     try:
         for syn in syntaxes:
@@ -326,6 +326,9 @@ def array_suite(args, syntaxes: list[str], lo: int, hi: int, machine: str) -> in
                                                       for k, vs in r["runs"].items()) + ")", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results["load_average_at_end"] = list(os.getloadavg())  # the machines are shared: what else ran
+    print(f"load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in results['load_average_at_start'])} at "
+          f"the start, {', '.join(f'{v:.1f}' for v in results['load_average_at_end'])} at the end")
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "shard-array.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
