@@ -16,6 +16,15 @@ job on half the studies shows whether memory grows with the number of studies.
 Floor and job runs alternate ``--repeat`` times and the best of each is compared (the
 machines are shared; single runs vary by up to 2x). Figures go to
 ``benchmarks/results/shard.json`` and ``shard.png``.
+
+With ``--num-workers 1,2,...`` it measures the job as a job array instead (README, "Sharding as a job
+array"): per count n, n worker processes of the console script started together on one machine
+(standing in for n machines; each ``--workers`` ``--worker-procs``, default 1), then ``--merge``, next
+to a plain single run with as many processes as one worker, alternating ``--repeat`` times, best of
+each. It prints studies/s and slices/s per worker (its own wall time, interpreter start included) and
+in total (from starting the workers to the end of the merge), the scaling efficiency (total rate with
+n / (n x the single run's rate)), and checks that the array wrote the single run's bytes. Figures go
+to ``benchmarks/results/shard-array.json``.
 """
 from __future__ import annotations
 
@@ -25,7 +34,10 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -184,6 +196,146 @@ def run_spinestream(data: Path, out: Path, size: int, workers: int, limit: int |
             "peak_rss_mb": mem.peak / 2**20}
 
 
+# --------------------------------------------------------------------------- the job array
+
+
+def _tree_sha(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _shard_cmd(data: Path, out: Path, size: int, procs: int) -> list[str]:
+    """``spinestream shard`` as a user runs it (a fresh interpreter: its start is part of the cost), with
+    the config :func:`run_spinestream` uses."""
+    return [sys.executable, "-m", "spinestream", "shard", "--no-progress", "--data", str(data), "--out", str(out),
+            "--set", f"image_size={size}", "--set", "folds=4", "--workers", str(procs)]
+
+
+def _run(cmd: list[str]) -> float:
+    """Run ``cmd`` to the end -> its wall time; its stderr in the error if it fails."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def run_single(data: Path, out: Path, size: int, procs: int) -> dict:
+    """The plain job in one ``spinestream shard`` process (``procs`` of them in its pool)."""
+    shutil.rmtree(out, ignore_errors=True)
+    from spinestream.shards.manifest import read_manifest
+
+    dt = _run(_shard_cmd(data, out, size, procs))
+    c = read_manifest(out).counts
+    return {"studies": c.studies, "slices": c.slices, "seconds": dt,
+            "studies_per_s": c.studies / dt, "slices_per_s": c.slices / dt}
+
+
+def run_array(data: Path, out: Path, size: int, n: int, procs: int, single: Path | None = None) -> dict:
+    """The job as ``n`` workers started together, then ``--merge``; ``single``: a plain run's OUT to compare bytes."""
+    from spinestream.preprocess.convert import worker_record
+    from spinestream.shards.layout import Layout
+    from spinestream.shards.manifest import read_manifest
+
+    shutil.rmtree(out, ignore_errors=True)
+    base = _shard_cmd(data, out, size, procs)
+    ends: dict[int, float] = {}
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        try:
+            _run([*base, "--worker-index", str(i), "--num-workers", str(n)])
+        except RuntimeError as e:
+            errors.append(str(e))
+        ends[i] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t1 = time.perf_counter()
+    if errors:
+        raise RuntimeError(errors[0])
+    workers = []
+    for i in range(n):  # each worker's own record of what it converted (read before --merge removes _work)
+        rec = json.loads(worker_record(Layout(out), i, n).read_text())
+        dt = ends[i] - t0
+        workers.append({"index": i, "studies": rec["converted"] + rec["failed"], "slices": rec["slices"],
+                        "seconds": dt, "studies_per_s": (rec["converted"] + rec["failed"]) / dt,
+                        "slices_per_s": rec["slices"] / dt})
+    merge = _run([*base, "--merge"])
+    total = time.perf_counter() - t0
+    c = read_manifest(out).counts
+    r = {"num_workers": n, "workers": workers, "workers_seconds": t1 - t0, "merge_seconds": merge,
+         "seconds": total, "studies": c.studies, "slices": c.slices,
+         "studies_per_s": c.studies / total, "slices_per_s": c.slices / total}
+    if single is not None:
+        r["identical_to_single"] = _tree_sha(out) == _tree_sha(single)
+    return r
+
+
+def array_suite(args, syntaxes: list[str], lo: int, hi: int, machine: str) -> int:
+    counts = sorted({int(v) for v in args.num_workers.split(",") if v.strip()})
+    if not counts or counts[0] < 1:
+        raise SystemExit(f"spinestream bench shard: --num-workers takes counts >= 1, e.g. 1,2; "
+                         f"got {args.num_workers!r}")
+    procs = max(1, args.worker_procs)
+    results = {"suite": "shard-array", "machine": machine, "size": args.size, "procs_per_worker": procs,
+               "studies": args.studies, "slices_per_study": [lo, hi], "num_workers": counts, "repeat": args.repeat,
+               "load_average_at_start": list(os.getloadavg()), "syntaxes": {}}
+    work = Path(tempfile.mkdtemp(prefix="spinestream-bench-"))
+    try:
+        for syn in syntaxes:
+            data = dataset(args.cache, syn, args.studies, (lo, hi), args.size)
+            singles, arrays = [], {n: [] for n in counts}
+            for _ in range(args.repeat):  # alternating, best of each: the machine is shared
+                singles.append(run_single(data, work / "single", args.size, procs))
+                for n in counts:
+                    arrays[n].append(run_array(data, work / f"array-{n}", args.size, n, procs, work / "single"))
+            best = max(singles, key=lambda x: x["slices_per_s"])
+            r = {"single": best, "runs": {"single": [x["slices_per_s"] for x in singles]}, "arrays": {}}
+            for n in counts:
+                a = max(arrays[n], key=lambda x: x["slices_per_s"])
+                a["efficiency"] = a["slices_per_s"] / (n * best["slices_per_s"])
+                a["identical_to_single"] = all(x["identical_to_single"] for x in arrays[n])
+                r["arrays"][str(n)] = a
+                r["runs"][f"array-{n}"] = [x["slices_per_s"] for x in arrays[n]]
+            results["syntaxes"][syn] = r
+            print(f"[{syn}] {best['studies']} studies, {best['slices']} slices, {procs} process(es) per worker, "
+                  f"best of {args.repeat}")
+            print(f"  {'run':24s} {'wall s':>7s} {'studies/s':>10s} {'slices/s':>9s} {'efficiency':>11s}")
+
+            def row(name: str, x: dict, eff: str = "") -> None:
+                print(f"  {name:24s} {x['seconds']:7.2f} {x['studies_per_s']:10.2f} {x['slices_per_s']:9.1f} "
+                      f"{eff:>11s}")
+
+            row("single (plain shard)", best)
+            for n in counts:
+                a = r["arrays"][str(n)]
+                for w in a["workers"]:
+                    row(f"n={n} worker {w['index']}", w)
+                print(f"  {f'n={n} merge':24s} {a['merge_seconds']:7.2f}")
+                row(f"n={n} total", a, f"{a['efficiency']:.0%}")
+                if not a["identical_to_single"]:
+                    print(f"  WARNING: n={n} did not write the single run's bytes")
+            print(f"  (runs, slices/s: " + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vs)}"
+                                                      for k, vs in r["runs"].items()) + ")", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_average_at_end"] = list(os.getloadavg())  # the machines are shared: what else ran
+    print(f"load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in results['load_average_at_start'])} at "
+          f"the start, {', '.join(f'{v:.1f}' for v in results['load_average_at_end'])} at the end")
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / "shard-array.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"saved {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- the suite
 
 
@@ -235,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spinestream-bench",
                    help="where the synthetic datasets are kept between runs")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--num-workers", default=None, metavar="N[,N...]",
+                   help="measure the job as a job array of N workers (e.g. 1,2) and --merge, next to a plain run, "
+                        "instead of the naive/floor/job comparison")
+    p.add_argument("--worker-procs", type=int, default=1,
+                   help="with --num-workers: processes per worker (its --workers) and in the plain run")
     args = p.parse_args(argv)
     lo, hi = (int(v) for v in args.slices.split(":"))
     syntaxes = [s.strip() for s in args.syntax.split(",") if s.strip()]
@@ -243,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown syntax {s!r} (known: {', '.join(SYNTAXES)})")
 
     machine = f"{platform.node() or 'host'}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    if args.num_workers is not None:
+        return array_suite(args, syntaxes, lo, hi, machine)
     results = {"suite": "shard", "machine": machine, "size": args.size, "workers": args.workers,
                "studies": args.studies, "slices_per_study": [lo, hi], "syntaxes": {}}
     work = Path(tempfile.mkdtemp(prefix="spinestream-bench-"))

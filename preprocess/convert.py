@@ -16,6 +16,22 @@ Two resumable phases:
    (per (cohort, fold): a seeded shuffle, cut into shards written under a temporary name,
    index included, then the group committed) -> write tables -> write manifest (last).
 
+As a job array (a Slurm array, or N processes on one machine; README, "Sharding as a job array"),
+phase 1 is split and phase 2 runs once at the end, all on the same ``--out``:
+
+    spinestream shard --data D --out O --worker-index I --num-workers N   # for I = 0..N-1, at once or not
+    spinestream shard --data D --out O --merge                            # when every worker is done
+
+Worker ``I`` converts the studies with ``sha1(StudyInstanceUID) % N == I`` (:func:`worker_of`)
+exactly as a plain run would, into the shared ``_work/studies``; it stages volumes in its own
+``_work/tmp/w<I>-of-<N>`` (the only temporary directory it cleans), records itself in
+``_work/workers`` and writes no shards. Workers are resumable on their own, and the job identity
+check is race-safe for workers starting together (:func:`check_job`). ``--merge`` checks that
+every study of the selection was committed or failed (else a JobError names the missing studies
+and their workers, and no manifest is written), then runs phase 2 (:func:`finalize`): the result is
+byte-identical to one plain run. A plain run on an OUT where workers committed studies resumes:
+it converts the rest, then finalizes.
+
 The error policy (preprocess/errors.py): bad input -- DicomError, OSError, LabelError -- is
 reported per file (``bad_files``) or per study (``failed_studies``) and the job goes on;
 DataWarnings raised while a study is converted are captured per study and listed in the
@@ -38,7 +54,9 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -113,6 +131,9 @@ class StudyTask:
     boxes: list[list[float]]  # rows of (slice_number, x, y, width, height)
     out: str
     cfg: ShardConfig
+    staging: str = ""
+    """Where the study's volume is written before it is moved into ``volumes.zarr``: the run's own
+    temporary directory (:func:`staging_dir`), which no other run cleans."""
 
 
 # Bad input: the study is reported as failed and the job goes on (preprocess/errors.py).
@@ -183,7 +204,8 @@ def _process_study(task: StudyTask, lay: L.Layout, tmp: Path) -> dict:
         normal=[float(v) for v in meta.normal], origin=None if meta.origin is None else list(meta.origin),
         source_shape=info["rows_cols"],
     )
-    write_volume(lay.work / "tmp" / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
+    staging = Path(task.staging) if task.staging else staging_dir(lay, None, None)
+    write_volume(staging / f"{task.uid}.zarr", lay.volumes / task.uid, volume, attrs,
                  chunk_depth=cfg.zarr_chunk_depth, cname=cfg.zarr_codec, clevel=cfg.zarr_clevel,
                  shuffle=cfg.zarr_shuffle)
     atomic_write_json(tmp / "study.json", info)
@@ -484,9 +506,18 @@ def _pool(workers: int):
         pool.join()
 
 
-def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -> list[StudyTask]:
+def staging_dir(lay: L.Layout, worker_index: int | None, num_workers: int | None) -> Path:
+    """A run's own temporary directory under ``_work/tmp`` (volumes being written): ``job`` for a
+    plain run, ``w<i>-of-<n>`` for job-array worker ``i``. A run cleans only its own at start (what a
+    killed run of it left), so workers sharing OUT never delete each other's files."""
+    return lay.work / "tmp" / ("job" if worker_index is None else f"w{worker_index}-of-{num_workers}")
+
+
+def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig,
+                staging: Path | None = None) -> list[StudyTask]:
     boxes = ds.boxes
     by_study = {u: g for u, g in boxes.groupby("StudyInstanceUID")} if len(boxes) else {}
+    staging = staging if staging is not None else staging_dir(L.Layout(out), None, None)
     tasks = []
     for row in table.itertuples(index=False):
         uid = row.StudyInstanceUID
@@ -501,6 +532,7 @@ def build_tasks(ds: Dataset, table: pd.DataFrame, out: Path, cfg: ShardConfig) -
             boxes=b[["slice_number", "x", "y", "width", "height"]].to_numpy(float).tolist() if b is not None else [],
             out=str(out),
             cfg=cfg,
+            staging=str(staging),
         ))
     return tasks
 
@@ -530,11 +562,45 @@ def _describe(sel: dict) -> str:
     return f"{sel['studies']} studies" + (f" (--limit {sel['limit']})" if sel.get("limit") else " (all)")
 
 
+def _claim_json(path: Path, obj) -> object | None:
+    """Write ``obj`` (as :func:`atomic_write_json` would) to ``path`` unless a file is there already;
+    returns None when this call wrote it, else what the file holds.
+
+    Race-safe for job-array workers that start together, on several machines sharing the filesystem:
+    the content goes to a temporary file with a unique name (``mkstemp``; a pid is not unique across
+    hosts), which is hard-linked to ``path``: the link fails when another run got there first, so one
+    content wins and every other run compares itself against it. Where the filesystem has no hard
+    links, it falls back to check-then-rename.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return None
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links on this filesystem (EPERM, ENOTSUP, ...)
+            if not path.exists():
+                os.replace(tmp, path)
+                return None
+        return json.loads(path.read_text())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> Manifest | None:
     """The manifest if ``lay.root`` already holds this very job, complete; None to (re)start it.
 
     Raises JobError when ``lay.root`` holds another job (another config or study
-    selection), complete or interrupted.
+    selection), complete or interrupted. Safe when job-array workers of one job start at the same
+    time on the same ``--out``: the first to record the job's config and selection in ``_work``
+    wins (:func:`_claim_json`) and a worker with another config is still refused.
     """
     out = lay.root
     if lay.manifest.exists():
@@ -553,29 +619,33 @@ def check_job(lay: L.Layout, cfg_json: dict, selection: dict) -> Manifest | None
                 f"extended in place: use another --out (or delete {out}) for this one, or rerun with the "
                 f"same --limit to reuse it")
         return m
-    saved, saved_sel = lay.work / "config.json", lay.work / "selection.json"
-    if saved.exists() and json.loads(saved.read_text()) != cfg_json:
+    held = _claim_json(lay.work / "config.json", cfg_json)
+    if held is not None and held != cfg_json:
         raise JobError(f"{out} holds an interrupted job with another config; rerun with that config, "
                        f"or delete {out} to start over")
-    if saved_sel.exists() and (held := json.loads(saved_sel.read_text())) != selection:
+    held = _claim_json(lay.work / "selection.json", selection)
+    if held is not None and held != selection:
         raise JobError(f"{out} holds an interrupted job over {_describe(held)}; this command selects "
                        f"{_describe(selection)}. Rerun with that --limit to finish it, or delete {out} to start over")
-    atomic_write_json(saved, cfg_json)
-    atomic_write_json(saved_sel, selection)
     return None
 
 
-def shard_dataset(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
-        limit: int | None = None) -> Manifest:
-    """The whole job; resumes from ``out/_work`` if an earlier run was interrupted.
+@dataclass
+class Job:
+    """What every run of a job opens first: the dataset, its study table and whether OUT holds it complete."""
 
-    ``limit`` converts only the first N studies (by UID): another job, whose output is
-    refused as the output of the full one and vice versa (:func:`check_job`).
-    """
+    lay: L.Layout
+    ds: Dataset
+    table: pd.DataFrame
+    job_warnings: list[str]
+    done: Manifest | None
+
+
+def open_job(data: Path, out: Path, cfg: ShardConfig, limit: int | None) -> Job:
+    """Open the dataset, build the study table (``--limit`` applied) and check OUT's job (:func:`check_job`)."""
     if limit is not None and limit < 1:
         raise JobError(f"--limit must be >= 1, got {limit}")
     lay = L.Layout(out)
-    cfg_json = to_dict(cfg)
     ds = Dataset.open(data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
@@ -583,39 +653,224 @@ def shard_dataset(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep
     job_warnings = job_level_warnings(caught)
     if limit:
         table = table.iloc[:limit].reset_index(drop=True)
-    done = check_job(lay, cfg_json, study_selection(table, limit))
-    if done is not None:
-        print(f"{out}: already complete ({done.counts.slices} slices in {done.counts.shards} shards)")
-        return done
-    tasks = build_tasks(ds, table, out, cfg)
-    todo = [t for t in tasks if not (lay.work / "studies" / t.uid / "study.json").exists()]
-    if (lay.work / "tmp").exists():
-        shutil.rmtree(lay.work / "tmp")  # half-written volumes from a killed run
+    done = check_job(lay, to_dict(cfg), study_selection(table, limit))
+    return Job(lay, ds, table, job_warnings, done)
+
+
+def _committed(lay: L.Layout, uid: str) -> bool:
+    return (lay.work / "studies" / uid / "study.json").exists()
+
+
+def convert_studies(todo: list[StudyTask], pool) -> tuple[int, list[dict]]:
+    """Phase 1 over ``todo`` (in ``pool`` when there is one) -> (slices converted, failures)."""
+    t0, n_slices, errors = time.perf_counter(), 0, []
+    with progress.bar(total=len(todo), desc="studies", unit="study") as bar:
+        for res in (pool.imap_unordered(process_study, todo) if pool else map(process_study, todo)):
+            n_slices += res["n_slices"]
+            if "error" in res:
+                errors.append(res)
+                progress.write(f"  failed {res['uid']}: {res['error']}", file=sys.stderr)
+            dt = time.perf_counter() - t0
+            bar.set_postfix(slices=n_slices, slices_s=f"{n_slices / dt:.0f}" if dt > 0 else "-")
+            bar.update()
+    return n_slices, errors
+
+
+def _print_done(manifest: Manifest, out: Path, timing: str) -> None:
+    c = manifest.counts
+    print(f"done: {c.studies} studies, {c.slices} slices, {c.shards} shards, {c.failed_studies} failed "
+          f"studies, {c.bad_files} bad files, {c.warnings} data warnings (manifest.json) -> {out} ({timing})",
+          file=sys.stderr)
+
+
+def shard_dataset(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
+        limit: int | None = None) -> Manifest:
+    """The whole job; resumes from ``out/_work`` if an earlier run was interrupted (or job-array
+    workers committed some studies: it converts the rest).
+
+    ``limit`` converts only the first N studies (by UID): another job, whose output is
+    refused as the output of the full one and vice versa (:func:`check_job`).
+    """
+    job = open_job(data, out, cfg, limit)
+    lay = job.lay
+    if job.done is not None:
+        print(f"{out}: already complete ({job.done.counts.slices} slices in {job.done.counts.shards} shards)")
+        return job.done
+    staging = staging_dir(lay, None, None)
+    tasks = build_tasks(job.ds, job.table, out, cfg, staging)
+    todo = [t for t in tasks if not _committed(lay, t.uid)]
+    shutil.rmtree(staging, ignore_errors=True)  # half-written volumes from a killed run
     lay.volumes.mkdir(parents=True, exist_ok=True)
     print(f"spinestream shard: {len(tasks)} studies ({len(tasks) - len(todo)} already done), "
           f"{workers} worker(s), {cfg.image_size}px {cfg.channels} -> {out}", file=sys.stderr)
 
-    t0, n_slices, errors = time.perf_counter(), 0, []
+    t0 = time.perf_counter()
     # one pool for both phases: starting workers costs as much as converting a few studies
     with _pool(workers) as pool:
-        with progress.bar(total=len(todo), desc="studies", unit="study") as bar:
-            for res in (pool.imap_unordered(process_study, todo) if pool else map(process_study, todo)):
-                n_slices += res["n_slices"]
-                if "error" in res:
-                    errors.append(res)
-                    progress.write(f"  failed {res['uid']}: {res['error']}", file=sys.stderr)
-                dt = time.perf_counter() - t0
-                bar.set_postfix(slices=n_slices, slices_s=f"{n_slices / dt:.0f}" if dt > 0 else "-")
-                bar.update()
+        convert_studies(todo, pool)
         t1 = time.perf_counter()
-        manifest = finalize(out, table, cfg, pool, limit, job_warnings)
+        manifest = finalize(out, job.table, cfg, pool, limit, job.job_warnings)
     t2 = time.perf_counter()
     if not keep_work:
         shutil.rmtree(lay.work, ignore_errors=True)
-    c = manifest.counts
-    print(f"done: {c.studies} studies, {c.slices} slices, {c.shards} shards, {c.failed_studies} failed "
-          f"studies, {c.bad_files} bad files, {c.warnings} data warnings (manifest.json) -> {out} "
-          f"(studies {t1 - t0:.1f}s, groups and tables {t2 - t1:.1f}s)", file=sys.stderr)
+    _print_done(manifest, out, f"studies {t1 - t0:.1f}s, groups and tables {t2 - t1:.1f}s")
+    return manifest
+
+
+# --------------------------------------------------------------------------- the job as an array of workers
+
+
+def worker_of(uid: str, num_workers: int) -> int:
+    """The job-array worker that converts study ``uid``: the sha1 of the UID string, as an integer,
+    modulo ``num_workers`` (stable across machines, runs and Python versions, unlike ``hash``)."""
+    return int(hashlib.sha1(uid.encode()).hexdigest(), 16) % num_workers
+
+
+def check_array_args(worker_index: int | None, num_workers: int | None, merge: bool) -> None:
+    """JobError (one line, saying what to do) for a misuse of ``--worker-index/--num-workers/--merge``."""
+    if merge and (worker_index is not None or num_workers is not None):
+        raise JobError("--merge runs once, after every worker: give it the workers' --data, --out and config "
+                       "but not --worker-index/--num-workers")
+    if worker_index is None and num_workers is None:
+        return
+    if worker_index is None or num_workers is None:
+        given, needed = ("--worker-index", "--num-workers")
+        if worker_index is None:
+            given, needed = needed, given
+        raise JobError(f"{given} needs {needed}: a job-array worker is --worker-index I --num-workers N "
+                       f"(0 <= I < N, N the same for every worker)")
+    if num_workers < 1:
+        raise JobError(f"--num-workers must be >= 1, got {num_workers}")
+    if not 0 <= worker_index < num_workers:
+        raise JobError(f"--worker-index must be 0..{num_workers - 1} for --num-workers {num_workers}, "
+                       f"got {worker_index}")
+
+
+def worker_record(lay: L.Layout, worker_index: int, num_workers: int) -> Path:
+    """``_work/workers/w<i>-of-<n>.json``: where and when worker ``i`` ran and whether it finished (for
+    :func:`merge_job`'s message naming the workers to rerun)."""
+    return lay.work / "workers" / f"w{worker_index}-of-{num_workers}.json"
+
+
+@dataclass
+class WorkerReport:
+    """What one job-array worker did (:func:`shard_worker`)."""
+
+    worker_index: int
+    num_workers: int
+    studies: int
+    """This worker's share of the selection."""
+    already_done: int
+    """Of them, committed before this run (a rerun resumes)."""
+    converted: int
+    failed: int
+    """Bad input, recorded under ``_work/failed`` and listed by the merge's manifest."""
+    slices: int
+    seconds: float
+    complete: bool = False
+    """The job was already merged (OUT holds its manifest): nothing done."""
+
+
+def shard_worker(data: Path, out: Path, cfg: ShardConfig, *, worker_index: int, num_workers: int,
+                 workers: int = 1, limit: int | None = None) -> WorkerReport:
+    """Job-array worker ``worker_index`` of ``num_workers``: phase 1 for its share of the studies
+    (:func:`worker_of`) into OUT's ``_work``, beside the other workers, which may run at the same time on
+    other machines. Resumable on its own; writes no shards (:func:`merge_job` does, once all are done)."""
+    check_array_args(worker_index, num_workers, merge=False)
+    job = open_job(data, out, cfg, limit)
+    lay = job.lay
+    staging = staging_dir(lay, worker_index, num_workers)
+    tasks = build_tasks(job.ds, job.table, out, cfg, staging)
+    mine = [t for t in tasks if worker_of(t.uid, num_workers) == worker_index]
+    who = f"worker {worker_index} of {num_workers}"
+    if job.done is not None:
+        print(f"{out}: already complete (merged); {who} has nothing to do")
+        return WorkerReport(worker_index, num_workers, len(mine), len(mine), 0, 0, 0, 0.0, complete=True)
+    todo = [t for t in mine if not _committed(lay, t.uid)]
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run of this worker left; never another's
+    lay.volumes.mkdir(parents=True, exist_ok=True)
+    record = {"worker_index": worker_index, "num_workers": num_workers, "studies": len(mine),
+              "host": socket.gethostname(), "pid": os.getpid(), "finished": False}
+    atomic_write_json(worker_record(lay, worker_index, num_workers), record)
+    print(f"spinestream shard: {who}: {len(mine)} of {len(tasks)} studies ({len(mine) - len(todo)} already "
+          f"done), {workers} process(es), {cfg.image_size}px {cfg.channels} -> {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    with _pool(workers) as pool:
+        n_slices, errors = convert_studies(todo, pool)
+    report = WorkerReport(worker_index, num_workers, len(mine), len(mine) - len(todo), len(todo) - len(errors),
+                          len(errors), n_slices, time.perf_counter() - t0)
+    atomic_write_json(worker_record(lay, worker_index, num_workers),
+                      {**record, "finished": True, **dataclasses.asdict(report)})
+    print(f"{who} done: {report.converted} studies converted ({n_slices} slices, {report.seconds:.1f}s), "
+          f"{report.failed} failed, {report.already_done} already done. When all {num_workers} workers are done, "
+          f"run the same command with --merge instead of --worker-index/--num-workers", file=sys.stderr)
+    return report
+
+
+def missing_studies(lay: L.Layout, table: pd.DataFrame) -> list[str]:
+    """Studies of the selection neither committed nor recorded as failed: a worker did not run or finish."""
+    return [u for u in table.StudyInstanceUID
+            if not _committed(lay, u) and not (lay.work / "failed" / f"{u}.json").exists()]
+
+
+def _missing_message(lay: L.Layout, missing: list[str], total: int, show: int = 20) -> str:
+    """One line: how many studies are missing, which workers to rerun (from their records), the first UIDs."""
+    records = []
+    for p in sorted((lay.work / "workers").glob("w*-of-*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            records.append(json.loads(p.read_text()))
+    ns = sorted({int(r["num_workers"]) for r in records})
+    head = (f"--merge: {len(missing)} of {total} studies are neither converted nor recorded as failed, "
+            f"so a worker of the job array is missing or unfinished")
+    if not ns:
+        what = (f"; no worker ran on this --out ({lay.work / 'workers'} is empty): run the workers "
+                f"(--worker-index I --num-workers N) first, or run without --merge to convert them here")
+        who = {u: "" for u in missing}
+    else:
+        state = {(int(r["num_workers"]), int(r["worker_index"])): r for r in records}
+        parts = []
+        for n in ns:
+            idx = sorted({worker_of(u, n) for u in missing})
+            desc = []
+            for i in idx:
+                r = state.get((n, i))
+                how = ("never started" if r is None else "finished" if r.get("finished")
+                       else f"started on {r.get('host')}, not finished")
+                desc.append(f"{i} ({how})")
+            parts.append(f"--worker-index {', '.join(desc)} of --num-workers {n}")
+        what = (f": rerun {'; '.join(parts)} with the same --data, --out and config, then --merge again "
+                f"(or run without --merge to convert them in one process)")
+        who = {u: " (worker " + ", ".join(f"{worker_of(u, n)}/{n}" for n in ns) + ")" for u in missing}
+    listed = ", ".join(f"{u}{who[u]}" for u in missing[:show])
+    more = f" and {len(missing) - show} more" if len(missing) > show else ""
+    return f"{head}{what}. Missing: {listed}{more}"
+
+
+def merge_job(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep_work: bool = False,
+              limit: int | None = None) -> Manifest:
+    """``--merge``: the group phase (:func:`finalize`) over the studies the job-array workers committed,
+    once every study of the selection is there exactly once (committed, or failed with its reason);
+    then ``_work`` is removed unless ``keep_work``. The result is byte-identical to one plain
+    :func:`shard_dataset` run of the same data and config. A JobError naming the missing studies
+    and their workers (and no manifest) when a worker did not run or finish."""
+    job = open_job(data, out, cfg, limit)
+    lay = job.lay
+    if job.done is not None:
+        print(f"{out}: already complete ({job.done.counts.slices} slices in {job.done.counts.shards} shards)")
+        return job.done
+    missing = missing_studies(lay, job.table)
+    if missing:
+        raise JobError(_missing_message(lay, missing, len(job.table)))
+    n_failed = sum(not _committed(lay, u) for u in job.table.StudyInstanceUID)
+    print(f"spinestream shard --merge: {len(job.table)} studies ({n_failed} failed) from the workers, "
+          f"{workers} process(es) -> {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    with _pool(workers) as pool:
+        manifest = finalize(out, job.table, cfg, pool, limit, job.job_warnings)
+    t1 = time.perf_counter()
+    if not keep_work:
+        shutil.rmtree(lay.work, ignore_errors=True)
+    _print_done(manifest, out, f"merge: groups and tables {t1 - t0:.1f}s")
     return manifest
 
 
@@ -624,7 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spinestream shard",
         description="Convert a dataset in the Kaggle RSNA 2022 layout into windowed uint8 WebDataset shards "
                     "(2.5D JPEG, DALI .idx files) and Zarr volumes. Resumable: rerun the same command after "
-                    "a crash or kill and it finishes the job without redoing committed studies.",
+                    "a crash or kill and it finishes the job without redoing committed studies. As a job "
+                    "array (several machines or processes): run --worker-index I --num-workers N for I = 0..N-1, "
+                    "all with the same --data, --out and config, then --merge once they are all done.",
         epilog=config_fields_help(ShardConfig), formatter_class=HelpFormatter,
     )
     p.add_argument("--data", type=Path, help="dataset directory (train.csv, train_images/, ...)")
@@ -632,9 +889,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", type=Path, default=None,
                    help="shard config: a shipped one's name (shard) or a YAML file (default: built-in = -c shard)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
-    p.add_argument("--keep-work", action="store_true", help="keep OUT/_work (per-study staging) after success")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="parallel processes (of this run; in a job array, per worker: e.g. $SLURM_CPUS_PER_TASK)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep OUT/_work (per-study staging) after success (a plain run or --merge)")
     p.add_argument("--limit", type=int, default=None, help="only the first N studies (by UID), for a trial run")
+    arr = p.add_argument_group(
+        "job array", "Split the per-study phase over N workers that share --out (on one machine or several, "
+                     "at the same time or not); each is resumable on its own. --merge comes last, once.")
+    arr.add_argument("--worker-index", type=int, default=None, metavar="I",
+                     help="be worker I (0..N-1) of a job array: convert only the studies with "
+                          "sha1(StudyInstanceUID) %% N == I into --out's _work, write no shards, and say to --merge; "
+                          "needs --num-workers")
+    arr.add_argument("--num-workers", type=int, default=None, metavar="N",
+                     help="how many workers the job array has (the same N for every worker)")
+    arr.add_argument("--merge", action="store_true",
+                     help="after every worker is done: check that each study was converted or failed (else name "
+                          "the missing ones and their workers), then write the shards, tables and manifest "
+                          "(byte-identical to one plain run) and remove _work; same --data, --out, config, --limit")
     add_print_config(p)
     return p
 
@@ -648,7 +920,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None or args.out is None:
         build_parser().error("--data and --out are required (only --print-config runs without them)")
     # what the user can fix raises a SpinestreamError (one line from the console script); a bug keeps its traceback
-    shard_dataset(args.data, args.out, cfg, workers=max(1, args.workers), keep_work=args.keep_work, limit=args.limit)
+    check_array_args(args.worker_index, args.num_workers, args.merge)
+    workers = max(1, args.workers)
+    if args.merge:
+        merge_job(args.data, args.out, cfg, workers=workers, keep_work=args.keep_work, limit=args.limit)
+    elif args.worker_index is not None:
+        shard_worker(args.data, args.out, cfg, worker_index=args.worker_index, num_workers=args.num_workers,
+                     workers=workers, limit=args.limit)
+    else:
+        shard_dataset(args.data, args.out, cfg, workers=workers, keep_work=args.keep_work, limit=args.limit)
     return 0
 
 

@@ -112,10 +112,15 @@ def write_volume(tmp_dir: Path, final_dir: Path, volume: np.ndarray, attrs: Volu
     files in the Zarr v3 layout (``c/<i>/0/0``), so any zarr reader reads them — the tests
     read them back with ``zarr.open_array``. ``attrs`` is a :class:`VolumeAttrs` (the shard
     job) or a plain mapping (tools and tests).
+
+    Blosc compresses with one thread: with several, c-blosc writes a chunk's blocks in the
+    order its threads finish them, so the same volume gave other bytes from run to run (at
+    512 px a chunk is several blocks) and a rerun or a job array was not byte-identical.
     """
     if isinstance(attrs, VolumeAttrs):
         attrs = attrs.to_json()
     import numcodecs
+    from numcodecs import blosc
 
     if volume.dtype != np.uint8:
         raise ValueError(f"volumes are uint8, got {volume.dtype}")
@@ -142,13 +147,17 @@ def write_volume(tmp_dir: Path, final_dir: Path, volume: np.ndarray, attrs: Volu
     (tmp_dir / "zarr.json").write_text(json.dumps(meta, indent=2))
     codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=_BLOSC_SHUFFLE[shuffle], blocksize=0)
     rest = "/".join("0" for _ in volume.shape[1:])
-    for k, z0 in enumerate(range(0, volume.shape[0], depth)):
-        block = volume[z0:z0 + depth]
-        if block.shape[0] < depth:  # edge chunks are stored at full chunk shape, padded with fill_value 0
-            block = np.concatenate([block, np.zeros((depth - block.shape[0],) + block.shape[1:], np.uint8)])
-        path = tmp_dir / "c" / str(k) / rest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(codec.encode(np.ascontiguousarray(block)))
+    threads, blosc.use_threads = blosc.use_threads, False  # deterministic bytes (see above)
+    try:
+        for k, z0 in enumerate(range(0, volume.shape[0], depth)):
+            block = volume[z0:z0 + depth]
+            if block.shape[0] < depth:  # edge chunks are stored at full chunk shape, padded with fill_value 0
+                block = np.concatenate([block, np.zeros((depth - block.shape[0],) + block.shape[1:], np.uint8)])
+            path = tmp_dir / "c" / str(k) / rest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(codec.encode(np.ascontiguousarray(block)))
+    finally:
+        blosc.use_threads = threads
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     replace_dir(tmp_dir, final_dir)
 
