@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spinestream-bench",
                    help="where the synthetic datasets are kept between runs")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--decode-rounds", type=int, default=64,
+                   help="alternating calls per decoder in the per-syntax decode table (0: no table)")
     p.add_argument("--num-workers", default=None, metavar="N[,N...]",
                    help="measure the job as a job array of N workers (e.g. 1,2) and --merge, next to a plain run, "
                         "instead of the naive/floor/job comparison")
@@ -459,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{pj['hours_at_fastest_syntax']:.1f}-{pj['hours_at_slowest_syntax']:.1f} h, "
           f"{pj['disk_gb']:.0f} GB (shards + zarr) — synthetic phantoms compress better than real CT, "
           f"see BENCHMARKS.md")
+    if args.decode_rounds > 0:  # the decode limit per syntax on real CT: spinestream's reader vs each library alone
+        from spinestream.benchmarks.decode import decode_table, print_decode_table, project_decode
+
+        print("\nDICOM decode per transfer syntax (real CT re-encoded; the floor is the fastest correct library "
+              "measured in the same run):")
+        rows = decode_table(rounds=args.decode_rounds)
+        print_decode_table(rows, candidates=False)
+        results["decode_table"] = {"rows": rows, "projection_decode_only": project_decode(rows)}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "shard.json").write_text(json.dumps(results, indent=1) + "\n")
     chart(results, args.results / "shard.png")
