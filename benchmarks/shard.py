@@ -23,8 +23,10 @@ array"): per count n, n worker processes of the console script started together 
 to a plain single run with as many processes as one worker, alternating ``--repeat`` times, best of
 each. It prints studies/s and slices/s per worker (its own wall time, interpreter start included) and
 in total (from starting the workers to the end of the merge), the scaling efficiency (total rate with
-n / (n x the single run's rate)), and checks that the array wrote the single run's bytes. Figures go
-to ``benchmarks/results/shard-array.json``.
+n / (n x the single run's rate)), and checks that the array wrote the single run's bytes. Where other
+jobs share the cores the wall times say little, so it also measures each process tree's CPU time and
+gives the efficiency idle cores would show (``from CPU s``: the single run's CPU time over n x the
+slowest worker's plus the merge's). Figures go to ``benchmarks/results/shard-array.json``.
 """
 from __future__ import annotations
 
@@ -213,43 +215,53 @@ def _shard_cmd(data: Path, out: Path, size: int, procs: int) -> list[str]:
             "--set", f"image_size={size}", "--set", "folds=4", "--workers", str(procs)]
 
 
-def _run(cmd: list[str]) -> float:
-    """Run ``cmd`` to the end -> its wall time; its stderr in the error if it fails."""
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd`` to the end -> (wall seconds, CPU seconds of its process tree: user + system, its pool's
+    processes included); its stderr in the error if it fails. The CPU time does not grow when other
+    processes share the cores, the wall time does: the machines are shared."""
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.read()[-3000:]}")
+    return dt, usage.ru_utime + usage.ru_stime
 
 
 def run_single(data: Path, out: Path, size: int, procs: int) -> dict:
     """The plain job in one ``spinestream shard`` process (``procs`` of them in its pool)."""
-    shutil.rmtree(out, ignore_errors=True)
     from spinestream.shards.manifest import read_manifest
 
-    dt = _run(_shard_cmd(data, out, size, procs))
+    shutil.rmtree(out, ignore_errors=True)
+    dt, cpu = _run(_shard_cmd(data, out, size, procs))
     c = read_manifest(out).counts
-    return {"studies": c.studies, "slices": c.slices, "seconds": dt,
+    return {"studies": c.studies, "slices": c.slices, "seconds": dt, "cpu_seconds": cpu,
             "studies_per_s": c.studies / dt, "slices_per_s": c.slices / dt}
 
 
 def run_array(data: Path, out: Path, size: int, n: int, procs: int, single: Path | None = None) -> dict:
-    """The job as ``n`` workers started together, then ``--merge``; ``single``: a plain run's OUT to compare bytes."""
+    """The job as ``n`` workers started together, then ``--merge``; ``single``: a plain run's OUT to compare bytes.
+
+    ``cpu_bound_seconds``: the wall time on idle cores, one per worker process, predicted from CPU times (the
+    slowest worker's, then the merge's); it stands for the measured wall time where other jobs share the cores.
+    """
     from spinestream.preprocess.convert import worker_record
     from spinestream.shards.layout import Layout
     from spinestream.shards.manifest import read_manifest
 
     shutil.rmtree(out, ignore_errors=True)
     base = _shard_cmd(data, out, size, procs)
-    ends: dict[int, float] = {}
+    runs: dict[int, tuple[float, float]] = {}
     errors: list[str] = []
 
     def worker(i: int) -> None:
         try:
-            _run([*base, "--worker-index", str(i), "--num-workers", str(n)])
+            runs[i] = _run([*base, "--worker-index", str(i), "--num-workers", str(n)])
         except RuntimeError as e:
             errors.append(str(e))
-        ends[i] = time.perf_counter()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
@@ -263,15 +275,18 @@ def run_array(data: Path, out: Path, size: int, n: int, procs: int, single: Path
     workers = []
     for i in range(n):  # each worker's own record of what it converted (read before --merge removes _work)
         rec = json.loads(worker_record(Layout(out), i, n).read_text())
-        dt = ends[i] - t0
-        workers.append({"index": i, "studies": rec["converted"] + rec["failed"], "slices": rec["slices"],
-                        "seconds": dt, "studies_per_s": (rec["converted"] + rec["failed"]) / dt,
-                        "slices_per_s": rec["slices"] / dt})
-    merge = _run([*base, "--merge"])
+        dt, cpu = runs[i]
+        studies = rec["converted"] + rec["failed"]
+        workers.append({"index": i, "studies": studies, "slices": rec["slices"], "seconds": dt, "cpu_seconds": cpu,
+                        "studies_per_s": studies / dt, "slices_per_s": rec["slices"] / dt})
+    merge, merge_cpu = _run([*base, "--merge"])
     total = time.perf_counter() - t0
     c = read_manifest(out).counts
     r = {"num_workers": n, "workers": workers, "workers_seconds": t1 - t0, "merge_seconds": merge,
-         "seconds": total, "studies": c.studies, "slices": c.slices,
+         "merge_cpu_seconds": merge_cpu, "seconds": total,
+         "cpu_seconds": sum(w["cpu_seconds"] for w in workers) + merge_cpu,
+         "cpu_bound_seconds": max(w["cpu_seconds"] for w in workers) / procs + merge_cpu,
+         "studies": c.studies, "slices": c.slices,
          "studies_per_s": c.studies / total, "slices_per_s": c.slices / total}
     if single is not None:
         r["identical_to_single"] = _tree_sha(out) == _tree_sha(single)
@@ -297,29 +312,35 @@ def array_suite(args, syntaxes: list[str], lo: int, hi: int, machine: str) -> in
                 for n in counts:
                     arrays[n].append(run_array(data, work / f"array-{n}", args.size, n, procs, work / "single"))
             best = max(singles, key=lambda x: x["slices_per_s"])
+            # on idle cores the single run would take its CPU time over its processes (the least of the repeats)
+            single_idle = min(x["cpu_seconds"] for x in singles) / procs
             r = {"single": best, "runs": {"single": [x["slices_per_s"] for x in singles]}, "arrays": {}}
             for n in counts:
                 a = max(arrays[n], key=lambda x: x["slices_per_s"])
                 a["efficiency"] = a["slices_per_s"] / (n * best["slices_per_s"])
+                # the same ratio from CPU times (each worker on its own cores, then the merge): what idle
+                # machines would show where the measured one is shared
+                a["cpu_efficiency"] = single_idle / (n * min(x["cpu_bound_seconds"] for x in arrays[n]))
                 a["identical_to_single"] = all(x["identical_to_single"] for x in arrays[n])
                 r["arrays"][str(n)] = a
                 r["runs"][f"array-{n}"] = [x["slices_per_s"] for x in arrays[n]]
             results["syntaxes"][syn] = r
             print(f"[{syn}] {best['studies']} studies, {best['slices']} slices, {procs} process(es) per worker, "
                   f"best of {args.repeat}")
-            print(f"  {'run':24s} {'wall s':>7s} {'studies/s':>10s} {'slices/s':>9s} {'efficiency':>11s}")
+            print(f"  {'run':24s} {'wall s':>7s} {'CPU s':>7s} {'studies/s':>10s} {'slices/s':>9s} "
+                  f"{'efficiency':>11s} {'from CPU s':>11s}")
 
-            def row(name: str, x: dict, eff: str = "") -> None:
-                print(f"  {name:24s} {x['seconds']:7.2f} {x['studies_per_s']:10.2f} {x['slices_per_s']:9.1f} "
-                      f"{eff:>11s}")
+            def row(name: str, x: dict, eff: str = "", cpu_eff: str = "") -> None:
+                print(f"  {name:24s} {x['seconds']:7.2f} {x['cpu_seconds']:7.2f} {x['studies_per_s']:10.2f} "
+                      f"{x['slices_per_s']:9.1f} {eff:>11s} {cpu_eff:>11s}")
 
             row("single (plain shard)", best)
             for n in counts:
                 a = r["arrays"][str(n)]
                 for w in a["workers"]:
                     row(f"n={n} worker {w['index']}", w)
-                print(f"  {f'n={n} merge':24s} {a['merge_seconds']:7.2f}")
-                row(f"n={n} total", a, f"{a['efficiency']:.0%}")
+                print(f"  {f'n={n} merge':24s} {a['merge_seconds']:7.2f} {a['merge_cpu_seconds']:7.2f}")
+                row(f"n={n} total", a, f"{a['efficiency']:.0%}", f"{a['cpu_efficiency']:.0%}")
                 if not a["identical_to_single"]:
                     print(f"  WARNING: n={n} did not write the single run's bytes")
             print(f"  (runs, slices/s: " + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vs)}"
