@@ -61,6 +61,17 @@ Traps handled (real CT files break naive code on each of these):
   ``PanicException``, a ``BaseException``, on a malformed RLE frame -- is a DicomError
   naming the file (KeyboardInterrupt and SystemExit pass through).
 
+- **Headers that lie** (found by fuzzing, tests/test_fuzz_dicom.py). Before any decoder sees a
+  file: PhotometricInterpretation must be MONOCHROME1/2, BitsAllocated 1/8/16/32 (8/16 for JPEG
+  syntaxes), 1 <= BitsStored <= BitsAllocated, PixelRepresentation 0/1, Rows x Columns at most
+  8192^2; NumberOfFrames must match the pixel data (native: the bytes hold exactly that many
+  frames; encapsulated: at least one fragment per frame, RLE exactly one); and a JPEG / JPEG-LS /
+  JPEG 2000 frame's own SOF/SIZ header must give the DICOM header's rows, columns, one component
+  and a precision within BitsAllocated. Each broke a decoder: GDCM aborts the process (SIGABRT) on
+  such mismatches, OpenJPEG decodes the gigapixel image a flipped SIZ byte claims, a NumberOfFrames
+  of 2**31 - 1 made the series loop for ever, a missing one dropped frames silently. A rescale that
+  overflows float32 (RescaleIntercept 1e308) is refused rather than returned as inf HU.
+
 Files without the 128-byte preamble + ``DICM`` prefix are rejected as not DICOM (the
 competition's files all have it; accepting them would let random bytes "parse").
 """
@@ -114,6 +125,8 @@ _FG_SEQUENCE = {
 
 _DEFAULT_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _ORIENTATION_TOLERANCE = 1e-3  # max |difference| of direction cosines still "the same orientation"
+# |HU| below which float32 arithmetic cannot overflow (float32's largest finite value is ~3.4e38).
+_F32_SAFE = 1e38
 # Never turned into a DicomError: the user (or the OS) asked the process to stop.
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit)
 
@@ -250,6 +263,185 @@ def _check_image(ds: Dataset, path: Path) -> None:
             f"SamplesPerPixel={spp} ({ds.get('PhotometricInterpretation', '?')}): "
             "not a grayscale CT image",
         )
+    _check_pixel_module(ds, path)
+
+
+# Transfer syntaxes whose frames are JPEG (ISO 10918) or JPEG-LS codestreams: a SOF segment gives
+# the frame's size, components and precision.
+_JPEG_SYNTAXES = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+                            uid.JPEGLSLossless, uid.JPEGLSNearLossless})
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# Largest frame accepted, in pixels (8192 x 8192; CT slices are 512 x 512, rarely 1024 x 1024): a
+# Rows/Columns pair past it is a corrupt header, and decoders would allocate it before failing.
+_MAX_FRAME_PIXELS = 1 << 26
+
+
+def _check_pixel_module(ds: Dataset, path: Path) -> None:
+    """Header facts the decoders trust without checking, checked here (a fuzzed file broke each).
+
+    GDCM aborts the whole process (a C++ exception through its C API: SIGABRT) when BitsAllocated
+    is not 8 or 16 for a JPEG syntax, or when the photometric interpretation promises colour
+    components the codestream lacks; BitsStored past BitsAllocated and a PixelRepresentation
+    other than 0/1 give HU from a guess. Every such file is refused, naming the tag.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric and photometric not in _GRAYSCALE:
+        raise DicomError(path, f"PhotometricInterpretation {photometric!r} with one sample per pixel: "
+                               "not a grayscale CT image")
+    allocated = _int_tag(ds, "BitsAllocated", path)
+    if allocated not in (1, 8, 16, 32):
+        raise DicomError(path, f"BitsAllocated={allocated}: not 8, 16 or 32 (corrupt header)")
+    stored = _int_tag(ds, "BitsStored", path, default=allocated)
+    if not 1 <= stored <= allocated:
+        raise DicomError(path, f"BitsStored={stored} with BitsAllocated={allocated} (corrupt header)")
+    representation = _int_tag(ds, "PixelRepresentation", path, default=0)
+    if representation not in (0, 1):
+        raise DicomError(path, f"PixelRepresentation={representation}: neither unsigned (0) nor signed (1)")
+    rows, cols = _int_tag(ds, "Rows", path), _int_tag(ds, "Columns", path)
+    if rows * cols > _MAX_FRAME_PIXELS:
+        raise DicomError(path, f"Rows x Columns = {rows} x {cols}: larger than any CT slice (corrupt header)")
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if tsyntax in _JPEG_SYNTAXES and allocated not in (8, 16):
+        raise DicomError(path, f"BitsAllocated={allocated} in a {uid.UID(tsyntax).name} file: JPEG frames "
+                               "hold 8 or 16 bits (corrupt header)")
+    if uid.UID(tsyntax).is_transfer_syntax:  # an unknown one fails later, as unsupported
+        _check_frame_count(ds, path, rows * cols * allocated, encapsulated=uid.UID(tsyntax).is_encapsulated)
+
+
+def _check_frame_count(ds: Dataset, path: Path, frame_bits: int, *, encapsulated: bool) -> None:
+    """NumberOfFrames (1 when absent) agrees with the pixel data the file holds.
+
+    A count larger than the data made the series reader try every promised frame (2**31 - 1 of
+    them: a hang); a smaller one, or none, for native data holding several frames silently kept the
+    first and dropped the rest. Both are refused: which of the two is right cannot be told.
+    Encapsulated data holds at least one fragment per frame (a frame may span several).
+    """
+    n = _n_frames(ds)
+    data = ds.PixelData
+    if encapsulated:
+        from pydicom.encaps import parse_fragments
+
+        try:
+            if data[:4] != b"\xfe\xff\x00\xe0":
+                raise ValueError("no Basic Offset Table item")
+            buf = io.BytesIO(data)
+            buf.seek(8 + int.from_bytes(data[4:8], "little"))  # past the Basic Offset Table
+            fragments, _ = parse_fragments(buf)
+        except _PASS_THROUGH:
+            raise
+        except BaseException as e:
+            raise DicomError(path, f"bad encapsulated pixel data ({type(e).__name__}: {e})") from e
+        if n > fragments:
+            raise DicomError(path, f"NumberOfFrames={n}, but the pixel data holds {fragments} fragment(s) "
+                                   "(at least one per frame): the header lies")
+        if ds.file_meta.TransferSyntaxUID == uid.RLELossless and fragments != n:  # PS3.5 A.4.2: one each
+            raise DicomError(path, f"NumberOfFrames={n}, but the RLE pixel data holds {fragments} frame(s) "
+                                   "(one fragment each): the header lies (reading it would lose frames)")
+        return
+    held = (len(data) * 8) // frame_bits
+    if held < n:
+        raise DicomError(path, f"NumberOfFrames={n}, but the {len(data)} bytes of pixel data hold {held} "
+                               f"frame(s) of {ds.Rows} x {ds.Columns} x {ds.BitsAllocated} bits: truncated, "
+                               "or the header lies")
+    if held > n:
+        raise DicomError(path, f"the pixel data holds {held} frames of {ds.Rows} x {ds.Columns}, NumberOfFrames "
+                               f"says {n}: the header lies (reading it would lose frames)")
+
+
+def _int_tag(ds: Dataset, keyword: str, path: Path, default: int | None = None) -> int:
+    """An integer tag's value (first value of a multi-valued one); DicomError when absent or not a number."""
+    value = ds.get(keyword)
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        if default is None:
+            raise DicomError(path, f"no {keyword}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DicomError(path, f"{keyword} is not a number: {value!r}") from None
+
+
+def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) a JPEG / JPEG-LS / JPEG 2000 frame declares, from its
+    SOF or SIZ segment; None when the frame has no such header where the standard puts it."""
+    if tsyntax in _JPEG_SYNTAXES:
+        if frame[:2] != b"\xff\xd8":
+            return None
+        pos = 2
+        while pos + 4 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+            # SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) or JPEG-LS SOF55 (F7)
+            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+                seg = frame[pos + 4:pos + 2 + length]
+                if len(seg) < 6:
+                    return None
+                return (int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5], seg[0])
+            if marker == 0xDA or length < 2:  # scan data before any SOF, or a broken length
+                return None
+            pos += 2 + length
+        return None
+    if tsyntax in uid.JPEG2000TransferSyntaxes:
+        start = 0
+        if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # a JP2 file: find the contiguous codestream box
+            pos = 12
+            while pos + 8 <= len(frame):
+                length = int.from_bytes(frame[pos:pos + 4], "big")
+                if frame[pos + 4:pos + 8] == b"jp2c":
+                    start = pos + 8
+                    break
+                if length < 8:
+                    return None
+                pos += length
+            else:
+                return None
+        siz = frame[start:start + 43]
+        if len(siz) < 43 or siz[:4] != b"\xff\x4f\xff\x51":
+            return None
+        xsiz, ysiz, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (8, 12, 16, 20))
+        csiz = int.from_bytes(siz[40:42], "big")
+        return (ysiz - y0, xsiz - x0, csiz, (siz[42] & 0x7F) + 1)
+    return None
+
+
+def _check_frame(ds: Dataset, path: Path, index: int, n_frames: int) -> None:
+    """A compressed frame's own header (size, components, precision) agrees with the DICOM header.
+
+    When they disagree the decoders go wrong in the worst ways: GDCM aborts the process (a C++
+    exception through its C API), OpenJPEG decodes the size its codestream claims (flipped bytes in
+    a SIZ segment asked for 3.5 gigapixels: minutes and gigabytes before failing). Such a file is
+    refused here, before any decoder sees it. Native and RLE data have no such header.
+    """
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in uid.JPEG2000TransferSyntaxes:
+        return
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, index, number_of_frames=n_frames)
+    except _PASS_THROUGH:
+        raise
+    except BaseException as e:
+        raise DicomError(path, f"frame {index + 1}: bad encapsulated pixel data ({type(e).__name__}: {e})") from e
+    geometry = _codestream_geometry(tsyntax, frame)
+    name = uid.UID(tsyntax).name
+    if geometry is None:
+        raise DicomError(path, f"frame {index + 1}: not a {name} codestream (no SOF/SIZ header)")
+    rows, cols, components, precision = geometry
+    want = (int(ds.Rows), int(ds.Columns), 1)
+    if (rows, cols, components) != want:
+        raise DicomError(path, f"frame {index + 1}: the {name} codestream is {rows} x {cols} with {components} "
+                               f"component(s), the header says {want[0]} x {want[1]} grayscale")
+    allocated = int(ds.BitsAllocated)
+    if not 1 <= precision <= allocated:
+        raise DicomError(path, f"frame {index + 1}: {precision}-bit codestream in {allocated}-bit pixels")
 
 
 def _n_frames(ds: Dataset) -> int:
@@ -415,6 +607,7 @@ def _frame_hu(ds: Dataset, path: Path, frame: int) -> np.ndarray:
         intercept = _number(
             _lookup(ds, frame, "RescaleIntercept"), 0.0, name="RescaleIntercept"
         )
+        _check_frame(ds, path, frame, _n_frames(ds))
     on_raw = padding is not None and padding[2]
     stored = _decode_frame(ds, path, frame, correct_unused_bits=not on_raw)
     mask = None
@@ -425,10 +618,16 @@ def _frame_hu(ds: Dataset, path: Path, frame: int) -> np.ndarray:
         if on_raw:
             stored = _drop_unused_bits(stored, ds)
     hu = stored.astype(np.float32)  # (rows, cols)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if slope != 1.0:
+            hu *= np.float32(slope)
+        if intercept != 0.0:
+            hu += np.float32(intercept)
+    # An absurd rescale (|slope| or |intercept| near float32's limit) overflows to inf: refused, never
+    # passed on as HU. Checked only when the bound says it can happen (no pass over the pixels otherwise).
+    if abs(slope) * 2.0 ** (8 * stored.dtype.itemsize) + abs(intercept) >= _F32_SAFE and not np.isfinite(hu).all():
+        raise DicomError(path, f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give HU beyond "
+                               "float32 (not a CT rescale)")
     if mask is not None:
         hu[mask] = AIR_HU
     return hu
