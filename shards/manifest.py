@@ -187,7 +187,12 @@ class Manifest:
             raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a spinestream manifest (format={d.get('format')!r})")
-        if d.get("version") != VERSION:
+        version = d.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+            raise ManifestError(
+                f"{where}: written by a newer spinestream (manifest version {version}; this one reads version "
+                f"{VERSION}): upgrade spinestream to read it, or re-run `spinestream shard` into a new --out")
+        if version != VERSION:
             raise ManifestError(
                 f"{where}: manifest version {d.get('version')!r} is not supported by this spinestream "
                 f"(it reads version {VERSION}); re-run `spinestream shard` into a new --out with this version")
