@@ -245,8 +245,10 @@ def scan_tar(path: str | Path) -> list[Member]:
                 ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
             except tarfile.HeaderError as e:
                 raise ShardError(f"{path}: corrupt tar header at byte {pos} ({e})") from e
-            if not ti.isreg():
+            if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):  # no links, devices, sparse or pax members
                 raise ShardError(f"{path}: member {ti.name!r} at byte {pos} is not a regular file")
+            if ti.size < 0:  # base-256 sizes can be negative: the scan would go backwards, for ever
+                raise ShardError(f"{path}: corrupt tar header at byte {pos} (member {ti.name!r} has size {ti.size})")
             if not MEMBER_RE.match(ti.name):
                 raise ShardError(
                     f"{path}: unexpected member name {ti.name!r} at byte {pos} "
