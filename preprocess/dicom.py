@@ -290,7 +290,7 @@ def _check_pixel_module(ds: Dataset, path: Path) -> None:
                                "not a grayscale CT image")
     allocated = _int_tag(ds, "BitsAllocated", path)
     if allocated not in (1, 8, 16, 32):
-        raise DicomError(path, f"BitsAllocated={allocated}: not 8, 16 or 32 (corrupt header)")
+        raise DicomError(path, f"BitsAllocated={allocated}: not 1, 8, 16 or 32 (corrupt header)")
     stored = _int_tag(ds, "BitsStored", path, default=allocated)
     if not 1 <= stored <= allocated:
         raise DicomError(path, f"BitsStored={stored} with BitsAllocated={allocated} (corrupt header)")

@@ -27,6 +27,7 @@ import io
 import os
 import shutil
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -333,17 +334,23 @@ def worker():
 
 
 class Counter:
-    """Outcomes per test, for the figures (printed with -s; RELIABILITY.md quotes the at-scale run)."""
+    """Outcomes per test, for the figures (printed with -s; RELIABILITY.md quotes the at-scale run). A
+    crash, hang or other exception fails the test before ``report``: what it prints are the outcomes of
+    cases that kept the contract, and how many reader processes the run needed (1: none died)."""
 
-    def __init__(self, name: str):
-        self.name, self.n, self.kinds = name, 0, {}
+    def __init__(self, name: str, worker: FuzzWorker):
+        self.name, self.worker, self.n, self.kinds, self.bad_files = name, worker, 0, {}, 0
+        self.t0 = time.perf_counter()
 
     def add(self, out: dict) -> None:
         self.n += 1
         self.kinds[out["kind"]] = self.kinds.get(out["kind"], 0) + 1
+        self.bad_files += len(out.get("bad_files", []))
 
     def report(self) -> None:
-        print(f"\n[fuzz] {self.name}: {self.n} cases, outcomes {self.kinds}, 0 crashes, 0 hangs, 0 other exceptions")
+        print(f"\n[fuzz] {self.name}: {self.n} cases in {time.perf_counter() - self.t0:.0f} s, outcomes "
+              f"{dict(sorted(self.kinds.items()))}, bad files listed {self.bad_files}, reader processes started "
+              f"{self.worker.started}")
 
 
 def _write_case(dirpath: Path, seeds: dict[str, Path], case, name: str = "case.dcm") -> Path:
@@ -359,7 +366,7 @@ def _write_case(dirpath: Path, seeds: dict[str, Path], case, name: str = "case.d
 
 def _fuzz_read_hu(worker, seeds, fuzz_dir, profile, label):
     names = tuple(sorted(seeds))
-    stats = Counter(label)
+    stats = Counter(label, worker)
     case_dir = fuzz_dir / label
     case_dir.mkdir(exist_ok=True)
 
@@ -397,7 +404,7 @@ def _series_dir(case_dir: Path, seeds: dict[str, Path], case, good: int = 3) -> 
 
 def _fuzz_series(worker, seeds, fuzz_dir, profile, label):
     names = tuple(sorted(seeds))  # CT_small-based ones join the series when they read; others are bad files
-    stats = Counter(label)
+    stats = Counter(label, worker)
     case_dir = fuzz_dir / label
 
     @profile
@@ -433,7 +440,7 @@ def multiframe(fuzz_dir) -> dict[str, Path]:
 def _fuzz_multiframe(worker, multiframe, fuzz_dir, profile, label):
     """One fuzzed multi-frame file as the whole study: its frames are slices or bad files, none lost."""
     names = tuple(sorted(multiframe))
-    stats = Counter(label)
+    stats = Counter(label, worker)
     case_dir = fuzz_dir / label
 
     @profile
