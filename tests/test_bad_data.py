@@ -201,6 +201,24 @@ def test_torch_loader_names_a_sample_that_does_not_decode(shards, tmp_path):
             pass
 
 
+def test_batch_decode_names_the_image_that_fails_and_keeps_the_rest():
+    # the nvJPEG path (torch_decode: gpu) decodes a batch at once; run here on the CPU through the same code
+    from spinestream.engine.loader.torch_backend import _gpu_decode
+    from spinestream.shards.sample import encode_jpeg
+
+    good = encode_jpeg(np.full((16, 16, 3), 100, np.uint8))
+    raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8)
+           for b in (good, b"\0\0" + good[2:], good, encode_jpeg(np.zeros((8, 8, 3), np.uint8)))]
+    errors = [None] * 4
+    out = _gpu_decode(raw, torch.device("cpu"), 16, errors, lambda k: ("a.tar", 10 + k))
+    assert errors[0] is None and errors[2] is None
+    assert "sample 000000011" in str(errors[1]) and "does not decode as JPEG" in str(errors[1])
+    assert "decodes to (3, 8, 8)" in str(errors[3])
+    for e in (errors[1], errors[3]):
+        _one_line(str(e))
+    assert out[0].float().mean() == 100 and out[1].float().abs().sum() == 0  # the bad rows stay blank
+
+
 def test_a_forged_index_pointing_outside_the_tar_is_refused(shards, tmp_path):
     root = tmp_path / "shards"
     shutil.copytree(shards, root)

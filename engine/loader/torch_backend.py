@@ -61,7 +61,8 @@ class _Records(Dataset):
                 arr = decode_jpeg(data)
             except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
                 raise SampleError(self.reader.tars[int(self.reader.rec["shard"][i])], sid,
-                                  f"does not decode as JPEG ({type(e).__name__}: {e})") from None
+                                  f"does not decode as JPEG ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0]})") from None
             if arr.shape != (self.size, self.size, 3):
                 raise SampleError(self.reader.tars[int(self.reader.rec["shard"][i])], sid,
                                   f"decodes to {arr.shape}, not the shard's ({self.size}, {self.size}, 3)")
@@ -101,7 +102,7 @@ def _gpu_decode(raw: list[torch.Tensor], dev: torch.device, size: int, errors: l
                 try:
                     imgs.append(decode_jpeg(raw[k], mode=ImageReadMode.RGB, device=dev))
                 except RuntimeError as e:
-                    errors[k] = SampleError(*where(k), f"does not decode as JPEG ({e})")
+                    errors[k] = SampleError(*where(k), f"does not decode as JPEG ({(str(e).splitlines() or [''])[0]})")
                     good.remove(k)
         for k, img in zip(good, imgs):
             if tuple(img.shape) != (3, size, size):
