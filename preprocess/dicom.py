@@ -282,50 +282,59 @@ def _check_pixel_module(ds: Dataset, path: Path) -> None:
     GDCM aborts the whole process (a C++ exception through its C API: SIGABRT) when BitsAllocated
     is not 8 or 16 for a JPEG syntax, or when the photometric interpretation promises colour
     components the codestream lacks; BitsStored past BitsAllocated and a PixelRepresentation
-    other than 0/1 give HU from a guess. Every such file is refused, naming the tag.
+    other than 0/1 give HU from a guess. Every such file is refused, naming the tag. Values come
+    raw where pydicom has not converted them (``decoders.raw_us``/``frame_info``: a few
+    microseconds for the lot).
     """
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    info = decoders.frame_info(ds)
+    photometric = info.photometric.strip().upper()
     if photometric and photometric not in _GRAYSCALE:
         raise DicomError(path, f"PhotometricInterpretation {photometric!r} with one sample per pixel: "
                                "not a grayscale CT image")
-    allocated = _int_tag(ds, "BitsAllocated", path)
+    allocated = _int_tag(ds, 0x00280100, "BitsAllocated", path)
     if allocated not in (1, 8, 16, 32):
         raise DicomError(path, f"BitsAllocated={allocated}: not 1, 8, 16 or 32 (corrupt header)")
-    stored = _int_tag(ds, "BitsStored", path, default=allocated)
+    stored = _int_tag(ds, 0x00280101, "BitsStored", path, default=allocated)
     if not 1 <= stored <= allocated:
         raise DicomError(path, f"BitsStored={stored} with BitsAllocated={allocated} (corrupt header)")
-    representation = _int_tag(ds, "PixelRepresentation", path, default=0)
+    representation = _int_tag(ds, 0x00280103, "PixelRepresentation", path, default=0)
     if representation not in (0, 1):
         raise DicomError(path, f"PixelRepresentation={representation}: neither unsigned (0) nor signed (1)")
-    rows, cols = _int_tag(ds, "Rows", path), _int_tag(ds, "Columns", path)
+    rows, cols = info.rows, info.cols
     if rows * cols > _MAX_FRAME_PIXELS:
         raise DicomError(path, f"Rows x Columns = {rows} x {cols}: larger than any CT slice (corrupt header)")
-    tsyntax = ds.file_meta.TransferSyntaxUID
+    tsyntax = uid.UID(info.tsyntax)
     if tsyntax in _JPEG_SYNTAXES and allocated not in (8, 16):
-        raise DicomError(path, f"BitsAllocated={allocated} in a {uid.UID(tsyntax).name} file: JPEG frames "
+        raise DicomError(path, f"BitsAllocated={allocated} in a {tsyntax.name} file: JPEG frames "
                                "hold 8 or 16 bits (corrupt header)")
-    if uid.UID(tsyntax).is_transfer_syntax:  # an unknown one fails later, as unsupported
-        _check_frame_count(ds, path, rows * cols * allocated, encapsulated=uid.UID(tsyntax).is_encapsulated)
+    if tsyntax.is_transfer_syntax:  # an unknown one fails later, as unsupported
+        _check_frame_count(ds, path, info, encapsulated=tsyntax.is_encapsulated)
 
 
-def _check_frame_count(ds: Dataset, path: Path, frame_bits: int, *, encapsulated: bool) -> None:
+def _check_frame_count(ds: Dataset, path: Path, info: decoders.FrameInfo, *, encapsulated: bool) -> None:
     """NumberOfFrames (1 when absent) agrees with the pixel data the file holds.
 
     A count larger than the data made the series reader try every promised frame (2**31 - 1 of
     them: a hang); a smaller one, or none, for native data holding several frames silently kept the
     first and dropped the rest. Both are refused: which of the two is right cannot be told.
-    Encapsulated data holds at least one fragment per frame (a frame may span several).
+    Encapsulated data holds at least one fragment per frame (a frame may span several), RLE exactly one.
     """
-    n = _n_frames(ds)
-    data = ds.PixelData
+    n = info.n_frames
+    data = decoders.pixel_bytes(ds)
     if encapsulated:
+        if bytes(data[:4]) != b"\xfe\xff\x00\xe0":
+            raise DicomError(path, "bad encapsulated pixel data (no Basic Offset Table item)")
+        bot = int.from_bytes(bytes(data[4:8]), "little")
+        if bot and bot != 4 * n:  # when present, the Basic Offset Table has one offset per frame
+            raise DicomError(path, f"NumberOfFrames={n}, but the Basic Offset Table lists {bot // 4} frame(s): "
+                                   "the header lies (reading it would lose frames)")
+        if n == 1 and info.tsyntax != uid.RLELossless:
+            return  # one frame: any fragment count is right (decoders.frame_bytes joins them)
         from pydicom.encaps import parse_fragments
 
         try:
-            if data[:4] != b"\xfe\xff\x00\xe0":
-                raise ValueError("no Basic Offset Table item")
             buf = io.BytesIO(data)
-            buf.seek(8 + int.from_bytes(data[4:8], "little"))  # past the Basic Offset Table
+            buf.seek(8 + bot)  # past the Basic Offset Table
             fragments, _ = parse_fragments(buf)
         except _PASS_THROUGH:
             raise
@@ -334,22 +343,27 @@ def _check_frame_count(ds: Dataset, path: Path, frame_bits: int, *, encapsulated
         if n > fragments:
             raise DicomError(path, f"NumberOfFrames={n}, but the pixel data holds {fragments} fragment(s) "
                                    "(at least one per frame): the header lies")
-        if ds.file_meta.TransferSyntaxUID == uid.RLELossless and fragments != n:  # PS3.5 A.4.2: one each
+        if info.tsyntax == uid.RLELossless and fragments != n:  # PS3.5 A.4.2: one fragment per frame
             raise DicomError(path, f"NumberOfFrames={n}, but the RLE pixel data holds {fragments} frame(s) "
                                    "(one fragment each): the header lies (reading it would lose frames)")
         return
+    frame_bits = info.rows * info.cols * info.bits_allocated
     held = (len(data) * 8) // frame_bits
     if held < n:
         raise DicomError(path, f"NumberOfFrames={n}, but the {len(data)} bytes of pixel data hold {held} "
-                               f"frame(s) of {ds.Rows} x {ds.Columns} x {ds.BitsAllocated} bits: truncated, "
+                               f"frame(s) of {info.rows} x {info.cols} x {info.bits_allocated} bits: truncated, "
                                "or the header lies")
     if held > n:
-        raise DicomError(path, f"the pixel data holds {held} frames of {ds.Rows} x {ds.Columns}, NumberOfFrames "
+        raise DicomError(path, f"the pixel data holds {held} frames of {info.rows} x {info.cols}, NumberOfFrames "
                                f"says {n}: the header lies (reading it would lose frames)")
 
 
-def _int_tag(ds: Dataset, keyword: str, path: Path, default: int | None = None) -> int:
-    """An integer tag's value (first value of a multi-valued one); DicomError when absent or not a number."""
+def _int_tag(ds: Dataset, tag: int, keyword: str, path: Path, default: int | None = None) -> int:
+    """An integer tag's value, raw when pydicom has not converted it (first value of a multi-valued
+    one); DicomError when absent (and no ``default``) or not a number."""
+    value = decoders.raw_us(ds, tag)
+    if value is not None:
+        return value
     value = ds.get(keyword)
     if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
@@ -361,6 +375,10 @@ def _int_tag(ds: Dataset, keyword: str, path: Path, default: int | None = None) 
         return int(value)
     except (TypeError, ValueError):
         raise DicomError(path, f"{keyword} is not a number: {value!r}") from None
+
+
+# JPEG 2000 and HTJ2K: the frame is a J2K codestream (SOC, then SIZ with the image size).
+_J2K_SYNTAXES = frozenset(uid.JPEG2000TransferSyntaxes) | {uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K}
 
 
 def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int] | None:
@@ -388,7 +406,7 @@ def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int
                 return None
             pos += 2 + length
         return None
-    if tsyntax in uid.JPEG2000TransferSyntaxes:
+    if tsyntax in _J2K_SYNTAXES:
         start = 0
         if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # a JP2 file: find the contiguous codestream box
             pos = 12
@@ -411,7 +429,7 @@ def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int
     return None
 
 
-def _check_frame(ds: Dataset, path: Path, index: int, n_frames: int) -> None:
+def _check_frame(ds: Dataset, path: Path, index: int) -> None:
     """A compressed frame's own header (size, components, precision) agrees with the DICOM header.
 
     When they disagree the decoders go wrong in the worst ways: GDCM aborts the process (a C++
@@ -419,13 +437,12 @@ def _check_frame(ds: Dataset, path: Path, index: int, n_frames: int) -> None:
     a SIZ segment asked for 3.5 gigapixels: minutes and gigabytes before failing). Such a file is
     refused here, before any decoder sees it. Native and RLE data have no such header.
     """
-    tsyntax = ds.file_meta.TransferSyntaxUID
-    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in uid.JPEG2000TransferSyntaxes:
+    info = decoders.frame_info(ds)
+    tsyntax = info.tsyntax
+    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in _J2K_SYNTAXES:
         return
-    from pydicom.encaps import get_frame
-
     try:
-        frame = get_frame(ds.PixelData, index, number_of_frames=n_frames)
+        frame = decoders.frame_bytes(ds, info, index)
     except _PASS_THROUGH:
         raise
     except BaseException as e:
@@ -435,13 +452,11 @@ def _check_frame(ds: Dataset, path: Path, index: int, n_frames: int) -> None:
     if geometry is None:
         raise DicomError(path, f"frame {index + 1}: not a {name} codestream (no SOF/SIZ header)")
     rows, cols, components, precision = geometry
-    want = (int(ds.Rows), int(ds.Columns), 1)
-    if (rows, cols, components) != want:
+    if (rows, cols, components) != (info.rows, info.cols, 1):
         raise DicomError(path, f"frame {index + 1}: the {name} codestream is {rows} x {cols} with {components} "
-                               f"component(s), the header says {want[0]} x {want[1]} grayscale")
-    allocated = int(ds.BitsAllocated)
-    if not 1 <= precision <= allocated:
-        raise DicomError(path, f"frame {index + 1}: {precision}-bit codestream in {allocated}-bit pixels")
+                               f"component(s), the header says {info.rows} x {info.cols} grayscale")
+    if not 1 <= precision <= info.bits_allocated:
+        raise DicomError(path, f"frame {index + 1}: {precision}-bit codestream in {info.bits_allocated}-bit pixels")
 
 
 def _n_frames(ds: Dataset) -> int:
@@ -607,7 +622,7 @@ def _frame_hu(ds: Dataset, path: Path, frame: int) -> np.ndarray:
         intercept = _number(
             _lookup(ds, frame, "RescaleIntercept"), 0.0, name="RescaleIntercept"
         )
-        _check_frame(ds, path, frame, _n_frames(ds))
+        _check_frame(ds, path, frame)
     on_raw = padding is not None and padding[2]
     stored = _decode_frame(ds, path, frame, correct_unused_bits=not on_raw)
     mask = None
