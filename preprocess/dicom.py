@@ -69,8 +69,10 @@ Traps handled (real CT files break naive code on each of these):
   JPEG 2000 frame's own SOF/SIZ header must give the DICOM header's rows, columns, one component
   and a precision within BitsAllocated. Each broke a decoder: GDCM aborts the process (SIGABRT) on
   such mismatches, OpenJPEG decodes the gigapixel image a flipped SIZ byte claims, a NumberOfFrames
-  of 2**31 - 1 made the series loop for ever, a missing one dropped frames silently. A rescale that
-  overflows float32 (RescaleIntercept 1e308) is refused rather than returned as inf HU.
+  of 2**31 - 1 made the series loop for ever, a missing one dropped frames silently. An RLE frame's
+  segment table must list BitsAllocated / 8 segments, the first at byte 64, rising, inside the frame
+  (imagecodecs' RLE decoder read out of bounds -- SIGSEGV -- on one flipped offset byte). A rescale
+  that overflows float32 (RescaleIntercept 1e308) is refused rather than returned as inf HU.
 
 Files without the 128-byte preamble + ``DICM`` prefix are rejected as not DICOM (the
 competition's files all have it; accepting them would let random bytes "parse").
@@ -80,6 +82,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -429,17 +432,34 @@ def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int
     return None
 
 
+def _check_rle_header(frame: bytes, info: decoders.FrameInfo, path: Path, index: int) -> None:
+    """An RLE frame's 64-byte header (PS3.5 G.3): BitsAllocated / 8 segments for one sample per pixel, the
+    first at byte 64, offsets rising and inside the frame. imagecodecs' RLE decoder (the first in the
+    chain) trusts the offsets: one flipped byte of an offset made it read out of bounds (SIGSEGV)."""
+    want = max(1, info.bits_allocated // 8)
+    if len(frame) < 64:
+        raise DicomError(path, f"frame {index + 1}: {len(frame)} bytes, shorter than the RLE header")
+    header = struct.unpack_from("<16L", frame)
+    n, offsets = header[0], header[1:1 + header[0]] if header[0] <= 15 else ()
+    if n != want or not offsets or offsets[0] != 64 or offsets[-1] >= len(frame) \
+            or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise DicomError(path, f"frame {index + 1}: corrupt RLE header ({n} segment(s) at {list(offsets)[:15]} in "
+                               f"{len(frame)} bytes; BitsAllocated {info.bits_allocated} needs {want}, the first "
+                               "at byte 64, rising)")
+
+
 def _check_frame(ds: Dataset, path: Path, index: int) -> None:
     """A compressed frame's own header (size, components, precision) agrees with the DICOM header.
 
     When they disagree the decoders go wrong in the worst ways: GDCM aborts the process (a C++
     exception through its C API), OpenJPEG decodes the size its codestream claims (flipped bytes in
     a SIZ segment asked for 3.5 gigapixels: minutes and gigabytes before failing). Such a file is
-    refused here, before any decoder sees it. Native and RLE data have no such header.
+    refused here, before any decoder sees it. RLE frames have their segment table checked instead
+    (:func:`_check_rle_header`); native data has no header.
     """
     info = decoders.frame_info(ds)
     tsyntax = info.tsyntax
-    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in _J2K_SYNTAXES:
+    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in _J2K_SYNTAXES and tsyntax != uid.RLELossless:
         return
     try:
         frame = decoders.frame_bytes(ds, info, index)
@@ -447,6 +467,9 @@ def _check_frame(ds: Dataset, path: Path, index: int) -> None:
         raise
     except BaseException as e:
         raise DicomError(path, f"frame {index + 1}: bad encapsulated pixel data ({type(e).__name__}: {e})") from e
+    if tsyntax == uid.RLELossless:
+        _check_rle_header(frame, info, path, index)
+        return
     geometry = _codestream_geometry(tsyntax, frame)
     name = uid.UID(tsyntax).name
     if geometry is None:

@@ -560,6 +560,16 @@ def test_defect_openjpeg_hang_on_j2k_size_bomb(worker, tmp_path, seeds):
     _must_refuse(worker, "read_hu", path, "codestream is 59000 x 59000")
 
 
+def test_defect_imagecodecs_segfault_on_a_corrupt_rle_offset(worker, tmp_path, seeds):
+    # One flipped byte in rtdose_rle_1frame.dcm's RLE header (segment 2's offset -> 3276884, past the
+    # 332-byte frame): imagecodecs.dicomrle_decode, first in main's RLE chain, read out of bounds and
+    # died of SIGSEGV in most runs (not all: it reads whatever lies there). Several reads, so a
+    # regression fails however the memory falls.
+    path = _fixed(seeds, "rtdose_rle_1frame.dcm", ops=[("flip_pixels", [(0.10546875, 50)])], dst=tmp_path / "rle.dcm")
+    for _ in range(5):
+        _must_refuse(worker, "read_hu", path, "corrupt RLE header")
+
+
 @pytest.mark.filterwarnings("ignore::spinestream.preprocess.errors.DataWarning")
 def test_defect_number_of_frames_that_lies(worker, tmp_path, multiframe):
     # NumberOfFrames 2147483647 on a 15-frame file: read_series tried every promised frame (a hang).
