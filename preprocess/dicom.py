@@ -310,8 +310,9 @@ def _check_pixel_module(ds: Dataset, path: Path) -> None:
     if tsyntax in _JPEG_SYNTAXES and allocated not in (8, 16):
         raise DicomError(path, f"BitsAllocated={allocated} in a {tsyntax.name} file: JPEG frames "
                                "hold 8 or 16 bits (corrupt header)")
-    if tsyntax.is_transfer_syntax:  # an unknown one fails later, as unsupported
-        _check_frame_count(ds, path, info, encapsulated=tsyntax.is_encapsulated)
+    if not tsyntax.is_transfer_syntax:  # refused here: its NumberOfFrames cannot be checked against the data
+        raise DicomError(path, f"unsupported transfer syntax {tsyntax} (not a DICOM transfer syntax UID)")
+    _check_frame_count(ds, path, info, encapsulated=tsyntax.is_encapsulated)
 
 
 def _check_frame_count(ds: Dataset, path: Path, info: decoders.FrameInfo, *, encapsulated: bool) -> None:

@@ -470,6 +470,7 @@ def test_multiframe_fuzzed(worker, multiframe, fuzz_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # thousands of cases; a hang found costs CASE_TIMEOUT per shrinking step
 def test_fuzz_at_scale(worker, seeds, multiframe, fuzz_dir):
     """The run RELIABILITY.md reports: ``pytest -m slow tests/test_fuzz_dicom.py -s`` (the large profile)."""
     a = _fuzz_read_hu(worker, seeds, fuzz_dir, LARGE, "read_hu-large")
@@ -571,12 +572,19 @@ def test_defect_imagecodecs_segfault_on_a_corrupt_rle_offset(worker, tmp_path, s
 
 
 @pytest.mark.filterwarnings("ignore::spinestream.preprocess.errors.DataWarning")
-def test_defect_number_of_frames_that_lies(worker, tmp_path, multiframe):
+def test_defect_number_of_frames_that_lies(worker, tmp_path, multiframe, seeds):
     # NumberOfFrames 2147483647 on a 15-frame file: read_series tried every promised frame (a hang).
     big = tmp_path / "big"
     big.mkdir()
     _fixed(multiframe, "rtdose.dcm", [("tag", ("NumberOfFrames", "IS", "2147483647"))], dst=big / "1.dcm")
     _must_refuse(worker, "read_series", big, "NumberOfFrames=2147483647")
+    # ... and with a transfer syntax no decoder knows, where the count cannot be checked against the data
+    # (a million frames, each "unsupported": the at-scale run's hang after the rebase on main)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    _fixed(seeds, "693_J2KI.dcm", [("tag", ("NumberOfFrames", "IS", "1000000")), ("syntax", "1.2.3.4.5")],
+           dst=unknown / "1.dcm")
+    _must_refuse(worker, "read_series", unknown, "unsupported transfer syntax 1.2.3.4.5")
     # NumberOfFrames deleted (native) or 1 (RLE) on a 15-frame file: one slice came back, 14 were lost silently.
     for name, edit in (("rtdose.dcm", None), ("rtdose_rle.dcm", "1"), ("rtdose_expb.dcm", "14")):
         d = tmp_path / name
