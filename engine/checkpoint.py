@@ -52,12 +52,30 @@ def readable(path: Path) -> bool:
 
 
 def load(path: Path, map_location="cpu") -> dict:
+    """A checkpoint a spinestream run wrote, read with ``weights_only=True`` (no code in it ever runs).
+
+    Raises RunError, one line: the file is missing, truncated or not a torch file, holds Python objects
+    beyond plain data (a pickle from another program), or is a torch file of another kind (a bare state
+    dict, another project's checkpoint: no ``step``)."""
+    import pickle
+
     if not Path(path).is_file():
         raise RunError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message runs to a dozen lines: one is enough here
+        raise RunError(f"{path}: not a spinestream checkpoint: it holds Python objects beyond tensors, numbers, "
+                       f"strings, lists and dicts (a pickle from another program; spinestream never runs a "
+                       f"checkpoint's code): pass a checkpoint a spinestream run wrote") from e
     except Exception as e:  # a truncated or foreign file
-        raise RunError(f"{path}: cannot be read as a spinestream checkpoint ({e})") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunError(f"{path}: cannot be read as a spinestream checkpoint (truncated, or not a torch file: "
+                       f"{first})") from e
+    if not isinstance(state, dict) or "step" not in state:
+        what = f"a dict with keys {sorted(map(str, state))[:4]}" if isinstance(state, dict) else type(state).__name__
+        raise RunError(f"{path}: a torch file, but not a spinestream checkpoint ({what}; no 'step'): pass "
+                       f"a checkpoint a spinestream run wrote (<run>/best.pt or ckpt-*.pt)")
+    return state
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

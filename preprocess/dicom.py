@@ -61,6 +61,19 @@ Traps handled (real CT files break naive code on each of these):
   ``PanicException``, a ``BaseException``, on a malformed RLE frame -- is a DicomError
   naming the file (KeyboardInterrupt and SystemExit pass through).
 
+- **Headers that lie** (found by fuzzing, tests/test_fuzz_dicom.py). Before any decoder sees a
+  file: PhotometricInterpretation must be MONOCHROME1/2, BitsAllocated 1/8/16/32 (8/16 for JPEG
+  syntaxes), 1 <= BitsStored <= BitsAllocated, PixelRepresentation 0/1, Rows x Columns at most
+  8192^2; NumberOfFrames must match the pixel data (native: the bytes hold exactly that many
+  frames; encapsulated: at least one fragment per frame, RLE exactly one); and a JPEG / JPEG-LS /
+  JPEG 2000 frame's own SOF/SIZ header must give the DICOM header's rows, columns, one component
+  and a precision within BitsAllocated. Each broke a decoder: GDCM aborts the process (SIGABRT) on
+  such mismatches, OpenJPEG decodes the gigapixel image a flipped SIZ byte claims, a NumberOfFrames
+  of 2**31 - 1 made the series loop for ever, a missing one dropped frames silently. An RLE frame's
+  segment table must list BitsAllocated / 8 segments, the first at byte 64, rising, inside the frame
+  (imagecodecs' RLE decoder read out of bounds -- SIGSEGV -- on one flipped offset byte). A rescale
+  that overflows float32 (RescaleIntercept 1e308) is refused rather than returned as inf HU.
+
 Files without the 128-byte preamble + ``DICM`` prefix are rejected as not DICOM (the
 competition's files all have it; accepting them would let random bytes "parse").
 """
@@ -69,6 +82,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -114,6 +128,8 @@ _FG_SEQUENCE = {
 
 _DEFAULT_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _ORIENTATION_TOLERANCE = 1e-3  # max |difference| of direction cosines still "the same orientation"
+# |HU| below which float32 arithmetic cannot overflow (float32's largest finite value is ~3.4e38).
+_F32_SAFE = 1e38
 # Never turned into a DicomError: the user (or the OS) asked the process to stop.
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit)
 
@@ -250,6 +266,221 @@ def _check_image(ds: Dataset, path: Path) -> None:
             f"SamplesPerPixel={spp} ({ds.get('PhotometricInterpretation', '?')}): "
             "not a grayscale CT image",
         )
+    _check_pixel_module(ds, path)
+
+
+# Transfer syntaxes whose frames are JPEG (ISO 10918) or JPEG-LS codestreams: a SOF segment gives
+# the frame's size, components and precision.
+_JPEG_SYNTAXES = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+                            uid.JPEGLSLossless, uid.JPEGLSNearLossless})
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# Largest frame accepted, in pixels (8192 x 8192; CT slices are 512 x 512, rarely 1024 x 1024): a
+# Rows/Columns pair past it is a corrupt header, and decoders would allocate it before failing.
+_MAX_FRAME_PIXELS = 1 << 26
+
+
+def _check_pixel_module(ds: Dataset, path: Path) -> None:
+    """Header facts the decoders trust without checking, checked here (a fuzzed file broke each).
+
+    GDCM aborts the whole process (a C++ exception through its C API: SIGABRT) when BitsAllocated
+    is not 8 or 16 for a JPEG syntax, or when the photometric interpretation promises colour
+    components the codestream lacks; BitsStored past BitsAllocated and a PixelRepresentation
+    other than 0/1 give HU from a guess. Every such file is refused, naming the tag. Values come
+    raw where pydicom has not converted them (``decoders.raw_us``/``frame_info``: a few
+    microseconds for the lot).
+    """
+    info = decoders.frame_info(ds)
+    photometric = info.photometric.strip().upper()
+    if photometric and photometric not in _GRAYSCALE:
+        raise DicomError(path, f"PhotometricInterpretation {photometric!r} with one sample per pixel: "
+                               "not a grayscale CT image")
+    allocated = _int_tag(ds, 0x00280100, "BitsAllocated", path)
+    if allocated not in (1, 8, 16, 32):
+        raise DicomError(path, f"BitsAllocated={allocated}: not 1, 8, 16 or 32 (corrupt header)")
+    stored = _int_tag(ds, 0x00280101, "BitsStored", path, default=allocated)
+    if not 1 <= stored <= allocated:
+        raise DicomError(path, f"BitsStored={stored} with BitsAllocated={allocated} (corrupt header)")
+    representation = _int_tag(ds, 0x00280103, "PixelRepresentation", path, default=0)
+    if representation not in (0, 1):
+        raise DicomError(path, f"PixelRepresentation={representation}: neither unsigned (0) nor signed (1)")
+    rows, cols = info.rows, info.cols
+    if rows * cols > _MAX_FRAME_PIXELS:
+        raise DicomError(path, f"Rows x Columns = {rows} x {cols}: larger than any CT slice (corrupt header)")
+    tsyntax = uid.UID(info.tsyntax)
+    if tsyntax in _JPEG_SYNTAXES and allocated not in (8, 16):
+        raise DicomError(path, f"BitsAllocated={allocated} in a {tsyntax.name} file: JPEG frames "
+                               "hold 8 or 16 bits (corrupt header)")
+    if not tsyntax.is_transfer_syntax:  # refused here: its NumberOfFrames cannot be checked against the data
+        raise DicomError(path, f"unsupported transfer syntax {tsyntax} (not a DICOM transfer syntax UID)")
+    _check_frame_count(ds, path, info, encapsulated=tsyntax.is_encapsulated)
+
+
+def _check_frame_count(ds: Dataset, path: Path, info: decoders.FrameInfo, *, encapsulated: bool) -> None:
+    """NumberOfFrames (1 when absent) agrees with the pixel data the file holds.
+
+    A count larger than the data made the series reader try every promised frame (2**31 - 1 of
+    them: a hang); a smaller one, or none, for native data holding several frames silently kept the
+    first and dropped the rest. Both are refused: which of the two is right cannot be told.
+    Encapsulated data holds at least one fragment per frame (a frame may span several), RLE exactly one.
+    """
+    n = info.n_frames
+    data = decoders.pixel_bytes(ds)
+    if encapsulated:
+        if bytes(data[:4]) != b"\xfe\xff\x00\xe0":
+            raise DicomError(path, "bad encapsulated pixel data (no Basic Offset Table item)")
+        bot = int.from_bytes(bytes(data[4:8]), "little")
+        if bot and bot != 4 * n:  # when present, the Basic Offset Table has one offset per frame
+            raise DicomError(path, f"NumberOfFrames={n}, but the Basic Offset Table lists {bot // 4} frame(s): "
+                                   "the header lies (reading it would lose frames)")
+        if n == 1 and info.tsyntax != uid.RLELossless:
+            return  # one frame: any fragment count is right (decoders.frame_bytes joins them)
+        from pydicom.encaps import parse_fragments
+
+        try:
+            buf = io.BytesIO(data)
+            buf.seek(8 + bot)  # past the Basic Offset Table
+            fragments, _ = parse_fragments(buf)
+        except _PASS_THROUGH:
+            raise
+        except BaseException as e:
+            raise DicomError(path, f"bad encapsulated pixel data ({type(e).__name__}: {e})") from e
+        if n > fragments:
+            raise DicomError(path, f"NumberOfFrames={n}, but the pixel data holds {fragments} fragment(s) "
+                                   "(at least one per frame): the header lies")
+        if info.tsyntax == uid.RLELossless and fragments != n:  # PS3.5 A.4.2: one fragment per frame
+            raise DicomError(path, f"NumberOfFrames={n}, but the RLE pixel data holds {fragments} frame(s) "
+                                   "(one fragment each): the header lies (reading it would lose frames)")
+        return
+    frame_bits = info.rows * info.cols * info.bits_allocated
+    held = (len(data) * 8) // frame_bits
+    if held < n:
+        raise DicomError(path, f"NumberOfFrames={n}, but the {len(data)} bytes of pixel data hold {held} "
+                               f"frame(s) of {info.rows} x {info.cols} x {info.bits_allocated} bits: truncated, "
+                               "or the header lies")
+    if held > n:
+        raise DicomError(path, f"the pixel data holds {held} frames of {info.rows} x {info.cols}, NumberOfFrames "
+                               f"says {n}: the header lies (reading it would lose frames)")
+
+
+def _int_tag(ds: Dataset, tag: int, keyword: str, path: Path, default: int | None = None) -> int:
+    """An integer tag's value, raw when pydicom has not converted it (first value of a multi-valued
+    one); DicomError when absent (and no ``default``) or not a number."""
+    value = decoders.raw_us(ds, tag)
+    if value is not None:
+        return value
+    value = ds.get(keyword)
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        if default is None:
+            raise DicomError(path, f"no {keyword}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DicomError(path, f"{keyword} is not a number: {value!r}") from None
+
+
+# JPEG 2000 and HTJ2K: the frame is a J2K codestream (SOC, then SIZ with the image size).
+_J2K_SYNTAXES = frozenset(uid.JPEG2000TransferSyntaxes) | {uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K}
+
+
+def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) a JPEG / JPEG-LS / JPEG 2000 frame declares, from its
+    SOF or SIZ segment; None when the frame has no such header where the standard puts it."""
+    if tsyntax in _JPEG_SYNTAXES:
+        if frame[:2] != b"\xff\xd8":
+            return None
+        pos = 2
+        while pos + 4 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+            # SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) or JPEG-LS SOF55 (F7)
+            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+                seg = frame[pos + 4:pos + 2 + length]
+                if len(seg) < 6:
+                    return None
+                return (int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5], seg[0])
+            if marker == 0xDA or length < 2:  # scan data before any SOF, or a broken length
+                return None
+            pos += 2 + length
+        return None
+    if tsyntax in _J2K_SYNTAXES:
+        start = 0
+        if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # a JP2 file: find the contiguous codestream box
+            pos = 12
+            while pos + 8 <= len(frame):
+                length = int.from_bytes(frame[pos:pos + 4], "big")
+                if frame[pos + 4:pos + 8] == b"jp2c":
+                    start = pos + 8
+                    break
+                if length < 8:
+                    return None
+                pos += length
+            else:
+                return None
+        siz = frame[start:start + 43]
+        if len(siz) < 43 or siz[:4] != b"\xff\x4f\xff\x51":
+            return None
+        xsiz, ysiz, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (8, 12, 16, 20))
+        csiz = int.from_bytes(siz[40:42], "big")
+        return (ysiz - y0, xsiz - x0, csiz, (siz[42] & 0x7F) + 1)
+    return None
+
+
+def _check_rle_header(frame: bytes, info: decoders.FrameInfo, path: Path, index: int) -> None:
+    """An RLE frame's 64-byte header (PS3.5 G.3): BitsAllocated / 8 segments for one sample per pixel, the
+    first at byte 64, offsets rising and inside the frame. imagecodecs' RLE decoder (the first in the
+    chain) trusts the offsets: one flipped byte of an offset made it read out of bounds (SIGSEGV)."""
+    want = max(1, info.bits_allocated // 8)
+    if len(frame) < 64:
+        raise DicomError(path, f"frame {index + 1}: {len(frame)} bytes, shorter than the RLE header")
+    header = struct.unpack_from("<16L", frame)
+    n, offsets = header[0], header[1:1 + header[0]] if header[0] <= 15 else ()
+    if n != want or not offsets or offsets[0] != 64 or offsets[-1] >= len(frame) \
+            or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise DicomError(path, f"frame {index + 1}: corrupt RLE header ({n} segment(s) at {list(offsets)[:15]} in "
+                               f"{len(frame)} bytes; BitsAllocated {info.bits_allocated} needs {want}, the first "
+                               "at byte 64, rising)")
+
+
+def _check_frame(ds: Dataset, path: Path, index: int) -> None:
+    """A compressed frame's own header (size, components, precision) agrees with the DICOM header.
+
+    When they disagree the decoders go wrong in the worst ways: GDCM aborts the process (a C++
+    exception through its C API), OpenJPEG decodes the size its codestream claims (flipped bytes in
+    a SIZ segment asked for 3.5 gigapixels: minutes and gigabytes before failing). Such a file is
+    refused here, before any decoder sees it. RLE frames have their segment table checked instead
+    (:func:`_check_rle_header`); native data has no header.
+    """
+    info = decoders.frame_info(ds)
+    tsyntax = info.tsyntax
+    if tsyntax not in _JPEG_SYNTAXES and tsyntax not in _J2K_SYNTAXES and tsyntax != uid.RLELossless:
+        return
+    try:
+        frame = decoders.frame_bytes(ds, info, index)
+    except _PASS_THROUGH:
+        raise
+    except BaseException as e:
+        raise DicomError(path, f"frame {index + 1}: bad encapsulated pixel data ({type(e).__name__}: {e})") from e
+    if tsyntax == uid.RLELossless:
+        _check_rle_header(frame, info, path, index)
+        return
+    geometry = _codestream_geometry(tsyntax, frame)
+    name = uid.UID(tsyntax).name
+    if geometry is None:
+        raise DicomError(path, f"frame {index + 1}: not a {name} codestream (no SOF/SIZ header)")
+    rows, cols, components, precision = geometry
+    if (rows, cols, components) != (info.rows, info.cols, 1):
+        raise DicomError(path, f"frame {index + 1}: the {name} codestream is {rows} x {cols} with {components} "
+                               f"component(s), the header says {info.rows} x {info.cols} grayscale")
+    if not 1 <= precision <= info.bits_allocated:
+        raise DicomError(path, f"frame {index + 1}: {precision}-bit codestream in {info.bits_allocated}-bit pixels")
 
 
 def _n_frames(ds: Dataset) -> int:
@@ -415,6 +646,7 @@ def _frame_hu(ds: Dataset, path: Path, frame: int) -> np.ndarray:
         intercept = _number(
             _lookup(ds, frame, "RescaleIntercept"), 0.0, name="RescaleIntercept"
         )
+        _check_frame(ds, path, frame)
     on_raw = padding is not None and padding[2]
     stored = _decode_frame(ds, path, frame, correct_unused_bits=not on_raw)
     mask = None
@@ -425,10 +657,16 @@ def _frame_hu(ds: Dataset, path: Path, frame: int) -> np.ndarray:
         if on_raw:
             stored = _drop_unused_bits(stored, ds)
     hu = stored.astype(np.float32)  # (rows, cols)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if slope != 1.0:
+            hu *= np.float32(slope)
+        if intercept != 0.0:
+            hu += np.float32(intercept)
+    # An absurd rescale (|slope| or |intercept| near float32's limit) overflows to inf: refused, never
+    # passed on as HU. Checked only when the bound says it can happen (no pass over the pixels otherwise).
+    if abs(slope) * 2.0 ** (8 * stored.dtype.itemsize) + abs(intercept) >= _F32_SAFE and not np.isfinite(hu).all():
+        raise DicomError(path, f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give HU beyond "
+                               "float32 (not a CT rescale)")
     if mask is not None:
         hu[mask] = AIR_HU
     return hu

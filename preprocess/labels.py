@@ -93,10 +93,24 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], file: str) -> Non
         raise LabelError(f"{file}: missing column(s) {missing}; expected {list(columns)}")
 
 
-def _uids(series: pd.Series, file: str) -> pd.Series:
+# A StudyInstanceUID names a directory (train_images/<uid>/, the output's volumes.zarr/<uid>, the job's
+# _work/studies/<uid>): only characters that keep it one plain path component. DICOM UIDs are digits and dots.
+_UID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def _uids(series: pd.Series, file: str, *, paths: bool = False) -> pd.Series:
+    """The column as stripped strings; with ``paths``, each must be a plain UID (:data:`_UID_RE`)."""
     if series.isna().any():
         raise LabelError(f"{file}: {int(series.isna().sum())} row(s) have no StudyInstanceUID")
-    return series.astype(str).str.strip()
+    out = series.astype(str).str.strip()
+    if paths:
+        bad = ~out.str.match(_UID_RE) | out.str.contains("..", regex=False)
+        if bad.any():
+            first = int(np.flatnonzero(bad.to_numpy())[0])
+            raise LabelError(f"{file}: StudyInstanceUID {out.iloc[first]!r} (row {first + 2}; {int(bad.sum())} such "
+                             f"row(s)) is not a UID: it names a directory, so only letters, digits, '.', '-' and '_' "
+                             f"are allowed, no '..' or '/'; fix the file")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +145,7 @@ def build_study_table(
     _require_columns(boxes, BOX_COLUMNS, BOXES_FILE)
 
     table = train.loc[:, list(TRAIN_COLUMNS)].copy()
-    table["StudyInstanceUID"] = _uids(table["StudyInstanceUID"], TRAIN_FILE)
+    table["StudyInstanceUID"] = _uids(table["StudyInstanceUID"], TRAIN_FILE, paths=True)
     box_rows = boxes.loc[:, ["StudyInstanceUID", "slice_number"]].copy()
     box_rows["StudyInstanceUID"] = _uids(box_rows["StudyInstanceUID"], BOXES_FILE)
 

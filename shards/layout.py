@@ -5,7 +5,7 @@ OUT/manifest.json          written last: the run is complete when it exists
 OUT/studies.parquet        one row per study
 OUT/slices.parquet         one row per slice (slice_id is the key everywhere)
 OUT/labels/truth.parquet   slice_id -> C1..C7, any (boxed and negative studies)
-OUT/wds/<cohort>-f<fold>-<k:04d>.tar + .idx
+OUT/wds/<cohort>-f<fold>-<k:04d>.tar + .idx + .sums (each sample's CRC-32: shards.wds.read_sums)
 OUT/volumes.zarr/<StudyInstanceUID>
 OUT/_work/                 resumable job state; removed when the job completes
 ```

@@ -16,9 +16,10 @@ key path.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from spinestream import InputError, MissingInput, SpinestreamError
@@ -187,14 +188,48 @@ class Manifest:
             raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a spinestream manifest (format={d.get('format')!r})")
-        if d.get("version") != VERSION:
+        version = d.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+            raise ManifestError(
+                f"{where}: written by a newer spinestream (manifest version {version}; this one reads version "
+                f"{VERSION}): upgrade spinestream to read it, or re-run `spinestream shard` into a new --out")
+        if version != VERSION:
             raise ManifestError(
                 f"{where}: manifest version {d.get('version')!r} is not supported by this spinestream "
                 f"(it reads version {VERSION}); re-run `spinestream shard` into a new --out with this version")
         try:
-            return parse(cls, d, where)
+            m = parse(cls, d, where)
         except ConfigError as e:
             raise ManifestError(str(e)) from None
+        _check_paths(m, where)
+        return m
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _inside(rel: str) -> bool:
+    """``rel`` is a relative path that stays inside the directory it is joined to (no '..', not absolute)."""
+    p = PurePosixPath(rel)
+    return bool(rel) and "\\" not in rel and "\0" not in rel and not p.is_absolute() and ".." not in p.parts
+
+
+def _check_paths(m: Manifest, where: str) -> None:
+    """Every file the manifest names lies inside the shard directory, and every shard name is a plain name
+    (the loaders write ``<name>.pos.idx`` files under a run directory): a manifest that points elsewhere was
+    not written by spinestream."""
+    named = [(f"shards[{k}].path", s.path) for k, s in enumerate(m.shards)]
+    named += [(f"shards[{k}].index", s.index) for k, s in enumerate(m.shards)]
+    named += [(f"tables.{f}", getattr(m.tables, f)) for f in ("studies", "slices", "truth")]
+    named.append(("volumes", m.volumes))
+    for key, rel in named:
+        if not _inside(rel):
+            raise ManifestError(f"{where}: {key} = {rel!r} points outside the shard directory (only relative paths "
+                                "without '..' are allowed); this manifest was not written by spinestream")
+    for k, s in enumerate(m.shards):
+        if not _NAME_RE.match(s.name):
+            raise ManifestError(f"{where}: shards[{k}].name = {s.name!r} is not a plain name (letters, digits, '.', "
+                                "'-', '_'); this manifest was not written by spinestream")
 
 
 def write_manifest(root: str | Path, manifest: Manifest) -> Path:

@@ -196,8 +196,43 @@ def read_label_table(path: str | Path) -> LabelTable:
     bad = [t for t in TARGETS if not (pd.api.types.is_numeric_dtype(df[t]) or pd.api.types.is_bool_dtype(df[t]))]
     if bad:
         raise InputError(f"{path}: target column(s) {bad} are not numeric")
+    check_label_rows(df, str(path))
     raw = (pq.read_schema(path).metadata or {}).get(LABEL_METADATA_KEY)
     return LabelTable(df, json.loads(raw) if raw else {})
+
+
+def check_label_rows(df: pd.DataFrame, where: str) -> None:
+    """A label table's rows: slice_id whole, >= 0 and unique; every target finite and in [0, 1].
+
+    Each failure is one line naming the table, how many rows and the first slice_id, and what to do
+    (a table that breaks these was not written by spinestream, or was edited: a NaN target would
+    train as NaN loss, a duplicated slice_id would give one slice two answers)."""
+    fix = "rebuild it (spinestream shard writes truth.parquet, spinestream pseudo-label the pseudo tables)"
+    sid = df["slice_id"]
+    if not pd.api.types.is_integer_dtype(sid):
+        num = pd.to_numeric(sid, errors="coerce")
+        odd = num.isna() | (num != np.floor(num))
+        if odd.any():
+            raise InputError(f"{where}: {int(odd.sum())} row(s) have a slice_id that is not a whole number (first: "
+                             f"{sid[odd].iloc[0]}); {fix}")
+    ids = pd.to_numeric(sid).to_numpy(np.float64)
+    if (ids < 0).any():
+        raise InputError(f"{where}: {int((ids < 0).sum())} row(s) have a negative slice_id (first: "
+                         f"{int(ids[ids < 0][0])}); {fix}")
+    dup = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if dup.any():
+        raise InputError(f"{where}: {int(dup.sum())} rows share {len(np.unique(ids[dup]))} slice_id(s) (first: "
+                         f"{int(ids[dup][0])}): a slice would have two sets of targets; {fix}")
+    vals = df[list(TARGETS)].to_numpy(np.float64)
+    nan = np.isnan(vals).any(axis=1)
+    if nan.any():
+        raise InputError(f"{where}: {int(nan.sum())} row(s) have NaN targets (first slice_id: {int(ids[nan][0])}); "
+                         f"{fix}")
+    out = ((vals < 0) | (vals > 1)).any(axis=1)
+    if out.any():
+        first = int(np.flatnonzero(out)[0])
+        raise InputError(f"{where}: {int(out.sum())} row(s) have targets outside [0, 1] (first slice_id "
+                         f"{int(ids[first])}: {vals[first].tolist()}); {fix}")
 
 
 __all__ = ["Column", "LabelTable", "SLICE_COLUMNS", "STUDY_COLUMNS", "label_frame", "read_label_table",

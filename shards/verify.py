@@ -2,7 +2,10 @@
 
 Checks, and exits non-zero naming the file on the first class of problem found:
 
-* every shard and index file listed exists, with the recorded sha256 and byte size;
+* every shard and index file listed exists, with the recorded sha256 and byte size; where a shard's
+  sha256 differs, its ``.sums`` (every sample's CRC-32) names the samples whose bytes changed, with
+  their study and slice number (a shard set written before the sums existed can only name the shard);
+* every sample matches its CRC-32 and the sums file lists the samples the index does;
 * every tar parses (regular members named ``<slice_id:09d>.jpg/.id`` only, nothing
   truncated), holds the recorded number of samples, and each ``.id`` matches its name;
 * every index file describes its tar exactly (same members, offsets and sizes);
@@ -31,7 +34,7 @@ from .fsutil import sha256_file
 from .layout import Layout
 from .manifest import Manifest, ShardEntry, read_manifest
 from .tables import read_label_table, read_slice_table, read_study_table
-from .wds import ShardError, check_index, iter_samples, read_index
+from .wds import ShardError, check_index, crc32, iter_samples, read_index, read_sums, sums_path
 
 
 class VerifyError(SpinestreamError, ValueError):
@@ -50,10 +53,17 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
     if not np.array_equal(slices.slice_id.to_numpy(), np.arange(n_total)):
         problems.append(f"{lay.slices}: slice_id is not 0..{n_total - 1} in order")
     shard_col = slices.shard.to_numpy()
+    study_col, number_col = slices.StudyInstanceUID.to_numpy(), slices.slice_number.to_numpy()
+
+    def describe(sid: int) -> str:
+        if 0 <= sid < n_total:
+            return f"{sid:09d} (study {study_col[sid]}, slice {number_col[sid]})"
+        return f"{sid:09d}"
 
     for s in bar(m.shards, desc="verify", unit="shard", disable=not progress):
         try:
-            ids = _shard_ids(root, s, quick=quick, decode=decode)
+            ids, bad_samples = _shard_ids(root, s, quick=quick, decode=decode, describe=describe)
+            problems += bad_samples  # the shard's structure is sound: its slice_ids still count below
             bad = ids[(ids < 0) | (ids >= n_total)]
             if len(bad):
                 raise ShardError(f"{root / s.path}: slice_ids {bad[:5].tolist()} are not in slices.parquet")
@@ -81,8 +91,9 @@ def verify(root: str | Path, *, quick: bool = False, decode: bool = False, progr
             "warnings": warning_summary(m)}
 
 
-def _shard_ids(root: Path, s: ShardEntry, *, quick: bool, decode: bool) -> np.ndarray:
-    """The slice_ids one shard holds, after checking it against its manifest entry (ShardError)."""
+def _shard_ids(root: Path, s: ShardEntry, *, quick: bool, decode: bool, describe=str) -> tuple[np.ndarray, list[str]]:
+    """The slice_ids one shard holds and its problems that leave them known (corrupt samples, named where
+    the shard has its ``.sums``); a ShardError when the shard itself does not match its manifest entry."""
     tar, idx = root / s.path, root / s.index
     if not tar.is_file():
         raise ShardError(f"{tar}: listed in the manifest but missing")
@@ -90,25 +101,52 @@ def _shard_ids(root: Path, s: ShardEntry, *, quick: bool, decode: bool) -> np.nd
         raise ShardError(f"{idx}: index file is missing (DALI needs it; rerun `spinestream shard` into a new --out)")
     if tar.stat().st_size != s.bytes:
         raise ShardError(f"{tar}: {tar.stat().st_size} bytes, manifest says {s.bytes} (truncated or replaced?)")
+    found: list[str] = []
     if quick:
         ids = [int(c[0][3].split(".")[0]) for c in read_index(idx)]
         n = len(ids)
     else:
-        if sha256_file(tar) != s.sha256:
-            raise ShardError(f"{tar}: sha256 does not match the manifest (corrupt or replaced)")
+        tar_ok = sha256_file(tar) == s.sha256
         if sha256_file(idx) != s.index_sha256:
             raise ShardError(f"{idx}: sha256 does not match the manifest")
-        n = check_index(tar, idx)
-        ids = []
-        for sid, data in iter_samples(tar):
-            ids.append(sid)
-            if decode:
-                from .sample import decode_jpeg
+        sums = read_sums(tar)
+        try:
+            n = check_index(tar, idx)
+            ids, changed, undecodable = [], [], []
+            for k, (sid, data) in enumerate(iter_samples(tar)):
+                ids.append(sid)
+                if sums is not None and (k >= len(sums) or crc32(data) != int(sums["crc"][k])):
+                    changed.append(sid)
+                if decode:
+                    from .sample import decode_jpeg
 
-                decode_jpeg(data)
+                    try:
+                        decode_jpeg(data)
+                    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
+                        undecodable.append(f"{describe(sid)}: {type(e).__name__}: {e}")
+        except ShardError as e:
+            raise ShardError(f"{e}" if tar_ok else f"{tar}: sha256 does not match the manifest; {e}") from None
+        if sums is not None and len(sums) != n:
+            raise ShardError(f"{sums_path(tar)}: lists {len(sums)} samples, the shard holds {n} (stale sums file)")
+        found = []
+        if not tar_ok:
+            if changed:
+                shown = ", ".join(describe(i) for i in changed[:5]) + (" ..." if len(changed) > 5 else "")
+                found.append(f"{tar}: sha256 does not match the manifest; {len(changed)} corrupt sample(s) "
+                             f"(bytes changed since sharding): {shown}; re-shard, or train with "
+                             f"loader.bad_samples=skip")
+            else:
+                found.append(f"{tar}: sha256 does not match the manifest (corrupt or replaced"
+                             + ("; no per-sample sums in this shard set to say which sample)" if sums is None else
+                                "; every sample still matches its CRC-32: a tar header or padding changed)"))
+        elif changed:
+            found.append(f"{sums_path(tar)}: does not match {tar}, whose sha256 matches the manifest "
+                         "(the sums file is corrupt; re-shard, or delete it)")
+        if undecodable:
+            found.append(f"{tar}: {len(undecodable)} sample(s) do not decode: {'; '.join(undecodable[:3])}")
     if n != s.samples:
         raise ShardError(f"{tar}: {n} samples, manifest says {s.samples}")
-    return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=np.int64), found
 
 
 def _coverage_problems(lay: Layout, m: Manifest, seen: np.ndarray) -> list[str]:

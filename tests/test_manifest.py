@@ -49,7 +49,12 @@ def test_unknown_version_is_a_clear_error(tmp_path):
     d = _manifest().to_dict()
     d["version"] = VERSION + 1
     (tmp_path / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match=rf"version {VERSION + 1} is not supported.*reads version {VERSION}"):
+    with pytest.raises(ManifestError, match=rf"newer spinestream \(manifest version {VERSION + 1}; this one reads "
+                                            rf"version {VERSION}\): upgrade spinestream"):
+        read_manifest(tmp_path)
+    d["version"] = VERSION - 1  # an older one: re-shard
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=rf"version {VERSION - 1} is not supported.*reads version {VERSION}"):
         read_manifest(tmp_path)
     d["version"], d["format"] = VERSION, "something-else"
     (tmp_path / "manifest.json").write_text(json.dumps(d))

@@ -21,6 +21,12 @@ each backend; DALI in its CPU-only mode):
   at the end of its part), marked ``valid == False`` in the batch, counted in
   :attr:`Loader.padded` and in :attr:`Batch.n_valid` from the positions on the host — never
   silently trained on as data, and never mixed into a real sample by mixup.
+* **Corrupt samples** (``loader.bad_samples``). A sample whose bytes fail their CRC-32 or whose JPEG
+  does not decode stops the epoch with a :class:`~spinestream.shards.wds.SampleError` naming the shard
+  and the sample (``error``, the default), or (``skip``) keeps its position as an invalid row: like
+  padding it is ``valid == False``, never a mixup partner, not in :attr:`Batch.n_valid`; it is counted
+  in :attr:`Loader.skipped` (real positions only) and named in a :class:`BadSampleWarning`. Positions,
+  the order and resumption are unchanged: exactly once still holds for every sample, read or skipped.
 * **Seeded.** The order differs from epoch to epoch and is the same for the same seed.
   Every augmentation parameter of a batch is drawn on the host from a generator seeded by
   (seed, epoch, rank, position) (:mod:`spinestream.engine.loader.params`): ranks draw different
@@ -39,13 +45,19 @@ each backend; DALI in its CPU-only mode):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from spinestream import InputError
+
+
+class BadSampleWarning(UserWarning):
+    """A corrupt sample was skipped (``loader.bad_samples: skip``); the message names its shard and slice_id."""
 
 
 @dataclass
@@ -88,6 +100,40 @@ def rank_order(n: int, seed: int, epoch: int, rank: int, world: int, shuffle: bo
     return mine
 
 
+def report_bad_samples(loader: Loader, errors: list, n_real: int) -> list[int]:
+    """The rows of a batch whose sample is corrupt (``errors[k]`` a SampleError, else None).
+
+    Under ``bad_samples: error`` the first one is raised; under ``skip`` each in the first ``n_real`` rows (the
+    real samples; the rest are padding, already invalid) is counted in ``loader.skipped``, listed in
+    ``loader.skipped_samples`` as (tar, slice_id) and warned about, and all the rows are returned."""
+    bad = [k for k, e in enumerate(errors) if e is not None]
+    if not bad:
+        return bad
+    if loader.cfg.bad_samples == "error":
+        raise errors[bad[0]]
+    for k in bad:
+        if k < n_real:
+            e = errors[k]
+            loader.skipped += 1
+            loader.skipped_samples.append((e.tar, e.slice_id))
+            warnings.warn(f"skipped a corrupt sample (loader.bad_samples=skip): {e.tar}: slice_id {e.slice_id} "
+                          f"{e.reason}", BadSampleWarning, stacklevel=3)
+    return bad
+
+
+def exclude_from_mixup(mix, bad: list[int]):
+    """``mix`` (params.MixParams) with the ``bad`` rows out of mixup: each is its own partner, and a real
+    row whose drawn partner is bad keeps itself (it is not mixed this batch) -- a blank image is never
+    blended into a real sample."""
+    if not bad or not mix.on:
+        return mix
+    rows = np.arange(len(mix.partner))
+    is_bad = np.zeros(len(rows), dtype=bool)
+    is_bad[bad] = True
+    keep_self = is_bad | is_bad[mix.partner]
+    return dataclasses.replace(mix, partner=np.where(keep_self, rows, mix.partner))
+
+
 class Loader:
     """Iterate to get one epoch of :class:`Batch`; ``len()`` is its number of steps."""
 
@@ -95,6 +141,8 @@ class Loader:
     samples: int  # real samples this rank yields per epoch
     padded: int  # padding positions this rank yields per epoch (valid == False)
     epoch: int
+    skipped: int = 0  # corrupt samples skipped so far (loader.bad_samples=skip), over all epochs
+    skipped_samples: list  # their (tar, slice_id), in the order met
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -26,6 +26,13 @@ CLAHE: on the CPU, DALI's ``fn.clahe`` is OpenCV's (engine/loader/clahe.py match
 bit). DALI's GPU ``fn.clahe`` is a different implementation (float Lab, no reflect padding);
 its difference from the CPU operator is unmeasured until a GPU run.
 
+Corrupt samples: the source checks each JPEG's CRC-32 as it reads it (``loader.verify_samples``); a
+sample that fails is replaced by a blank JPEG of the shard's size (DALI never decodes the garbage)
+and remembered by position, so the batch it lands in raises the one-line SampleError naming the
+shard and the sample (``bad_samples: error``) or carries it as an invalid row (``skip``; see
+engine/loader/base.py). A JPEG that passes its CRC but does not decode (a shard set without
+``.sums``) still fails inside DALI, with DALI's message.
+
 The same pipeline runs on the CPU with ``device_id=None`` (DALI's CPU-only mode), which is
 how CI tests it. The legacy ``fn.readers.webdataset`` reader, which does not mix across shards,
 lives in benchmarks/dali_webdataset.py (``bench loader``'s before line), outside engine/.
@@ -35,10 +42,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spinestream.shards.wds import RecordReader
+from spinestream.shards.sample import encode_jpeg
+from spinestream.shards.wds import RecordReader, SampleError
 
 from .augment import mixup
-from .base import Batch, Loader, per_rank, rank_order, rank_part
+from .base import Batch, Loader, exclude_from_mixup, per_rank, rank_order, rank_part, report_bad_samples
 from .config import AugmentConfig, LoaderConfig, torch_dtype
 from .labels import DeviceLabels
 from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
@@ -69,11 +77,24 @@ class IndexSource:
     StopIteration every time). The last batch may be short (DALI allows a smaller batch)."""
 
     def __init__(self, reader: RecordReader, order: np.ndarray, start: int, batch_size: int, aug: AugmentConfig,
-                 cfg: LoaderConfig, *, epoch: int, rank: int):
+                 cfg: LoaderConfig, *, epoch: int, rank: int, image_size: int = 0):
         self.reader, self.order, self.start, self.bs, self.aug = reader, order, start, batch_size, aug
         self.slice_id = reader.rec["slice_id"]
         self.key = sample_key(cfg.seed, epoch, rank)
         self.mean = np.asarray(cfg.mean, np.float32) * 255
+        self.image_size = image_size
+        self._blank: np.ndarray | None = None
+        self.bad: dict[int, SampleError] = {}  # epoch position -> why its sample was replaced by a blank
+
+    def _read(self, i: int, position: int) -> np.ndarray:
+        try:
+            return np.frombuffer(self.reader.read(i), np.uint8)
+        except SampleError as e:
+            self.bad[position] = e
+            if self._blank is None:  # a JPEG DALI decodes to the shard's size: the row is invalid anyway
+                size = self.image_size or 16
+                self._blank = np.frombuffer(encode_jpeg(np.zeros((size, size, 3), np.uint8)), np.uint8)
+            return self._blank
 
     def __call__(self, info) -> tuple:
         s = self.start + info.iteration * self.bs
@@ -81,7 +102,7 @@ class IndexSource:
             raise StopIteration
         idx = self.order[s:s + self.bs]
         p = draw_params(self.aug, sample_uniforms(self.key, s, len(idx)))
-        return ([np.frombuffer(self.reader.read(i), np.uint8) for i in idx], self.slice_id[idx].astype(np.int64),
+        return ([self._read(i, s + j) for j, i in enumerate(idx)], self.slice_id[idx].astype(np.int64),
                 pack_params(p, self.mean))
 
 
@@ -168,21 +189,24 @@ class DaliLoader(Loader):
         self.padded = self.positions - self.samples
         self.aug = cfg.augment if train else cfg.augment.off()
         self.epoch, self.position = 0, 0
+        self.skipped, self.skipped_samples = 0, []
         self._it = None
+        self._source: IndexSource | None = None
         self._setup()
         if state:
             self.load_state_dict(state)
 
     def _setup(self) -> None:
-        self.records = RecordReader(self.sel.tars, self.sel.records())
+        self.records = RecordReader(self.sel.tars, self.sel.records(), verify=self.cfg.verify_samples)
         assert len(self.records) == self.n, "the manifest's sample counts and the .idx files agree (records())"
 
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         order = rank_order(self.n, self.cfg.seed, self.epoch, self.rank, self.world, shuffle=self.train)
-        source = IndexSource(self.records, order, self.position, self.cfg.batch_size, self.aug, self.cfg,
-                             epoch=self.epoch, rank=self.rank)
+        source = self._source = IndexSource(self.records, order, self.position, self.cfg.batch_size, self.aug,
+                                            self.cfg, epoch=self.epoch, rank=self.rank,
+                                            image_size=self.sel.image_size)
         p = _build_pipeline(source, self.sel, self.cfg, self.aug, device=self.device)
         # no reader: the epoch ends when the source raises StopIteration
         return DALIGenericIterator([p], ["images", "slice_ids"], auto_reset=False)
@@ -218,12 +242,16 @@ class DaliLoader(Loader):
             x = x.to(dtype)  # bfloat16 (DALI has none); keeps the strides
         y = self.labels[ids]
         n_valid = max(0, min(n, self.samples - self.position))
+        pending = self._source.bad if self._source is not None else {}
+        bad = report_bad_samples(self, [pending.pop(self.position + k, None) for k in range(n)], n_valid)
         if self.train and self.aug.p_mixup > 0:
             mix = draw_mixup(self.aug, n, n_valid, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
-            x, y = mixup(x, y, mix)
+            x, y = mixup(x, y, exclude_from_mixup(mix, bad))
         valid = (self.position + torch.arange(n, device=dev)) < self.samples
+        if bad:
+            valid[torch.as_tensor(bad, device=dev)] = False
         self.position += n
-        return Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
+        return Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid - sum(k < n_valid for k in bad))
 
     def state_dict(self) -> dict:
         return self._state(reader=self.reader)

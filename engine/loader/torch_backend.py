@@ -15,6 +15,13 @@ Decoding: ``torch_decode: auto`` decodes on the GPU (torchvision's batched nvJPE
 card with a hardware JPEG decoder (A100/H100/H200); elsewhere — P100, T4 — torchvision's CUDA
 path runs the Huffman stage on the host, one image at a time, in the training thread, so the
 DataLoader workers decode on the CPU instead.
+
+Corrupt samples (``loader.bad_samples``): a worker that reads bytes failing their CRC-32
+(:class:`spinestream.shards.wds.SampleError`) or a JPEG that does not decode to the shard's image
+size hands back a blank image and the reason instead of raising (a worker's traceback would
+arrive as a multi-line wrapper); the training process then stops with the one-line
+:class:`~spinestream.shards.wds.SampleError` naming the shard and the sample, or, with ``skip``,
+marks the row invalid (like padding), keeps it out of mixup and counts it in ``skipped``.
 """
 from __future__ import annotations
 
@@ -23,10 +30,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spinestream.shards.sample import decode_jpeg
-from spinestream.shards.wds import RecordReader
+from spinestream.shards.wds import RecordReader, SampleError
 
 from .augment import augment, mixup, normalize
-from .base import Batch, Loader, per_rank, rank_order, rank_part
+from .base import Batch, Loader, exclude_from_mixup, per_rank, rank_order, rank_part, report_bad_samples
 from .config import LoaderConfig, torch_dtype
 from .labels import DeviceLabels
 from .params import batch_rng, draw_mixup, draw_params, sample_key, sample_uniforms
@@ -35,21 +42,34 @@ from .selection import Selection
 
 
 class _Records(Dataset):
-    """Sample i -> (JPEG bytes or decoded uint8 (3, H, W), slice_id)."""
+    """Sample i -> (JPEG bytes or decoded uint8 (3, H, W), slice_id, None), or for a corrupt sample
+    (a blank image or no bytes, slice_id, the :class:`SampleError`)."""
 
-    def __init__(self, reader: RecordReader, decode: bool):
-        self.reader, self.decode = reader, decode
+    def __init__(self, reader: RecordReader, decode: bool, size: int):
+        self.reader, self.decode, self.size = reader, decode, size
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int):
-        data = self.reader.read(i)
-        if self.decode:  # Pillow (libjpeg-turbo): the same decoder the shard writer's tests use
-            img = torch.from_numpy(decode_jpeg(data)).permute(2, 0, 1)  # (3, H, W) uint8
-        else:
-            img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return img, int(self.reader.rec["slice_id"][i])
+        sid = int(self.reader.rec["slice_id"][i])
+        try:
+            data = self.reader.read(i)
+            if not self.decode:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), sid, None
+            try:  # Pillow (libjpeg-turbo): the same decoder the shard writer's tests use
+                arr = decode_jpeg(data)
+            except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
+                raise SampleError(self.reader.tars[int(self.reader.rec["shard"][i])], sid,
+                                  f"does not decode as JPEG ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0]})") from None
+            if arr.shape != (self.size, self.size, 3):
+                raise SampleError(self.reader.tars[int(self.reader.rec["shard"][i])], sid,
+                                  f"decodes to {arr.shape}, not the shard's ({self.size}, {self.size}, 3)")
+            return torch.from_numpy(arr).permute(2, 0, 1), sid, None  # (3, H, W) uint8
+        except SampleError as e:
+            blank = torch.zeros((3, self.size, self.size) if self.decode else (0,), dtype=torch.uint8)
+            return blank, sid, e
 
 
 def gpu_decode_default(cfg: LoaderConfig, device: torch.device) -> bool:
@@ -61,15 +81,35 @@ def gpu_decode_default(cfg: LoaderConfig, device: torch.device) -> bool:
     return device.type == "cuda" and has_hw_jpeg_decoder(device)
 
 
-def _gpu_decode(raw: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
-    """Batch-decode JPEG bytes with nvJPEG through torchvision -> (B, 3, H, W) uint8 on ``dev``."""
+def _gpu_decode(raw: list[torch.Tensor], dev: torch.device, size: int, errors: list, where) -> torch.Tensor:
+    """Batch-decode JPEG bytes with nvJPEG through torchvision -> (B, 3, H, W) uint8 on ``dev``.
+
+    Rows whose ``errors`` entry is set (read failures) stay blank; when the batch decode fails, each image
+    is decoded alone and those that fail get an error (``where(k)``: the row's shard and slice_id)."""
     import warnings
 
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        return torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev))
+        good = [k for k, e in enumerate(errors) if e is None]
+        out = torch.zeros((len(raw), 3, size, size), dtype=torch.uint8, device=dev)
+        try:
+            imgs = decode_jpeg([raw[k] for k in good], mode=ImageReadMode.RGB, device=dev) if good else []
+        except RuntimeError:
+            imgs = []
+            for k in list(good):
+                try:
+                    imgs.append(decode_jpeg(raw[k], mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError as e:
+                    errors[k] = SampleError(*where(k), f"does not decode as JPEG ({(str(e).splitlines() or [''])[0]})")
+                    good.remove(k)
+        for k, img in zip(good, imgs):
+            if tuple(img.shape) != (3, size, size):
+                errors[k] = SampleError(*where(k), f"decodes to {tuple(img.shape)}, not the shard's (3, {size}, {size})")
+            else:
+                out[k] = img
+        return out
 
 
 class _EpochBatches(Sampler):
@@ -87,11 +127,11 @@ class _EpochBatches(Sampler):
 
 
 def _collate(items):
-    imgs, ids = zip(*items)
+    imgs, ids, errors = zip(*items)
     ids = torch.tensor(ids, dtype=torch.int64)
     if imgs[0].ndim == 1:  # raw bytes, decoded on the GPU in the main process
-        return list(imgs), ids
-    return torch.stack(imgs), ids
+        return list(imgs), ids, list(errors)
+    return torch.stack(imgs), ids, list(errors)
 
 
 class TorchLoader(Loader):
@@ -110,9 +150,11 @@ class TorchLoader(Loader):
         self.positions = per_rank(self.n, world)
         self.padded = self.positions - self.samples
         self.gpu_decode = gpu_decode_default(cfg, self.device)
-        self.dataset = _Records(RecordReader(sel.tars, self.rec), decode=not self.gpu_decode)
+        self.dataset = _Records(RecordReader(sel.tars, self.rec, verify=cfg.verify_samples),
+                                decode=not self.gpu_decode, size=sel.image_size)
         self.aug = cfg.augment if train else cfg.augment.off()
         self.epoch, self.position = 0, 0
+        self.skipped, self.skipped_samples = 0, []
 
     def __len__(self) -> int:
         return -(-self.positions // self.cfg.batch_size)
@@ -131,23 +173,29 @@ class TorchLoader(Loader):
                         generator=gen)
         dtype = torch_dtype(cfg.dtype)
         key = sample_key(cfg.seed, self.epoch, self.rank)
-        for imgs, ids in dl:
+        for imgs, ids, errors in dl:
             n = len(ids)
             if isinstance(imgs, list):
-                imgs = _gpu_decode(imgs, dev)
+                rec = self.dataset.reader.rec
+                rows = order[self.position:self.position + n]
+                imgs = _gpu_decode(imgs, dev, self.sel.image_size, errors,
+                                   lambda k: (self.sel.tars[int(rec["shard"][rows[k]])], int(ids[k])))
             else:
                 imgs = imgs.to(dev, non_blocking=True)
+            n_pos = max(0, min(n, self.samples - self.position))  # real samples by position (then padding)
+            bad = report_bad_samples(self, errors, n_pos)  # raises under bad_samples=error
             x = augment(imgs, self.aug, cfg.image_size, draw_params(self.aug, sample_uniforms(key, self.position, n)))
             x = normalize(x, cfg.mean, cfg.std, dtype, cfg.channels_last)
             ids = ids.to(dev, non_blocking=True)
             y = self.labels[ids]
-            n_valid = max(0, min(n, self.samples - self.position))
             if self.train:
-                mix = draw_mixup(self.aug, n, n_valid, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
-                x, y = mixup(x, y, mix)
+                mix = draw_mixup(self.aug, n, n_pos, batch_rng(cfg.seed, self.epoch, self.rank, self.position))
+                x, y = mixup(x, y, exclude_from_mixup(mix, bad))
             valid = (self.position + torch.arange(n, device=dev)) < self.samples
+            if bad:
+                valid[torch.as_tensor(bad, device=dev)] = False
             self.position += n
-            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_valid)
+            yield Batch(images=x, targets=y, slice_ids=ids, valid=valid, n_valid=n_pos - sum(k < n_pos for k in bad))
         self.epoch += 1
         self.position = 0
 
