@@ -34,7 +34,7 @@ import yaml
 
 from spinestream import SpinestreamError
 from spinestream.shards.config import ConfigError, load_config, parse, to_dict
-from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
+from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json, writing
 from spinestream.shards.spec import SPEC_FILE
 
 if TYPE_CHECKING:
@@ -189,7 +189,8 @@ def read_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(RunLayout(run_dir).metrics, "a") as f:
+    path = RunLayout(run_dir).metrics
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 

@@ -1,0 +1,103 @@
+"""Faults injected into every stage (issue 20, "Reliability as figures").
+
+The default suite holds the fixed, fast cases of each defect the injected faults found (in this process: a full
+disk is :func:`spinestream.faultinject.injected`, a kill's leftovers are the files a killed writer leaves). The
+``slow`` suite kills the verbs for real -- SIGKILL to their process group at random and at named points of their
+write sequence, torn writes, a full disk at sampled writes -- through ``benchmarks/reliability.py``, whose
+``spinestream bench reliability`` runs the same trials at scale for RELIABILITY.md's figures. Trial counts:
+``SPINESTREAM_FAULT_TRIALS`` (default 1 per stage; 2 for shard).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import CFG
+
+from spinestream import SpinestreamError
+from spinestream.faultinject import injected
+from spinestream.shards.fsutil import WriteError, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+
+NO_SPACE = "No space left on device"
+
+
+def _tmp_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if ".tmp" in p.name)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- atomic writes on a full disk
+
+
+def _writers(tmp_path):
+    from spinestream.engine import checkpoint as ck
+
+    df = pd.DataFrame({"a": np.arange(3)})
+    return {
+        "bytes": lambda p, v: atomic_write_bytes(p, v.encode()),
+        "json": lambda p, v: atomic_write_json(p, {"v": v}),
+        "parquet": lambda p, v: atomic_write_parquet(p, df.assign(v=v)),
+        "checkpoint": lambda p, v: p.parent.mkdir(exist_ok=True) or ck.save(p, {"step": 1, "v": v,
+                                                                                "w": torch.arange(1000)}),
+    }
+
+
+ATOMIC = [(k, at) for k in ("bytes", "json", "parquet", "checkpoint")
+          for at in ("write:.tmp", "op:fsync:.tmp", "op:replace:target") if (k, at) != ("parquet", "write:.tmp")]
+"""(pyarrow writes a table's bytes itself, out of the injector's sight)"""
+
+
+@pytest.mark.parametrize("kind,at", ATOMIC)
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, kind, at):
+    """A failed atomic write left its ``.tmp-<pid>`` file (holding the space the rerun needs) and raised the bare
+    OSError of ``write`` (no path: a traceback from the console script); a parquet table was renamed into place
+    without an fsync."""
+    write = _writers(tmp_path)[kind]
+    d = tmp_path / "d"
+    target = d / "target"
+    write(target, "old")
+    before = target.read_bytes()
+    with injected("enospc", at, only=d) as inj:
+        with pytest.raises(WriteError) as e:
+            write(target, "new")
+    assert inj.fired
+    assert isinstance(e.value, SpinestreamError) and e.value.errno == errno.ENOSPC
+    assert str(target) in str(e.value) and NO_SPACE in str(e.value)
+    assert target.read_bytes() == before and sorted(p.name for p in d.iterdir()) == ["target"]
+    write(target, "new")  # space is back
+    assert target.read_bytes() != before
+
+
+def test_a_write_error_crosses_a_process_pool():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(WriteError(errno.ENOSPC, NO_SPACE, "/x/y")))
+    assert isinstance(e, WriteError) and e.filename == "/x/y" and e.errno == errno.ENOSPC
+
+
+def test_the_console_script_reports_an_unnamed_full_disk_on_one_line(capsys):
+    from spinestream.cli import run_verb
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, NO_SPACE, "/data/out/x.bin")
+
+    assert run_verb("shard", full, []) == 2
+    assert capsys.readouterr().err.strip() == ("spinestream shard: cannot write /data/out/x.bin: No space left on "
+                                               "device; free space (or make the file system writable) and rerun "
+                                               "the same command")
+
+    def other(argv):
+        raise OSError(errno.EACCES, "Permission denied", "/x")
+
+    with pytest.raises(PermissionError):  # not a full disk: the traceback stays
+        run_verb("shard", other, [])
