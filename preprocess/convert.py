@@ -52,7 +52,7 @@ import pandas as pd
 from spinestream.shards import layout as L, progress
 from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
-from spinestream.shards.fsutil import atomic_write_json, replace_dir
+from spinestream.shards.fsutil import NO_SPACE, WriteError, atomic_write_json, replace_dir
 from spinestream.shards.sample import encode_jpeg, sample_image
 from spinestream.shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
@@ -139,6 +139,8 @@ def process_study(task: StudyTask) -> dict:
     try:
         return _process_study(task, lay, tmp)
     except BAD_INPUT as e:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:  # a full disk is no bad input: the job stops
+            raise (e if isinstance(e, WriteError) else WriteError.of(e.filename or tmp, e)) from e
         shutil.rmtree(tmp, ignore_errors=True)
         atomic_write_json(lay.work / "failed" / f"{task.uid}.json", {"uid": task.uid, "reason": str(e)})
         return {"uid": task.uid, "n_slices": 0, "error": str(e)}

@@ -36,6 +36,47 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+# --------------------------------------------------------------------------- the shard job
+
+
+def _shard(raw, out, **kw):
+    from spinestream.preprocess.convert import shard_dataset
+    from spinestream.shards.shard_config import ShardConfig
+
+    return shard_dataset(raw, out, ShardConfig(**CFG), workers=kw.pop("workers", 1), limit=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def clean3(raw, tmp_path_factory) -> Path:
+    """The first 3 studies sharded cleanly (the reference of the shard cases below)."""
+    out = tmp_path_factory.mktemp("clean3") / "out"
+    _shard(raw, out)
+    return out
+
+
+@pytest.mark.parametrize("where", ["samples.bin", "volume", "shard"])
+def test_a_full_disk_stops_the_shard_job_and_the_rerun_loses_no_study(raw, clean3, tmp_path, capsys, where):
+    """Found by the full-disk suite: ENOSPC while a study was converted was taken for bad input -- the study was
+    recorded as failed, the job went on and finished without it, and its rerun said "already complete": a study
+    lost. Now the job stops with one line naming the path; the rerun converts every study."""
+    from spinestream.cli import main
+
+    out = tmp_path / "out"
+    at = {"samples.bin": "write:samples.bin:3", "volume": "write:/c/1/0/0:2", "shard": "write:wds/:40"}[where]
+    argv = ["shard", "--data", str(raw), "--out", str(out), "--limit", "3", "--workers", "1", "--no-progress",
+            *[a for k, v in CFG.items() for a in ("--set", f"{k}={v}")]]
+    with injected("enospc", at, only=out) as inj:
+        rc = main(argv)
+    err = capsys.readouterr().err
+    assert inj.fired
+    lines = [ln for ln in err.splitlines() if ln.startswith("spinestream shard:")]
+    assert rc == 2 and lines, err
+    assert NO_SPACE in lines[-1] and str(out) in lines[-1] and "Traceback" not in err
+    assert not (out / "manifest.json").exists() and not list((out / "_work" / "failed").glob("*.json"))
+    assert main(argv) == 0  # space is back
+    assert _tree(out) == _tree(clean3)
+
+
 # --------------------------------------------------------------------------- atomic writes on a full disk
 
 
@@ -76,6 +117,18 @@ def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_tempora
     assert target.read_bytes() == before and sorted(p.name for p in d.iterdir()) == ["target"]
     write(target, "new")  # space is back
     assert target.read_bytes() != before
+
+
+def test_a_full_disk_while_writing_a_shard_names_it_and_leaves_nothing(tmp_path):
+    from spinestream.shards.wds import ShardWriter
+
+    d = tmp_path / "wds"
+    with injected("enospc", "write:.tar.tmp:5", only=d), pytest.raises(WriteError, match="x-0000.tar"):
+        with ShardWriter(d / "x-0000.tar") as w:
+            for i in range(10):
+                w.add(i, b"jpeg" * 100)
+            w.close()
+    assert list(d.iterdir()) == []
 
 
 def test_a_write_error_crosses_a_process_pool():
