@@ -52,7 +52,7 @@ import pandas as pd
 from spinestream.shards import layout as L, progress
 from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
-from spinestream.shards.fsutil import NO_SPACE, WriteError, atomic_write_json, replace_dir
+from spinestream.shards.fsutil import NO_SPACE, WriteError, atomic_write_json, remove_stale_tmp, replace_dir
 from spinestream.shards.sample import encode_jpeg, sample_image
 from spinestream.shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
@@ -328,6 +328,8 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit:
     write tables -> write manifest. Each step reads only what the steps before it wrote, so a
     job-array ``--merge`` can run them over the workers' committed studies."""
     lay = L.Layout(out)
+    for d in (lay.root, lay.wds, lay.truth.parent, lay.volumes, *lay.volumes.glob("*/")):
+        remove_stale_tmp(d)  # a killed group phase's (this phase runs alone: none is in progress)
     infos, failed = collect_studies(lay, table)
     studies, slices = number_slices(table, infos)
     shards, shard_of = write_groups(out, slices, cfg, pool)
@@ -587,6 +589,8 @@ def shard_dataset(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep
         table = table.iloc[:limit].reset_index(drop=True)
     done = check_job(lay, cfg_json, study_selection(table, limit))
     if done is not None:
+        if not keep_work:
+            shutil.rmtree(lay.work, ignore_errors=True)  # what a kill during the last clean-up left
         print(f"{out}: already complete ({done.counts.slices} slices in {done.counts.shards} shards)")
         return done
     tasks = build_tasks(ds, table, out, cfg)

@@ -54,6 +54,36 @@ def clean3(raw, tmp_path_factory) -> Path:
     return out
 
 
+def test_a_rerun_clears_the_temporary_files_a_killed_group_phase_left(raw, clean3, tmp_path):
+    """Found by the kill trials: a shard job killed while writing a shard, a table, the manifest or a volume's
+    attributes left ``<name>.tmp-<pid>`` beside them, and the rerun (another pid) never removed it."""
+    out = tmp_path / "out"
+    _shard(raw, out, keep_work=True)
+    (out / "manifest.json").unlink()  # killed in the group phase, before its last write
+    shard = sorted((out / "wds").glob("*.tar"))[0]
+    uid = sorted(p.name for p in (out / "volumes.zarr").iterdir() if p.is_dir())[0]
+    left = [shard.with_name(shard.name + ".tmp-4242"), shard.with_name(shard.stem + ".idx.tmp-4242"),
+            out / "labels" / "truth.parquet.tmp-4242", out / "studies.parquet.tmp-4243",
+            out / "manifest.json.tmp-4243", out / "volumes.zarr" / uid / "zarr.json.tmp-4244",
+            out / "volumes.zarr" / "zarr.json.tmp-4244"]
+    for p in left:
+        p.write_bytes(b"half a file")
+    _shard(raw, out)
+    assert _tmp_files(out) == []
+    assert _tree(out) == _tree(clean3)
+
+
+def test_a_complete_job_rerun_finishes_the_clean_up_a_kill_interrupted(raw, clean3, tmp_path):
+    """Found by the kill trials: killed while removing ``_work`` after the manifest, the job's rerun said "already
+    complete" and left the half-deleted ``_work`` for good."""
+    out = tmp_path / "out"
+    _shard(raw, out, keep_work=True)  # the manifest written, _work not (yet) removed
+    assert (out / "_work").is_dir()
+    _shard(raw, out)
+    assert not (out / "_work").exists()
+    assert _tree(out) == _tree(clean3)
+
+
 @pytest.mark.parametrize("where", ["samples.bin", "volume", "shard"])
 def test_a_full_disk_stops_the_shard_job_and_the_rerun_loses_no_study(raw, clean3, tmp_path, capsys, where):
     """Found by the full-disk suite: ENOSPC while a study was converted was taken for bad input -- the study was
