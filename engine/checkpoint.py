@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from spinestream.shards.fsutil import TMP_RE, fsync_dir, writing
+from spinestream.shards.fsutil import fsync_dir, remove_stale_tmp, writing
 
 # the run directory's names, for the callers that know them from here
 from .rundir import BEST, RunError, RunLayout, check_run_dir, mark_run, truncate_metrics  # noqa: F401
@@ -137,8 +137,6 @@ def sync_best(run_dir: Path) -> bool:
 
 
 def clean_stale(run_dir: Path) -> list[Path]:
-    """Remove ``*.tmp-<pid>`` files a killed save left in the run directory (one trainer per run)."""
-    gone = [p for p in Path(run_dir).iterdir() if TMP_RE.search(p.name) and p.is_file()]
-    for p in gone:
-        p.unlink(missing_ok=True)
-    return gone
+    """Remove ``*.tmp-<pid>`` files a killed save left in the run directory and its ``oversample/`` indexes
+    (one trainer per run)."""
+    return [p for d in (Path(run_dir), Path(run_dir) / "oversample") for p in remove_stale_tmp(d)]

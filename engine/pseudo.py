@@ -72,7 +72,7 @@ import pandas as pd
 
 from spinestream import SpinestreamError
 from spinestream.shards.config import ConfigError, parse_verb_config
-from spinestream.shards.fsutil import atomic_save_figure
+from spinestream.shards.fsutil import atomic_save_figure, remove_stale_tmp
 from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
 from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
@@ -421,6 +421,8 @@ def run(cfg: PseudoLabelConfig) -> dict:
             "threshold_folds": None if method is None else sorted(int(f) for f in set(tune.fold)),
             "threshold_excludes_fold": int(k) if method == "train-share" else None,
             "threshold_detail": detail}
+    side = PseudoLayout(out)
+    remove_stale_tmp(out.parent, (out.name, side.summary.name, side.heatmap.name))  # what a killed run left
     write_table(out, df, meta)
     return write_summary(cfg, df, meta, out, root)
 

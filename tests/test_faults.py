@@ -184,3 +184,76 @@ def test_the_console_script_reports_an_unnamed_full_disk_on_one_line(capsys):
 
     with pytest.raises(PermissionError):  # not a full disk: the traceback stays
         run_verb("shard", other, [])
+
+
+# --------------------------------------------------------------------------- evaluate, predict, the pipeline
+
+
+def _eval_inputs(shards: Path, seed: int):
+    from spinestream.engine.infer import score_studies
+    from spinestream.shards.layout import Layout
+    from spinestream.shards.tables import read_study_table
+
+    studies = read_study_table(Layout(shards).studies)
+    rng = np.random.default_rng(seed)
+    probs = {u: rng.random((int(n), 8)).astype(np.float32)
+             for u, n in zip(studies.StudyInstanceUID[:3], studies.n_slices[:3])}
+    return probs, studies, score_studies(probs, studies, "max"), Layout(shards)
+
+
+@pytest.mark.parametrize("at", ["write:report.csv", "write:slice_probs", "write:submission.csv",
+                                "op:replace:submission.csv"])
+def test_an_evaluation_on_a_full_disk_keeps_the_previous_files_whole(shards, tmp_path, monkeypatch, at):
+    """Found by the full-disk suite (and the torn-write kills): evaluate wrote report.csv, slice_probs.parquet and
+    submission.csv in place, so a full disk or a kill left a truncated file where the previous evaluation's
+    was, with no error naming it."""
+    from spinestream.engine import evaluate
+    from spinestream.engine.evaluate import write_outputs
+    from spinestream.engine.rundir import EvalLayout
+
+    monkeypatch.setattr(evaluate, "heatmaps", lambda probs, studies, path, truth: atomic_write_bytes(path, b"png"))
+    out, other = EvalLayout(tmp_path / "eval"), EvalLayout(tmp_path / "other")
+    probs, studies, result, lay = _eval_inputs(shards, 0)
+    write_outputs(out, probs, studies, result, "max", lay)
+    old = _tree(out.root)
+    (out.root / "report.csv.tmp-4242").write_text("a killed evaluation's")
+    probs2, _, result2, _ = _eval_inputs(shards, 1)
+    write_outputs(other, probs2, studies, result2, "max", lay)
+    new = _tree(other.root)
+    with injected("enospc", at, only=out.root), pytest.raises(WriteError, match=NO_SPACE):
+        write_outputs(out, probs2, studies, result2, "max", lay)
+    after = _tree(out.root)
+    for name in old:  # each file the previous evaluation's or the new one, whole: never a torn one
+        assert after.get(name) in (old[name], new[name]), name
+    assert after["report.csv"] == old["report.csv"] or at != "write:report.csv"
+    write_outputs(out, probs2, studies, result2, "max", lay)
+    assert _tree(out.root) == new
+
+
+def test_predict_leaves_no_temporary_of_a_killed_predict(tmp_path):
+    from spinestream.predict import write_submission
+
+    out = tmp_path / "submission.csv"
+    (tmp_path / "submission.csv.tmp-4242").write_text("row_id,fractured\nx_C1,0.")  # a killed predict's
+    (tmp_path / "other.csv.tmp-4242").write_text("not ours")
+    write_submission(pd.DataFrame({"row_id": ["x_C1"], "fractured": [0.5]}), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.csv.tmp-4242", "submission.csv"]
+
+
+def test_a_trainer_clears_the_oversampling_indexes_a_kill_cut_short(tmp_path):
+    from spinestream.engine import checkpoint as ck
+
+    (tmp_path / "oversample").mkdir()
+    (tmp_path / "oversample" / "boxed-f0-0000.pos.idx.tmp-4242").write_text("v1.2 3\n")
+    (tmp_path / "ckpt-000000002.pt.tmp-4242").write_bytes(b"PK")
+    assert len(ck.clean_stale(tmp_path)) == 2 and _tmp_files(tmp_path) == []
+
+
+def test_the_pipeline_clears_the_records_a_kill_cut_short(tmp_path):
+    from spinestream.stages import Stage, run_stages
+
+    state = tmp_path / "stages"
+    state.mkdir()
+    (state / "a.json.tmp-4242").write_text('{"format": "spinestream-st')
+    run_stages([Stage("a", lambda: None, lambda: {})], state, tmp_path, log=lambda line: None)
+    assert sorted(p.name for p in state.iterdir()) == ["a.json"]
