@@ -209,8 +209,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:
-    """Drop ``metrics.jsonl`` records logged after ``step`` (a resume repeats those steps), and the lines a
-    kill cut short; returns how many lines went."""
+    """Drop ``metrics.jsonl`` records logged after the checkpoint of ``step`` (a resume repeats those steps):
+    every record past ``step``, the headline a resume from ``step`` logged (``hardware``: the run logs its own
+    when it starts), and the lines a kill cut short; returns how many lines went. ``step`` -1: every record."""
     path = RunLayout(run_dir).metrics
     if not path.is_file():
         return 0
@@ -221,7 +222,8 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
             rec = json.loads(ln)
         except json.JSONDecodeError:
             continue
-        if int(rec.get("step", 0)) <= step:
+        at = int(rec.get("step", 0))
+        if at < step or (at == step and "hardware" not in rec):
             keep.append(ln)
     if len(keep) != len(lines):
         atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())

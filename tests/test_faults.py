@@ -257,3 +257,87 @@ def test_the_pipeline_clears_the_records_a_kill_cut_short(tmp_path):
     (state / "a.json.tmp-4242").write_text('{"format": "spinestream-st')
     run_stages([Stage("a", lambda: None, lambda: {})], state, tmp_path, log=lambda line: None)
     assert sorted(p.name for p in state.iterdir()) == ["a.json"]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train_cfg(shards, out, **more):
+    from test_train import _cfg
+
+    return _cfg(shards, out, **{"model.name": "test_resnet", "loader.image_size": 32, "train.checkpoint_every_steps": 2,
+                                "train.max_steps": 4, "log.every_steps": 1, "data.val_cohorts": "[negative]", **more})
+
+
+def _metric_keys(run_dir: Path) -> list[tuple]:
+    """(step, kind) of each metrics.jsonl record, the clocks' warnings left out (they depend on the machine)."""
+    from spinestream.engine.rundir import read_metrics
+
+    keys = [(r["step"], next(k for k in r if k not in ("step", "epoch"))) for r in read_metrics(run_dir)]
+    return [k for k in keys if k[1] not in ("warning", "projection")]
+
+
+@pytest.mark.slow  # a few training runs: ~10-30 s on 2 cores
+def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once(shards, tmp_path):
+    """Found by the kill trials: killed before its first checkpoint, a run is started again (``spinestream train``
+    with the same command: nothing to resume); the fresh run appended to the killed attempt's metrics.jsonl, so
+    steps 0 and 1 were there twice."""
+    from test_train import _trainer
+
+    cfg = _train_cfg(shards, tmp_path, **{"train.max_steps": 2})
+    run = Path(cfg.out_dir) / cfg.name
+    run.mkdir(parents=True)
+    killed = [{"step": 0, "epoch": 0, "hardware": "h", "precision": "fp32"}, {"step": 1, "epoch": 0, "loss": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in killed) + '{"step": 2, "lo')
+    _trainer(cfg).fit()
+    assert _metric_keys(run) == [(0, "hardware"), (1, "loss"), (2, "loss"), (2, "val")]
+
+
+@pytest.mark.slow  # a few training runs: ~10-30 s on 2 cores
+def test_a_second_resume_from_the_same_checkpoint_logs_its_headline_once(shards, tmp_path, monkeypatch):
+    """Found by the double-kill trials: resumed from ckpt-2 and killed again before ckpt-4, the next resume from
+    ckpt-2 kept the first resume's headline (logged at step 2, after the checkpoint) and logged its own."""
+    from test_train import _trainer
+
+    from spinestream.engine import checkpoint as ck
+
+    cfg = _train_cfg(shards, tmp_path)
+    first = _trainer(cfg)
+    real = ck.save_step
+
+    class Killed(BaseException):
+        pass
+
+    def save_step(run_dir, step, state, keep_last):
+        if step == 4:
+            raise Killed
+        return real(run_dir, step, state, keep_last)
+
+    monkeypatch.setattr(ck, "save_step", save_step)
+    with pytest.raises(Killed):
+        first.fit()
+    with pytest.raises(Killed):
+        _trainer(cfg, resume=ck.latest(first.run_dir)).fit()  # resumed at step 2, killed again
+    monkeypatch.setattr(ck, "save_step", real)
+    _trainer(cfg, resume=ck.latest(first.run_dir)).fit()
+    keys = _metric_keys(first.run_dir)
+    assert len(keys) == len(set(keys)), keys
+    assert [s for s, k in keys if k == "hardware"] == [0, 2]
+
+
+@pytest.mark.slow  # a few training runs: ~10-30 s on 2 cores
+def test_a_run_killed_after_its_last_checkpoint_draws_its_curves_when_resumed(shards, tmp_path):
+    """Found by the kill trials: killed between the last checkpoint and the plot, a run resumed as "already
+    complete" returned before plotting: curves.png was never written."""
+    from test_train import _trainer
+
+    from spinestream.engine import checkpoint as ck
+
+    cfg = _train_cfg(shards, tmp_path)
+    t = _trainer(cfg)
+    t.fit()
+    png = t.run_dir / "curves.png"
+    want = png.read_bytes()
+    png.unlink()
+    _trainer(cfg, resume=ck.latest(t.run_dir)).fit()
+    assert png.read_bytes() == want
