@@ -341,3 +341,22 @@ def test_a_run_killed_after_its_last_checkpoint_draws_its_curves_when_resumed(sh
     png.unlink()
     _trainer(cfg, resume=ck.latest(t.run_dir)).fit()
     assert png.read_bytes() == want
+
+
+def test_a_resumed_run_checkpoints_the_rng_state_an_uninterrupted_one_does(tmp_path):
+    """Found by the pipeline's kill trials: a resumed round 1 had the uninterrupted run's weights, but its best.pt
+    held another python ``random`` state (never seeded, so every process's differed; checkpointed all the same),
+    so best.pt's sha256 -- which the pipeline fingerprints -- changed with every run, killed or not."""
+    import random
+
+    from test_train import _cfg
+
+    from spinestream.engine.build import build_device
+
+    cfg = _cfg(tmp_path / "shards", tmp_path)
+    random.seed(1)  # one process's state before the run starts
+    build_device(cfg)
+    first = random.getstate()
+    random.seed(2)  # another process's
+    build_device(cfg)
+    assert random.getstate() == first
