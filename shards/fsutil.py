@@ -50,10 +50,23 @@ def writing(path: str | Path) -> Iterator[None]:
         yield
     except WriteError:
         raise
-    except OSError as e:
-        if e.errno in NO_SPACE:
-            raise WriteError.of(path, e) from e
+    except Exception as e:
+        cause = _no_space(e)
+        if cause is not None:
+            raise WriteError.of(path, cause) from e
         raise
+
+
+def _no_space(e: BaseException | None) -> OSError | None:
+    """The full-disk OSError ``e`` is or masks: torch.save's writer, for one, raises a RuntimeError ("unexpected
+    pos") while the write's ENOSPC is still in flight, so only ``__context__`` holds it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @contextlib.contextmanager

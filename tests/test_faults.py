@@ -125,6 +125,8 @@ def _writers(tmp_path):
 
 ATOMIC = [(k, at) for k in ("bytes", "json", "parquet", "checkpoint")
           for at in ("write:.tmp", "op:fsync:.tmp", "op:replace:target") if (k, at) != ("parquet", "write:.tmp")]
+ATOMIC.append(("checkpoint", "write:.tmp:4"))  # a later write: torch.save's writer masks the ENOSPC (found by the
+# full-disk suite: a RuntimeError "unexpected pos" and a traceback)
 """(pyarrow writes a table's bytes itself, out of the injector's sight)"""
 
 
