@@ -149,7 +149,10 @@ class _Injector:
         where = f"{kind} {os.fsdecode(path) if path is not None else ''}".rstrip()
         if self.mode == "kill":
             self._die(f"before op {n} ({where})")
-        if self.mode == "enospc" and kind not in _NO_ENOSPC:
+        if self.mode == "enospc" and (kind in _NO_ENOSPC or kind == "mkdir" and os.path.isdir(path)):
+            self._say(f"no fault: op {n} ({where}) never fails for want of space")  # (an existing folder: EEXIST)
+            return
+        if self.mode == "enospc":
             self._say(f"ENOSPC at op {n} ({where})")
             named = [] if path is None or kind in ("fsync", "fsync-dir") else [os.fsdecode(path)]
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *named)
