@@ -362,3 +362,104 @@ def test_a_resumed_run_checkpoints_the_rng_state_an_uninterrupted_one_does(tmp_p
     random.seed(2)  # another process's
     build_device(cfg)
     assert random.getstate() == first
+
+
+# --------------------------------------------------------------------------- slow: real kills, every stage
+
+
+TRIALS = int(os.environ.get("SPINESTREAM_FAULT_TRIALS", "1"))
+
+
+@pytest.fixture(scope="module")
+def ws(raw, tmp_path_factory):
+    from spinestream.benchmarks.reliability import Workspace, Zygote
+
+    with Zygote() as z:
+        yield Workspace(tmp_path_factory.mktemp("reliability"), z, log=print, raw=raw)
+
+
+def _stage_param(name):
+    marks = [pytest.mark.slow] + ([pytest.mark.dali] if "dali" in name else [])
+    return pytest.param(name, marks=marks, id=name)
+
+
+STAGES = ["shard", "train-torch", "train-torch-accum", "train-dali", "train-dali-accum", "pseudo-label", "evaluate",
+          "predict", "run"]
+
+
+def _need(stage: str) -> None:
+    if "dali" in stage:
+        pytest.importorskip("nvidia.dali")
+
+
+def _ok(trials) -> None:
+    bad = [t for t in trials if t.problems]
+    assert not bad, "\n".join(f"{t.stage} #{t.index} {t.faults}: " + " / ".join(map(str, t.problems)) for t in bad)
+
+
+@pytest.mark.parametrize("stage", [_stage_param(s) for s in STAGES])
+def test_killed_at_random_points_the_rerun_gives_the_clean_result(ws, stage):
+    """SIGKILL before a random op, in a random write or after a random delay (sometimes in the rerun too), then
+    the rerun: the clean run's outputs, nothing torn, repeated or left over, within the timeout."""
+    import random
+
+    from spinestream.benchmarks.reliability import kill_trial
+
+    _need(stage)
+    rng = random.Random(f"test-{stage}")
+    n = TRIALS * (2 if stage == "shard" else 1)
+    trials = [kill_trial(ws, stage, i, rng) for i in range(n)]
+    assert sum(t.injected for t in trials) >= 1  # at least one fault landed (a run may end before its point)
+    _ok(trials)
+
+
+NAMED = [
+    # (stage, fault, where): each defect the random trials found, at its point, for good
+    ("shard", "kill", "op:replace:labels/truth.parquet"),  # temporaries left beside the final files
+    ("shard", "kill", "op:unlink:samples.bin:3"),  # a half-deleted _work after the manifest
+    ("train-torch", "kill", "op:open:ckpt-000000002.pt.tmp"),  # before the first checkpoint: metrics twice
+    ("train-torch", "kill", "op:open:curves.png.tmp"),  # after the last checkpoint: no curves.png
+    ("train-torch", "kill", "op:open:ckpt-000000004.pt.tmp"),  # killed twice there (below): the headline twice
+    ("pseudo-label", "kill", "op:replace:pseudo-t.parquet"),  # the table's temporary left
+    ("evaluate", "tear", "write:report.csv"),  # a torn report.csv where the previous one was
+    ("predict", "kill", "op:replace:submission.csv"),  # the submission's temporary left
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,mode,at", NAMED, ids=[f"{s}-{a.split(':', 1)[1]}" for s, _, a in NAMED])
+def test_killed_at_a_named_point_the_rerun_gives_the_clean_result(ws, stage, mode, at):
+    from spinestream.benchmarks.reliability import Problem, _remove, strays
+
+    st, ref = ws.stage(stage), ws.reference(stage)
+    _remove(st.out)
+    if st.overwrite:
+        shutil.copytree(ref["copy"], st.out)
+    twice = at.endswith("ckpt-000000004.pt.tmp")
+    argv, problems = st.argv, []
+    for k in range(2 if twice else 1):
+        res = ws.z.run(argv, log=ws.logfile(f"named-{stage}-{k}"), mode=mode, at=at, seed=k)
+        assert res["rc"] == -9, res["log"][-2000:]
+        problems += st.finals(ref["copy"], st.out) if st.finals else []
+        argv = st.rerun() if st.rerun else st.argv
+    res = ws.z.run(argv, log=ws.logfile(f"named-{stage}-rerun"), timeout=300)
+    assert res["rc"] == 0, res["log"][-3000:]
+    problems += st.check(ref["copy"], st.out) + strays(st.out if st.out.is_dir() else st.out.parent)
+    assert not problems, " / ".join(map(str, problems))
+    assert all(isinstance(p, Problem) for p in problems)
+
+
+FULL_DISK = ["shard", "train-torch", "pseudo-label", "evaluate", "predict"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", FULL_DISK)
+def test_a_full_disk_at_sampled_writes_is_reported_and_the_rerun_loses_nothing(ws, stage):
+    import random
+
+    from spinestream.benchmarks.reliability import diskfull_points, diskfull_trial
+
+    rng = random.Random(f"test-diskfull-{stage}")
+    points = diskfull_points(ws.reference(stage), 2 * TRIALS, rng)
+    trials = [diskfull_trial(ws, stage, at) for at in points]
+    _ok(trials)
