@@ -164,18 +164,19 @@ def torn_finals(ref: Path, out: Path, finals: Callable[[str], bool]) -> list[Pro
 
 def shard_structure(out: Path) -> list[Problem]:
     """Every slice of the slice table in exactly one shard (read from the shards' own indexes)."""
-    import pandas as pd
-
+    from spinestream.shards.layout import Layout
+    from spinestream.shards.manifest import read_manifest
+    from spinestream.shards.tables import read_slice_table
     from spinestream.shards.wds import read_index
 
-    man = out / "manifest.json"
-    if not man.is_file():
+    lay = Layout(out)
+    if not lay.manifest.is_file():
         return [Problem("lost", "manifest.json missing")]
-    m = json.loads(man.read_text())
-    ids = pd.read_parquet(out / "slices.parquet", columns=["slice_id"]).slice_id.to_numpy()
+    m = read_manifest(out)
+    ids = read_slice_table(lay.slices, columns=["slice_id"]).slice_id.to_numpy()
     seen: Counter = Counter()
-    for s in m["shards"]:
-        for sample in read_index(out / s["index"]):
+    for s in m.shards:
+        for sample in read_index(out / s.index):
             seen.update(int(name.split(".")[0]) for ext, _, _, name in sample if ext == "jpg")
     probs = []
     if list(ids) != list(range(len(ids))):
@@ -277,15 +278,19 @@ def run_problems(ref: Path, out: Path) -> list[Problem]:
     :func:`metrics_problems`, the other files byte for byte), and best.pt as the newest record names it."""
     import torch
 
+    from spinestream.engine.rundir import CKPT_RE, RunLayout
+
+    lay = RunLayout(out)
     probs = compare_tree(ref, out, {
-        r"(ckpt-\d+|best)\.pt": lambda a, b: _state_problems(b.name, a, b),
-        r"metrics\.jsonl": metrics_problems,
+        CKPT_RE.pattern.strip("^$"): lambda a, b: _state_problems(b.name, a, b),
+        re.escape(lay.best.name): lambda a, b: _state_problems(b.name, a, b),
+        re.escape(lay.metrics.name): metrics_problems,
     })
-    ckpts = sorted(out.glob("ckpt-*.pt"))
-    if ckpts and (out / "best.pt").is_file():
+    ckpts = lay.checkpoints()
+    if ckpts and lay.best.is_file():
         try:
             newest = torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True)
-            best = torch.load(out / "best.pt", map_location="cpu", weights_only=True, mmap=True)
+            best = torch.load(lay.best, map_location="cpu", weights_only=True, mmap=True)
             if newest["best"]["step"] != best["step"]:
                 probs.append(Problem("lost", f"best.pt holds step {best['step']}; the newest record "
                                              f"({ckpts[-1].name}) names step {newest['best']['step']}"))
@@ -389,6 +394,8 @@ class Workspace:
                          check=lambda ref, o: compare_tree(ref, o) + shard_structure(o),
                          finals=lambda ref, o: torn_finals(ref, o, shard_finals))
         if name.startswith("train-"):
+            from spinestream.engine.rundir import RunLayout
+
             backend = name.split("-")[1]
             accum = ["optim.grad_accum=2"] if name.endswith("-accum") else []
             base = r / name
@@ -397,7 +404,7 @@ class Workspace:
                                      f"loader.backend={backend}", *TRAIN_SETS, *accum]), "--no-progress"]
             return Stage(name, argv, run_dir, check=run_problems, finals=lambda ref, o: run_finals(o),
                          rerun=lambda: (["train", "--resume", str(run_dir), "--no-progress"]
-                                        if any(run_dir.glob("ckpt-*.pt")) else argv), overwrite=False)
+                                        if RunLayout(run_dir).checkpoints() else argv), overwrite=False)
         if name == "pseudo-label":
             out = r / "pseudo" / "pseudo-t.parquet"
             argv = ["pseudo-label", "--run", self.model, "--out", out, "--device", "cpu", "--no-progress"]
@@ -470,11 +477,13 @@ def pseudo_problems(ref: Path, out: Path) -> list[Problem]:
 def evaluate_problems(ref: Path, out: Path) -> list[Problem]:
     import pandas as pd
 
+    from spinestream.engine.rundir import EvalLayout
+
     probs = compare_tree(ref, out)
-    sp = out / "slice_probs.parquet"
+    sp = EvalLayout(out).slice_probs
     if sp.is_file():
         df = pd.read_parquet(sp, columns=["StudyInstanceUID", "index"])
-        want = pd.read_parquet(ref / "slice_probs.parquet", columns=["StudyInstanceUID", "index"])
+        want = pd.read_parquet(EvalLayout(ref).slice_probs, columns=["StudyInstanceUID", "index"])
         if df.duplicated().any():
             probs.append(Problem("duplicate", "slice_probs.parquet: a slice twice"))
         if len(df.drop_duplicates()) != len(want):
