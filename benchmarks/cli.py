@@ -12,6 +12,8 @@ SUITES = {
     "predict": ("spinestream.benchmarks.predict", "test DICOM -> submission: studies/min per syntax, 1,500-study projection"),
     "decode": ("spinestream.benchmarks.decode", "DICOM decode per transfer syntax: spinestream vs each library alone (the floor)"),
     "infer": ("spinestream.benchmarks.infer", "study inference slices/s from Zarr vs the model alone (saturation), peak memory"),
+    "reliability": ("spinestream.benchmarks.reliability", "every verb killed (SIGKILL, torn writes) and fed a full disk, then rerun: "
+                    "the clean result, nothing lost"),
 }
 
 
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: spinestream bench <suite> [options]\n\nsuites:")
         for name, (_, desc) in SUITES.items():
-            print(f"  {name:8s} {desc}")
+            print(f"  {name:11s} {desc}")
         return 0
     if argv[0] not in SUITES:
         print(f"spinestream bench: unknown suite {argv[0]!r} (known: {', '.join(SUITES)})", file=sys.stderr)

@@ -15,30 +15,34 @@ between the two writes (the trainer writes the step checkpoint first).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from spinestream.shards.fsutil import fsync_dir
+from spinestream.shards.fsutil import fsync_dir, remove_stale_tmp, writing
 
 # the run directory's names, for the callers that know them from here
 from .rundir import BEST, RunError, RunLayout, check_run_dir, mark_run, truncate_metrics  # noqa: F401
 
-TMP_RE = re.compile(r"\.tmp-\d+$")
 
 
 def save(path: Path, state: dict) -> None:
-    """Write ``state`` atomically: temporary file, fsync, rename, fsync of the directory."""
+    """Write ``state`` atomically: temporary file, fsync, rename, fsync of the directory. A failed write
+    leaves ``path`` as it was and no temporary file; a full disk is a WriteError naming ``path``."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)  # the rename itself is durable only once the directory is
 
 
@@ -135,10 +139,15 @@ def sync_best(run_dir: Path) -> bool:
     if held is not None and held[0] >= steps[0]:  # (a newer best.pt, when the newest checkpoint is unreadable)
         return False
     tmp = best.with_name(f"{best.name}.tmp-{os.getpid()}")
-    shutil.copyfile(newest, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, best)
+    try:
+        with writing(best):
+            shutil.copyfile(newest, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, best)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(lay.root)
     print(f"spinestream: {best} did not hold the best checkpoint its record names (step {steps[0]}; interrupted "
           f"between the two writes); restored it from {newest.name}", file=sys.stderr)
@@ -146,8 +155,6 @@ def sync_best(run_dir: Path) -> bool:
 
 
 def clean_stale(run_dir: Path) -> list[Path]:
-    """Remove ``*.tmp-<pid>`` files a killed save left in the run directory (one trainer per run)."""
-    gone = [p for p in Path(run_dir).iterdir() if TMP_RE.search(p.name) and p.is_file()]
-    for p in gone:
-        p.unlink(missing_ok=True)
-    return gone
+    """Remove ``*.tmp-<pid>`` files a killed save left in the run directory and its ``oversample/`` indexes
+    (one trainer per run)."""
+    return [p for d in (Path(run_dir), Path(run_dir) / "oversample") for p in remove_stale_tmp(d)]

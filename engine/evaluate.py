@@ -37,7 +37,7 @@ from spinestream.shards.layout import TARGETS, Layout
 from spinestream.shards.tables import read_label_table, read_slice_table, read_study_table
 
 from spinestream.shards.spec import SPEC_FILE, ShardSpec, run_shard_spec
-from spinestream.shards.fsutil import atomic_save_figure
+from spinestream.shards.fsutil import atomic_save_figure, atomic_write_bytes, remove_stale_tmp
 
 from .rundir import EvalLayout, EvalSummary, RunLayout, read_config, write_eval_summary
 
@@ -211,14 +211,17 @@ def write_outputs(out: EvalLayout, probs: dict[str, np.ndarray], studies: pd.Dat
     studies) into ``out``; returns the report."""
     from .metrics import study_probabilities, submission_frame
 
+    # each file atomically: a kill or a full disk leaves the previous evaluation's file whole, never a torn one
     out.root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out.root)  # those a killed evaluation left (one evaluation writes a folder)
     report = report_frame(result)
-    report.to_csv(out.report)
+    atomic_write_bytes(out.report, report.to_csv().encode())
     rows = [pd.DataFrame({"StudyInstanceUID": u, "index": np.arange(len(v)), **{t: v[:, k] for k, t in
                                                                                 enumerate(TARGETS)}})
             for u, v in probs.items()]
-    pd.concat(rows, ignore_index=True).to_parquet(out.slice_probs, index=False)
-    submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()}).to_csv(out.submission, index=False)
+    atomic_write_bytes(out.slice_probs, pd.concat(rows, ignore_index=True).to_parquet(None, index=False))
+    atomic_write_bytes(out.submission, submission_frame({u: study_probabilities(v, rule) for u, v in probs.items()})
+                       .to_csv(index=False).encode())
     heatmaps(probs, studies, out.heatmaps, truth=slice_truth(shards, probs, studies))
     return report
 

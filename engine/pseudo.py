@@ -77,7 +77,7 @@ import pandas as pd
 
 from spinestream import SpinestreamError
 from spinestream.shards.config import ConfigError, parse_verb_config
-from spinestream.shards.fsutil import atomic_save_figure
+from spinestream.shards.fsutil import atomic_save_figure, remove_stale_tmp
 from spinestream.shards.layout import TARGETS, VERTEBRAE, Layout
 from spinestream.shards.tables import LabelTable, read_label_table, read_slice_table, read_study_table, write_label_table
 
@@ -441,6 +441,8 @@ def run(cfg: PseudoLabelConfig) -> dict:
     summary = make_summary(cfg, df, meta, out, slices)
 
     def write() -> None:
+        side = PseudoLayout(out)
+        remove_stale_tmp(out.parent, (out.name, side.summary.name, side.heatmap.name))  # what a killed run left
         write_table(out, df, meta)
         _write_summary(cfg, df, summary, out, slices)
 

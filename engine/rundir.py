@@ -34,7 +34,7 @@ import yaml
 
 from spinestream import SpinestreamError
 from spinestream.shards.config import ConfigError, load_config, parse, to_dict
-from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json
+from spinestream.shards.fsutil import atomic_write_bytes, atomic_write_json, writing
 from spinestream.shards.spec import SPEC_FILE
 
 if TYPE_CHECKING:
@@ -189,7 +189,8 @@ def read_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(RunLayout(run_dir).metrics, "a") as f:
+    path = RunLayout(run_dir).metrics
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -208,8 +209,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:
-    """Drop ``metrics.jsonl`` records logged after ``step`` (a resume repeats those steps), and the lines a
-    kill cut short; returns how many lines went."""
+    """Drop ``metrics.jsonl`` records logged after the checkpoint of ``step`` (a resume repeats those steps):
+    every record past ``step``, the headline a resume from ``step`` logged (``hardware``: the run logs its own
+    when it starts), and the lines a kill cut short; returns how many lines went. ``step`` -1: every record."""
     path = RunLayout(run_dir).metrics
     if not path.is_file():
         return 0
@@ -220,7 +222,8 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
             rec = json.loads(ln)
         except json.JSONDecodeError:
             continue
-        if int(rec.get("step", 0)) <= step:
+        at = int(rec.get("step", 0))
+        if at < step or (at == step and "hardware" not in rec):
             keep.append(ln)
     if len(keep) != len(lines):
         atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())

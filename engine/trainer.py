@@ -189,6 +189,9 @@ class Trainer:
             if d.main:
                 truncate_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
                 ck.sync_best(self.run_dir)  # a kill between this checkpoint and best.pt
+        elif d.main:
+            truncate_metrics(self.run_dir, -1)  # a fresh start: the records of an attempt killed before its first
+            # checkpoint are redone
         # data-parallel under torchrun: DDP averages the gradients in the backward pass (and broadcasts rank 0's
         # weights and buffers at construction, so every rank starts from the same ones)
         self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -338,6 +341,8 @@ class Trainer:
         if self.finished():  # before wandb and the bar: nothing to report
             self._say(f"{self.run_dir}: already complete at step {self.step} (best {self.best['metric']:.4f} at step "
                   f"{self.best['step']}); nothing to train: raise train.epochs or train.max_steps to continue")
+            if self.dist.main and not RunLayout(self.run_dir).curves.is_file():
+                self.plot()  # killed after its last checkpoint, before the plot
             return dict(self.best)
         if self.dist.main:  # wandb, the clocks and the bar (the clocks are restarted below on every rank)
             self.logbook.start(self.cfg, self.step, self.total_steps)

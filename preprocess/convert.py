@@ -70,7 +70,7 @@ import pandas as pd
 from spinestream.shards import layout as L, progress
 from spinestream.shards.config import HelpFormatter, add_print_config, config_fields_help, load_config, \
     print_config, to_dict
-from spinestream.shards.fsutil import atomic_write_json, replace_dir
+from spinestream.shards.fsutil import NO_SPACE, WriteError, atomic_write_json, remove_stale_tmp, replace_dir
 from spinestream.shards.sample import encode_jpeg, sample_image
 from spinestream.shards.manifest import (BadFile, CohortCount, Counts, DataWarningEntry, FailedStudy, ImageSpec, Manifest,
                              ManifestError, ShardEntry, Source, StudySelection, read_manifest, write_manifest)
@@ -160,6 +160,8 @@ def process_study(task: StudyTask) -> dict:
     try:
         return _process_study(task, lay, tmp)
     except BAD_INPUT as e:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:  # a full disk is no bad input: the job stops
+            raise (e if isinstance(e, WriteError) else WriteError.of(e.filename or tmp, e)) from e
         shutil.rmtree(tmp, ignore_errors=True)
         atomic_write_json(lay.work / "failed" / f"{task.uid}.json", {"uid": task.uid, "reason": str(e)})
         return {"uid": task.uid, "n_slices": 0, "error": str(e)}
@@ -348,6 +350,8 @@ def finalize(out: Path, table: pd.DataFrame, cfg: ShardConfig, pool=None, limit:
     write tables -> write manifest. Each step reads only what the steps before it wrote, so a
     job-array ``--merge`` can run them over the workers' committed studies."""
     lay = L.Layout(out)
+    for d in (lay.root, lay.wds, lay.truth.parent, lay.volumes, *lay.volumes.glob("*/")):
+        remove_stale_tmp(d)  # a killed group phase's (this phase runs alone: none is in progress)
     infos, failed = collect_studies(lay, table)
     studies, slices = number_slices(table, infos)
     shards, shard_of = write_groups(out, slices, cfg, pool)
@@ -694,6 +698,8 @@ def shard_dataset(data: Path, out: Path, cfg: ShardConfig, *, workers: int, keep
     job = open_job(data, out, cfg, limit)
     lay = job.lay
     if job.done is not None:
+        if not keep_work:
+            shutil.rmtree(lay.work, ignore_errors=True)  # what a kill during the last clean-up left
         print(f"{out}: already complete ({job.done.counts.slices} slices in {job.done.counts.shards} shards)")
         return job.done
     staging = staging_dir(lay, None, None)

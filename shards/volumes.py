@@ -23,7 +23,7 @@ import numpy as np
 
 from spinestream import InputError, MissingInput
 
-from .fsutil import atomic_write_bytes, replace_dir
+from .fsutil import atomic_write_bytes, replace_dir, writing
 
 
 @dataclass(kw_only=True)
@@ -127,39 +127,40 @@ def write_volume(tmp_dir: Path, final_dir: Path, volume: np.ndarray, attrs: Volu
     if shuffle not in _BLOSC_SHUFFLE:
         raise ValueError(f"shuffle must be one of {list(_BLOSC_SHUFFLE)}, got {shuffle!r}")
     depth = max(1, min(chunk_depth, volume.shape[0]))
-    tmp_dir = Path(tmp_dir)
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
-    meta = {
-        "shape": list(volume.shape),
-        "data_type": "uint8",
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [depth, *volume.shape[1:]]}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": 0,
-        "codecs": [{"name": "bytes"}, {"name": "blosc", "configuration": {
-            "typesize": 1, "cname": cname, "clevel": clevel, "shuffle": shuffle, "blocksize": 0}}],
-        "attributes": attrs,
-        "zarr_format": 3,
-        "node_type": "array",
-        "storage_transformers": [],
-    }
-    (tmp_dir / "zarr.json").write_text(json.dumps(meta, indent=2))
-    codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=_BLOSC_SHUFFLE[shuffle], blocksize=0)
-    rest = "/".join("0" for _ in volume.shape[1:])
-    threads, blosc.use_threads = blosc.use_threads, False  # deterministic bytes (see above)
-    try:
-        for k, z0 in enumerate(range(0, volume.shape[0], depth)):
-            block = volume[z0:z0 + depth]
-            if block.shape[0] < depth:  # edge chunks are stored at full chunk shape, padded with fill_value 0
-                block = np.concatenate([block, np.zeros((depth - block.shape[0],) + block.shape[1:], np.uint8)])
-            path = tmp_dir / "c" / str(k) / rest
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(codec.encode(np.ascontiguousarray(block)))
-    finally:
-        blosc.use_threads = threads
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp_dir, final_dir)
+    with writing(final_dir):  # a full disk names the volume, not a chunk file
+        tmp_dir = Path(tmp_dir)
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        meta = {
+            "shape": list(volume.shape),
+            "data_type": "uint8",
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [depth, *volume.shape[1:]]}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0,
+            "codecs": [{"name": "bytes"}, {"name": "blosc", "configuration": {
+                "typesize": 1, "cname": cname, "clevel": clevel, "shuffle": shuffle, "blocksize": 0}}],
+            "attributes": attrs,
+            "zarr_format": 3,
+            "node_type": "array",
+            "storage_transformers": [],
+        }
+        (tmp_dir / "zarr.json").write_text(json.dumps(meta, indent=2))
+        codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=_BLOSC_SHUFFLE[shuffle], blocksize=0)
+        rest = "/".join("0" for _ in volume.shape[1:])
+        threads, blosc.use_threads = blosc.use_threads, False  # deterministic bytes (see above)
+        try:
+            for k, z0 in enumerate(range(0, volume.shape[0], depth)):
+                block = volume[z0:z0 + depth]
+                if block.shape[0] < depth:  # edge chunks are stored at full chunk shape, padded with fill_value 0
+                    block = np.concatenate([block, np.zeros((depth - block.shape[0],) + block.shape[1:], np.uint8)])
+                path = tmp_dir / "c" / str(k) / rest
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(codec.encode(np.ascontiguousarray(block)))
+        finally:
+            blosc.use_threads = threads
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp_dir, final_dir)
 
 
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}

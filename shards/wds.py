@@ -44,6 +44,8 @@ import numpy as np
 
 from spinestream import SpinestreamError
 
+from .fsutil import NO_SPACE, WriteError, writing
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking factor
 IDX_VERSION = "v1.2"
@@ -142,8 +144,9 @@ class ShardWriter:
         self._tmp_idx = self.idx_path.with_name(self.idx_path.name + suffix)
         self._tmp_sums = self.sums_path.with_name(self.sums_path.name + suffix)
         self._sums: list[tuple[int, int, int]] = []
-        self.tar_path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self._tmp_tar, "wb")
+        with writing(self.tar_path):
+            self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self._tmp_tar, "wb")
         self._sha = hashlib.sha256()
         self._offset = 0
         self._lines: list[str] = []
@@ -217,6 +220,8 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE and not isinstance(exc, WriteError):
+                raise WriteError.of(self.tar_path, exc) from exc  # a full disk names the shard
 
 
 @dataclass(frozen=True)

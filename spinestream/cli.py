@@ -5,7 +5,8 @@ runs, so ``spinestream --help`` stays fast and a verb's dependencies load only f
 
 One error policy for every verb: an error the project raises on purpose (a
 :class:`~spinestream.SpinestreamError`: a bad config, bad input, a run or shard set in a state the verb
-cannot use) is printed here as one line, ``spinestream <verb>: <message>``, with exit status 2; anything
+cannot use, a full disk) is printed here as one line, ``spinestream <verb>: <message>``, with exit status 2,
+and so is an OSError of a full or read-only file system that no writer turned into a WriteError; anything
 else (a torch bug, an out-of-memory) is not caught and keeps its traceback. Verbs do not catch errors
 themselves, so ``spinestream run``, which calls them in this process through :func:`main`, gets the same
 one line and status from a stage that fails.
@@ -27,7 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "compare": ("spinestream.engine.compare", "two evaluations on the same studies: loss difference and its bootstrap interval"),
     "pseudo-label": ("spinestream.engine.pseudo", "round-1 model over the positive-unboxed studies -> a pseudo-label table"),
     "synth-truth": ("spinestream.preprocess.synth_truth", "where the synthetic cracks are, per slice (to measure pseudo-labels)"),
-    "bench": ("spinestream.benchmarks.cli", "run a benchmark suite (shard, loader, train, infer, predict)"),
+    "bench": ("spinestream.benchmarks.cli", "run a benchmark suite (shard, loader, train, infer, predict, reliability)"),
     "run": ("spinestream.run", "the whole pipeline, stage by stage, resumable (shard -> ... -> report)"),
     "demo": ("spinestream.demo", "the main job on the embedded synthetic default"),
     "predict": ("spinestream.predict", "test DICOM studies -> Kaggle submission.csv (one run or an ensemble)"),
@@ -80,6 +81,13 @@ def run_verb(verb: str, verb_main: Callable[[list[str]], int | None], argv: list
         return int(verb_main(argv) or 0)
     except SpinestreamError as e:
         print(f"spinestream {verb}: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk that no writer named (its writers raise a WriteError)
+        from spinestream.shards.fsutil import NO_SPACE, WriteError
+
+        if e.errno not in NO_SPACE:
+            raise
+        print(f"spinestream {verb}: {one_line(WriteError.of(e.filename or 'its output', e))}", file=sys.stderr)
         return 2
     finally:
         dist = sys.modules.get("spinestream.engine.dist")  # a verb run under torchrun leaves its process group

@@ -59,7 +59,7 @@ from spinestream.preprocess.dicom import DicomError
 from spinestream.preprocess.errors import DataWarning
 from spinestream.preprocess.ingest import ingest_study
 from spinestream.shards.config import ConfigError, parse_verb_config
-from spinestream.shards.fsutil import atomic_write_bytes
+from spinestream.shards.fsutil import atomic_write_bytes, remove_stale_tmp
 from spinestream.shards.layout import ROW_TYPES
 from spinestream.shards.shard_config import ShardConfig
 from spinestream.shards.spec import ShardSpec, run_shard_spec
@@ -451,6 +451,7 @@ def write_submission(frame: pd.DataFrame, out: Path) -> None:
     The caller's frame is not changed; ``predict``'s own frame and scores are unclipped."""
     clipped = frame.assign(fractured=np.clip(frame["fractured"].to_numpy(np.float64), SUBMISSION_CLIP,
                                              1.0 - SUBMISSION_CLIP))
+    remove_stale_tmp(Path(out).parent, (Path(out).name,))  # what a killed predict left
     atomic_write_bytes(out, clipped.to_csv(index=False, float_format="%.6g").encode())
 
 

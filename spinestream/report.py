@@ -45,7 +45,7 @@ from pathlib import Path
 
 from spinestream.engine.rundir import (EvalLayout, PseudoLayout, RunLayout, read_eval_summary, read_metrics,
                                        read_pseudo_summary)
-from spinestream.shards.fsutil import atomic_save_figure, atomic_write_bytes, atomic_write_json
+from spinestream.shards.fsutil import atomic_save_figure, atomic_write_bytes, atomic_write_json, remove_stale_tmp
 from spinestream.shards.layout import ROW_TYPES, Layout
 
 from .stages import read_record
@@ -482,6 +482,8 @@ def _throughput_md(t: dict) -> list[str]:
 
 def write_report(paths, cfg, configs: dict) -> dict:
     """Write DIR/report.json, DIR/report.md and DIR/report/losses.png; returns the report dict."""
+    remove_stale_tmp(paths.root, (paths.report_json.name, paths.report_md.name))  # what a killed report left
+    remove_stale_tmp(paths.report_dir)
     rep = collect(paths, cfg, configs)
     rep["report_figures"] = ["losses.png"] if loss_chart(rep["evaluations"], paths.report_dir / "losses.png") else []
     atomic_write_json(paths.report_json, rep)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from spinestream import InputError, SpinestreamError
-from spinestream.shards.fsutil import atomic_write_json, sha256_file
+from spinestream.shards.fsutil import atomic_write_json, remove_stale_tmp, sha256_file
 
 RECORD_FORMAT = "spinestream-stage"
 SUPERSEDED_FORMAT = "spinestream-superseded"
@@ -304,6 +304,7 @@ def run_stages(stages: Sequence[Stage], state_dir: Path, root: Path, *, from_sta
     if refuse_retrain:
         _refuse_retrain(stages, state_dir, from_stage)
     state_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(state_dir)  # records a kill cut short (one pipeline per directory)
     trash = state_dir / ".trash"
     empty_trash(trash)
     results: list[StageResult] = []
