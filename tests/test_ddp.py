@@ -169,6 +169,7 @@ except dist.RankTimeout as e:
 """
 
 
+@pytest.mark.slow  # ~10 s of waiting for a timeout
 def test_a_rank_that_hangs_stops_the_others_with_a_clear_error():
     r0, r1 = run_ranks(["-c", PROBE], check=False, timeout=60)
     assert r0.returncode == 3, r0.stderr

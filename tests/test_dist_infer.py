@@ -92,6 +92,7 @@ def run_dir(shards, tmp_path_factory) -> Path:
                       [f"data.root={shards}", "loader.image_size=48", "log.wandb=disabled"])
 
 
+@pytest.mark.slow  # the default suite's budget: the evaluate and predict cases keep the path covered
 def test_a_failed_write_on_rank_0_fails_every_rank_without_waiting():
     code = ("from spinestream.engine import dist\n"
             "d = dist.init_from_env(device_type='cpu')\n"
@@ -136,6 +137,7 @@ def test_evaluate_on_two_ranks_equals_one_process_and_only_rank_0_writes(run_dir
     assert "infer" not in ranks[1].stderr  # no progress bar but rank 0's
 
 
+@pytest.mark.slow  # the default suite's budget: the evaluate and predict cases keep the path covered
 def test_pseudo_label_on_two_ranks_writes_one_process_table(run_dir, tmp_path, tmp_path_factory):
     from spinestream.engine.pseudo import PseudoLabelConfig, run
 
