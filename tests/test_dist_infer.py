@@ -23,7 +23,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from ranks import run_ranks

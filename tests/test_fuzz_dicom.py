@@ -31,7 +31,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom import uid

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import struct
 import tarfile
 from pathlib import Path
 
@@ -31,8 +30,7 @@ import pytest
 from spinestream.preprocess.errors import LabelError
 from spinestream.shards.manifest import ManifestError, read_manifest
 from spinestream.shards.verify import VerifyError, verify
-from spinestream.shards.wds import (ShardError, ShardWriter, _header, index_records, iter_samples, read_index,
-                                    scan_tar)
+from spinestream.shards.wds import (ShardError, ShardWriter, _header, index_records, iter_samples, scan_tar)
 
 # ----------------------------------------------------------------------------- tar members
 
