@@ -77,7 +77,8 @@ def test_init_from_a_run_that_trained_on_the_validation_fold_is_refused(shards, 
 def test_init_from_refuses_another_models_checkpoint_and_a_missing_file(shards, tmp_path):
     other = build_model(_cfg(shards, tmp_path, **{"model.name": "test_resnet"}).model)
     path = tmp_path / "resnet.pt"
-    ck.save(path, {"model_fingerprint": model_fingerprint(other), "model": other.state_dict(), "ema": None})
+    ck.save(path, {"model_fingerprint": model_fingerprint(other), "model": other.state_dict(), "ema": None,
+                   "step": 0})  # a spinestream checkpoint in form (ck.load checks that first), of another model
     with pytest.raises(ck.RunError, match=r"test_resnet.*test_efficientnet"):
         _trainer(_round2(shards, tmp_path, path))
     with pytest.raises(FileNotFoundError, match=r"model\.init_from=.*train round 1 first"):

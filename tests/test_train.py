@@ -110,7 +110,7 @@ def test_refusals_before_any_training_step(shards, tmp_path):
         _trainer(_cfg(shards, tmp_path / "e", **{"data.label_tables": f"[{foreign}]"}))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ck.RunError, match="cannot be read"):
+    with pytest.raises(ck.RunError, match="not a spinestream checkpoint"):
         ck.load(junk)
 
 
