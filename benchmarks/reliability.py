@@ -198,6 +198,8 @@ def shard_finals(rel: str) -> bool:
 
 
 def _state_problems(rel: str, a: Path, b: Path, tol: float = 1e-7) -> list[Problem]:
+    """A checkpoint against the uninterrupted run's: every entry (weights, EMA, optimizer, scheduler, loader
+    position, generators, records) equal, tensors to ``tol``."""
     import torch
 
     try:
@@ -205,20 +207,29 @@ def _state_problems(rel: str, a: Path, b: Path, tol: float = 1e-7) -> list[Probl
         sb = torch.load(b, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn checkpoint
         return [Problem("lost", f"{rel}: cannot be read ({type(e).__name__})")]
-    probs = []
-    for key in ("step", "best"):
-        if sa.get(key) != sb.get(key):
-            probs.append(Problem("lost", f"{rel}: {key} {sb.get(key)} where the clean run has {sa.get(key)}"))
-    for part in ("model", "ema"):
-        wa, wb = sa.get(part) or {}, sb.get(part) or {}
-        if wa.keys() != wb.keys():
-            probs.append(Problem("lost", f"{rel}: {part} holds other tensors"))
-            continue
-        worst = max(((wa[k].double() - wb[k].double()).abs().max().item() if wa[k].numel() else 0.0
-                     for k in wa), default=0.0)
-        if worst > tol:
-            probs.append(Problem("lost", f"{rel}: {part} weights differ from the uninterrupted run by {worst:.3g}"))
-    return probs
+    diffs: list[str] = []
+
+    def walk(x, y, path):
+        if len(diffs) >= 4:
+            return
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                diffs.append(f"{path} {tuple(y.shape)} {y.dtype} (uninterrupted: {tuple(x.shape)} {x.dtype})")
+            elif x.numel() and (x.double() - y.double()).abs().max().item() > tol:
+                diffs.append(f"{path} by {(x.double() - y.double()).abs().max().item():.3g}")
+        elif isinstance(x, dict) and isinstance(y, dict):
+            if x.keys() != y.keys():
+                diffs.append(f"{path}: keys {sorted(map(str, x.keys() ^ y.keys()))[:3]}")
+            for k in x.keys() & y.keys():
+                walk(x[k], y[k], f"{path}.{k}")
+        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{path}[{i}]")
+        elif x != y and not (x != x and y != y):  # (NaN equals NaN here)
+            diffs.append(f"{path}: {str(y)[:40]} (uninterrupted: {str(x)[:40]})")
+
+    walk(sa, sb, "")
+    return [Problem("lost", f"{rel}: differs from the uninterrupted run's at {d}") for d in diffs]
 
 
 def _records(path: Path) -> tuple[list[dict], int]:

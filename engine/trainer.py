@@ -242,6 +242,9 @@ class Trainer:
             g["initial_lr"] = effective_lr(self.cfg, self.dist.world)
             g["weight_decay"] = self.cfg.optim.weight_decay
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.sched.lr_lambdas[0], last_epoch=s["step"] - 1)
+        # its count of step() calls as the uninterrupted run has it (rebuilt, it would restart at 1), so a resumed
+        # run's checkpoints are the uninterrupted run's, byte for byte
+        self.sched._step_count = int(s["scheduler"].get("_step_count", self.sched._step_count))
         self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None and s.get("ema") is not None:
             self.ema.load_state_dict(s["ema"])

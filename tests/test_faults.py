@@ -364,6 +364,21 @@ def test_a_resumed_run_checkpoints_the_rng_state_an_uninterrupted_one_does(tmp_p
     assert random.getstate() == first
 
 
+@pytest.mark.slow  # two trainers and a short run: ~12 s on 2 cores
+def test_a_resumed_scheduler_counts_its_steps_as_the_uninterrupted_one(shards, tmp_path):
+    """Found by the pipeline's kill trials (with the whole checkpoint compared): the scheduler rebuilt on resume
+    restarted its count of step() calls, so every checkpoint after a resume differed from the uninterrupted
+    run's (scheduler._step_count 3 where it had 5) and best.pt's hash changed, the weights being equal."""
+    from test_train import _trainer
+
+    from spinestream.engine import checkpoint as ck
+
+    t = _trainer(_train_cfg(shards, tmp_path, **{"train.max_steps": 2}))
+    t.fit()
+    resumed = _trainer(_train_cfg(shards, tmp_path, **{"train.max_steps": 2}), resume=ck.latest(t.run_dir))
+    assert resumed.sched.state_dict() == t.sched.state_dict()
+
+
 # --------------------------------------------------------------------------- slow: real kills, every stage
 
 
