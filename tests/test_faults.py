@@ -357,11 +357,15 @@ def test_a_resumed_run_checkpoints_the_rng_state_an_uninterrupted_one_does(tmp_p
 
     cfg = _cfg(tmp_path / "shards", tmp_path)
     random.seed(1)  # one process's state before the run starts
+    np.random.seed(1)
     build_device(cfg)
-    first = random.getstate()
+    first = random.getstate(), np.random.get_state()[1].copy()
     random.seed(2)  # another process's
+    np.random.seed(2)
     build_device(cfg)
-    assert random.getstate() == first
+    assert random.getstate() == first[0]
+    assert np.array_equal(np.random.get_state()[1], first[1])  # numpy's too (found once the harness's forks no
+    # longer shared it)
 
 
 @pytest.mark.slow  # two trainers and a short run: ~12 s on 2 cores
