@@ -37,8 +37,9 @@ from .model import build_model, check_state_dict, data_config, model_fingerprint
 
 
 def build_device(cfg: RunConfig, d: Dist | None = None) -> tuple[torch.device, str]:
-    """The indexed device (the local rank's under torchrun) and precision; seeds torch and python's ``random``
-    (``train.seed`` + rank: ranks draw different dropout masks), sets cudnn.benchmark and the memory cap."""
+    """The indexed device (the local rank's under torchrun) and precision; seeds torch, python's ``random`` and
+    numpy's global generator (``train.seed`` + rank: ranks draw different dropout masks), sets cudnn.benchmark and
+    the memory cap."""
     d = d or Dist()
     device = pick_device(cfg.train.device, d.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
@@ -48,8 +49,10 @@ def build_device(cfg: RunConfig, d: Dist | None = None) -> tuple[torch.device, s
         raise InputError("train.sync_batchnorm=true needs CUDA devices (SyncBatchNorm has no CPU kernel); set "
                          "train.sync_batchnorm=false")
     torch.manual_seed(cfg.train.seed + d.rank)
-    random.seed(cfg.train.seed + d.rank)  # unused by training, but checkpointed: seeded, a run's checkpoints are
+    # python's and numpy's global generators: unused by training, but checkpointed; seeded, a run's checkpoints are
     # byte-reproducible (the pipeline fingerprints best.pt; an unseeded state differed in every process)
+    random.seed(cfg.train.seed + d.rank)
+    np.random.seed((cfg.train.seed + d.rank) % 2 ** 32)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     set_memory_cap(device, cfg.train.max_memory_gb)

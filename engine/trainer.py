@@ -50,6 +50,7 @@ import os
 import platform
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,23 @@ def set_rng_state(s: dict | torch.Tensor) -> None:
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     py = s["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+
+
+def _interned(obj):
+    """``obj`` with every string in its plain dicts, lists and tuples interned, keys and values, recursively (a
+    module's state dict, an OrderedDict with metadata, is left as it is). Pickle shares a string by identity: the
+    keys a resumed run read back from its checkpoint (the optimizer's ``lr``, the record's ``step`` ...) and the
+    config values it read from config.yaml are copies where the uninterrupted run has interned literals, so its
+    checkpoints held the same values in other bytes (and best.pt another sha256)."""
+    if type(obj) is str:
+        return sys.intern(obj)
+    if type(obj) is dict:
+        return {_interned(k): _interned(v) for k, v in obj.items()}
+    if type(obj) is list:
+        return [_interned(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_interned(v) for v in obj)
+    return obj
 
 
 def constant_baseline_score(train_studies: pd.DataFrame, val_studies: pd.DataFrame) -> float:
@@ -216,7 +234,7 @@ class Trainer:
         """Everything :meth:`_restore` needs to continue exactly (no accumulation window is ever pending)."""
         assert self._micro == 0 and len(self._flags) == 0, "state() inside an accumulation window or unsettled"
         rngs = self.dist.gather(rng_state())
-        return {
+        return _interned({
             "config": to_dict(self.cfg),
             "model_fingerprint": model_fingerprint(self.model),
             "model": self.model.state_dict(),
@@ -234,7 +252,7 @@ class Trainer:
             **({"rng_ranks": rngs} if len(rngs) > 1 else {}),  # each rank's generators (a collective)
             "world": self.dist.world,
             "reference": self.reference,
-        }
+        })
 
     def _restore(self, s: dict) -> None:
         self.opt.load_state_dict(s["optimizer"])

@@ -335,6 +335,8 @@ def serve() -> int:
                 sys.stdin.close()
                 os.chdir(req.get("cwd") or ".")
                 os.environ.update(req.get("env") or {})
+                sys.modules["numpy"].random.seed()  # as a new process's (python reseeds random at fork itself):
+                # forks of one zygote would otherwise share numpy's global state, hiding a run that depends on it
                 rc = run_verb(req["argv"], req.get("mode", "plain"), req.get("at"), int(req.get("seed", 0)),
                               req.get("counts"))
             except BaseException:
