@@ -73,6 +73,7 @@ OpenJPEG builds fail, or when pinned.)
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,6 +90,8 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.utils import get_j2k_parameters
 
 from spinestream import InputError
+
+from . import lightparse
 
 __all__ = [
     "ENV_PIN", "ENV_THREADS", "BACKENDS", "CHAINS", "Decoder", "FrameInfo", "DecodeFailed",
@@ -108,6 +111,10 @@ _JPEG_LS = tuple(uid.JPEGLSTransferSyntaxes)
 _J2K = (uid.JPEG2000Lossless, uid.JPEG2000)
 _HTJ2K = (uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K)
 _J2K_FAMILY = tuple(uid.JPEG2000TransferSyntaxes)  # includes HTJ2K, as in pydicom's sign rule
+
+
+_CONTAINERS = {(bits, signed): np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+               for bits in (8, 16, 32) for signed in (False, True)}
 
 
 @dataclass(frozen=True)
@@ -130,10 +137,10 @@ class FrameInfo:
 
         Raises ValueError for BitsAllocated other than 8, 16, 32 (bit-packed data is left
         to pydicom, whose decoders then run unchecked for dtype)."""
-        size = {8: 1, 16: 2, 32: 4}.get(self.bits_allocated)
-        if size is None:
+        dtype = _CONTAINERS.get((self.bits_allocated, self.signed))
+        if dtype is None:
             raise ValueError(f"BitsAllocated {self.bits_allocated} has no integer container here")
-        return np.dtype(f"{'i' if self.signed else 'u'}{size}")
+        return dtype
 
     @property
     def has_container(self) -> bool:
@@ -150,67 +157,170 @@ class FrameInfo:
 
 
 _US = struct.Struct("<H").unpack
+_SS = struct.Struct("<h").unpack
+_US_AT = struct.Struct("<H").unpack_from
+_IS = re.compile(rb"[ ]*[+-]?[0-9]+[ ]*")
+_DS = re.compile(rb"[ ]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ ]*")
+_TEXT_VRS = frozenset(("CS", "UI"))
+NOT_SIMPLE = object()
+"""What :func:`simple_value` returns for a raw value it leaves to pydicom."""
+
+
+def _raw(ds: Dataset, tag: int, meta: bool = False):
+    """Element ``tag`` before pydicom converted it: ``(VR, raw value)``, ``lightparse.ABSENT`` when
+    ``ds`` has no such element, or None (converted already, implicit VR, big endian: ask pydicom).
+    A :class:`~lightparse.LightDataset` pydicom has not touched is read without building it."""
+    out = lightparse.raw(ds, tag, meta=meta)
+    if out is not None:
+        return out
+    raw = (ds.file_meta if meta else ds)._dict.get(tag)  # noqa: SLF001 -- unconverted elements are kept there
+    if raw is None:
+        return lightparse.ABSENT
+    if isinstance(raw, RawDataElement) and raw.VR is not None and raw.is_little_endian and raw.value is not None:
+        return raw.VR, raw.value
+    return None
+
+
+def simple_value(vr: str, value: bytes | memoryview):
+    """The value pydicom gives for a raw little-endian element of ``vr`` -- for the simple cases:
+    one US or SS; one or more plain decimal DS (floats) or IS (ints); one ASCII CS or UI (stripped);
+    an empty value (pydicom's empty value for the VR). :data:`NOT_SIMPLE` for anything else (pydicom
+    then converts it, with its warnings and errors)."""
+    if not value:  # b"", or None (pydicom's raw empty value for a binary VR)
+        return "" if vr in _TEXT_VRS else None if vr in ("US", "SS", "DS", "IS") else NOT_SIMPLE
+    if vr == "US":
+        return _US(value)[0] if len(value) == 2 else NOT_SIMPLE
+    if vr == "SS":
+        return _SS(value)[0] if len(value) == 2 else NOT_SIMPLE
+    if vr not in ("DS", "IS") and vr not in _TEXT_VRS:
+        return NOT_SIMPLE
+    value = bytes(value)
+    if vr in _TEXT_VRS:
+        if b"\\" in value or not value.isascii() or value[:1] in (b" ", b"\x00"):
+            return NOT_SIMPLE  # pydicom keeps a CS's leading spaces, a UI's not: left to it
+        return value.decode("ascii").rstrip(" \x00")
+    value = value.rstrip(b" \x00")
+    if not value:
+        return ""  # pydicom: spaces only is an empty string (no bytes at all: None, above)
+    parts = value.split(b"\\")
+    pattern, kind = (_DS, float) if vr == "DS" else (_IS, int)
+    if not all(pattern.fullmatch(v) for v in parts):
+        return NOT_SIMPLE
+    out = [kind(v) for v in parts]
+    return out[0] if len(out) == 1 else out
+
+
+def get(ds: Dataset, tag: int, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)`` -- the same value, read from the raw bytes while pydicom has not
+    converted the element (a conversion costs ~30 us; a :class:`~lightparse.LightDataset` is not even
+    built). ``tag`` is ``keyword``'s tag. DS and IS values come as floats and ints (pydicom: DSfloat,
+    IS), several as a list (pydicom: a MultiValue)."""
+    light = ds.__dict__.get("_light")
+    if light is not None:  # the hot path: a LightDataset (lightparse.raw, inlined)
+        entry = light[3].get(tag)
+        if entry is None:
+            return default
+        if entry[0] == "US" and entry[1] == 2:
+            return _US_AT(light[1], entry[2])[0]
+        out = simple_value(entry[0], lightparse.value(light[1], tag, entry))
+        return ds.get(keyword, default) if out is NOT_SIMPLE else out
+    raw = _raw(ds, tag)
+    if raw is lightparse.ABSENT:
+        return default
+    if raw is not None:
+        out = simple_value(*raw)
+        if out is not NOT_SIMPLE:
+            return out
+    return ds.get(keyword, default)
+
+
+def has(ds: Dataset, tag: int) -> bool:
+    """``tag in ds``, without building a :class:`~lightparse.LightDataset`."""
+    raw = lightparse.raw(ds, tag)
+    return tag in ds if raw is None else raw is not lightparse.ABSENT
+
+
+def transfer_syntax(ds: Dataset) -> str:
+    """The file meta information's TransferSyntaxUID ('' when absent)."""
+    raw = _raw(ds, 0x00020010, meta=True)
+    if raw is lightparse.ABSENT:
+        return ""
+    if raw is not None:
+        out = raw_text_value(*raw)
+        if out is not None:
+            return out
+    return str(ds.file_meta.get("TransferSyntaxUID", "") or "")
 
 
 def raw_us(ds: Dataset, tag: int) -> int | None:
     """An unsigned short of ``ds`` straight from its raw bytes while pydicom has not converted the
     element yet (a conversion costs ~30 us; the pixel module has six), else None. The same value
     pydicom would give: a little-endian US of length 2 is just that."""
-    raw = ds._dict.get(tag)  # noqa: SLF001 -- pydicom keeps unconverted elements there
-    if isinstance(raw, RawDataElement) and raw.VR == "US" and raw.length == 2 and raw.is_little_endian:
-        return _US(raw.value)[0]
-    return None
+    raw = _raw(ds, tag)
+    if raw is None or raw is lightparse.ABSENT or raw[0] != "US" or len(raw[1]) != 2:
+        return None
+    return _US(raw[1])[0]
 
 
 def raw_text(ds: Dataset, tag: int) -> str | None:
-    """A single-valued ASCII string (CS, UI, IS) straight from the raw bytes, as pydicom would
-    convert it (padding stripped); None when converted already or not that simple."""
-    raw = ds._dict.get(tag)  # noqa: SLF001
-    if not isinstance(raw, RawDataElement) or raw.VR not in ("CS", "UI", "IS") or not raw.value:
+    """A single-valued ASCII string (CS, UI, IS) straight from the raw bytes, padding stripped on
+    both sides (what the reader compares: a transfer syntax, a photometric interpretation); None
+    when converted already or not that simple."""
+    raw = _raw(ds, tag)
+    if raw is None or raw is lightparse.ABSENT:
         return None
-    value = bytes(raw.value)
+    return raw_text_value(*raw)
+
+
+def raw_text_value(vr: str, value: bytes | memoryview | None) -> str | None:
+    if vr not in ("CS", "UI", "IS") or not value:
+        return None
+    value = bytes(value)
     if b"\\" in value or not value.isascii():
         return None
     return value.decode("ascii").strip(" \x00")
 
 
 def _us(ds: Dataset, tag: int, keyword: str, default: int) -> int:
-    value = raw_us(ds, tag)
-    if value is not None:
-        return value
-    value = ds.get(keyword, default)
+    value = get(ds, tag, keyword, default)
     return int(default if value in (None, "") else value)
 
 
 def _frames(ds: Dataset) -> int:
-    text = raw_text(ds, 0x00280008)
-    if text is not None and text.isdigit():
-        return max(int(text), 1)
     return _n_frames(ds)
 
 
 def frame_info(ds: Dataset) -> FrameInfo:
-    """The pixel module of ``ds`` as a FrameInfo (missing BitsStored = BitsAllocated)."""
-    tsyntax = raw_text(ds.file_meta, 0x00020010)
-    photometric = raw_text(ds, 0x00280004)
+    """The pixel module of ``ds`` as a FrameInfo (missing BitsStored = BitsAllocated). Kept with a
+    :class:`~lightparse.LightDataset` pydicom has not built (nothing can have changed it since)."""
+    light = lightparse.raw_cache(ds)
+    if light is not None and "frame_info" in light:
+        return light["frame_info"]
+    info = _frame_info(ds)
+    if light is not None:
+        light["frame_info"] = info
+    return info
+
+
+def _frame_info(ds: Dataset) -> FrameInfo:
     allocated = _us(ds, 0x00280100, "BitsAllocated", 16) or 16
     stored = _us(ds, 0x00280101, "BitsStored", allocated) or allocated
     return FrameInfo(
-        tsyntax=tsyntax or str(ds.file_meta.TransferSyntaxUID),
+        tsyntax=transfer_syntax(ds),
         rows=_us(ds, 0x00280010, "Rows", 0),
         cols=_us(ds, 0x00280011, "Columns", 0),
         samples=_us(ds, 0x00280002, "SamplesPerPixel", 1) or 1,
         bits_allocated=allocated,
         bits_stored=min(stored, allocated),
         signed=_us(ds, 0x00280103, "PixelRepresentation", 0) == 1,
-        photometric=photometric if photometric is not None else str(ds.get("PhotometricInterpretation", "") or ""),
-        n_frames=_frames(ds),
+        photometric=str(get(ds, 0x00280004, "PhotometricInterpretation", "") or ""),
+        n_frames=_n_frames(ds),
     )
 
 
 def _n_frames(ds: Dataset) -> int:
     try:
-        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+        return max(int(get(ds, 0x00280008, "NumberOfFrames", 1) or 1), 1)
     except (TypeError, ValueError):
         return 1
 
@@ -557,9 +667,9 @@ _ITEM_TAG, _SEQ_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000), (FFFE,E0DD) read as
 def pixel_bytes(ds: Dataset) -> bytes | memoryview:
     """PixelData's value, from the raw element while pydicom has not converted it (no copy, no
     ~30 us conversion), else as pydicom gives it."""
-    raw = ds._dict.get(0x7FE00010)  # noqa: SLF001
-    if isinstance(raw, RawDataElement) and raw.value is not None:
-        return raw.value
+    raw = _raw(ds, 0x7FE00010)
+    if raw is not None and raw is not lightparse.ABSENT and raw[1] is not None:
+        return raw[1]
     return ds.PixelData
 
 
@@ -588,7 +698,7 @@ def _single_frame(buf: bytes) -> bytes:
 def frame_bytes(ds: Dataset, info: FrameInfo, index: int) -> bytes:
     """The encoded bytes of frame ``index`` (encapsulated syntaxes)."""
     buf = pixel_bytes(ds)
-    if info.n_frames == 1 and index == 0 and "ExtendedOffsetTable" not in ds:
+    if info.n_frames == 1 and index == 0 and not has(ds, 0x7FE00001):  # no ExtendedOffsetTable
         return _single_frame(buf)
     kw: dict[str, Any] = {"number_of_frames": info.n_frames}
     if "ExtendedOffsetTable" in ds:

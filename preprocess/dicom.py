@@ -88,6 +88,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.datadict import tag_for_keyword
 from pydicom.pixels import get_decoder
 
 from spinestream import SpinestreamError
@@ -125,6 +127,26 @@ _FG_SEQUENCE = {
     "PixelSpacing": "PixelMeasuresSequence",
     "SliceThickness": "PixelMeasuresSequence",
 }
+
+_PER_FRAME_GROUPS, _SHARED_GROUPS = 0x52009230, 0x52009229
+
+
+@cache
+def _uid(value: str) -> uid.UID:
+    """``uid.UID(value)``, made once per value (its construction and properties cost ~14 us a slice)."""
+    return uid.UID(value)
+
+
+@cache
+def _tag(keyword: str) -> int:
+    return int(tag_for_keyword(keyword))
+
+
+def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)``, read raw while pydicom has not converted the element
+    (``decoders.get``: a plain CT slice is read without building pydicom's dataset)."""
+    return decoders.get(ds, _tag(keyword), keyword, default)
+
 
 _DEFAULT_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _ORIENTATION_TOLERANCE = 1e-3  # max |difference| of direction cosines still "the same orientation"
@@ -248,18 +270,17 @@ def _read_dataset(path: Path) -> Dataset:
 
 
 def _check_image(ds: Dataset, path: Path) -> None:
-    # Raw values where pydicom has not converted the element yet (decoders.raw_us/raw_text: the
-    # same values, without ~30 us of conversion each); pydicom's get otherwise.
-    if "PixelData" not in ds:
+    # Raw values where pydicom has not converted the element yet (decoders.get: the same values,
+    # without ~30 us of conversion each, nor building a light-parsed dataset); pydicom's get otherwise.
+    if not decoders.has(ds, 0x7FE00010):
         raise DicomError(path, "no PixelData element (not an image, or truncated)")
-    if not (decoders.raw_text(ds.file_meta, 0x00020010) or ds.file_meta.get("TransferSyntaxUID")):
+    if not decoders.transfer_syntax(ds):
         raise DicomError(path, "no TransferSyntaxUID in the file meta information")
-    for tag, keyword in ((0x00280010, "Rows"), (0x00280011, "Columns")):
-        value = decoders.raw_us(ds, tag)
-        if (ds.get(keyword) if value is None else value) in (None, "", 0):
+    info = decoders.frame_info(ds)  # its rows, columns and samples are the values read here before
+    for keyword, value in (("Rows", info.rows), ("Columns", info.cols)):
+        if not value:
             raise DicomError(path, f"missing or zero {keyword}")
-    spp = decoders.raw_us(ds, 0x00280002)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1) if spp is None else (spp or 1)
+    spp = info.samples
     if spp != 1:
         raise DicomError(
             path,
@@ -306,7 +327,7 @@ def _check_pixel_module(ds: Dataset, path: Path) -> None:
     rows, cols = info.rows, info.cols
     if rows * cols > _MAX_FRAME_PIXELS:
         raise DicomError(path, f"Rows x Columns = {rows} x {cols}: larger than any CT slice (corrupt header)")
-    tsyntax = uid.UID(info.tsyntax)
+    tsyntax = _uid(info.tsyntax)
     if tsyntax in _JPEG_SYNTAXES and allocated not in (8, 16):
         raise DicomError(path, f"BitsAllocated={allocated} in a {tsyntax.name} file: JPEG frames "
                                "hold 8 or 16 bits (corrupt header)")
@@ -365,10 +386,7 @@ def _check_frame_count(ds: Dataset, path: Path, info: decoders.FrameInfo, *, enc
 def _int_tag(ds: Dataset, tag: int, keyword: str, path: Path, default: int | None = None) -> int:
     """An integer tag's value, raw when pydicom has not converted it (first value of a multi-valued
     one); DicomError when absent (and no ``default``) or not a number."""
-    value = decoders.raw_us(ds, tag)
-    if value is not None:
-        return value
-    value = ds.get(keyword)
+    value = decoders.get(ds, tag, keyword)
     if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
     if value is None or value == "":
@@ -484,10 +502,7 @@ def _check_frame(ds: Dataset, path: Path, index: int) -> None:
 
 
 def _n_frames(ds: Dataset) -> int:
-    try:
-        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
-    except (TypeError, ValueError):
-        return 1
+    return decoders._n_frames(ds)
 
 
 def _decode_frame(
@@ -530,7 +545,7 @@ def _lookup(ds: Dataset, frame: int, keyword: str) -> Any:
     level; Enhanced CT keeps rescale, position, orientation and spacing in the groups.
     """
     seq = _FG_SEQUENCE.get(keyword)
-    if seq is not None:
+    if seq is not None and (decoders.has(ds, _PER_FRAME_GROUPS) or decoders.has(ds, _SHARED_GROUPS)):
         groups = []
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if per_frame is not None and frame < len(per_frame):
@@ -544,7 +559,7 @@ def _lookup(ds: Dataset, frame: int, keyword: str) -> Any:
                 value = items[0].get(keyword)
                 if value not in (None, ""):
                     return value
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     return None if value in (None, "") else value
 
 
@@ -595,19 +610,19 @@ def _padding(ds: Dataset) -> tuple[int, int, bool] | None:
     raw container values, before the unused high bits are dropped — after dropping, it
     would alias real tissue (63536 & 0xFFF = 2096 = 1072 HU of bone).
     """
-    pad = ds.get("PixelPaddingValue")
+    pad = _get(ds, "PixelPaddingValue")
     if pad is None or pad == "":
         return None
-    allocated = int(ds.get("BitsAllocated", 16) or 16)
-    stored = min(int(ds.get("BitsStored", allocated) or allocated), allocated)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    allocated = int(_get(ds, "BitsAllocated", 16) or 16)
+    stored = min(int(_get(ds, "BitsStored", allocated) or allocated), allocated)
+    signed = int(_get(ds, "PixelRepresentation", 0) or 0) == 1
 
     def wrap(value: float) -> int:
         v = int(value) & ((1 << allocated) - 1)
         return v - (1 << allocated) if signed and v >= 1 << (allocated - 1) else v
 
     lo = wrap(_number(pad, 0, name="PixelPaddingValue"))
-    limit = ds.get("PixelPaddingRangeLimit")
+    limit = _get(ds, "PixelPaddingRangeLimit")
     if limit is None or limit == "":
         hi = lo
     else:
@@ -626,10 +641,10 @@ def _drop_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     Same rule as pydicom: BitsStored < BitsAllocated, and not JPEG 2000 / JPEG-LS (their
     sign correction already yields values at the codestream's precision).
     """
-    tsyntax = ds.file_meta.TransferSyntaxUID
+    tsyntax = decoders.transfer_syntax(ds)
     if tsyntax in uid.JPEG2000TransferSyntaxes or tsyntax in uid.JPEGLSTransferSyntaxes:
         return arr
-    shift = 8 * arr.dtype.itemsize - int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
+    shift = 8 * arr.dtype.itemsize - int(_get(ds, "BitsStored", 8 * arr.dtype.itemsize))
     if shift <= 0 or not np.issubdtype(arr.dtype, np.integer):
         return arr
     arr = arr if arr.flags.writeable else arr.copy()
@@ -742,11 +757,11 @@ def _read_file_slices(
     """Every readable frame of one file as _Slice; failures go to ``bad``."""
     try:
         ds = _read_dataset(path)
-        syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
+        syntaxes.add(decoders.transfer_syntax(ds))
         with _header_errors(path):
             n = _n_frames(ds)
-            instance = _int_or_none(ds.get("InstanceNumber"))
-            series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
+            instance = _int_or_none(_get(ds, "InstanceNumber"))
+            series_uid = str(_get(ds, "SeriesInstanceUID", "") or "").strip() or None
     except DicomError as e:
         bad.append((path.name, e.reason))
         return []

@@ -586,6 +586,119 @@ def test_legacy_pin_reads_with_dcmread(cases, monkeypatch):
     assert calls == [1]
 
 
+# The values the reader reads raw (decoders.get) are pydicom's, and a plain slice never builds pydicom's dataset
+_READER_KEYWORDS = (
+    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation",
+    "PhotometricInterpretation", "NumberOfFrames", "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleSlope",
+    "RescaleIntercept", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+    "InstanceNumber", "SeriesInstanceUID",
+)
+
+
+def _plain(value):
+    """pydicom's value in comparable form: a MultiValue as a list, DSfloat/IS as float/int."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):  # a UID is a str
+        return str(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return value
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", _PYDICOM_FILES)
+def test_raw_reads_of_a_light_dataset_equal_pydicoms_values(name):
+    from pydicom.datadict import tag_for_keyword
+
+    path = get_testdata_file(name, download=False)
+    data = Path(path).read_bytes()
+    if lightparse.parse(data) is None:
+        return
+    ref = pydicom.dcmread(path)
+    for keyword in _READER_KEYWORDS:
+        ds = lightparse.parse(data)
+        try:
+            expected = _plain(ref.get(keyword))
+        except Exception as e:  # noqa: BLE001 -- pydicom cannot convert it: neither may the raw read
+            with pytest.raises(type(e)):
+                decoders.get(ds, tag_for_keyword(keyword), keyword)
+            continue
+        got = decoders.get(ds, tag_for_keyword(keyword), keyword)
+        assert _plain(got) == expected and type(_plain(got)) is type(expected), (name, keyword, got, expected)
+    ds = lightparse.parse(data)
+    assert decoders.transfer_syntax(ds) == str(ref.file_meta.TransferSyntaxUID)
+    assert decoders.frame_info(ds) == decoders.frame_info(ref), name
+    assert bytes(decoders.pixel_bytes(ds)) == bytes(ref.PixelData)
+
+
+def test_a_plain_slice_is_read_without_building_pydicoms_dataset(cases, monkeypatch, tmp_path):
+    """The point of the light parse: read_hu and read_series of explicit VR and compressed slices never
+    build pydicom's dataset (its ~80 RawDataElements and file meta: 60% of the parse); values equal the
+    built dataset's (the legacy path's HU)."""
+    built = []
+    real = lightparse._materialize
+    monkeypatch.setattr(lightparse, "_materialize", lambda ds, light: built.append(1) or real(ds, light))
+    n = 0
+    for name in ("ct_small_s16-explicit", "ct_small_s16-rle-pydicom", "ct_small_s16-j2k-openjpeg",
+                 "ct_small_s16-sv1-jpeg8-p16", "ct_small_s16-jls-gdcm"):
+        c = next((c for c in cases if c.name == name), None)
+        if c is None:
+            continue
+        hu = read_hu(c.path)
+        series = tmp_path / name
+        series.mkdir()
+        (series / "1.dcm").write_bytes(c.path.read_bytes())
+        vol, meta = read_series(series)
+        assert built == [], name
+        with decoders.pinned("legacy"):
+            np.testing.assert_array_equal(read_hu(c.path), hu)
+            legacy_vol, legacy_meta = read_series(series)
+            np.testing.assert_array_equal(legacy_vol, vol)
+            assert legacy_meta == meta
+        n += 1
+    assert n >= 4
+    ds = lightparse.parse(_case(cases, "ct_small_s16-explicit").path.read_bytes())
+    assert ds.Rows == 128 and built == [1]  # any pydicom access builds it, and it is then a Dataset
+    assert "_light" not in ds.__dict__ and ds.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
+
+
+_RAW_VRS = ("DS", "IS", "US", "SS", "CS", "UI")
+
+
+def test_simple_raw_values_equal_pydicoms_conversion():
+    """decoders.simple_value gives pydicom's value for every raw value it does not leave to pydicom
+    (random and hand-picked values of each VR the reader reads raw)."""
+    import warnings
+
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.tag import BaseTag
+
+    rng = np.random.default_rng(21)
+    alphabet = list(b"0123456789.+-eE \\\x00") + [ord("a"), 0xC3]
+    values = [b"", b" ", b"  ", b"1", b"-0", b"1.5 ", b" 1.5", b"1.", b".5", b"+.5", b"1e3", b"1E-3", b"1\\2\\3",
+              b"1\\", b"\\1", b"1.5\x00", b"\x00", b"nan", b"inf", b"1_0", b"12 ", b"1.2.840.10008.1.2.1\x00",
+              b"MONOCHROME2 ", b"\x00\x08", b"\xff\xff", b"\x01\x02\x03\x04"]
+    values += [bytes(rng.choice(alphabet, size=int(rng.integers(1, 12)))) for _ in range(3000)]
+    simple = 0
+    for vr in _RAW_VRS:
+        for v in values:
+            got = decoders.simple_value(vr, v)
+            if got is decoders.NOT_SIMPLE:
+                continue
+            raw = RawDataElement(BaseTag(0x00281053), vr, len(v), v, 0, False, True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = _plain(convert_raw_data_element(raw).value)
+            assert _plain(got) == expected and type(_plain(got)) is type(expected), (vr, v, got, expected)
+            simple += 1
+    assert simple > 1000  # the common values are read raw
+
+
 def test_single_frame_extraction_equals_pydicom(cases):
     from pydicom.encaps import get_frame
 
