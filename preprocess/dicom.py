@@ -85,8 +85,7 @@ import os
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -117,6 +116,7 @@ _DECODE_OPTIONS: dict[str, Any] = {
     "apply_jls_sign_correction": True,  # JPEG-LS cannot store signedness at all
     "as_rgb": False,  # grayscale only; never colour-convert
 }
+_OPTIONS = {c: dict(_DECODE_OPTIONS, correct_unused_bits=c) for c in (False, True)}  # per call, read-only
 
 # Functional-group macro holding each attribute in an enhanced multi-frame file.
 _FG_SEQUENCE = {
@@ -223,19 +223,26 @@ def _read_file(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@contextmanager
-def _header_errors(path: Path) -> Iterator[None]:
+class _header_errors:  # noqa: N801 -- used as ``with _header_errors(path):``, like the function it was
     """Turn any other exception met while reading header values into a DicomError.
 
     pydicom converts elements lazily, so a malformed value (a DS that is not a number,
     a truncated sequence) only raises when it is first read, with any exception type.
+    (A class, not a @contextmanager generator: it is entered several times per slice.)
     """
-    try:
-        yield
-    except (DicomError, *_PASS_THROUGH):
-        raise
-    except BaseException as e:
-        raise DicomError(path, f"bad header value ({type(e).__name__}: {e})") from e
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if e is None or isinstance(e, (DicomError, *_PASS_THROUGH)):
+            return False
+        raise DicomError(self.path, f"bad header value ({type(e).__name__}: {e})") from e
 
 
 def _read_dataset(path: Path) -> Dataset:
@@ -513,7 +520,7 @@ def _decode_frame(
     ``correct_unused_bits`` (BitsStored < BitsAllocated: drop the high bits, PS3.5) is on
     unless the caller needs the raw container values first (see ``_padding``).
     """
-    options = dict(_DECODE_OPTIONS, correct_unused_bits=correct_unused_bits)
+    options = _OPTIONS[correct_unused_bits]
     with _header_errors(path):
         info = decoders.frame_info(ds)
     tsyntax = info.tsyntax
