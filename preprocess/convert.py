@@ -79,13 +79,14 @@ from spinestream.shards.tables import LabelTable, label_frame, write_label_table
 from spinestream.shards.volumes import VolumeAttrs, ensure_group, set_attrs, write_volume
 from spinestream.shards.wds import ShardWriter
 
-from spinestream import MissingInput, __version__
+from spinestream import MissingInput, SpinestreamError, __version__
 
 from .dicom import DicomError
 from .errors import DataWarning, JobError, LabelError
 from .ingest import ingest_study
 from .labels import boxes_to_index, build_study_table, slice_labels
 from .segmentation import read_segmentation
+from .workers import Died, Workers
 
 TOOL = f"spinestream {__version__}"  # written into the manifest (created_by)
 
@@ -144,8 +145,8 @@ _PASS_THROUGH = (KeyboardInterrupt, SystemExit)
 
 class StudyCrash(RuntimeError):
     """A BaseException that is not an Exception escaped a study (e.g. a codec's panic outside
-    the decoder). Re-raised as an Exception so the process pool can hand it back: a worker
-    that dies of a BaseException never returns its task and the pool waits forever."""
+    the decoder). Re-raised as an Exception so the worker hands it back as the study's error instead of
+    dying of it (``preprocess.workers`` survives a death, but would run the study again alone first)."""
 
 
 def process_study(task: StudyTask) -> dict:
@@ -418,7 +419,9 @@ def write_groups(out: Path, slices: pd.DataFrame, cfg: ShardConfig, pool=None) -
                       cfg))
     entries: list[dict] = []
     with progress.bar(total=len(tasks), desc="shards (groups)", unit="group") as bar:
-        for group in (pool.imap(write_group, tasks) if pool else map(write_group, tasks)):
+        groups = pool.imap(write_group, tasks, died=_group_died, ahead=2 * pool.workers) if pool else map(
+            write_group, tasks)
+        for group in groups:
             entries.extend(group)
             bar.update()
     shard_of = np.empty(len(slices), dtype=object)
@@ -495,19 +498,43 @@ def start_method() -> str:
 
 @contextlib.contextmanager
 def _pool(workers: int):
-    """A process pool (None for one worker) that is closed and joined, not terminated, on exit."""
+    """Worker processes (None for one worker; ``preprocess.workers``: a worker's death fails only the
+    study that caused it, never hangs the job), closed on exit, terminated on an error."""
     if workers <= 1:
         yield None
         return
-    pool = mp.get_context(start_method()).Pool(workers, maxtasksperchild=64)
+    pool = Workers(workers, start_method)
     try:
         yield pool
         pool.close()
     except BaseException:
         pool.terminate()
         raise
-    finally:
-        pool.join()
+
+
+class WorkerDied(SpinestreamError):
+    """A worker process died while writing shards (not a study's decode: no study to blame)."""
+
+
+def _study_died(task: StudyTask, how: Died) -> dict:
+    """A study whose process died again when run alone: a decoder crashed on its files (bad input: recorded
+    under ``_work/failed`` like any other), unless SIGKILL ended it -- the out-of-memory killer or a person,
+    not the study: then the job stops and a rerun converts it."""
+    lay = L.Layout(Path(task.out))
+    if how.killed:
+        raise WorkerDied(f"the process converting study {task.uid} was {how} (twice: in the pool, then alone) -- "
+                         "the out-of-memory killer? Rerun the same command to resume, with fewer --workers if "
+                         "memory is short")
+    shutil.rmtree(lay.work / "studies" / f"{task.uid}.tmp", ignore_errors=True)
+    reason = (f"the process converting it was {how} (twice: in the pool, then alone): a decoder crashed "
+              "on its files")
+    atomic_write_json(lay.work / "failed" / f"{task.uid}.json", {"uid": task.uid, "reason": reason})
+    return {"uid": task.uid, "n_slices": 0, "error": reason}
+
+
+def _group_died(task: tuple, how: Died) -> list:
+    raise WorkerDied(f"the process writing shard group {task[1]} was {how} (twice: in the pool, then alone); "
+                     "rerun the same command to resume")
 
 
 def staging_dir(lay: L.Layout, worker_index: int | None, num_workers: int | None) -> Path:
@@ -669,7 +696,8 @@ def convert_studies(todo: list[StudyTask], pool) -> tuple[int, list[dict]]:
     """Phase 1 over ``todo`` (in ``pool`` when there is one) -> (slices converted, failures)."""
     t0, n_slices, errors = time.perf_counter(), 0, []
     with progress.bar(total=len(todo), desc="studies", unit="study") as bar:
-        for res in (pool.imap_unordered(process_study, todo) if pool else map(process_study, todo)):
+        results = pool.imap_unordered(process_study, todo, died=_study_died) if pool else map(process_study, todo)
+        for res in results:
             n_slices += res["n_slices"]
             if "error" in res:
                 errors.append(res)

@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
 import warnings
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,18 +109,26 @@ def _decode_task(args: tuple[str, str, ShardConfig]) -> Decoded:
 @contextlib.contextmanager
 def decoding_pool(workers: int):
     """``workers`` decoding processes (None for 0: decode inline), terminated on exit. Start it before
-    threads exist (models, progress bars): then it forks, as the shard job's pool does."""
+    threads exist (models, progress bars): then it forks, as the shard job's pool does. A worker's death (a
+    decoder's crash) fails only the study that caused it (``preprocess.workers``): never a hang."""
     if workers <= 0:
         yield None
         return
     from spinestream.preprocess.convert import start_method
+    from spinestream.preprocess.workers import Workers
 
-    pool = mp.get_context(start_method()).Pool(workers)
+    pool = Workers(workers, start_method)
     try:
+        pool.start()  # forked now, before the caller's threads exist
         yield pool
     finally:
         pool.terminate()
-        pool.join()
+
+
+def _decode_died(task: tuple[str, str, ShardConfig], how) -> Decoded:
+    """A study whose decoding process died again when run alone: listed as failed, the rest predicted."""
+    return Decoded(task[0], None, error=f"the process decoding it was {how} (twice: in the pool, then alone): "
+                                        "a decoder crashed on its files, or memory ran out")
 
 
 def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool, *, ahead: int
@@ -134,17 +140,7 @@ def decoded_studies(studies: Sequence[tuple[str, Path]], cfg: ShardConfig, pool,
     if pool is None:
         yield from map(_decode_task, todo)
         return
-    pending: deque = deque()
-    for task in todo:  # fill the window, then one in for each one out
-        pending.append(pool.apply_async(_decode_task, (task,)))
-        if len(pending) >= max(1, ahead):
-            break
-    while pending:
-        done = pending.popleft().get()
-        nxt = next(todo, None)
-        if nxt is not None:
-            pending.append(pool.apply_async(_decode_task, (nxt,)))
-        yield done
+    yield from pool.imap(_decode_task, todo, died=_decode_died, ahead=ahead)
 
 
 def study_volume(d: Decoded, spec: ShardSpec):
