@@ -33,6 +33,9 @@ def dry(tmp_path_factory, work):
     return run_check(tmp_path_factory.mktemp("device-check"), work)
 
 
+# The whole dry run is ~36 s of the default suite's ~6-minute budget; the script matters only when a GPU is
+# lent, and a session that gets one runs `pytest -m slow tests/test_device_check.py` before spending it.
+@pytest.mark.slow
 def test_dry_run_every_step_succeeds_with_figures(dry):
     steps = dry["steps"]
     assert set(steps) == {"env", "data", "gpu-tests", "train-fp32-cl", "train-fp32-nocl", "loader"}
@@ -47,13 +50,14 @@ def test_dry_run_every_step_succeeds_with_figures(dry):
     assert steps["loader"]["result"]["loader"]["lines"]["decode-only"]["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_dry_run_fills_the_gpu_test_slots(dry):
     slots = dry["steps"]["gpu-tests"]["result"]["gpu-tests"]["slots"]
     assert set(slots) == {"sync_debug", "dali_checkpoint", "clahe_gpu_vs_cpu", "kill_and_resume"}
     assert all(s["status"] in {"missing", "passed", "failed", "skipped"} for s in slots.values())
 
 
-@pytest.mark.slow  # a second whole dry run: the default suite runs one
+@pytest.mark.slow  # a second whole dry run
 def test_a_failing_step_does_not_stop_the_others(tmp_path, work, dry):
     # fp8 is no precision: bench train refuses its config; the loader step after it still runs
     got = run_check(tmp_path, work, PRECISIONS="fp8", LAYOUTS="cl")

@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinestream.preprocess.convert import start_method
 from spinestream.preprocess.workers import Died, Workers, run_alone
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def start_method() -> str:
+    """fork, as the shard job's first pool: after other tests pytest has threads, and the shard job's own
+    rule would then pick forkserver, ~1 s per process started (the tests below start dozens)."""
+    return "fork"
 
 
 def _work(task):
