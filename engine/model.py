@@ -247,7 +247,7 @@ def _reachable(host: str, port: int, timeout: float = HUB_PROBE_TIMEOUT_S) -> bo
         try:
             socket.create_connection((host, port), timeout=timeout).close()
             ok.set()
-        except OSError:
+        except Exception:  # noqa: BLE001 -- whatever fails, the hub is not reachable; a probe never prints a traceback
             pass
 
     t = threading.Thread(target=probe, name="hub-probe", daemon=True)

@@ -202,6 +202,20 @@ def test_probe_is_bounded_when_the_network_hangs(monkeypatch):
     assert time.perf_counter() - t0 < 1
 
 
+def test_a_probe_that_fails_oddly_says_unreachable_without_a_thread_traceback(monkeypatch):
+    """The probe thread outlives its caller: anything it raises surfaced later as an unhandled thread
+    exception in whatever ran then (pytest blamed test_pseudo for the hang test's thread, 30 s later)."""
+    import threading
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    monkeypatch.setattr(M.socket, "create_connection", lambda *a, **k: None)  # no socket: .close() fails
+    assert not REAL_REACHABLE("huggingface.co", 443, timeout=1.0)
+    monkeypatch.setattr(M.socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(ValueError("odd")))
+    assert not REAL_REACHABLE("huggingface.co", 443, timeout=1.0)
+    assert seen == []
+
+
 def test_check_state_dict_and_fingerprint():
     a, b = build_model(cfg()), build_model(cfg())
     check_state_dict(a, b.state_dict(), source="same.pt")  # same architecture: fits
