@@ -159,7 +159,7 @@ class FrameInfo:
 _US = struct.Struct("<H").unpack
 _SS = struct.Struct("<h").unpack
 _US_AT = struct.Struct("<H").unpack_from
-_IS = re.compile(rb"[ ]*[+-]?[0-9]+[ ]*")
+_IS = re.compile(rb"[ ]*[+-]?[0-9]{1,12}[ ]*")  # IS holds 12 characters; pydicom reads longer ones through a float
 _DS = re.compile(rb"[ ]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ ]*")
 _TEXT_VRS = frozenset(("CS", "UI"))
 NOT_SIMPLE = object()

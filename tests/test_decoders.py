@@ -682,8 +682,10 @@ def test_simple_raw_values_equal_pydicoms_conversion():
     alphabet = list(b"0123456789.+-eE \\\x00") + [ord("a"), 0xC3]
     values = [b"", b" ", b"  ", b"1", b"-0", b"1.5 ", b" 1.5", b"1.", b".5", b"+.5", b"1e3", b"1E-3", b"1\\2\\3",
               b"1\\", b"\\1", b"1.5\x00", b"\x00", b"nan", b"inf", b"1_0", b"12 ", b"1.2.840.10008.1.2.1\x00",
-              b"MONOCHROME2 ", b"\x00\x08", b"\xff\xff", b"\x01\x02\x03\x04"]
+              b"MONOCHROME2 ", b"\x00\x08", b"\xff\xff", b"\x01\x02\x03\x04", b"1e999", b"-1e400", b"1\\1e999",
+              b"999999999999", b"9999999999999999", b"99999999999999999999", b"-99999999999"]
     values += [bytes(rng.choice(alphabet, size=int(rng.integers(1, 12)))) for _ in range(3000)]
+    values += [bytes(rng.choice(list(b"0123456789"), size=int(rng.integers(10, 24)))) for _ in range(300)]
     simple = 0
     for vr in _RAW_VRS:
         for v in values:
