@@ -413,9 +413,8 @@ def _fuzz_series(worker, seeds, fuzz_dir, profile, label):
         out = check_contract(worker, "read_series", d, f"{case}")
         stats.add(out)
         # the three good slices always survive; the fuzzed one is kept or listed as a bad file, never lost
-        assert out["kind"] == "ok", (case, out)
-        kept = out["shape"][0]
-        assert kept + len(out["bad_files"]) >= 4 and kept >= 3, (case, out)
+        ok = out["kind"] == "ok" and out["shape"][0] >= 3 and out["shape"][0] + len(out["bad_files"]) >= 4
+        assert ok, (case, out, f"input kept at {_keep(d, 'lost')}")
 
     prop()
     stats.report()
@@ -455,7 +454,8 @@ def _fuzz_multiframe(worker, multiframe, fuzz_dir, profile, label):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 frames = int(pydicom.dcmread(d / "1.dcm", stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
-            assert out["shape"][0] + len(out["bad_files"]) == frames, (case, out, frames)
+            assert out["shape"][0] + len(out["bad_files"]) == frames, (case, out, frames,
+                                                                     f"input kept at {_keep(d, 'frames')}")
 
     prop()
     stats.report()
