@@ -26,6 +26,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
 import spinestream.preprocess.dicom as dicom
+from spinestream.benchmarks.decode import gdcm_transcode
 from spinestream import InputError
 from spinestream.preprocess import decoders
 from spinestream.preprocess.decoders import Decoder
@@ -110,21 +111,10 @@ def _encapsulated(src: Source, ts: str, encode) -> Dataset:
 
 def _gdcm(src_path: Path, dst: Path, ts_name: str) -> Path | None:
     try:
-        import gdcm
+        ok = gdcm_transcode(src_path, dst, ts_name)
     except ImportError:
         return None
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src_path))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, ts_name)))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
+    assert ok, (src_path, ts_name)
     return dst
 
 

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
 import spinestream.preprocess.dicom as dicom
+from spinestream.benchmarks.decode import gdcm_transcode
 from spinestream.preprocess.dicom import AIR_HU, DicomError, SeriesMeta, read_hu, read_series
 
 
@@ -58,19 +59,8 @@ def _set_stored(ds: Dataset, stored: np.ndarray, signed: bool) -> Dataset:
 
 def _gdcm_convert(src: Path, dst: Path, ts_name: str) -> Path:
     """Re-encode with GDCM (the only installed encoder for JPEG Lossless / JPEG-LS)."""
-    gdcm = pytest.importorskip("gdcm")
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, ts_name)))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
+    pytest.importorskip("gdcm")
+    assert gdcm_transcode(src, dst, ts_name)
     return dst
 
 

@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from tests.dicom_fuzz_worker import Crash, FuzzWorker  # noqa: E402
 
+from spinestream.benchmarks.decode import gdcm_transcode  # noqa: E402
 from spinestream.preprocess.dicom import DicomError, read_hu, read_series  # noqa: E402
 
 # ----------------------------------------------------------------------------- budgets
@@ -98,20 +99,7 @@ def _seed_paths(extra_dir: Path, names: tuple[str, ...] = SEED_NAMES) -> dict[st
 
 
 def _gdcm_convert(src: Path, dst: Path, ts_name: str) -> Path:
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, ts_name)))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
+    assert gdcm_transcode(src, dst, ts_name)  # ImportError without GDCM
     return dst
 
 
