@@ -606,26 +606,35 @@ def _shift(arr: np.ndarray, bits: int) -> np.ndarray:
     return arr
 
 
-def _jpeg_precision(data: bytes) -> int | None:
-    """Sample precision from a JPEG/JPEG-LS codestream's SOF marker (None if not found)."""
-    pos, n = 2, len(data)
+def jpeg_sof(data: bytes) -> bytes | None:
+    """The frame header (SOF) segment of a JPEG / JPEG-LS codestream, after its length: precision, rows,
+    columns, components, ...; None when the stream has none where the standard puts it (not starting with
+    SOI, a byte that is no marker, scan data or a broken length before any SOF). The reader's frame check
+    (``preprocess.dicom``) and the sign correction below read it."""
     if data[:2] != b"\xff\xd8":
         return None
-    while pos + 4 <= n:
+    pos = 2
+    while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # no length
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
-            return data[pos + 4] if pos + 4 < n else None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        # SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) or JPEG-LS SOF55 (F7)
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            return data[pos + 4:pos + 2 + length]
+        if marker == 0xDA or length < 2:  # scan data before any SOF, or a broken length
+            return None
         pos += 2 + length
     return None
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """Sample precision from a JPEG/JPEG-LS codestream's SOF marker (None if not found)."""
+    sof = jpeg_sof(data)
+    return sof[0] if sof else None
 
 
 def normalise(arr: np.ndarray, data: bytes, info: FrameInfo, *, correct_unused_bits: bool) -> np.ndarray:

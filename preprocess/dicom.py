@@ -414,27 +414,10 @@ def _codestream_geometry(tsyntax: str, frame: bytes) -> tuple[int, int, int, int
     """(rows, columns, components, precision) a JPEG / JPEG-LS / JPEG 2000 frame declares, from its
     SOF or SIZ segment; None when the frame has no such header where the standard puts it."""
     if tsyntax in _JPEG_SYNTAXES:
-        if frame[:2] != b"\xff\xd8":
+        seg = decoders.jpeg_sof(frame)
+        if seg is None or len(seg) < 6:
             return None
-        pos = 2
-        while pos + 4 <= len(frame):
-            if frame[pos] != 0xFF:
-                return None
-            marker = frame[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            length = int.from_bytes(frame[pos + 2:pos + 4], "big")
-            # SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) or JPEG-LS SOF55 (F7)
-            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-                seg = frame[pos + 4:pos + 2 + length]
-                if len(seg) < 6:
-                    return None
-                return (int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5], seg[0])
-            if marker == 0xDA or length < 2:  # scan data before any SOF, or a broken length
-                return None
-            pos += 2 + length
-        return None
+        return (int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5], seg[0])
     if tsyntax in _J2K_SYNTAXES:
         start = 0
         if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # a JP2 file: find the contiguous codestream box
