@@ -252,27 +252,9 @@ def transfer_syntax(ds: Dataset) -> str:
     return str(ds.file_meta.get("TransferSyntaxUID", "") or "")
 
 
-def raw_us(ds: Dataset, tag: int) -> int | None:
-    """An unsigned short of ``ds`` straight from its raw bytes while pydicom has not converted the
-    element yet (a conversion costs ~30 us; the pixel module has six), else None. The same value
-    pydicom would give: a little-endian US of length 2 is just that."""
-    raw = _raw(ds, tag)
-    if raw is None or raw is lightparse.ABSENT or raw[0] != "US" or len(raw[1]) != 2:
-        return None
-    return _US(raw[1])[0]
-
-
-def raw_text(ds: Dataset, tag: int) -> str | None:
-    """A single-valued ASCII string (CS, UI, IS) straight from the raw bytes, padding stripped on
-    both sides (what the reader compares: a transfer syntax, a photometric interpretation); None
-    when converted already or not that simple."""
-    raw = _raw(ds, tag)
-    if raw is None or raw is lightparse.ABSENT:
-        return None
-    return raw_text_value(*raw)
-
-
 def raw_text_value(vr: str, value: bytes | memoryview | None) -> str | None:
+    """A single-valued ASCII string (CS, UI, IS) from its raw bytes, padding stripped on both sides (what the
+    reader compares: a transfer syntax); None when it is not that simple."""
     if vr not in ("CS", "UI", "IS") or not value:
         return None
     value = bytes(value)
@@ -284,10 +266,6 @@ def raw_text_value(vr: str, value: bytes | memoryview | None) -> str | None:
 def _us(ds: Dataset, tag: int, keyword: str, default: int) -> int:
     value = get(ds, tag, keyword, default)
     return int(default if value in (None, "") else value)
-
-
-def _frames(ds: Dataset) -> int:
-    return _n_frames(ds)
 
 
 def frame_info(ds: Dataset) -> FrameInfo:

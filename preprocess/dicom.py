@@ -294,7 +294,7 @@ def _check_image(ds: Dataset, path: Path) -> None:
             f"SamplesPerPixel={spp} ({ds.get('PhotometricInterpretation', '?')}): "
             "not a grayscale CT image",
         )
-    _check_pixel_module(ds, path)
+    _check_pixel_module(ds, path, info)
 
 
 # Transfer syntaxes whose frames are JPEG (ISO 10918) or JPEG-LS codestreams: a SOF segment gives
@@ -307,17 +307,16 @@ _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _MAX_FRAME_PIXELS = 1 << 26
 
 
-def _check_pixel_module(ds: Dataset, path: Path) -> None:
+def _check_pixel_module(ds: Dataset, path: Path, info: decoders.FrameInfo) -> None:
     """Header facts the decoders trust without checking, checked here (a fuzzed file broke each).
 
     GDCM aborts the whole process (a C++ exception through its C API: SIGABRT) when BitsAllocated
     is not 8 or 16 for a JPEG syntax, or when the photometric interpretation promises colour
     components the codestream lacks; BitsStored past BitsAllocated and a PixelRepresentation
     other than 0/1 give HU from a guess. Every such file is refused, naming the tag. Values come
-    raw where pydicom has not converted them (``decoders.raw_us``/``frame_info``: a few
-    microseconds for the lot).
+    raw where pydicom has not converted them (``decoders.get``/``frame_info``: a few
+    microseconds for the lot). ``info`` is ``decoders.frame_info(ds)``, read once by the caller.
     """
-    info = decoders.frame_info(ds)
     photometric = info.photometric.strip().upper()
     if photometric and photometric not in _GRAYSCALE:
         raise DicomError(path, f"PhotometricInterpretation {photometric!r} with one sample per pixel: "
