@@ -217,12 +217,12 @@ def get(ds: Dataset, tag: int, keyword: str, default: Any = None) -> Any:
     IS), several as a list (pydicom: a MultiValue)."""
     light = ds.__dict__.get("_light")
     if light is not None:  # the hot path: a LightDataset (lightparse.raw, inlined)
-        entry = light[3].get(tag)
+        entry = light.table.get(tag)
         if entry is None:
             return default
         if entry[0] == "US" and entry[1] == 2:
-            return _US_AT(light[1], entry[2])[0]
-        out = simple_value(entry[0], lightparse.value(light[1], tag, entry))
+            return _US_AT(light.data, entry[2])[0]
+        out = simple_value(entry[0], lightparse.value(light.data, tag, entry))
         return ds.get(keyword, default) if out is NOT_SIMPLE else out
     raw = _raw(ds, tag)
     if raw is lightparse.ABSENT:
@@ -271,12 +271,12 @@ def _us(ds: Dataset, tag: int, keyword: str, default: int) -> int:
 def frame_info(ds: Dataset) -> FrameInfo:
     """The pixel module of ``ds`` as a FrameInfo (missing BitsStored = BitsAllocated). Kept with a
     :class:`~lightparse.LightDataset` pydicom has not built (nothing can have changed it since)."""
-    light = lightparse.raw_cache(ds)
-    if light is not None and "frame_info" in light:
-        return light["frame_info"]
+    cache = lightparse.raw_cache(ds)
+    if cache is not None and "frame_info" in cache:
+        return cache["frame_info"]
     info = _frame_info(ds)
-    if light is not None:
-        light["frame_info"] = info
+    if cache is not None:
+        cache["frame_info"] = info
     return info
 
 

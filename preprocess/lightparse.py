@@ -27,6 +27,7 @@ remaining gap to it for uncompressed files (BENCHMARKS.md, "DICOM decode per tra
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from pydicom import uid
 from pydicom.dataelem import RawDataElement, empty_value_for_VR
@@ -168,8 +169,8 @@ def _elements(data: bytes, pos: int, *, meta: bool) -> tuple[dict[int, tuple[str
 
 
 def value(data: bytes, tag: int, entry: tuple[str, int, int, int]) -> bytes | memoryview:
-    """The raw value of one element of :func:`_elements`, as the RawDataElement ``dcmread`` makes holds
-    it: bytes (pydicom's encaps functions need them), a view for native Pixel Data (no copy of the
+    """The raw value of one element of :func:`_elements`, as the RawDataElement ``dcmread`` makes for it
+    holds it: bytes (pydicom's encaps functions need them), a view for native Pixel Data (no copy of the
     file's bulk)."""
     vr, length, start, end = entry
     if not length:
@@ -186,6 +187,15 @@ def _raw_elements(data: bytes, table: dict[int, tuple[str, int, int, int]]) -> d
         t = base_tag(tag)
         out[t] = new(raw_cls, (t, entry[0], entry[1], value(data, tag, entry), entry[2], False, True, True, False))
     return out
+
+
+class Light(NamedTuple):
+    """What an unbuilt :class:`LightDataset` holds (its ``_light`` attribute)."""
+
+    cache: dict  # values derived from the raw elements (raw_cache)
+    data: bytes  # the whole file
+    meta: dict[int, tuple[str, int, int, int]]  # group 0002: tag -> (VR, length, start, end)
+    table: dict[int, tuple[str, int, int, int]]  # the dataset's top-level elements, the same way
 
 
 class LightDataset(Dataset):
@@ -215,11 +225,10 @@ class LightDataset(Dataset):
         return Dataset.__getattr__(self, name)
 
 
-def _materialize(ds: LightDataset, light: tuple) -> None:
-    _, data, meta, table = light
-    Dataset.__init__(ds, _raw_elements(data, table))
-    ds.file_meta = FileMetaDataset(_raw_elements(data, meta))
-    ds.preamble = data[:128]
+def _materialize(ds: LightDataset, light: Light) -> None:
+    Dataset.__init__(ds, _raw_elements(light.data, light.table))
+    ds.file_meta = FileMetaDataset(_raw_elements(light.data, light.meta))
+    ds.preamble = light.data[:128]
     ds.set_original_encoding(False, True)
 
 
@@ -234,17 +243,17 @@ def raw(ds: Dataset, tag: int, *, meta: bool = False):
     light = ds.__dict__.get("_light")
     if light is None:
         return None
-    entry = light[2 if meta else 3].get(tag)
+    entry = (light.meta if meta else light.table).get(tag)
     if entry is None:
         return ABSENT
-    return entry[0], value(light[1], tag, entry)
+    return entry[0], value(light.data, tag, entry)
 
 
 def raw_cache(ds: Dataset) -> dict | None:
     """A dict kept with a :class:`LightDataset` pydicom has not built (values derived from its raw
     elements: nothing can change them until it is built, which drops the dict), else None."""
     light = ds.__dict__.get("_light")
-    return None if light is None else light[0]
+    return None if light is None else light.cache
 
 
 def parse(data: bytes) -> Dataset | None:
@@ -266,5 +275,5 @@ def parse(data: bytes) -> Dataset | None:
     if _PIXEL_DATA not in elements:
         return None  # let dcmread decide what this file is
     ds = object.__new__(LightDataset)
-    ds.__dict__["_light"] = ({}, data, meta, elements)  # (raw_cache, the file, its two element tables)
+    ds.__dict__["_light"] = Light({}, data, meta, elements)
     return ds
